@@ -1,0 +1,1 @@
+"""eBPF probes for the node agent (tracepoints only)."""

@@ -1,0 +1,1 @@
+"""Routing state shared through Valkey: schema, pod state machine, writer, subscriber."""

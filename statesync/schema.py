@@ -1,0 +1,252 @@
+"""Every record that crosses a process boundary or is stored in Valkey.
+
+Theory of operation
+-------------------
+All wire and stored records are frozen ``msgspec.Struct`` types encoded as msgpack by the
+module-level ``encode``/``decode_*`` helpers below (one encoder/decoder per type, built once at
+import). Decoding is all-or-nothing: msgspec validates the whole message against the type before it
+builds anything, so a bad message raises ``SchemaError`` naming the offending field
+(``Expected `int`, got `str` - at `$.port```) and never yields a half-built record.
+
+Events form one tagged union (``PodEvent | RouteChanged``, tag field ``kind``) so the writer's
+stream has a single decoder. A ``PodRecord`` is what the writer stores per pod and what a delta
+carries; a ``Delta`` is one committed batch, versioned by (epoch, version); a ``Heartbeat`` lets a
+subscriber notice a silent pub/sub connection.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Any, Final
+
+import msgspec
+
+
+class SchemaError(ValueError):
+    """A message did not match its schema; the text names the field and what was wrong."""
+
+
+class PodState(enum.StrEnum):
+    PENDING = "pending"
+    READY = "ready"
+    NOT_READY = "not_ready"
+    QUARANTINED = "quarantined"
+    DRAINING = "draining"
+    # Terminal tombstone: kept by the writer for a while so late events for the UID stay inert.
+    REMOVED = "removed"
+
+
+class Source(enum.StrEnum):
+    """Who said it. Order of trust for readiness: SIDECAR > INFORMER."""
+
+    SIDECAR = "sidecar"
+    INFORMER = "informer"
+    ROUTER = "router"
+    AGENT = "agent"
+    WRITER = "writer"  # the writer's own recovery checks
+    OPERATOR = "operator"  # a person, through the admin API or a static routes file
+
+
+class ConnectFailureKind(enum.StrEnum):
+    REFUSED = "refused"
+    TIMEOUT = "timeout"
+    RESET = "reset"
+    UNREACHABLE = "unreachable"
+    # The sidecar said "full" before the app saw anything: a capacity signal, not a fault.
+    BUSY_REFUSED = "busy_refused"
+
+
+# Field constraints shared by several records. Kubernetes names are DNS labels/subdomains.
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=253)]
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+Concurrency = Annotated[int, msgspec.Meta(ge=1, le=100_000)]
+Generation = Annotated[int, msgspec.Meta(ge=0)]
+Weight = Annotated[int, msgspec.Meta(ge=0, le=1_000_000)]
+Timestamp = Annotated[float, msgspec.Meta(ge=0)]
+IPAddress = Annotated[str, msgspec.Meta(min_length=2, max_length=45, pattern=r"^[0-9A-Fa-f:.]+$")]
+
+
+class PodRecord(msgspec.Struct, frozen=True, kw_only=True, array_like=False):
+    """The writer's view of one pod; what the snapshot holds and a delta carries."""
+
+    uid: Name
+    namespace: Name
+    revision: Name
+    ip: IPAddress
+    port: Port
+    concurrency: Concurrency = 1
+    state: PodState = PodState.PENDING
+    reason: str = ""
+    source: Source = Source.INFORMER
+    since: Timestamp = 0.0
+    # Bumped by the state machine on every state change; observers' reports carry the generation
+    # they saw, so a report about an earlier incarnation of the pod's state is dropped as stale.
+    generation: Generation = 0
+    # Last readiness reported by the most trusted source so far, and who that was. Quarantine
+    # remembers it so a passing health check restores Ready or NotReady as the pod itself says.
+    ready: bool = False
+    readiness_source: Source | None = None
+
+    @property
+    def routable(self) -> bool:
+        return self.state is PodState.READY
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.ip, self.port)
+
+
+# ---- events: one tagged union, tag field "kind" -------------------------------------------------
+
+
+class _Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
+    uid: Name
+    source: Source
+    at: Timestamp = 0.0
+    # None: a statement of current truth (sidecar, informer). An int: the pod generation the
+    # observer saw; older than the record's generation means stale, and the event is dropped.
+    generation: Generation | None = None
+
+
+class PodDiscovered(_Event, frozen=True, kw_only=True, tag="discovered"):
+    namespace: Name
+    revision: Name
+    ip: IPAddress
+    port: Port
+    concurrency: Concurrency = 1
+    ready: bool | None = None
+
+
+class ReadinessChanged(_Event, frozen=True, kw_only=True, tag="readiness_changed"):
+    ready: bool
+    reason: str = ""
+
+
+class ConnectFailed(_Event, frozen=True, kw_only=True, tag="connect_failed"):
+    failure: ConnectFailureKind
+    observer: str = ""  # router/agent instance id, for corroboration
+    reason: str = ""
+
+
+class HealthCheckPassed(_Event, frozen=True, kw_only=True, tag="health_check_passed"):
+    pass
+
+
+class HealthCheckFailed(_Event, frozen=True, kw_only=True, tag="health_check_failed"):
+    reason: str = ""
+
+
+class DrainStarted(_Event, frozen=True, kw_only=True, tag="drain_started"):
+    reason: str = ""
+
+
+class PodRemoved(_Event, frozen=True, kw_only=True, tag="removed"):
+    reason: str = ""
+
+
+PodEvent = (
+    PodDiscovered
+    | ReadinessChanged
+    | ConnectFailed
+    | HealthCheckPassed
+    | HealthCheckFailed
+    | DrainStarted
+    | PodRemoved
+)
+
+# ---- routes ----------------------------------------------------------------------------------
+
+
+class WeightedRevision(msgspec.Struct, frozen=True, kw_only=True):
+    revision: Name
+    weight: Weight = 100
+
+
+class Route(msgspec.Struct, frozen=True, kw_only=True):
+    """Requests matching (any of ``hosts``, or any host if empty) and ``path_prefix``, or carrying
+    the service header with value ``service``, go to ``service``, split over ``revisions`` by
+    weight. ``hosts`` entries are exact names or ``*.suffix`` wildcards."""
+
+    service: Name
+    revisions: tuple[WeightedRevision, ...]
+    hosts: tuple[str, ...] = ()
+    path_prefix: str = "/"
+    removed: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.path_prefix.startswith("/"):
+            raise ValueError(f"route {self.service!r}: path_prefix must start with '/'")
+        if not self.removed and not any(r.weight > 0 for r in self.revisions):
+            raise ValueError(f"route {self.service!r}: needs at least one revision with weight > 0")
+
+
+class RouteChanged(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="route_changed"):
+    route: Route
+    source: Source = Source.OPERATOR
+    at: Timestamp = 0.0
+
+
+Event = PodEvent | RouteChanged
+
+# ---- committed state -------------------------------------------------------------------------
+
+
+class Delta(msgspec.Struct, frozen=True, kw_only=True):
+    """One committed batch. A subscriber applies it only if version == its version + 1."""
+
+    epoch: Generation
+    version: Generation
+    pods: tuple[PodRecord, ...] = ()
+    routes: tuple[Route, ...] = ()
+
+
+class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="heartbeat"):
+    epoch: Generation
+    version: Generation
+    at: Timestamp = 0.0
+
+
+# ---- codecs (module level: built once) -------------------------------------------------------
+
+_encoder: Final = msgspec.msgpack.Encoder()
+_event_decoder: Final = msgspec.msgpack.Decoder(Event)
+_pod_decoder: Final = msgspec.msgpack.Decoder(PodRecord)
+_delta_decoder: Final = msgspec.msgpack.Decoder(Delta)
+_heartbeat_decoder: Final = msgspec.msgpack.Decoder(Heartbeat)
+_route_decoder: Final = msgspec.msgpack.Decoder(Route)
+
+encode: Final = _encoder.encode
+
+
+def _decode(decoder: msgspec.msgpack.Decoder[Any], data: bytes, what: str) -> Any:
+    try:
+        return decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise SchemaError(f"invalid {what}: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise SchemaError(f"undecodable {what}: {exc}") from None
+
+
+def decode_event(data: bytes) -> Event:
+    result: Event = _decode(_event_decoder, data, "event")
+    return result
+
+
+def decode_pod(data: bytes) -> PodRecord:
+    result: PodRecord = _decode(_pod_decoder, data, "pod record")
+    return result
+
+
+def decode_delta(data: bytes) -> Delta:
+    result: Delta = _decode(_delta_decoder, data, "delta")
+    return result
+
+
+def decode_heartbeat(data: bytes) -> Heartbeat:
+    result: Heartbeat = _decode(_heartbeat_decoder, data, "heartbeat")
+    return result
+
+
+def decode_route(data: bytes) -> Route:
+    result: Route = _decode(_route_decoder, data, "route")
+    return result
