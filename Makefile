@@ -1,0 +1,41 @@
+# fastproxy: `make run` brings the system up on this machine; `make test` is what CI runs.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test bench lint clean ebpf
+
+# The venv is (re)installed whenever the project's own dependency list changes.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+$(VENV): $(STAMP)
+
+run: $(VENV)
+	$(VENV)/bin/fastproxy dev $(RUN_ARGS)
+
+# When root, prepare eBPF first (apt packages, header links, tracefs); never fatal by itself.
+ebpf:
+	@if [ "$$(id -u)" = 0 ]; then ./scripts/prepare-ebpf.sh; else echo "not root: eBPF tests will skip"; fi
+
+# pytest exits 5 when it collected nothing: that is a failure here, as any non-zero exit is.
+test: $(VENV) ebpf
+	$(PY) -m pytest tests bench --benchmark-disable -q $(TEST_ARGS)
+
+bench: $(VENV)
+	$(PY) -m pytest bench --benchmark-only --benchmark-columns=min,median,mean,max,rounds \
+		--benchmark-sort=name --benchmark-min-time=0.0002 \
+		--benchmark-json=bench/results/latest.json -q $(BENCH_ARGS)
+	$(PY) -m bench.report bench/results/latest.json
+
+lint: $(VENV)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy statesync fastproxy/snapshot.py fastproxy/slots.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .benchmarks .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,53 @@
+"""The ``fastproxy`` command line: one console script, one subcommand per process role.
+
+Theory of operation
+-------------------
+Each subcommand lives in the module that owns the role and registers itself here through
+``SUBCOMMANDS`` (name -> "module:register" where ``register(subparsers)`` adds its parser and sets
+``func``). Modules are imported lazily so ``fastproxy --help`` stays fast and a role's heavy
+imports (bcc, kubernetes) never load for another role.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from fastproxy import __version__
+
+# Subcommands appear here as the issues that implement them land.
+SUBCOMMANDS: dict[str, str] = {}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastproxy",
+        description=(
+            "fastproxy: an ingress router for real-time AI inference on Kubernetes. It sends each "
+            "request straight to a pod that can serve it now, learns readiness in milliseconds, and "
+            "turns transport failures into quarantine + retry elsewhere instead of user errors."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"fastproxy {__version__}")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for target in SUBCOMMANDS.values():
+        module_name, _, function = target.partition(":")
+        getattr(importlib.import_module(module_name), function)(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    result = func(args)
+    return int(result or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

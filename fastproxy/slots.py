@@ -1,0 +1,291 @@
+"""The router-local slot table: in-flight counts per pod and FIFO waiters per revision.
+
+Theory of operation
+-------------------
+The snapshot says which pods exist and which are Ready; this table says how busy each one is *from
+this router's point of view* (routers count optimistically; the sidecar holds the authoritative
+count and refuses politely when full). It is mutable, lives beside the snapshot, and is touched
+only by the router's event loop, so it needs no locks.
+
+Per revision, pods with a free slot sit in ``levels[k]``: an insertion-ordered dict of the pods
+that currently have ``k`` requests in flight. ``least_inflight`` takes the first pod of the lowest
+non-empty level, which is O(1) in the number of pods; because a released pod goes to the *end* of
+its level, ties are spread (the pod idle longest goes first). A pod at its concurrency is in no
+level, so it cannot be picked.
+
+A released slot is handed straight to the oldest live waiter of the revision (exactly one waiter
+wakes per freed slot, and the slot cannot be stolen in between); only if nobody waits does the pod
+go back into its level. A waiter whose deadline passes or whose client leaves is cancelled and
+skipped.
+
+``update(records)`` reconciles only the pods a delta changed; ``exclude(uid)`` takes a pod out of
+rotation at once after a transport failure, until the writer's view of that pod moves past the
+generation the failure was seen at, or ``readmit`` is called.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import random
+from collections.abc import Callable, Iterable
+from typing import Final
+
+from statesync.schema import PodRecord, PodState
+
+Release = Callable[[], None]
+Lease = tuple[Release, PodRecord]
+
+_NEVER_EXCLUDED: Final = -1
+
+
+class PodSlots:
+    """One pod's in-flight count and its place in its revision's levels."""
+
+    __slots__ = ("concurrency", "excluded_generation", "inflight", "record", "revision", "routable", "uid")
+
+    def __init__(self, record: PodRecord, revision: RevisionSlots) -> None:
+        self.uid = record.uid
+        self.record = record
+        self.concurrency = record.concurrency
+        self.revision = revision
+        self.inflight = 0
+        self.routable = False
+        self.excluded_generation = _NEVER_EXCLUDED
+
+    def release(self) -> None:
+        """Give one slot back: to the oldest waiter if any, else to the pod's level."""
+        if self.inflight <= 0:
+            raise RuntimeError(f"slot of pod {self.uid} released more often than acquired")
+        inflight = self.inflight = self.inflight - 1
+        if not self.routable:
+            return
+        revision = self.revision
+        if revision.queued and revision.hand_over(self):
+            return
+        concurrency = self.concurrency
+        if inflight < concurrency:  # (concurrency may have shrunk under in-flight requests)
+            levels = revision.levels
+            if inflight + 1 < concurrency:
+                del levels[inflight + 1][self]
+            levels[inflight][self] = None
+
+    def _take(self) -> None:
+        """Count one more request and move the pod up a level (or out, when full)."""
+        levels = self.revision.levels
+        if self.inflight < len(levels):
+            levels[self.inflight].pop(self, None)
+        self.inflight += 1
+        if self.inflight < self.concurrency:
+            if self.inflight == len(levels):
+                levels.append({})
+            levels[self.inflight][self] = None
+
+    def _enter(self) -> None:
+        """Put the pod into rotation (it became routable)."""
+        self.routable = True
+        levels = self.revision.levels
+        while len(levels) < self.concurrency:
+            levels.append({})
+        # Free capacity goes to waiters first, one slot per waiter.
+        revision = self.revision
+        while revision.queued and self.inflight < self.concurrency:
+            if not revision.hand_over(self):
+                break
+        if self.inflight < self.concurrency:
+            levels[self.inflight][self] = None
+
+    def _leave(self) -> None:
+        self.routable = False
+        if self.inflight < len(self.revision.levels):
+            self.revision.levels[self.inflight].pop(self, None)
+
+
+class RevisionSlots:
+    """The pods of one revision that this router knows, plus its FIFO of waiting requests."""
+
+    __slots__ = ("levels", "members", "name", "queued", "queued_bytes", "waiters")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.levels: list[dict[PodSlots, None]] = [{}]
+        self.members: dict[str, PodSlots] = {}
+        self.waiters: collections.deque[asyncio.Future[Lease]] = collections.deque()
+        self.queued = 0  # live (not cancelled) waiters
+        self.queued_bytes = 0
+
+    def hand_over(self, pod: PodSlots) -> bool:
+        """Give one slot of ``pod`` to the oldest live waiter. The caller has checked ``queued``."""
+        waiters = self.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if waiter.done():
+                continue
+            self.queued -= 1
+            pod._take()
+            waiter.set_result((pod.release, pod.record))
+            return True
+        return False
+
+    @property
+    def inflight(self) -> int:
+        return sum(p.inflight for p in self.members.values())
+
+    @property
+    def free_slots(self) -> int:
+        return sum(
+            p.concurrency - p.inflight
+            for p in self.members.values()
+            if p.routable and p.inflight < p.concurrency
+        )
+
+
+def least_inflight(revision: RevisionSlots) -> Lease | None:
+    """Policy: the pod with the fewest requests in flight; ties go to the one idle longest."""
+    levels = revision.levels
+    for level in levels:
+        if level:
+            for pod in level:  # the first (idle longest) pod of the level
+                break
+            del level[pod]
+            inflight = pod.inflight = pod.inflight + 1
+            if inflight < pod.concurrency:
+                if inflight == len(levels):
+                    levels.append({})
+                levels[inflight][pod] = None
+            return (pod.release, pod.record)
+    return None
+
+
+Policy = Callable[[RevisionSlots], Lease | None]
+
+
+class QueueFull(Exception):
+    """The revision's wait queue is at its count or byte bound."""
+
+
+class SlotTable:
+    __slots__ = ("max_queue_bytes", "max_queued", "pods", "policy", "revisions", "_random")
+
+    def __init__(
+        self,
+        policy: Policy = least_inflight,
+        *,
+        max_queued: int = 1000,
+        max_queue_bytes: int = 64 * 1024 * 1024,
+        seed: int | None = None,
+    ) -> None:
+        self.policy = policy
+        self.pods: dict[str, PodSlots] = {}
+        self.revisions: dict[str, RevisionSlots] = {}
+        self.max_queued = max_queued
+        self.max_queue_bytes = max_queue_bytes
+        self._random = random.Random(seed)
+
+    # ---- the request path ----------------------------------------------------------------
+
+    def pick(self, revision: str) -> Lease | None:
+        """A Ready pod of ``revision`` with a free slot and the callable that gives it back."""
+        slots = self.revisions.get(revision)
+        if slots is None:
+            return None
+        return self.policy(slots)
+
+    def enqueue(
+        self, revision: str, body_bytes: int, loop: asyncio.AbstractEventLoop
+    ) -> asyncio.Future[Lease]:
+        """Wait in the revision's FIFO for the next freed slot. Raises ``QueueFull``."""
+        slots = self.revisions.get(revision)
+        if slots is None:
+            slots = self.revisions[revision] = RevisionSlots(revision)
+        if slots.queued >= self.max_queued:
+            raise QueueFull(f"revision {revision}: {slots.queued} requests already waiting")
+        if slots.queued_bytes + body_bytes > self.max_queue_bytes:
+            raise QueueFull(f"revision {revision}: {slots.queued_bytes} bytes already waiting")
+        waiter: asyncio.Future[Lease] = loop.create_future()
+        slots.waiters.append(waiter)
+        slots.queued += 1
+        slots.queued_bytes += body_bytes
+        return waiter
+
+    def leave_queue(self, revision: str, waiter: asyncio.Future[Lease], body_bytes: int) -> None:
+        """The waiter stops waiting (served, deadline, client gone). A slot it was handed but will
+        not use goes back. Idempotent per waiter only if called once; the router calls it once."""
+        slots = self.revisions.get(revision)
+        if slots is None:
+            return
+        slots.queued_bytes -= body_bytes
+        if waiter.done():
+            if not waiter.cancelled():
+                return  # it was handed a slot; the caller owns it now
+        else:
+            waiter.cancel()
+            slots.queued -= 1
+
+    # ---- the state path ------------------------------------------------------------------
+
+    def update(self, records: Iterable[PodRecord]) -> None:
+        """Reconcile the pods a delta changed. O(len(records))."""
+        entering: list[PodSlots] = []
+        for record in records:
+            pod = self.pods.get(record.uid)
+            if record.state is PodState.REMOVED:
+                if pod is not None:
+                    self._forget(pod)
+                continue
+            if pod is None:
+                revision = self.revisions.get(record.revision)
+                if revision is None:
+                    revision = self.revisions[record.revision] = RevisionSlots(record.revision)
+                pod = self.pods[record.uid] = PodSlots(record, revision)
+                revision.members[record.uid] = pod
+            elif pod.concurrency != record.concurrency and pod.routable:
+                pod._leave()  # re-levelled below with the new concurrency
+            pod.record = record
+            pod.concurrency = record.concurrency
+            routable = record.state is PodState.READY and record.generation > pod.excluded_generation
+            if routable and not pod.routable:
+                entering.append(pod)
+            elif not routable and pod.routable:
+                pod._leave()
+        if len(entering) > 1:
+            # Routers would otherwise all see pods in the writer's order and pile onto the same one.
+            self._random.shuffle(entering)
+        for pod in entering:
+            pod._enter()
+
+    def replace_all(self, records: Iterable[PodRecord]) -> None:
+        """Reconcile with a whole state (resync): pods not in it are forgotten."""
+        records = list(records)
+        keep = {r.uid for r in records}
+        for uid in [uid for uid in self.pods if uid not in keep]:
+            self._forget(self.pods[uid])
+        self.update(records)
+
+    def exclude(self, uid: str) -> bool:
+        """Take a pod out of rotation after a transport failure seen at its current generation."""
+        pod = self.pods.get(uid)
+        if pod is None:
+            return False
+        pod.excluded_generation = pod.record.generation
+        if pod.routable:
+            pod._leave()
+        return True
+
+    def readmit(self, uid: str) -> None:
+        """Lift a local exclusion (its time is up); the pod is routable again if Ready."""
+        pod = self.pods.get(uid)
+        if pod is None or pod.excluded_generation == _NEVER_EXCLUDED:
+            return
+        pod.excluded_generation = _NEVER_EXCLUDED
+        if pod.record.state is PodState.READY and not pod.routable:
+            pod._enter()
+
+    def _forget(self, pod: PodSlots) -> None:
+        if pod.routable:
+            pod._leave()
+        del self.pods[pod.uid]
+        revision = pod.revision
+        revision.members.pop(pod.uid, None)
+        if not revision.members and not revision.queued:
+            del self.revisions[revision.name]

@@ -1,0 +1,168 @@
+"""SlotTable: picking by least in-flight, capacity, FIFO waiters, exclusion, reconciliation."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+
+import pytest
+
+from fastproxy.slots import QueueFull, SlotTable
+from statesync.schema import PodRecord, PodState
+
+
+def pod(uid: str, cc: int = 1, state: PodState = PodState.READY, gen: int = 1, rev: str = "r") -> PodRecord:
+    return PodRecord(
+        uid=uid,
+        namespace="ml",
+        revision=rev,
+        ip="127.0.0.3",
+        port=9000,
+        concurrency=cc,
+        state=state,
+        generation=gen,
+    )
+
+
+def test_pick_least_inflight_and_never_over_capacity() -> None:
+    table = SlotTable(seed=0)
+    table.update([pod("a", 2), pod("b", 2), pod("c", 1)])
+    leases = [table.pick("r") for _ in range(5)]
+    assert all(lease is not None for lease in leases)
+    counts = collections.Counter(lease[1].uid for lease in leases if lease)
+    assert counts == {"a": 2, "b": 2, "c": 1}
+    # the first three picks went one to each pod (least in flight first)
+    assert {lease[1].uid for lease in leases[:3] if lease} == {"a", "b", "c"}
+    assert table.pick("r") is None
+    assert table.pick("unknown") is None
+
+
+def test_ties_spread_released_pod_goes_last() -> None:
+    table = SlotTable(seed=0)
+    table.update([pod(u) for u in "abcd"])
+    order = []
+    for _ in range(8):
+        lease = table.pick("r")
+        assert lease is not None
+        order.append(lease[1].uid)
+        lease[0]()
+    assert sorted(order[:4]) == list("abcd")
+    assert order[4:] == order[:4]
+
+
+def test_not_ready_pods_are_never_picked_and_in_flight_survives_updates() -> None:
+    table = SlotTable()
+    table.update([pod("a", 2)])
+    lease = table.pick("r")
+    assert lease is not None
+    table.update([pod("a", 2, PodState.NOT_READY, gen=2)])
+    assert table.pick("r") is None
+    table.update([pod("a", 2, PodState.READY, gen=3)])
+    assert table.pods["a"].inflight == 1
+    second = table.pick("r")
+    assert second is not None and table.pick("r") is None
+    lease[0]()
+    second[0]()
+    assert table.pods["a"].inflight == 0
+
+
+def test_double_release_is_an_error() -> None:
+    table = SlotTable()
+    table.update([pod("a")])
+    lease = table.pick("r")
+    assert lease is not None
+    lease[0]()
+    with pytest.raises(RuntimeError):
+        lease[0]()
+
+
+def test_exclusion_holds_until_generation_moves_or_readmit() -> None:
+    table = SlotTable()
+    table.update([pod("a"), pod("b")])
+    assert table.exclude("a")
+    picks = {table.pick("r")[1].uid for _ in range(1)}  # type: ignore[index]
+    assert picks == {"b"}
+    assert table.pick("r") is None
+    table.update([pod("a", gen=1)])  # same generation: the writer has not moved past the failure
+    assert table.pick("r") is None
+    table.update([pod("a", gen=3)])
+    lease = table.pick("r")
+    assert lease is not None and lease[1].uid == "a"
+    assert table.exclude("a")
+    table.readmit("a")
+    assert table.pods["a"].routable
+
+
+def test_removed_pod_forgotten_and_release_after_removal_is_harmless() -> None:
+    table = SlotTable()
+    table.update([pod("a")])
+    lease = table.pick("r")
+    assert lease is not None
+    table.update([pod("a", state=PodState.REMOVED, gen=2)])
+    assert "a" not in table.pods and "r" not in table.revisions
+    lease[0]()  # the in-flight request finishes after the pod left
+
+
+def test_replace_all_forgets_missing_pods() -> None:
+    table = SlotTable()
+    table.update([pod("a"), pod("b")])
+    table.replace_all([pod("b")])
+    assert set(table.pods) == {"b"}
+
+
+def test_concurrency_shrink_under_load_never_overbooks() -> None:
+    table = SlotTable()
+    table.update([pod("a", 3)])
+    leases = [table.pick("r") for _ in range(3)]
+    table.update([pod("a", 1, gen=2)])
+    assert table.pick("r") is None
+    for lease in leases:
+        assert lease is not None
+        lease[0]()
+    assert table.pick("r") is not None
+    assert table.pick("r") is None
+
+
+async def test_release_wakes_exactly_one_waiter_in_fifo_order() -> None:
+    loop = asyncio.get_running_loop()
+    table = SlotTable()
+    table.update([pod("a")])
+    lease = table.pick("r")
+    assert lease is not None
+    first = table.enqueue("r", 0, loop)
+    second = table.enqueue("r", 0, loop)
+    lease[0]()
+    assert first.done() and not second.done()
+    handed_release, handed_pod = first.result()
+    assert handed_pod.uid == "a"
+    assert table.pick("r") is None  # the slot went to the waiter, not back to the pool
+    table.leave_queue("r", first, 0)
+    handed_release()
+    assert second.done()
+
+
+async def test_cancelled_waiter_is_skipped_and_queue_bounds_hold() -> None:
+    loop = asyncio.get_running_loop()
+    table = SlotTable(max_queued=2, max_queue_bytes=100)
+    table.update([pod("a")])
+    lease = table.pick("r")
+    assert lease is not None
+    gone = table.enqueue("r", 10, loop)
+    stays = table.enqueue("r", 10, loop)
+    with pytest.raises(QueueFull):
+        table.enqueue("r", 0, loop)
+    table.leave_queue("r", gone, 10)  # client went away
+    assert table.revisions["r"].queued == 1
+    with pytest.raises(QueueFull):
+        table.enqueue("r", 95, loop)
+    lease[0]()
+    assert gone.cancelled() and stays.done() and not stays.cancelled()
+
+
+async def test_pod_becoming_ready_serves_waiters_first() -> None:
+    loop = asyncio.get_running_loop()
+    table = SlotTable()
+    waiters = [table.enqueue("r", 0, loop) for _ in range(3)]
+    table.update([pod("a", 2)])
+    assert [w.done() for w in waiters] == [True, True, False]
+    assert table.pick("r") is None

@@ -1,0 +1,112 @@
+"""RoutingSnapshot: immutability, delta application by version, structural sharing, routes."""
+
+from __future__ import annotations
+
+import pytest
+
+from fastproxy.snapshot import RouteTable, RoutingSnapshot, VersionGap
+from statesync.schema import Delta, PodRecord, PodState, Route, WeightedRevision
+
+
+def pod(uid: str, revision: str = "llama-v1", state: PodState = PodState.READY, gen: int = 1) -> PodRecord:
+    return PodRecord(
+        uid=uid, namespace="ml", revision=revision, ip="127.0.0.2", port=8000, state=state, generation=gen
+    )
+
+
+def route(service: str, *revisions: tuple[str, int], hosts: tuple[str, ...] = (), prefix: str = "/") -> Route:
+    return Route(
+        service=service,
+        revisions=tuple(WeightedRevision(revision=r, weight=w) for r, w in revisions),
+        hosts=hosts,
+        path_prefix=prefix,
+    )
+
+
+def test_apply_returns_new_snapshot_and_leaves_old_untouched() -> None:
+    base = RoutingSnapshot.build(1, 10, [pod("a"), pod("b")])
+    after = base.apply(Delta(epoch=1, version=11, pods=(pod("a", state=PodState.NOT_READY, gen=2),)))
+    assert base.pods["a"].state is PodState.READY
+    assert after.pods["a"].state is PodState.NOT_READY
+    assert after.version == 11
+    assert after.revision_pods("llama-v1")["a"].state is PodState.NOT_READY
+    assert base.revision_pods("llama-v1")["a"].state is PodState.READY
+
+
+def test_untouched_revisions_are_shared_not_copied() -> None:
+    base = RoutingSnapshot.build(1, 1, [pod("a", "r1"), pod("b", "r2")])
+    after = base.apply(Delta(epoch=1, version=2, pods=(pod("a", "r1", PodState.NOT_READY, 2),)))
+    assert after.revisions["r2"] is base.revisions["r2"]
+    assert after.route_table is base.route_table
+
+
+@pytest.mark.parametrize(("epoch", "version"), [(1, 5), (1, 7), (1, 3), (0, 6)])
+def test_delta_out_of_order_or_older_epoch_is_a_gap(epoch: int, version: int) -> None:
+    base = RoutingSnapshot.build(1, 5, [pod("a")])
+    with pytest.raises(VersionGap):
+        base.apply(Delta(epoch=epoch, version=version))
+
+
+def test_removed_pod_is_forgotten_and_empty_revision_dropped() -> None:
+    base = RoutingSnapshot.build(1, 1, [pod("a", "r1"), pod("b", "r2")])
+    after = base.apply(Delta(epoch=1, version=2, pods=(pod("a", "r1", PodState.REMOVED, 2),)))
+    assert "a" not in after.pods
+    assert "r1" not in after.revisions
+    assert "b" in after.pods
+
+
+def test_build_skips_tombstones() -> None:
+    snap = RoutingSnapshot.build(1, 1, [pod("a"), pod("gone", state=PodState.REMOVED)])
+    assert set(snap.pods.keys()) == {"a"}
+
+
+def test_has_prospects() -> None:
+    snap = RoutingSnapshot.build(1, 1, [pod("a", "r1", PodState.PENDING), pod("b", "r2", PodState.DRAINING)])
+    assert snap.has_prospects("r1")
+    assert not snap.has_prospects("r2")
+    assert not snap.has_prospects("nope")
+
+
+def test_route_changes_recompile_table() -> None:
+    base = RoutingSnapshot.build(1, 1, [], [route("chat", ("chat-v1", 100), hosts=("chat.example.com",))])
+    assert base.route_table.match("chat.example.com", "/") is not None
+    after = base.apply(Delta(epoch=1, version=2, routes=(Route(service="chat", revisions=(), removed=True),)))
+    assert after.route_table.match("chat.example.com", "/") is None
+    assert base.route_table.match("chat.example.com", "/") is not None
+
+
+def test_route_matching_exact_wildcard_prefix_and_any_host() -> None:
+    table = RouteTable(
+        [
+            route("exact", ("e", 1), hosts=("api.example.com",)),
+            route("exact-v2", ("e2", 1), hosts=("api.example.com",), prefix="/v2"),
+            route("wild", ("w", 1), hosts=("*.example.com",)),
+            route("deep", ("d", 1), hosts=("*.eu.example.com",)),
+            route("fallback", ("f", 1), prefix="/models"),
+        ]
+    )
+
+    def service(host: str, path: str) -> str | None:
+        found = table.match(host, path)
+        return found.service if found else None
+
+    assert service("api.example.com", "/v1/chat") == "exact"
+    assert service("api.example.com", "/v2/chat") == "exact-v2"
+    assert service("api.example.com", "/v2") == "exact-v2"
+    assert service("api.example.com", "/v20") == "exact"  # prefix matches whole segments
+    assert service("x.example.com", "/") == "wild"
+    assert service("a.b.eu.example.com", "/") == "deep"
+    assert service("example.com", "/") is None  # "*.example.com" needs a label before it
+    assert service("other.org", "/models/llama") == "fallback"
+    assert service("other.org", "/") is None
+    assert table.by_service["wild"].service == "wild"
+
+
+def test_weighted_revision_choice_follows_weights() -> None:
+    table = RouteTable([route("chat", ("stable", 90), ("canary", 10), ("off", 0))])
+    compiled = table.by_service["chat"]
+    draws = [i / 1000 for i in range(1000)]
+    chosen = [compiled.choose_revision(d) for d in draws]
+    assert chosen.count("canary") == 100
+    assert chosen.count("stable") == 900
+    assert "off" not in chosen
