@@ -12,8 +12,9 @@ state change:
    discovers the pod. A UID never changes address; a ``PodDiscovered`` that tries is rejected.
 2. staleness: an observer's report carries the pod generation it saw; a report older than the
    record's generation describes a state the pod has already left, and is dropped.
-3. trust: the sidecar's readiness outranks the informer's; once a sidecar has spoken for a pod,
-   the informer's readiness is ignored (its lifecycle events, drain and removal, still count).
+3. trust: the sidecar's readiness outranks every other source's; once a sidecar has spoken for a
+   pod, readiness from anyone else (the informer above all) is ignored; their lifecycle events,
+   drain and removal, still count.
 
 What remains is classified into a ``Signal`` and looked up in ``TRANSITIONS[(state, signal)]``:
 a target state, ``HOLD`` (legal, nothing to do but remember the readiness), or ``REJECT``
@@ -214,13 +215,15 @@ def apply(record: PodRecord | None, event: PodEvent) -> Transition:
     if (
         record is not None
         and signal in (S.READY, S.NOT_READY)
-        and event.source is Source.INFORMER
+        and event.source is not Source.SIDECAR
         and record.readiness_source is Source.SIDECAR
     ):
         if isinstance(event, PodDiscovered):
             signal = S.DISCOVERED  # keep the discovery, drop its readiness
         else:
-            return Transition(record, (Dropped(uid, "informer readiness outranked by the sidecar"),))
+            return Transition(
+                record, (Dropped(uid, f"{event.source.value} readiness outranked by the sidecar"),)
+            )
 
     state = record.state if record is not None else None
     target = TRANSITIONS[(state, signal)]
