@@ -18,7 +18,10 @@ from collections.abc import Sequence
 from fastproxy import __version__
 
 # Subcommands appear here as the issues that implement them land.
-SUBCOMMANDS: dict[str, str] = {}
+SUBCOMMANDS: dict[str, str] = {
+    "router": "fastproxy.router:register",
+    "status": "fastproxy.status:register",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

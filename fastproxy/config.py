@@ -1,0 +1,83 @@
+"""Router configuration and the static routing file.
+
+Theory of operation
+-------------------
+``RouterConfig`` gathers every knob of the data path with production defaults; the CLI fills it
+from flags. ``load_routes_file`` reads a static routing state (pods and routes, JSON or YAML) with
+msgspec, so a mistake is reported with the path of the offending field and nothing half-loaded is
+ever used. The static file is how a router runs before (or without) the state-sync writer.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import msgspec
+
+from fastproxy.exchange import Limits
+from statesync.schema import PodRecord, PodState, Route
+
+
+class RouterConfig(msgspec.Struct, kw_only=True):
+    limits: Limits = Limits()
+    header_timeout: float = 10.0  # whole request head must arrive within this (408)
+    idle_timeout: float = 60.0  # idle keep-alive client connection is closed
+    connect_timeout: float = 1.0  # upstream connect; on expiry another pod is tried
+    first_byte_timeout: float = 300.0  # request fully sent -> response head (504)
+    queue_timeout: float = 10.0  # max wait for a free slot (503 + Retry-After)
+    continue_timeout: float = 1.0  # wait for 100 Continue before sending the body anyway
+    max_queued: int = 1000  # waiters per revision
+    max_queue_bytes: int = 64 * 1024 * 1024  # buffered request bytes of waiters per revision
+    max_attempts: int = 4  # pods tried for one request (connect failures, busy refusals)
+    exclusion_seconds: float = 5.0  # local exclusion of a failed pod before it is tried again
+    busy_backoff_seconds: float = 0.05  # a pod that said "busy" is skipped locally this long
+    pool_idle_timeout: float = 2.0  # below typical app keep-alive timeouts (uvicorn: 5 s)
+    pool_max_idle_per_pod: int = 16
+    service_header: str = "x-fastproxy-service"
+    # Pods run behind the fastproxy sidecar: it refuses with 503 + x-fastproxy-busy before the app
+    # sees anything, and bodies are held back behind Expect: 100-continue until it admits them.
+    sidecar_protocol: bool = False
+    trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-* we keep (and extend)
+    grace_period: float = 30.0  # SIGTERM: time for in-flight requests to finish
+    instance: str = "router"
+
+    def trusted_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(cidr, strict=False) for cidr in self.trusted_proxies]
+
+
+class RoutesFile(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A static routing state: ``routes`` and the ``pods`` behind their revisions."""
+
+    routes: list[Route]
+    pods: list[PodRecord] = []
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_routes_file(path: str | Path) -> RoutesFile:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read routes file {path}: {exc.strerror}") from None
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            routes = msgspec.yaml.decode(data, type=RoutesFile)
+        else:
+            routes = msgspec.json.decode(data, type=RoutesFile)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ConfigError(f"routes file {path}: {exc}") from None
+    uids = [p.uid for p in routes.pods]
+    if len(set(uids)) != len(uids):
+        raise ConfigError(f"routes file {path}: duplicate pod uid")
+    # A static file states what exists; a pod listed there without a state is meant to serve.
+    routes.pods = [
+        msgspec.structs.replace(p, state=PodState.READY, generation=max(p.generation, 1))
+        if p.state is PodState.PENDING
+        else p
+        for p in routes.pods
+    ]
+    return routes

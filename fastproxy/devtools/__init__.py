@@ -1,0 +1,1 @@
+"""Development tools for tests and benchmarks: a stand-in inference app server (``upstream``)."""

@@ -1,0 +1,789 @@
+"""A small, fast HTTP/1.1 application server that stands in for an inference pod.
+
+Theory of operation
+-------------------
+Tests and benchmarks drive this server *through* the proxy, so everything it does is chosen by the
+request itself (path, query, one header) and everything it saw is recorded for assertions:
+
+- ``/echo``                    200, body = request body, content-type copied from the request
+- ``/size/<n>``                200, ``n`` bytes (``payload(n)``) with Content-Length
+- ``/chunked/<n>/<k>``         200, ``payload(n)`` in ``k`` chunks (Transfer-Encoding: chunked)
+- ``/sse/<events>/<ms>``       text/event-stream, chunked; event ``i`` (``data: <i>\\n\\n``) is sent
+                               ``i * ms`` after the headers, each flushed on its own
+- ``/delay/<ms>``              sleep, then 200 ``ok``
+- ``/status/<code>``           that status (204 and 304 without a body)
+- ``/close``                   200 with ``Connection: close``, then close
+- ``/hang``                    never answer; the connection stays open (the request stays active)
+- ``/reset``                   close with SO_LINGER 0 before answering: the peer sees a TCP RST
+- ``/eof``                     close cleanly (FIN) without answering
+- ``/head-body``               a broken server: answers HEAD *with* a body (GET is answered normally)
+- anything else                200 ``{"ok":true}``
+
+``x-app-delay-ms: N`` (or the query ``?delay_ms=N``) adds latency before any of these. Every
+response carries ``x-app-request-index`` (the request's global index, i.e. its position in
+``AppServer.requests``) and echoes ``x-request-id``. Keep-alive is the default for HTTP/1.1; an
+HTTP/1.0 request closes unless it asked for keep-alive (and streams to it are close-delimited).
+
+Each connection is one ``asyncio.Protocol`` feeding an ``httptools.HttpRequestParser``. A complete
+request whose answer needs no waiting (the default, echo, status, small sizes, ...) is answered
+synchronously from the parser callback, so the common path costs no task and no loop iteration.
+Anything that waits (delays, streams, large bodies under flow control, hang) goes to one task per
+connection that drains the connection's FIFO of requests, so pipelined requests are answered in
+order. Large and streaming bodies go out in 64 KiB pieces and wait for ``resume_writing`` when the
+transport pauses, so a slow reader bounds what the server buffers.
+
+``active`` counts requests being processed (from dispatch to the last byte written, or until the
+connection dies); ``concurrency_limit`` turns ``active > limit`` into a counted violation, which is
+how a test proves a proxy never overloads a pod. In ``sidecar_busy`` mode the server also plays the
+sidecar's polite refusal: a request carrying ``Expect: 100-continue`` that arrives while
+``active >= concurrency_limit`` gets ``503`` + ``x-fastproxy-busy: 1`` before its body is read and
+is not counted as a request (its body, if the client sends it anyway, is parsed and dropped, so
+the connection stays usable); an admitted one takes its slot at once and gets ``100 Continue``.
+A pipelined ``Expect`` request (one arriving while an earlier one is still being answered) gets no
+interim response, which RFC 9110 allows; the client sends its body after its own timeout.
+
+Waiting in tests is condition-based: every state change wakes ``wait_until`` waiters, which
+re-check their predicate under a deadline (``wait_for_requests`` is one such predicate).
+
+Run as a process: ``python -m fastproxy.devtools.upstream --listen 127.0.0.1:9001
+[--concurrency N] [--sidecar-busy]`` prints ``listening HOST:PORT`` once ready and exits cleanly
+on SIGTERM. The process does not record requests, so it can serve benchmarks indefinitely.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import http
+import signal
+import socket
+import struct
+import sys
+from collections.abc import Callable
+from typing import Final, cast
+
+import httptools
+import msgspec
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is a dependency, but the tool must not need it
+    uvloop = None  # type: ignore[assignment]
+
+__all__ = ["AppServer", "ReceivedRequest", "main", "payload"]
+
+_BLOCK: Final = 64 * 1024
+# Bodies are a repeating 64-byte pattern, so a test can check integrity and position of any byte.
+_PATTERN: Final = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-\n"
+# One pattern longer than a block, so any block-sized slice can start at any pattern offset.
+_PATTERN_RUN: Final = _PATTERN * (_BLOCK // len(_PATTERN) + 1)
+# Bodies up to this size are written at once; beyond it they go through flow control.
+_SYNC_BODY_MAX: Final = _BLOCK
+
+_OK_JSON: Final = b'{"ok":true}'
+_BUSY: Final = b"HTTP/1.1 503 Service Unavailable\r\nx-fastproxy-busy: 1\r\ncontent-length: 0\r\n"
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_LINGER_RST: Final = struct.pack("ii", 1, 0)
+_NO_BODY_STATUS: Final = frozenset((204, 304))
+# Routes whose answer involves waiting; they always go through the connection's task.
+_ASYNC_ROUTES: Final = frozenset((b"delay", b"sse", b"chunked", b"hang"))
+
+_status_lines: dict[int, bytes] = {}
+
+
+def _status_line(code: int) -> bytes:
+    line = _status_lines.get(code)
+    if line is None:
+        try:
+            phrase = http.HTTPStatus(code).phrase
+        except ValueError:
+            phrase = "Unknown"
+        line = _status_lines[code] = b"HTTP/1.1 %d %s\r\n" % (code, phrase.encode("ascii"))
+    return line
+
+
+def payload(n: int, offset: int = 0) -> bytes:
+    """The ``n`` body bytes that start at ``offset`` of every generated body (``/size``, ``/chunked``)."""
+    start = offset % len(_PATTERN)
+    reps = (start + n + len(_PATTERN) - 1) // len(_PATTERN)
+    return (_PATTERN * reps)[start : start + n]
+
+
+class ReceivedRequest(msgspec.Struct, gc=False):
+    """One complete request as the app saw it."""
+
+    index: int  # global arrival order; the response's x-app-request-index
+    conn_id: int
+    conn_index: int  # position on its connection (0 = first request)
+    method: str
+    target: bytes
+    http_version: str
+    headers: list[tuple[bytes, bytes]]  # in arrival order, names lower-cased
+    body: bytes
+    keep_alive: bool
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of header ``name`` (lower-case), or None."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    @property
+    def path(self) -> bytes:
+        return self.target.partition(b"?")[0]
+
+
+class _Job:
+    """A request waiting for (or getting) its answer on one connection."""
+
+    __slots__ = ("args", "delay", "req", "reserved", "route")
+
+    def __init__(self, req: ReceivedRequest, route: bytes, args: list[bytes], delay: float) -> None:
+        self.req = req
+        self.route = route
+        self.args = args
+        self.delay = delay
+        self.reserved = False  # True once it holds a slot in AppServer.active
+
+
+def _plan(req: ReceivedRequest) -> _Job:
+    path, _, query = req.target.partition(b"?")
+    parts = path.split(b"/")
+    delay_ms = 0
+    raw_delay = req.header(b"x-app-delay-ms")
+    try:
+        if raw_delay is not None:
+            delay_ms += int(raw_delay)
+        if query:
+            for item in query.split(b"&"):
+                if item.startswith(b"delay_ms="):
+                    delay_ms += int(item[9:])
+    except ValueError:
+        delay_ms = 0  # a malformed delay is ignored rather than failing the request
+    return _Job(req, parts[1] if len(parts) > 1 else b"", parts[2:], max(delay_ms, 0) / 1000)
+
+
+class _AppConnection(asyncio.Protocol):
+    """One client connection: parser callbacks, the per-connection FIFO and its responder task."""
+
+    __slots__ = (
+        "_body",
+        "_closing",
+        "_drain_waiter",
+        "_expect",
+        "_headers",
+        "_id",
+        "_index",
+        "_keep_alive",
+        "_loop",
+        "_parser",
+        "_paused",
+        "_pending",
+        "_raw",
+        "_refused",
+        "_reserved",
+        "_server",
+        "_task",
+        "_transport",
+        "_url",
+    )
+
+    def __init__(self, server: AppServer, conn_id: int) -> None:
+        self._server = server
+        self._id = conn_id
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._raw: bytearray | None = None
+        self._index = 0
+        self._closing = False
+        self._paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._pending: collections.deque[_Job | None] = collections.deque()  # None: answer 400, close
+        self._task: asyncio.Task[None] | None = None
+        self._reset_message()
+
+    def _reset_message(self) -> None:
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._body: bytearray | None = None
+        self._expect = False
+        self._refused = False
+        self._reserved = False
+        self._keep_alive = True
+
+    # -- transport events ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # (uvloop's transports do not subclass asyncio.Transport, hence a cast, not a check)
+        self._transport = cast(asyncio.Transport, transport)
+        server = self._server
+        server._conns.add(self)
+        server.connections_accepted += 1
+        server.open_connections += 1
+        if server.record:
+            self._raw = server.raw[self._id] = bytearray()
+        server._notify()
+
+    def data_received(self, data: bytes) -> None:
+        if self._raw is not None:
+            self._raw += data
+        if self._closing:
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # The upgraded request was already dispatched (and answered with Connection: close, see
+            # on_headers_complete); what follows is not HTTP, so stop parsing.
+            self._closing = True
+        except httptools.HttpParserError:
+            self._closing = True
+            if self._task is None:
+                self._bad_request()
+            else:
+                self._pending.append(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        server = self._server
+        server._conns.discard(self)
+        server.open_connections -= 1
+        # Slots held by requests that will never run their own release: the admitted Expect
+        # request whose body never came, and queued jobs the task never reached.
+        if self._reserved:
+            self._reserved = False
+            server._end()
+        for job in self._pending:
+            if job is not None and job.reserved:
+                server._end()
+        self._pending.clear()
+        if self._task is not None:
+            self._task.cancel()  # its finally releases the slot of the job in progress
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionResetError("connection lost"))
+        server._notify()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+        self._server.write_pauses += 1
+        self._server._notify()
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        waiter = self._drain_waiter
+        if waiter is not None:
+            self._drain_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _drain(self) -> None:
+        if self._closing:
+            raise ConnectionResetError("connection closing")
+        if self._paused:
+            waiter = self._drain_waiter = self._loop.create_future()
+            await waiter
+
+    # -- parser callbacks ------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._reset_message()
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url  # the parser may deliver the target in pieces
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        self._headers.append((name, value))
+        if name == b"expect" and value.lower() == b"100-continue":
+            self._expect = True
+
+    def on_headers_complete(self) -> None:
+        if self._closing:
+            return
+        parser = self._parser
+        # After an upgrade the stream is no longer HTTP: answer this request, then close.
+        self._keep_alive = parser.should_keep_alive() and not parser.should_upgrade()
+        if not self._expect or parser.get_http_version() != "1.1":
+            return
+        if self._task is not None or self._pending:
+            return  # pipelined behind an unfinished answer: no interim response (see module doc)
+        server = self._server
+        limit = server.concurrency_limit
+        if server.sidecar_busy and limit is not None and server.active >= limit:
+            self._refused = True
+            server.refused += 1
+            rid = self._header(b"x-request-id")
+            head = _BUSY + (b"x-request-id: " + rid + b"\r\n" if rid is not None else b"")
+            if self._keep_alive:
+                self._write(head + b"\r\n")
+            else:
+                self._write(head + b"connection: close\r\n\r\n")
+                self._close()
+            server._notify()
+            return
+        server._begin()
+        self._reserved = True
+        self._write(_CONTINUE)
+
+    def on_body(self, body: bytes) -> None:
+        if self._refused or self._closing:
+            return  # a refused request's body is read only to keep the connection in sync
+        if self._body is None:
+            self._body = bytearray(body)
+        else:
+            self._body += body
+
+    def on_message_complete(self) -> None:
+        if self._closing:
+            return
+        if self._refused:
+            self._reset_message()
+            return
+        server = self._server
+        parser = self._parser
+        req = ReceivedRequest(
+            index=server.request_count,
+            conn_id=self._id,
+            conn_index=self._index,
+            method=parser.get_method().decode("ascii"),
+            target=self._url,
+            http_version=parser.get_http_version(),
+            headers=self._headers,
+            body=bytes(self._body) if self._body is not None else b"",
+            keep_alive=self._keep_alive,
+        )
+        self._index += 1
+        server._record(req)
+        job = _plan(req)
+        job.reserved = self._reserved
+        self._reserved = False
+        if self._task is not None:
+            self._pending.append(job)  # answered in order once the current answer is done
+            return
+        if not job.reserved:
+            server._begin()
+            job.reserved = True
+        if job.delay == 0.0:
+            try:
+                done = self._answer_now(job)
+            except Exception as exc:
+                done = True
+                self._fail(exc)
+            if done:
+                server._end()
+                return
+        self._pending.append(job)
+        self._task = self._loop.create_task(self._serve())
+
+    def _header(self, name: bytes) -> bytes | None:
+        for key, value in self._headers:
+            if key == name:
+                return value
+        return None
+
+    # -- answering -------------------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        server = self._server
+        try:
+            while self._pending and not self._closing:
+                job = self._pending.popleft()
+                if job is None:
+                    self._bad_request()
+                    break
+                if not job.reserved:
+                    server._begin()
+                    job.reserved = True
+                try:
+                    if job.delay:
+                        await asyncio.sleep(job.delay)
+                    if not self._answer_now(job):
+                        await self._answer_later(job)
+                finally:
+                    server._end()
+        except (ConnectionError, asyncio.CancelledError):
+            pass  # the client left; connection_lost has cleaned up
+        except Exception as exc:
+            self._fail(exc)
+        finally:
+            self._task = None
+
+    def _fail(self, exc: Exception) -> None:
+        """A bug in this server: keep it visible to tests, and do not leave the client hanging."""
+        self._server.errors.append(exc)
+        self._closing = True
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _write(self, data: bytes) -> None:
+        assert self._transport is not None
+        self._transport.write(data)
+
+    def _close(self) -> None:
+        self._closing = True
+        assert self._transport is not None
+        self._transport.close()  # flushes what was written, then FIN
+
+    def _head(
+        self,
+        req: ReceivedRequest,
+        status: int,
+        *,
+        length: int | None = None,
+        ctype: bytes | None = None,
+        chunked: bool = False,
+        close: bool = False,
+        extra: bytes = b"",
+    ) -> tuple[bytes, bool]:
+        """The response head, and whether the connection closes after this response."""
+        parts = [_status_line(status)]
+        if ctype is not None:
+            parts.append(b"content-type: " + ctype + b"\r\n")
+        if length is not None:
+            parts.append(b"content-length: %d\r\n" % length)
+        if chunked:
+            parts.append(b"transfer-encoding: chunked\r\n")
+        parts.append(b"x-app-request-index: %d\r\n" % req.index)
+        rid = req.header(b"x-request-id")
+        if rid is not None:
+            parts.append(b"x-request-id: " + rid + b"\r\n")
+        if extra:
+            parts.append(extra)
+        close = close or not req.keep_alive
+        if close:
+            parts.append(b"connection: close\r\n")
+        elif req.http_version == "1.0":
+            parts.append(b"connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts), close
+
+    def _simple(
+        self, req: ReceivedRequest, status: int, body: bytes, ctype: bytes | None, close: bool = False
+    ) -> None:
+        """A complete response with a Content-Length body (none for HEAD or 204/304)."""
+        no_body = status in _NO_BODY_STATUS
+        head, close = self._head(req, status, length=None if no_body else len(body), ctype=ctype, close=close)
+        if no_body or req.method == "HEAD":
+            self._write(head)
+        else:
+            self._write(head + body)
+        if close:
+            self._close()
+
+    def _answer_now(self, job: _Job) -> bool:
+        """Answer ``job`` at once if it needs neither waiting nor flow control; False otherwise."""
+        req, route, args = job.req, job.route, job.args
+        if route in _ASYNC_ROUTES:
+            return False
+        try:
+            if route == b"echo":
+                if len(req.body) > _SYNC_BODY_MAX:
+                    return False
+                ctype = req.header(b"content-type") or b"application/octet-stream"
+                self._simple(req, 200, req.body, ctype)
+            elif route == b"size":
+                n = int(args[0])
+                if n < 0:
+                    raise ValueError(n)
+                if n > _SYNC_BODY_MAX:
+                    return False
+                self._simple(req, 200, payload(n), b"application/octet-stream")
+            elif route == b"status":
+                code = int(args[0])
+                if not 200 <= code <= 999:
+                    raise ValueError(code)  # a 1xx as the final answer would wedge the client
+                self._simple(req, code, b'{"status":%d}' % code, b"application/json")
+            elif route == b"close":
+                self._simple(req, 200, b"ok", b"text/plain", close=True)
+            elif route == b"eof":
+                self._close()
+            elif route == b"reset":
+                self._reset()
+            elif route == b"head-body":
+                head, close = self._head(req, 200, length=len(_OK_JSON), ctype=b"application/json")
+                self._write(head + _OK_JSON)  # even for HEAD: that is the point
+                if close:
+                    self._close()
+            else:
+                self._simple(req, 200, _OK_JSON, b"application/json")
+        except (ValueError, IndexError):
+            self._simple(req, 400, b"bad request\n", b"text/plain")
+        return True
+
+    async def _answer_later(self, job: _Job) -> None:
+        req, route, args = job.req, job.route, job.args
+        try:
+            if route == b"delay":
+                delay = int(args[0]) / 1000
+                if delay < 0:
+                    raise ValueError(delay)
+                await asyncio.sleep(delay)
+                self._simple(req, 200, b"ok", b"text/plain")
+            elif route == b"hang":
+                await self._loop.create_future()  # cancelled when the connection goes
+            elif route == b"size":
+                await self._send_generated(req, int(args[0]), 1)
+            elif route == b"chunked":
+                n, k = int(args[0]), int(args[1])
+                if n < 0 or k < 1:
+                    raise ValueError((n, k))
+                await self._send_generated(req, n, k, chunked=True)
+            elif route == b"sse":
+                events, interval_ms = int(args[0]), int(args[1])
+                if events < 0 or interval_ms < 0:
+                    raise ValueError((events, interval_ms))
+                await self._send_sse(req, events, interval_ms / 1000)
+            elif route == b"echo":
+                ctype = req.header(b"content-type") or b"application/octet-stream"
+                head, close = self._head(req, 200, length=len(req.body), ctype=ctype)
+                self._write(head)
+                if req.method != "HEAD":
+                    view = memoryview(req.body)
+                    for off in range(0, len(view), _BLOCK):
+                        self._write(bytes(view[off : off + _BLOCK]))
+                        await self._drain()
+                if close:
+                    self._close()
+            else:  # pragma: no cover - _answer_now handles every other route
+                raise AssertionError(route)
+        except (ValueError, IndexError):
+            self._simple(req, 400, b"bad request\n", b"text/plain")
+
+    async def _send_generated(self, req: ReceivedRequest, n: int, k: int, *, chunked: bool = False) -> None:
+        """``payload(n)`` with Content-Length (``chunked=False``) or in ``k`` near-equal chunks."""
+        # An HTTP/1.0 client cannot read chunked encoding: send the bytes and close instead.
+        chunked = chunked and req.http_version != "1.0"
+        if chunked:
+            head, close = self._head(req, 200, ctype=b"application/octet-stream", chunked=True)
+        elif req.http_version == "1.0" and k > 1:
+            head, close = self._head(req, 200, ctype=b"application/octet-stream", close=True)
+        else:
+            head, close = self._head(req, 200, length=n, ctype=b"application/octet-stream")
+        self._write(head)
+        if req.method != "HEAD":
+            base, extra = divmod(n, k)
+            offset = 0
+            for i in range(k):
+                size = base + (1 if i < extra else 0)
+                if size == 0:
+                    continue  # a zero-size chunk would end the body early
+                if chunked:
+                    self._write(b"%x\r\n" % size)
+                await self._stream_pattern(offset, size)
+                if chunked:
+                    self._write(b"\r\n")
+                offset += size
+            if chunked:
+                self._write(b"0\r\n\r\n")
+        if close:
+            self._close()
+
+    async def _stream_pattern(self, offset: int, size: int) -> None:
+        end = offset + size
+        while offset < end:
+            take = min(_BLOCK, end - offset)
+            start = offset % len(_PATTERN)
+            self._write(_PATTERN_RUN[start : start + take])
+            offset += take
+            await self._drain()
+
+    async def _send_sse(self, req: ReceivedRequest, events: int, interval: float) -> None:
+        chunked = req.http_version != "1.0"
+        head, close = self._head(
+            req,
+            200,
+            ctype=b"text/event-stream",
+            chunked=chunked,
+            close=not chunked,
+            extra=b"cache-control: no-cache\r\n",
+        )
+        self._write(head)
+        if req.method != "HEAD":
+            loop = self._loop
+            start = loop.time()
+            for i in range(events):
+                if i:
+                    # Absolute schedule, so a slow write does not push every later event back.
+                    await asyncio.sleep(max(0.0, start + i * interval - loop.time()))
+                event = b"data: %d\n\n" % i
+                self._write(b"%x\r\n%b\r\n" % (len(event), event) if chunked else event)
+                await self._drain()
+            if chunked:
+                self._write(b"0\r\n\r\n")
+        if close:
+            self._close()
+
+    def _reset(self) -> None:
+        assert self._transport is not None
+        sock = self._transport.get_extra_info("socket")
+        if sock is not None:
+            # Linger 0 makes close() send RST instead of FIN: the peer sees "connection reset".
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+        self._closing = True
+        self._transport.abort()
+
+    def _bad_request(self) -> None:
+        self._write(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        self._close()
+
+
+class AppServer:
+    """The stand-in inference app; see the module docstring for the routes and the accounting."""
+
+    def __init__(
+        self, *, concurrency_limit: int | None = None, sidecar_busy: bool = False, record: bool = True
+    ) -> None:
+        self.concurrency_limit = concurrency_limit
+        self.sidecar_busy = sidecar_busy
+        # Benchmarks that run for long turn recording off; the counters still work.
+        self.record = record
+        self.violations = 0
+        self.max_concurrent_seen = 0
+        self.active = 0
+        self.refused = 0  # busy refusals (sidecar_busy); these are not in `requests`
+        self.request_count = 0
+        self.requests: list[ReceivedRequest] = []
+        self.raw: dict[int, bytearray] = {}
+        self.connections_accepted = 0
+        self.open_connections = 0
+        self.write_pauses = 0  # how often a slow reader made a transport push back
+        self.errors: list[Exception] = []  # exceptions inside the server itself; tests assert none
+        self._conns: set[_AppConnection] = set()
+        self._next_conn_id = 0
+        self._server: asyncio.Server | None = None
+        self._waiters: set[asyncio.Event] = set()
+        self.address: tuple[str, int] | None = None
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._make_connection, host, port, backlog=1024)
+        sockname = self._server.sockets[0].getsockname()
+        self.address = (sockname[0], sockname[1])
+        return self.address
+
+    async def close(self) -> None:
+        """Stop listening and drop every connection (hanging ones included)."""
+        if self._server is None:
+            return
+        self._server.close()
+        for conn in list(self._conns):
+            if conn._transport is not None:
+                conn._transport.abort()
+        await self._server.wait_closed()
+        tasks = [conn._task for conn in list(self._conns) if conn._task is not None]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        await self.wait_until(lambda: self.open_connections == 0, timeout=5.0)
+        self._server = None
+
+    def buffered_bytes(self) -> int:
+        """Response bytes written but not yet taken by the kernel, over all connections."""
+        return sum(c._transport.get_write_buffer_size() for c in self._conns if c._transport is not None)
+
+    async def __aenter__(self) -> AppServer:
+        if self._server is None:
+            await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout: float) -> None:
+        """Wait until ``predicate()`` holds, re-checked at every state change; TimeoutError at ``timeout``."""
+        if predicate():
+            return
+        event = asyncio.Event()
+        self._waiters.add(event)
+        try:
+            async with asyncio.timeout(timeout):
+                while not predicate():
+                    event.clear()
+                    await event.wait()
+        except TimeoutError:
+            raise TimeoutError(f"condition not met within {timeout}s") from None
+        finally:
+            self._waiters.discard(event)
+
+    async def wait_for_requests(self, n: int, timeout: float) -> list[ReceivedRequest]:
+        """Wait until ``n`` requests were received; return the first ``n`` (empty when not recording)."""
+        try:
+            await self.wait_until(lambda: self.request_count >= n, timeout)
+        except TimeoutError:
+            raise TimeoutError(f"{self.request_count} of {n} requests within {timeout}s") from None
+        return self.requests[:n]
+
+    # -- accounting (called by connections) ------------------------------------------------------
+
+    def _make_connection(self) -> _AppConnection:
+        conn_id = self._next_conn_id
+        self._next_conn_id += 1
+        return _AppConnection(self, conn_id)
+
+    def _notify(self) -> None:
+        for event in self._waiters:
+            event.set()
+
+    def _record(self, req: ReceivedRequest) -> None:
+        self.request_count += 1
+        if self.record:
+            self.requests.append(req)
+        self._notify()
+
+    def _begin(self) -> None:
+        active = self.active = self.active + 1
+        if active > self.max_concurrent_seen:
+            self.max_concurrent_seen = active
+        limit = self.concurrency_limit
+        if limit is not None and active > limit:
+            self.violations += 1
+
+    def _end(self) -> None:
+        self.active -= 1
+        if self._waiters:
+            self._notify()
+
+
+def _parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+async def _serve_forever(host: str, port: int, concurrency: int | None, sidecar_busy: bool) -> None:
+    server = AppServer(concurrency_limit=concurrency, sidecar_busy=sidecar_busy, record=False)
+    bound_host, bound_port = await server.start(host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"listening {bound_host}:{bound_port}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await server.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m fastproxy.devtools.upstream", description="Stand-in inference app server."
+    )
+    parser.add_argument("--listen", type=_parse_listen, default=("127.0.0.1", 9001), metavar="HOST:PORT")
+    parser.add_argument("--concurrency", type=int, default=None, help="count requests beyond N in flight")
+    parser.add_argument(
+        "--sidecar-busy", action="store_true", help="refuse Expect: 100-continue requests when full"
+    )
+    args = parser.parse_args(argv)
+    coro = _serve_forever(args.listen[0], args.listen[1], args.concurrency, args.sidecar_busy)
+    if uvloop is not None:
+        uvloop.run(coro)
+    else:  # pragma: no cover
+        asyncio.run(coro)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

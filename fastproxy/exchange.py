@@ -1,0 +1,636 @@
+"""Sans-IO HTTP/1.1 for an intermediary: parse strictly, rebuild, never forward raw bytes.
+
+Theory of operation
+-------------------
+``RequestParser`` and ``ResponseParser`` wrap httptools (llhttp) and are driven with bytes:
+``feed(data)`` appends events to the caller's list: a head (``RequestHead`` / ``ResponseHead``),
+body pieces (``bytes``), and ``END`` at the end of each message. They do no I/O and know no clock,
+so tests drive them byte by byte.
+
+llhttp enforces framing (CL+TE, duplicate or malformed Content-Length, bare CR/LF, obs-fold,
+chunk syntax) but not what an intermediary must also refuse (see the project notes): non-final or
+unknown transfer codings, chunked on HTTP/1.0, HTTP/0.9 and HTTP/2 request lines, CONNECT and
+Upgrade (a smuggled request hides behind it), missing/duplicate/invalid Host, oversized URL,
+header section and header count, unbounded chunk extensions and trailers. Those checks live here,
+each raising the ``ProxyError`` whose status says what went wrong.
+
+The parse side of a message moves through one table, ``PARSE_TRANSITIONS``: a message begins,
+its head completes, its body ends. Any other order is a bug in the parser wrapper and raises.
+
+Heads are rebuilt from the parsed form by ``build_request_head`` / ``build_response_head``:
+hop-by-hop headers and those named in Connection are dropped, framing is re-derived
+(Content-Length when known, otherwise chunked re-framing by ``chunk``), and forwarding headers are
+set by the caller's trust policy.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Final
+
+import httptools
+import msgspec
+
+from fastproxy.errors import (
+    BadGateway,
+    BadRequest,
+    HeadersTooLarge,
+    MethodNotAllowed,
+    NotImplementedCoding,
+    PayloadTooLarge,
+    ProxyError,
+    URITooLong,
+    VersionNotSupported,
+)
+
+
+class Limits(msgspec.Struct, frozen=True, kw_only=True):
+    max_url_bytes: int = 8 * 1024
+    max_header_bytes: int = 32 * 1024
+    max_headers: int = 100
+    max_body_bytes: int = 64 * 1024 * 1024
+    # Chunk framing (sizes, extensions, trailers) may cost at most this much plus 8 bytes per body
+    # byte: llhttp swallows chunk extensions silently, so this is the only bound on them.
+    max_chunk_overhead_bytes: int = 16 * 1024
+
+
+DEFAULT_LIMITS: Final = Limits()
+
+
+class _End:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "END"
+
+
+END: Final = _End()
+
+
+class Parse(enum.Enum):
+    IDLE = "idle"  # between messages
+    HEAD = "head"  # request line / status line and headers arriving
+    BODY = "body"  # body (possibly empty) arriving
+
+
+class ParseEvent(enum.Enum):
+    BEGIN = "begin"
+    HEAD_DONE = "head_done"
+    MESSAGE_DONE = "message_done"
+
+
+PARSE_TRANSITIONS: Final[dict[tuple[Parse, ParseEvent], Parse]] = {
+    (Parse.IDLE, ParseEvent.BEGIN): Parse.HEAD,
+    (Parse.HEAD, ParseEvent.HEAD_DONE): Parse.BODY,
+    (Parse.BODY, ParseEvent.MESSAGE_DONE): Parse.IDLE,
+}
+
+HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+    }
+)
+# Re-derived or set by the router itself, never copied from the client.
+_REBUILT_REQUEST: Final = frozenset(
+    {b"host", b"content-length", b"expect", b"x-forwarded-for", b"x-forwarded-proto", b"forwarded"}
+)
+_REBUILT_RESPONSE: Final = frozenset({b"content-length"})
+
+_HOST_RE: Final = re.compile(
+    rb"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9\-._~]*[A-Za-z0-9])?)(?::([0-9]{1,5}))?$"
+)
+_IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+
+def _split_tokens(value: bytes) -> list[bytes]:
+    return [t.strip().lower() for t in value.split(b",") if t.strip()]
+
+
+class RequestHead:
+    """A parsed, validated request head. ``headers`` excludes hop-by-hop and rebuilt ones."""
+
+    __slots__ = (
+        "chunked",
+        "content_length",
+        "expect_continue",
+        "authority",
+        "forwarded",
+        "headers",
+        "host",
+        "keep_alive",
+        "method",
+        "path",
+        "request_id",
+        "target",
+        "version",
+    )
+
+    def __init__(self) -> None:
+        self.method = b""
+        self.target = b""  # origin-form target forwarded upstream
+        self.path = ""  # decoded path for routing (no query)
+        self.host = ""  # lower-case, no port: what routes match
+        self.authority = b""  # Host as the client sent it (or absolute-form authority)
+        self.version = b"1.1"
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.content_length: int | None = None
+        self.chunked = False
+        self.keep_alive = True
+        self.expect_continue = False
+        self.forwarded: list[tuple[bytes, bytes]] = []  # client's X-Forwarded-*/Forwarded
+        self.request_id: bytes | None = None
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+    @property
+    def idempotent(self) -> bool:
+        return self.method in _IDEMPOTENT
+
+    def header(self, name: bytes) -> bytes | None:
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+
+class RequestParser:
+    """Strict HTTP/1.1 request parsing for the client side of the router."""
+
+    __slots__ = (
+        "_begin_offset",
+        "_body_bytes",
+        "_connection_tokens",
+        "_events",
+        "_feed_body",
+        "_feed_chunked",
+        "_feed_consumed",
+        "_feed_messages",
+        "_framing_budget",
+        "_head",
+        "_head_bytes",
+        "_head_raw",
+        "_hosts",
+        "_limits",
+        "_parser",
+        "_raw_headers",
+        "_te",
+        "_url",
+        "state",
+    )
+
+    def __init__(self, events: list[object], limits: Limits = DEFAULT_LIMITS) -> None:
+        self._events = events
+        self._limits = limits
+        self._parser = httptools.HttpRequestParser(self)
+        self.state = Parse.IDLE
+        self._feed_consumed = 0
+        self._feed_body = 0
+        self._feed_chunked = False
+        self._feed_messages = 0
+        self._begin_offset = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self._head = RequestHead()
+        self._url = bytearray()
+        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0  # exact: URL and header fields seen so far
+        self._head_raw = 0  # raw bytes fed while the head was incomplete (llhttp's own buffer)
+        self._hosts: list[bytes] = []
+        self._te: list[bytes] = []
+        self._connection_tokens: list[bytes] = []
+        self._body_bytes = 0
+        self._framing_budget = 0
+
+    def _move(self, event: ParseEvent) -> None:
+        try:
+            self.state = PARSE_TRANSITIONS[(self.state, event)]
+        except KeyError:
+            raise RuntimeError(f"parser bug: {event.value} in state {self.state.value}") from None
+
+    # ---- driving --------------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        """Parse ``data``; events go to the list given at construction. Raises ``ProxyError``."""
+        state_before = self.state
+        self._feed_consumed = 0
+        self._feed_body = 0
+        self._feed_messages = 0
+        self._feed_chunked = self.state is Parse.BODY and self._head.chunked
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, ProxyError):
+                raise cause from None
+            raise
+        except httptools.HttpParserUpgrade:
+            if self._head.method == b"CONNECT":
+                raise MethodNotAllowed("CONNECT is not supported by this proxy") from None
+            raise BadRequest("protocol upgrade (Upgrade/h2c/websocket) is not supported") from None
+        except httptools.HttpParserInvalidMethodError as exc:
+            raise BadRequest(f"invalid method: {exc}") from None
+        except httptools.HttpParserError as exc:
+            raise BadRequest(f"malformed request: {exc}") from None
+        if self.state is Parse.HEAD:
+            # llhttp buffers a header line until it ends: bound what it may hold for us. Bytes of
+            # messages that completed earlier in this feed are roughly known and not counted.
+            if state_before is Parse.HEAD:
+                self._head_raw += len(data)
+            else:
+                self._head_raw = len(data) - self._begin_offset
+            if self._head_raw > 2 * self._limits.max_header_bytes:
+                raise HeadersTooLarge(f"request head exceeds {self._limits.max_header_bytes} bytes")
+        elif self.state is Parse.BODY and self._head.chunked:
+            self._framing_budget -= len(data)
+            if self._framing_budget + 8 * self._body_bytes < 0:
+                raise BadRequest("chunk framing overhead (extensions, trailers) exceeds its limit")
+        if self._feed_chunked and self.state is not Parse.BODY:
+            # A chunked message ended inside this read: bound its framing by what the read held
+            # beyond its fields and body (an over-estimate when several messages share a read).
+            framing = len(data) - self._feed_consumed - 64 * self._feed_messages
+            if framing > self._limits.max_chunk_overhead_bytes + 8 * self._feed_body:
+                raise BadRequest("chunk framing overhead (extensions, trailers) exceeds its limit")
+
+    # ---- httptools callbacks ----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._move(ParseEvent.BEGIN)
+        self._begin_offset = self._feed_consumed
+        self._feed_messages += 1
+
+    def on_url(self, url: bytes) -> None:
+        self._feed_consumed += len(url) + 16
+        self._url += url
+        if len(self._url) > self._limits.max_url_bytes:
+            raise URITooLong(f"request target longer than {self._limits.max_url_bytes} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.state is Parse.BODY:
+            return  # a trailer: never merged into the head; bounded by the framing budget, dropped
+        self._feed_consumed += len(name) + len(value) + 4
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > self._limits.max_header_bytes:
+            raise HeadersTooLarge(f"header section exceeds {self._limits.max_header_bytes} bytes")
+        if len(self._raw_headers) >= self._limits.max_headers:
+            raise HeadersTooLarge(f"more than {self._limits.max_headers} header fields")
+        self._raw_headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        head = self._head
+        parser = self._parser
+        version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            if version.startswith("0."):
+                raise BadRequest("HTTP/0.9 requests are not supported")
+            raise VersionNotSupported(f"HTTP/{version} on an HTTP/1 connection")
+        head.version = version.encode()
+        head.method = parser.get_method()
+        if head.method == b"CONNECT":
+            raise MethodNotAllowed("CONNECT is not supported by this proxy")
+        self._analyse_headers(head)
+        self._analyse_target(head, bytes(self._url))
+        head.keep_alive = parser.should_keep_alive()
+        self._move(ParseEvent.HEAD_DONE)
+        self._framing_budget = self._limits.max_chunk_overhead_bytes
+        self._feed_chunked = self._feed_chunked or head.chunked
+        self._events.append(head)
+
+    def on_body(self, body: bytes) -> None:
+        self._feed_consumed += len(body) + 8
+        self._feed_body += len(body)
+        self._body_bytes += len(body)
+        if self._body_bytes > self._limits.max_body_bytes:
+            raise PayloadTooLarge(f"request body exceeds {self._limits.max_body_bytes} bytes")
+        self._framing_budget += len(body)
+        self._events.append(body)
+
+    def on_message_complete(self) -> None:
+        self._move(ParseEvent.MESSAGE_DONE)
+        self._events.append(END)
+        self._reset()
+
+    # ---- validation ---------------------------------------------------------------------------
+
+    def _analyse_headers(self, head: RequestHead) -> None:
+        limits = self._limits
+        kept: list[tuple[bytes, bytes]] = []
+        for name, value in self._raw_headers:
+            if name == b"host":
+                self._hosts.append(value)
+            elif name == b"transfer-encoding":
+                self._te.extend(_split_tokens(value))
+            elif name == b"connection":
+                self._connection_tokens.extend(_split_tokens(value))
+            elif name == b"content-length":
+                head.content_length = int(value)  # llhttp has checked digits and duplicates
+            elif name == b"expect":
+                if value.strip().lower() != b"100-continue":
+                    raise BadRequest(f"unsupported Expect: {value[:64]!r}")
+                head.expect_continue = True
+            elif name in (b"x-forwarded-for", b"x-forwarded-proto", b"forwarded"):
+                head.forwarded.append((name, value))
+            elif name == b"x-request-id":
+                head.request_id = value
+                kept.append((name, value))
+            elif name not in HOP_BY_HOP:
+                kept.append((name, value))
+        if self._connection_tokens:
+            listed = set(self._connection_tokens)
+            kept = [(n, v) for n, v in kept if n not in listed]
+        head.headers = kept
+
+        if self._te:
+            if self._te != [b"chunked"]:
+                raise NotImplementedCoding(
+                    f"unsupported Transfer-Encoding {b', '.join(self._te).decode(errors='replace')!r}"
+                )
+            if head.version == b"1.0":
+                raise BadRequest("chunked transfer coding on an HTTP/1.0 request")
+            head.chunked = True
+        if head.content_length is not None and head.content_length > limits.max_body_bytes:
+            raise PayloadTooLarge(f"Content-Length {head.content_length} exceeds {limits.max_body_bytes}")
+
+        if len(self._hosts) > 1:
+            raise BadRequest("more than one Host header")
+        if not self._hosts:
+            if head.version == b"1.1":
+                raise BadRequest("missing Host header")
+        else:
+            host = self._hosts[0].strip()
+            match = _HOST_RE.match(host)
+            if match is None or (match.group(1) is not None and int(match.group(1)) > 65535):
+                raise BadRequest(f"invalid Host header {host[:64]!r}")
+            head.authority = host
+            head.host = _strip_port(host).decode("ascii").lower()
+
+    def _analyse_target(self, head: RequestHead, target: bytes) -> None:
+        if target.startswith(b"/"):
+            pass
+        elif target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
+            # absolute-form: the authority replaces Host (RFC 9112 section 3.2.2)
+            rest = target.split(b"://", 1)[1]
+            slash = rest.find(b"/")
+            authority, target = (rest, b"/") if slash == -1 else (rest[:slash], rest[slash:])
+            if b"@" in authority or _HOST_RE.match(authority) is None:
+                raise BadRequest("invalid authority in absolute-form request target")
+            head.authority = authority
+            head.host = _strip_port(authority).decode("ascii").lower()
+        else:
+            raise BadRequest(f"unsupported request target form {target[:64]!r}")
+        if b"#" in target:
+            raise BadRequest("fragment in request target")
+        head.target = target
+        query = target.find(b"?")
+        path = target if query == -1 else target[:query]
+        head.path = path.decode("latin-1")
+
+
+def _strip_port(host: bytes) -> bytes:
+    if host.startswith(b"["):
+        return host[: host.index(b"]") + 1]
+    colon = host.rfind(b":")
+    return host if colon == -1 else host[:colon]
+
+
+# ---- responses ----------------------------------------------------------------------------------
+
+
+class ResponseHead:
+    __slots__ = ("chunked", "content_length", "headers", "keep_alive", "reason", "status", "version")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.reason = b""
+        self.version = b"1.1"
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.content_length: int | None = None
+        self.chunked = False
+        self.keep_alive = True
+
+    def header(self, name: bytes) -> bytes | None:
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+
+class ResponseParser:
+    """Strict parsing of one pod's responses. ``expect_no_body()`` before a HEAD request."""
+
+    __slots__ = (
+        "_connection_tokens",
+        "_events",
+        "_head",
+        "_head_bytes",
+        "_limits",
+        "_no_body",
+        "_parser",
+        "_raw_headers",
+        "_te",
+        "state",
+    )
+
+    def __init__(self, events: list[object], limits: Limits = DEFAULT_LIMITS) -> None:
+        self._events = events
+        self._limits = limits
+        self._parser = httptools.HttpResponseParser(self)
+        self.state = Parse.IDLE
+        self._no_body = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self._head = ResponseHead()
+        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._te: list[bytes] = []
+        self._connection_tokens: list[bytes] = []
+        self._head_bytes = 0
+
+    def expect_no_body(self) -> None:
+        """The next response answers HEAD: it ends with its head whatever its framing says."""
+        self._no_body = True
+
+    def feed(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, ProxyError):
+                raise cause from None
+            raise
+        except httptools.HttpParserUpgrade:
+            raise BadGateway("pod switched protocols (101) unasked") from None
+        except httptools.HttpParserError as exc:
+            raise BadGateway(f"malformed response from pod: {exc}") from None
+        if self.state is Parse.HEAD:
+            self._head_bytes += len(data)
+            if self._head_bytes > 2 * self._limits.max_header_bytes:
+                raise BadGateway("response head from pod too large")
+
+    def feed_eof(self) -> bool:
+        """The pod closed the connection. True if that ends a close-delimited body."""
+        if self.state is Parse.BODY and self._head.content_length is None and not self._head.chunked:
+            self._events.append(END)
+            self.state = Parse.IDLE
+            return True
+        return self.state is Parse.IDLE
+
+    def on_message_begin(self) -> None:
+        self.state = PARSE_TRANSITIONS[(self.state, ParseEvent.BEGIN)]
+
+    def on_status(self, reason: bytes) -> None:
+        self._head.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.state is Parse.BODY:
+            return  # trailers are dropped
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > self._limits.max_header_bytes or len(self._raw_headers) >= 4 * self._limits.max_headers:
+            raise BadGateway("response head from pod too large")
+        self._raw_headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        head = self._head
+        parser = self._parser
+        head.status = parser.get_status_code()
+        version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            raise BadGateway(f"pod answered with HTTP/{version}")
+        head.version = version.encode()
+        kept: list[tuple[bytes, bytes]] = []
+        for name, value in self._raw_headers:
+            if name == b"transfer-encoding":
+                self._te.extend(_split_tokens(value))
+            elif name == b"connection":
+                self._connection_tokens.extend(_split_tokens(value))
+            elif name == b"content-length":
+                head.content_length = int(value)
+            elif name not in HOP_BY_HOP:
+                kept.append((name, value))
+        if self._connection_tokens:
+            listed = set(self._connection_tokens)
+            kept = [(n, v) for n, v in kept if n not in listed]
+        head.headers = kept
+        if self._te:
+            if self._te != [b"chunked"]:
+                raise BadGateway(f"pod used unsupported Transfer-Encoding {b','.join(self._te)!r}")
+            head.chunked = True
+            head.content_length = None
+        head.keep_alive = parser.should_keep_alive()
+        self.state = PARSE_TRANSITIONS[(self.state, ParseEvent.HEAD_DONE)]
+        self._events.append(head)
+        if self._no_body and head.status >= 200:
+            # llhttp would wait for the body a HEAD response never has: end here, and start a
+            # fresh parser for the next response on this connection.
+            self._no_body = False
+            self.state = Parse.IDLE
+            self._events.append(END)
+            self._parser = httptools.HttpResponseParser(self)
+            self._reset()
+
+    def on_body(self, body: bytes) -> None:
+        self._events.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.state is not Parse.BODY:
+            return  # a HEAD response already ended at its head
+        self.state = PARSE_TRANSITIONS[(self.state, ParseEvent.MESSAGE_DONE)]
+        if self._head.status >= 200:  # an interim (1xx) response is a head only; the final one follows
+            self._events.append(END)
+        self._reset()
+
+
+# ---- rebuilding heads ---------------------------------------------------------------------------
+
+_CRLF: Final = b"\r\n"
+_STATUS_LINES: Final[dict[int, bytes]] = {}
+
+
+def _status_line(status: int, reason: bytes) -> bytes:
+    line = _STATUS_LINES.get(status)
+    if line is None or reason:
+        line = b"HTTP/1.1 %d %s\r\n" % (status, reason or b"Status")
+        if len(_STATUS_LINES) < 512 and not reason:
+            _STATUS_LINES[status] = line
+    return line
+
+
+def build_request_head(
+    head: RequestHead,
+    extra: list[tuple[bytes, bytes]],
+    *,
+    expect_continue: bool = False,
+) -> bytes:
+    """The request head sent to a pod: HTTP/1.1, keep-alive, framing re-derived."""
+    parts = [head.method, b" ", head.target, b" HTTP/1.1\r\nhost: ", head.authority, _CRLF]
+    for name, value in head.headers:
+        parts += (name, b": ", value, _CRLF)
+    for name, value in extra:
+        parts += (name, b": ", value, _CRLF)
+    if head.chunked:
+        parts.append(b"transfer-encoding: chunked\r\n")
+    elif head.content_length is not None:
+        parts += (b"content-length: ", b"%d" % head.content_length, _CRLF)
+    if expect_continue and head.has_body:
+        parts.append(b"expect: 100-continue\r\n")
+    parts.append(_CRLF)
+    return b"".join(parts)
+
+
+def build_response_head(
+    head: ResponseHead, *, chunked: bool, close: bool, http10_keep_alive: bool = False
+) -> bytes:
+    """The response head sent to the client. ``chunked``: we re-frame the body as chunks."""
+    parts = [_status_line(head.status, head.reason)]
+    for name, value in head.headers:
+        parts += (name, b": ", value, _CRLF)
+    if chunked:
+        parts.append(b"transfer-encoding: chunked\r\n")
+    elif head.content_length is not None:
+        parts += (b"content-length: ", b"%d" % head.content_length, _CRLF)
+    if close:
+        parts.append(b"connection: close\r\n")
+    elif http10_keep_alive:
+        parts.append(b"connection: keep-alive\r\n")
+    parts.append(_CRLF)
+    return b"".join(parts)
+
+
+def chunk(data: bytes) -> list[bytes]:
+    """One chunk of a re-framed body, as pieces for ``transport.writelines``."""
+    return [b"%x\r\n" % len(data), data, _CRLF]
+
+
+LAST_CHUNK: Final = b"0\r\n\r\n"
+
+
+def error_response(exc: ProxyError, *, close: bool, request_id: bytes | None = None) -> bytes:
+    """A small plain-text response the router answers itself."""
+    body = f"{exc.status} {exc.reason_phrase}: {exc.reason}\n".encode("utf-8", "replace")
+    lines = [
+        b"HTTP/1.1 %d %s\r\n" % (exc.status, exc.reason_phrase.encode()),
+        b"content-type: text/plain; charset=utf-8\r\n",
+        b"content-length: %d\r\n" % len(body),
+        b"cache-control: no-store\r\n",
+    ]
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        lines.append(b"retry-after: %d\r\n" % retry_after)
+    if request_id:
+        lines.append(b"x-request-id: " + request_id + _CRLF)
+    if close:
+        lines.append(b"connection: close\r\n")
+    lines.append(_CRLF)
+    lines.append(body)
+    return b"".join(lines)

@@ -1,0 +1,167 @@
+"""Router statistics: plain counters on the hot path, Prometheus text at scrape time.
+
+Theory of operation
+-------------------
+The data path only increments ints in dicts and bumps a fixed-bucket histogram (one bisect); it
+never touches prometheus_client objects, whose label lookups cost microseconds. A custom collector
+turns these plain numbers, plus what the slot table and snapshot know (queue depth, in-flight per
+revision, snapshot version and age), into Prometheus metric families when /metrics is scraped.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from fastproxy.router import Router
+
+# Seconds. Added latency is tens of microseconds when healthy; queue waits are much longer.
+ADDED_LATENCY_BOUNDS = (
+    25e-6, 50e-6, 75e-6, 100e-6, 150e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 100e-3,
+)  # fmt: skip
+QUEUE_WAIT_BOUNDS = (1e-3, 5e-3, 10e-3, 50e-3, 100e-3, 500e-3, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Histogram:
+    __slots__ = ("bounds", "buckets", "count", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.buckets = [0] * (len(bounds) + 1)
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.buckets[bisect.bisect_left(self.bounds, value)] += 1
+        self.count += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        total = 0
+        out = []
+        for bound, count in zip((*self.bounds, float("inf")), self.buckets, strict=True):
+            total += count
+            out.append(("+Inf" if bound == float("inf") else repr(bound), total))
+        return out
+
+    def quantile(self, q: float) -> float:
+        """Upper bound of the bucket holding quantile q (for status displays)."""
+        if not self.count:
+            return 0.0
+        rank = q * self.count
+        seen = 0
+        for bound, count in zip((*self.bounds, float("inf")), self.buckets, strict=True):
+            seen += count
+            if seen >= rank:
+                return bound
+        return float("inf")
+
+
+class RouterStats:
+    __slots__ = (
+        "added_latency",
+        "busy_refusals",
+        "client_aborts",
+        "errors",
+        "local_exclusions",
+        "queue_wait",
+        "queue_rejections",
+        "requests",
+        "responses",
+        "retries",
+        "started",
+    )
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.responses: dict[int, int] = {}
+        self.errors: dict[str, int] = {}  # by reason class (timeout, reset, bad_request, bug...)
+        self.retries: dict[str, int] = {}  # by failure kind
+        self.local_exclusions = 0
+        self.busy_refusals = 0
+        self.client_aborts = 0
+        self.queue_rejections = 0
+        self.added_latency = Histogram(ADDED_LATENCY_BOUNDS)
+        self.queue_wait = Histogram(QUEUE_WAIT_BOUNDS)
+        self.started = time.time()
+
+    def count_error(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+
+
+def _histogram(name: str, doc: str, hist: Histogram) -> HistogramMetricFamily:
+    return HistogramMetricFamily(name, doc, buckets=hist.cumulative(), sum_value=hist.sum)
+
+
+class RouterCollector(Collector):
+    def __init__(self, router: Router, now: Callable[[], float] = time.time) -> None:
+        self.router = router
+        self.now = now
+
+    def collect(self) -> Iterator[Any]:
+        router = self.router
+        stats = router.stats
+        instance = router.config.instance
+        yield CounterMetricFamily("fastproxy_requests", "Requests received", value=stats.requests)
+        responses = CounterMetricFamily("fastproxy_responses", "Responses by status", labels=["status"])
+        for status, count in sorted(stats.responses.items()):
+            responses.add_metric([str(status)], count)
+        yield responses
+        errors = CounterMetricFamily("fastproxy_errors", "Failed requests by cause", labels=["cause"])
+        for cause, count in sorted(stats.errors.items()):
+            errors.add_metric([cause], count)
+        yield errors
+        retries = CounterMetricFamily("fastproxy_retries", "Re-picks by failure kind", labels=["kind"])
+        for kind, count in sorted(stats.retries.items()):
+            retries.add_metric([kind], count)
+        yield retries
+        yield CounterMetricFamily(
+            "fastproxy_local_exclusions", "Pods excluded locally after a transport failure",
+            value=stats.local_exclusions,
+        )  # fmt: skip
+        yield CounterMetricFamily("fastproxy_busy_refusals", "Sidecar busy refusals", value=stats.busy_refusals)
+        yield CounterMetricFamily("fastproxy_client_aborts", "Clients gone mid-request", value=stats.client_aborts)
+        yield CounterMetricFamily(
+            "fastproxy_queue_rejections", "Requests refused: queue full or deadline", value=stats.queue_rejections
+        )
+        yield _histogram(
+            "fastproxy_added_latency_seconds", "Time spent in the router, queueing excluded", stats.added_latency
+        )
+        yield _histogram("fastproxy_queue_wait_seconds", "Time waited for a free slot", stats.queue_wait)
+        inflight = GaugeMetricFamily("fastproxy_inflight", "Requests in flight per revision", labels=["revision"])
+        queued = GaugeMetricFamily("fastproxy_queued", "Requests waiting per revision", labels=["revision"])
+        demand = GaugeMetricFamily(
+            "fastproxy_revision_demand", "In flight + queued per revision (the autoscaling signal)",
+            labels=["revision"],
+        )  # fmt: skip
+        for name, revision in router.slots.revisions.items():
+            busy = revision.inflight
+            inflight.add_metric([name], busy)
+            queued.add_metric([name], revision.queued)
+            demand.add_metric([name], busy + revision.queued)
+        yield inflight
+        yield queued
+        yield demand
+        snapshot = router.snapshot
+        yield GaugeMetricFamily("fastproxy_snapshot_version", "Routing state version", value=snapshot.version)
+        yield GaugeMetricFamily("fastproxy_snapshot_epoch", "Routing state writer epoch", value=snapshot.epoch)
+        yield GaugeMetricFamily(
+            "fastproxy_snapshot_age_seconds", "Seconds since the routing state last changed",
+            value=max(0.0, self.now() - router.snapshot_changed_at),
+        )  # fmt: skip
+        yield GaugeMetricFamily("fastproxy_snapshot_stale", "1 if the routing state may be out of date",
+                                value=1 if router.stale else 0)  # fmt: skip
+        yield GaugeMetricFamily("fastproxy_pods", "Pods in the routing state", value=len(snapshot.pods))
+        up = GaugeMetricFamily("fastproxy_router_up", "1 while this router serves", labels=["instance"])
+        up.add_metric([instance], 1)
+        yield up

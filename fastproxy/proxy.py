@@ -1,0 +1,974 @@
+"""The data path's I/O: client and pod connections, the upstream pool, and one exchange.
+
+Theory of operation
+-------------------
+Two thin ``asyncio.Protocol`` classes do the I/O; the sans-IO parsers of ``exchange.py`` do the
+HTTP; an ``Exchange`` carries one request from its parsed head to the end of its response.
+
+``ClientConnection`` parses what the client sends and hands the events of one request at a time to
+its current ``Exchange``; the events of pipelined requests wait (bounded: reading pauses) until the
+response before them is complete, so responses go out in order.
+
+``Exchange`` routes (snapshot read once), picks a pod from the slot table (or waits in the
+revision's FIFO, with a deadline), takes a pooled connection or opens one, writes the rebuilt head
+and streams the body. Body bytes that arrive before a pod is ready are held (reading pauses past a
+bound), so a request whose pod refuses the connection, times out connecting, or (sidecar protocol)
+answers "busy" before the app saw anything, goes to a *different* pod with nothing lost: the pod is
+excluded locally at once and reported. Once a byte of the request may have reached an app, the
+request is never retried (RFC 9110 section 9.2.2); a failure then is 502, or 504 at the first-byte
+deadline.
+
+Flow control is coupled across the two sockets: when the pod's socket cannot take more, reading
+from the client pauses, and when the client's socket cannot take more, reading from the pod
+pauses. Pause and resume are idempotent and keyed by reason. Nothing is accumulated beyond one
+socket read plus the bounded pre-connect hold, so SSE and hour-long responses stream through.
+
+Timers: each connection owns one ``Deadline`` whose ``TimerHandle`` is rescheduled lazily, so
+per-request deadlines do not create and cancel a timer per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from fastproxy.errors import (
+    BadGateway,
+    GatewayTimeout,
+    NotFound,
+    ProxyError,
+    RequestTimeout,
+    ServiceUnavailable,
+    UpstreamUnavailable,
+)
+from fastproxy.exchange import (
+    END,
+    LAST_CHUNK,
+    RequestHead,
+    RequestParser,
+    ResponseHead,
+    ResponseParser,
+    build_request_head,
+    build_response_head,
+    chunk,
+    error_response,
+)
+from fastproxy.slots import QueueFull
+from statesync.schema import PodRecord
+
+if TYPE_CHECKING:
+    from fastproxy.router import Router
+
+log = logging.getLogger("fastproxy.proxy")
+
+# Reasons for pausing a socket's reading; reading resumes when none is left.
+PAUSE_PEER_FULL = 1  # the other socket's write buffer is full
+PAUSE_HOLDING = 2  # body bytes held while no pod is ready, or pipelined requests waiting
+PAUSE_SHUTDOWN = 4
+
+HOLD_LIMIT = 256 * 1024  # body bytes held before a pod is ready, per request
+BUSY_HEADER = b"x-fastproxy-busy"
+
+
+class Deadline:
+    """One reusable timer. ``set`` moves the deadline; the handle is rescheduled only when it
+    fires early, so moving a deadline forward per request costs no timer allocation."""
+
+    __slots__ = ("_callback", "_handle", "_loop", "_when")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+        self._loop = loop
+        self._callback = callback
+        self._when: float | None = None
+        self._handle: asyncio.TimerHandle | None = None
+
+    def set(self, when: float) -> None:
+        self._when = when
+        handle = self._handle
+        if handle is None:
+            self._handle = self._loop.call_at(when, self._fire)
+        elif handle.when() > when:
+            handle.cancel()
+            self._handle = self._loop.call_at(when, self._fire)
+
+    def clear(self) -> None:
+        self._when = None
+
+    def cancel(self) -> None:
+        self._when = None
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _fire(self) -> None:
+        self._handle = None
+        when = self._when
+        if when is None:
+            return
+        if self._loop.time() < when:
+            self._handle = self._loop.call_at(when, self._fire)
+            return
+        self._when = None
+        self._callback()
+
+
+# ---- upstream -----------------------------------------------------------------------------------
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One connection to one pod; serves one exchange at a time, then goes back to the pool."""
+
+    __slots__ = (
+        "_events",
+        "_paused",
+        "closed",
+        "deadline",
+        "exchange",
+        "parser",
+        "pod_uid",
+        "pool",
+        "reusable",
+        "transport",
+        "used",
+    )
+
+    def __init__(self, pool: UpstreamPool, pod_uid: str) -> None:
+        self.pool = pool
+        self.pod_uid = pod_uid
+        self.transport: asyncio.Transport | None = None
+        self._events: list[object] = []
+        self.parser = ResponseParser(self._events, pool.limits)
+        self.exchange: Exchange | None = None
+        self.closed = False
+        self.reusable = True
+        self.used = 0  # requests sent on this connection
+        self._paused = 0
+        self.deadline = Deadline(pool.loop, self._on_deadline)
+
+    # asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        exchange = self.exchange
+        if exchange is None:
+            # Bytes nobody asked for: the next response would be misattributed. Never reuse.
+            self.close()
+            return
+        events = self._events
+        try:
+            self.parser.feed(data)
+        except ProxyError as exc:
+            events.clear()
+            self.reusable = False
+            exchange.on_upstream_error(exc)
+            return
+        if not events:
+            return
+        if END in events and events[-1] is not END:
+            self.reusable = False  # bytes after a complete response
+        for event in events:
+            if self.exchange is not exchange:
+                break
+            if type(event) is bytes:
+                exchange.on_response_body(event)
+            elif event is END:
+                exchange.on_response_end(self)
+            else:
+                exchange.on_response_head(event)  # type: ignore[arg-type]
+        events.clear()
+
+    def eof_received(self) -> bool:
+        exchange = self.exchange
+        if exchange is not None and self.parser.feed_eof() and self._events:
+            self._events.clear()
+            self.reusable = False
+            exchange.on_response_end(self)
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.deadline.cancel()
+        self.pool.forget(self)
+        exchange = self.exchange
+        if exchange is not None:
+            self.exchange = None
+            exchange.on_upstream_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.client.pause_reading(PAUSE_PEER_FULL)
+
+    def resume_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.client.resume_reading(PAUSE_PEER_FULL)
+
+    # used by the exchange
+
+    def pause_reading(self, reason: int) -> None:
+        if not self._paused and self.transport is not None:
+            self.transport.pause_reading()
+        self._paused |= reason
+
+    def resume_reading(self, reason: int) -> None:
+        if self._paused & reason:
+            self._paused &= ~reason
+            if not self._paused and self.transport is not None and not self.closed:
+                self.transport.resume_reading()
+
+    def _on_deadline(self) -> None:
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.on_first_byte_timeout(self)
+
+    @property
+    def usable(self) -> bool:
+        return not self.closed and self.reusable and self.transport is not None and not self.transport.is_closing()
+
+    def close(self) -> None:
+        self.reusable = False
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.reusable = False
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+
+
+class UpstreamPool:
+    """Idle keep-alive connections per pod (by UID: a recycled IP never inherits connections)."""
+
+    __slots__ = ("idle", "idle_timeout", "limits", "loop", "max_idle_per_pod", "_idle_since", "_sweeper")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        limits: Any,
+        *,
+        idle_timeout: float = 2.0,
+        max_idle_per_pod: int = 16,
+    ) -> None:
+        self.loop = loop
+        self.limits = limits
+        self.idle: dict[str, list[UpstreamConnection]] = {}
+        self._idle_since: dict[UpstreamConnection, float] = {}
+        self.idle_timeout = idle_timeout
+        self.max_idle_per_pod = max_idle_per_pod
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def checkout(self, uid: str) -> UpstreamConnection | None:
+        conns = self.idle.get(uid)
+        while conns:
+            conn = conns.pop()
+            self._idle_since.pop(conn, None)
+            if conn.usable:
+                return conn
+            conn.close()
+        return None
+
+    def checkin(self, conn: UpstreamConnection) -> None:
+        if not conn.usable:
+            conn.close()
+            return
+        conns = self.idle.setdefault(conn.pod_uid, [])
+        if len(conns) >= self.max_idle_per_pod:
+            conn.close()
+            return
+        conns.append(conn)
+        self._idle_since[conn] = self.loop.time()
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(self.idle_timeout / 2, self._sweep)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        if self._idle_since.pop(conn, None) is not None:
+            conns = self.idle.get(conn.pod_uid)
+            if conns is not None and conn in conns:
+                conns.remove(conn)
+                if not conns:
+                    del self.idle[conn.pod_uid]
+
+    def drop_pod(self, uid: str) -> None:
+        for conn in self.idle.pop(uid, []):
+            self._idle_since.pop(conn, None)
+            conn.close()
+
+    def _sweep(self) -> None:
+        """Close connections idle longer than the timeout (kept below the apps' own)."""
+        self._sweeper = None
+        horizon = self.loop.time() - self.idle_timeout
+        for conn, since in list(self._idle_since.items()):
+            if since <= horizon:
+                self.forget(conn)
+                conn.close()
+        if self._idle_since:
+            self._sweeper = self.loop.call_later(self.idle_timeout / 2, self._sweep)
+
+    def close_all(self) -> None:
+        for uid in list(self.idle):
+            self.drop_pod(uid)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+    @property
+    def idle_count(self) -> int:
+        return len(self._idle_since)
+
+
+# ---- one request --------------------------------------------------------------------------------
+
+
+class Stage:
+    """Where an exchange is. Plain ints: compared on the hot path."""
+
+    ROUTING = 0  # head parsed, looking for a pod
+    QUEUED = 1  # waiting for a free slot
+    CONNECTING = 2  # slot held, connection being opened
+    AWAIT_CONTINUE = 3  # head sent with Expect: 100-continue, body held back
+    SENT = 4  # request bytes handed to the pod: never retried from here
+    RESPONDING = 5  # response head forwarded to the client
+    DONE = 6
+
+
+class Exchange:
+    __slots__ = (
+        "_continue_timer",
+        "_waiter",
+        "_waiter_timer",
+        "attempts",
+        "busy_refused",
+        "client",
+        "continue_sent",
+        "head",
+        "hold",
+        "hold_bytes",
+        "out_chunked",
+        "pod",
+        "release",
+        "request_complete",
+        "request_sent",
+        "response_close",
+        "revision",
+        "router",
+        "stage",
+        "status",
+        "t_head",
+        "t_response",
+        "upstream",
+    )
+
+    def __init__(self, client: ClientConnection, head: RequestHead) -> None:
+        self.client = client
+        self.router = client.router
+        self.head = head
+        self.stage = Stage.ROUTING
+        self.revision = ""
+        self.pod: PodRecord | None = None
+        self.release: Callable[[], None] | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.hold: list[bytes] = []  # body pieces not yet written to a pod
+        self.hold_bytes = 0
+        self.request_complete = False  # the client sent the whole request
+        self.request_sent = False  # ... and it was all written to the pod
+        self.out_chunked = False
+        self.response_close = False
+        self.attempts = 0
+        self.busy_refused = False
+        self.continue_sent = False
+        self.status = 0
+        self.t_head = time.perf_counter()
+        self.t_response = 0.0
+        self._waiter: asyncio.Future[Any] | None = None
+        self._waiter_timer: asyncio.TimerHandle | None = None
+        self._continue_timer: asyncio.TimerHandle | None = None
+
+    # ---- routing and picking ------------------------------------------------------------------
+
+    def start(self) -> None:
+        router = self.router
+        snapshot = router.snapshot  # the one read of the snapshot for this request
+        head = self.head
+        table = snapshot.route_table
+        route = None
+        service = head.header(router.service_header)
+        if service is not None:
+            route = table.by_service.get(service.decode("latin-1"))
+        if route is None:
+            route = table.match(head.host, head.path)
+        if route is None:
+            self.fail(NotFound(f"no route for host {head.host!r} path {head.path!r}"))
+            return
+        self.revision = route.choose_revision(random.random())
+        self._acquire(snapshot.has_prospects)
+
+    def _acquire(self, has_prospects: Callable[[str], bool] | None = None) -> None:
+        router = self.router
+        lease = router.slots.pick(self.revision)
+        if lease is not None:
+            self._on_lease(lease)
+            return
+        if has_prospects is None:
+            has_prospects = router.snapshot.has_prospects
+        if not has_prospects(self.revision):
+            self.fail(ServiceUnavailable(f"revision {self.revision} has no pods", retry_after=5))
+            return
+        try:
+            waiter = router.slots.enqueue(self.revision, self.hold_bytes, router.loop)
+        except QueueFull as exc:
+            router.stats.queue_rejections += 1
+            self.fail(ServiceUnavailable(str(exc), retry_after=1))
+            return
+        self.stage = Stage.QUEUED
+        self._waiter = waiter
+        self._waiter_timer = router.loop.call_later(router.config.queue_timeout, self._queue_deadline)
+        waiter.add_done_callback(self._on_waiter_done)
+
+    def _leave_queue(self) -> None:
+        waiter = self._waiter
+        if waiter is None:
+            return
+        self._waiter = None
+        if self._waiter_timer is not None:
+            self._waiter_timer.cancel()
+            self._waiter_timer = None
+        self.router.slots.leave_queue(self.revision, waiter, self.hold_bytes)
+
+    def _on_waiter_done(self, waiter: asyncio.Future[Any]) -> None:
+        if waiter.cancelled() or self._waiter is not waiter:
+            return
+        self._leave_queue()
+        self.router.stats.queue_wait.observe(time.perf_counter() - self.t_head)
+        self._on_lease(waiter.result())
+
+    def _queue_deadline(self) -> None:
+        self._waiter_timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
+        self._leave_queue()
+        self.router.stats.queue_rejections += 1
+        self.fail(
+            ServiceUnavailable(
+                f"no free slot in revision {self.revision} within {self.router.config.queue_timeout:g}s",
+                retry_after=1,
+            )
+        )
+
+    def _on_lease(self, lease: tuple[Callable[[], None], PodRecord]) -> None:
+        self.release, self.pod = lease
+        self.attempts += 1
+        conn = self.router.pool.checkout(self.pod.uid)
+        if conn is not None:
+            self._send(conn)
+            return
+        self.stage = Stage.CONNECTING
+        self.router.loop.create_task(self._connect(self.pod))
+
+    async def _connect(self, pod: PodRecord) -> None:
+        router = self.router
+        try:
+            async with asyncio.timeout(router.config.connect_timeout):
+                _, conn = await router.loop.create_connection(
+                    lambda: UpstreamConnection(router.pool, pod.uid), pod.ip, pod.port
+                )
+        except TimeoutError:
+            failure = UpstreamUnavailable(f"connect to {pod.ip}:{pod.port} timed out", "timeout")
+        except ConnectionRefusedError:
+            failure = UpstreamUnavailable(f"connect to {pod.ip}:{pod.port} refused", "refused")
+        except OSError as exc:
+            kind = "unreachable" if exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH) else "reset"
+            failure = UpstreamUnavailable(f"connect to {pod.ip}:{pod.port} failed: {exc.strerror}", kind)
+        else:
+            if self.stage is not Stage.CONNECTING or self.pod is not pod:
+                router.pool.checkin(conn)  # the client left meanwhile; the connection is fresh
+                return
+            self._send(conn)
+            return
+        if self.stage is Stage.CONNECTING and self.pod is pod:
+            self._unavailable(failure)
+
+    def _unavailable(self, failure: UpstreamUnavailable) -> None:
+        """The pod cannot have seen this request: exclude it, report it, try another."""
+        router = self.router
+        pod = self.pod
+        assert pod is not None
+        self._give_back_slot()
+        self.pod = None
+        stats = router.stats
+        stats.retries[failure.kind] = stats.retries.get(failure.kind, 0) + 1
+        if failure.kind == "busy_refused":
+            stats.busy_refusals += 1
+            router.skip_busy_pod(pod)
+        else:
+            router.exclude_pod(pod, failure.kind, failure.reason)
+        if self.attempts >= router.config.max_attempts:
+            self.fail(BadGateway(f"{failure.reason}; gave up after {self.attempts} attempts"))
+            return
+        self.stage = Stage.ROUTING
+        self._acquire()
+
+    # ---- sending ----------------------------------------------------------------------------
+
+    def _send(self, conn: UpstreamConnection) -> None:
+        router = self.router
+        head = self.head
+        self.upstream = conn
+        conn.exchange = self
+        conn.used += 1
+        if head.method == b"HEAD":
+            conn.parser.expect_no_body()
+        transport = conn.transport
+        assert transport is not None
+        if head.expect_continue and not self.request_complete and not self.continue_sent:
+            self.continue_sent = True
+            self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # a pod is ready: send the body
+        hold_back = router.config.sidecar_protocol and head.has_body
+        data = build_request_head(head, self.client.forwarding_headers(head), expect_continue=hold_back)
+        if hold_back:
+            transport.write(data)
+            self.stage = Stage.AWAIT_CONTINUE
+            self._continue_timer = router.loop.call_later(router.config.continue_timeout, self._send_body)
+        else:
+            self.stage = Stage.SENT
+            if self.hold:
+                self._flush_hold(transport, data)
+            else:
+                transport.write(data)
+            if self.request_complete:
+                self._request_fully_sent()
+        conn.deadline.set(router.loop.time() + router.config.first_byte_timeout)
+        router.stats.added_latency.observe(time.perf_counter() - self.t_head)
+
+    def _flush_hold(self, transport: asyncio.Transport, head_bytes: bytes | None) -> None:
+        pieces: list[bytes] = [] if head_bytes is None else [head_bytes]
+        if self.head.chunked:
+            for piece in self.hold:
+                pieces += chunk(piece)
+        else:
+            pieces += self.hold
+        if self.request_complete and self.head.chunked:
+            pieces.append(LAST_CHUNK)
+        transport.writelines(pieces)
+        self.hold.clear()
+        self.hold_bytes = 0
+        self.client.resume_reading(PAUSE_HOLDING)
+
+    def _send_body(self) -> None:
+        """100 Continue arrived (or its wait ran out): the body may go now."""
+        self._continue_timer = None
+        if self.stage is not Stage.AWAIT_CONTINUE or self.upstream is None:
+            return
+        self.stage = Stage.SENT
+        transport = self.upstream.transport
+        assert transport is not None
+        self._flush_hold(transport, None)
+        if self.request_complete:
+            self._request_fully_sent()
+
+    def _request_fully_sent(self) -> None:
+        self.request_sent = True
+
+    def request_body(self, data: bytes) -> None:
+        if self.stage is Stage.SENT:
+            transport = self.upstream.transport  # type: ignore[union-attr]
+            if self.head.chunked:
+                transport.writelines(chunk(data))  # type: ignore[union-attr]
+            else:
+                transport.write(data)  # type: ignore[union-attr]
+            return
+        if self.stage >= Stage.RESPONDING:
+            return  # an early response was given; the rest of the body is dropped
+        self.hold.append(data)
+        self.hold_bytes += len(data)
+        if self.hold_bytes > HOLD_LIMIT:
+            self.client.pause_reading(PAUSE_HOLDING)
+
+    def request_end(self) -> None:
+        self.request_complete = True
+        if self.stage is Stage.SENT:
+            if self.head.chunked:
+                self.upstream.transport.write(LAST_CHUNK)  # type: ignore[union-attr]
+            self._request_fully_sent()
+        elif self.stage is Stage.DONE:
+            self.client.exchange_finished(self)
+
+    # ---- the pod's answer ---------------------------------------------------------------------
+
+    def on_response_head(self, response: ResponseHead) -> None:
+        status = response.status
+        if status < 200:
+            if status == 100 and self.stage is Stage.AWAIT_CONTINUE:
+                if self._continue_timer is not None:
+                    self._continue_timer.cancel()
+                self._send_body()
+            return  # other interim responses are not forwarded
+        conn = self.upstream
+        assert conn is not None
+        conn.deadline.clear()
+        if (
+            status == 503
+            and self.router.config.sidecar_protocol
+            and self.stage in (Stage.AWAIT_CONTINUE, Stage.SENT)
+            and (self.stage is Stage.AWAIT_CONTINUE or not self.head.has_body)
+            and response.header(BUSY_HEADER) is not None
+        ):
+            # The sidecar refused before the app saw anything: not an error; once the refusal
+            # has been read to its end, another pod is tried (on_response_end).
+            self.busy_refused = True
+            if self._continue_timer is not None:
+                self._continue_timer.cancel()
+                self._continue_timer = None
+            return
+        self.status = status
+        self.t_response = time.perf_counter()
+        self.stage = Stage.RESPONDING
+        client = self.client
+        head = self.head
+        no_body = head.method == b"HEAD" or status in (204, 304)
+        http10 = head.version == b"1.0"
+        if no_body or response.content_length is not None:
+            self.out_chunked = False
+            close = client.closing or not head.keep_alive
+        elif http10:
+            self.out_chunked = False
+            close = True  # close-delimited for an HTTP/1.0 client
+        else:
+            self.out_chunked = True
+            close = client.closing or not head.keep_alive
+        if not self.request_complete:
+            close = True  # answered before the request ended: the rest of it is not read
+        self.response_close = close
+        client.write(
+            build_response_head(
+                response, chunked=self.out_chunked, close=close, http10_keep_alive=http10 and not close
+            )
+        )
+        self.router.stats.added_latency.observe(time.perf_counter() - self.t_response)
+
+    def on_response_body(self, data: bytes) -> None:
+        if self.stage is not Stage.RESPONDING:
+            return
+        if self.out_chunked:
+            self.client.writelines(chunk(data))
+        else:
+            self.client.write(data)
+
+    def on_response_end(self, conn: UpstreamConnection) -> None:
+        router = self.router
+        conn.exchange = None
+        conn.deadline.clear()
+        self.upstream = None
+        if self.busy_refused:
+            self.busy_refused = False
+            if self.head.has_body:
+                conn.close()  # a body was announced and never sent: the connection is ambiguous
+            else:
+                router.pool.checkin(conn)
+            self._unavailable(UpstreamUnavailable("pod's sidecar is at capacity", "busy_refused"))
+            return
+        if self.out_chunked:
+            self.client.write(LAST_CHUNK)
+        if conn.reusable and self.request_sent:
+            router.pool.checkin(conn)
+        else:
+            conn.close()
+        self._give_back_slot()
+        responses = router.stats.responses
+        responses[self.status] = responses.get(self.status, 0) + 1
+        self._finish()
+
+    def on_upstream_error(self, exc: ProxyError) -> None:
+        """The pod's response broke the protocol."""
+        conn = self.upstream
+        if conn is not None:
+            conn.exchange = None
+            conn.abort()
+        self.upstream = None
+        self.router.stats.count_error("bad_response")
+        log.warning("pod %s: %s", self.pod.uid if self.pod else "?", exc.reason)
+        self._give_back_slot()
+        self.fail(exc)
+
+    def on_upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
+        self.upstream = None
+        pod = self.pod
+        self._give_back_slot()
+        if self.busy_refused:  # lost while the busy refusal was being read
+            self.busy_refused = False
+            self._unavailable(UpstreamUnavailable("pod's sidecar is at capacity", "busy_refused"))
+            return
+        if pod is not None:
+            # The pod may be gone; others should stop sending it requests. This request, though,
+            # may have reached the app: it is not retried.
+            self.router.exclude_pod(pod, "reset", f"connection lost mid-exchange: {exc or 'EOF'}")
+        self.router.stats.count_error("upstream_lost")
+        self.fail(BadGateway(f"pod {pod.uid if pod else '?'} closed the connection before answering"))
+
+    def on_first_byte_timeout(self, conn: UpstreamConnection) -> None:
+        conn.exchange = None
+        conn.abort()
+        self.upstream = None
+        self._give_back_slot()
+        self.router.stats.count_error("first_byte_timeout")
+        self.fail(GatewayTimeout(f"pod did not answer within {self.router.config.first_byte_timeout:g}s"))
+
+    # ---- endings ------------------------------------------------------------------------------
+
+    def _give_back_slot(self) -> None:
+        release = self.release
+        if release is not None:
+            self.release = None
+            release()
+
+    def fail(self, exc: ProxyError) -> None:
+        """Answer with an error if nothing was sent yet; otherwise abort the client connection."""
+        self._leave_queue()
+        self._give_back_slot()
+        if self.upstream is not None:
+            self.upstream.exchange = None
+            self.upstream.abort()
+            self.upstream = None
+        client = self.client
+        if self.stage is Stage.RESPONDING:
+            # Part of the response went out: cutting the connection is the only honest signal.
+            self.stage = Stage.DONE
+            client.abort()
+            return
+        self.stage = Stage.DONE
+        # A body still arriving is read and dropped so the connection survives (request_body),
+        # unless the client waits for 100 Continue before sending it: then it never comes.
+        close = (
+            exc.close
+            or client.closing
+            or not self.head.keep_alive
+            or (not self.request_complete and self.head.expect_continue)
+        )
+        self.response_close = close
+        client.write(error_response(exc, close=close, request_id=self.head.request_id))
+        self.router.stats.responses[exc.status] = self.router.stats.responses.get(exc.status, 0) + 1
+        if exc.status >= 500:
+            log.info("%s %s -> %d: %s", self.head.method.decode(), self.head.target[:200].decode("latin-1"),
+                     exc.status, exc.reason)  # fmt: skip
+        client.exchange_finished(self)
+
+    def _finish(self) -> None:
+        self.stage = Stage.DONE
+        self.client.exchange_finished(self)
+
+    def client_gone(self) -> None:
+        """The client closed or reset its connection: free everything this request holds."""
+        if self.stage is Stage.DONE:
+            return
+        self.router.stats.client_aborts += 1
+        self._leave_queue()
+        if self._continue_timer is not None:
+            self._continue_timer.cancel()
+        conn = self.upstream
+        if conn is not None:
+            conn.exchange = None
+            conn.abort()  # the app should stop generating for nobody
+            self.upstream = None
+        self._give_back_slot()
+        self.stage = Stage.DONE
+
+
+# ---- the client side ----------------------------------------------------------------------------
+
+
+class ClientConnection(asyncio.Protocol):
+    __slots__ = (
+        "_events",
+        "_paused",
+        "closing",
+        "deadline",
+        "exchange",
+        "parser",
+        "peer",
+        "router",
+        "transport",
+        "_forwarding",
+    )
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.transport: asyncio.Transport | None = None
+        self._events: list[object] = []
+        self.parser = RequestParser(self._events, router.config.limits)
+        self.exchange: Exchange | None = None
+        self.closing = False  # answer the current request, then close
+        self._paused = 0
+        self.peer = ""
+        self._forwarding: list[tuple[bytes, bytes]] = []
+        self.deadline = Deadline(router.loop, self._on_deadline)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if peer else ""
+        self.router.connections.add(self)
+        self.deadline.set(self.router.loop.time() + self.router.config.header_timeout)
+        if self.router.draining:
+            self.closing = True
+
+    def data_received(self, data: bytes) -> None:
+        if self.exchange is None:
+            # A new request is starting: its head must complete within the header timeout.
+            self.deadline.set(self.router.loop.time() + self.router.config.header_timeout)
+        try:
+            self.parser.feed(data)
+        except ProxyError as exc:
+            self._process_events()
+            self._reject(exc)
+            return
+        self._process_events()
+
+    def _process_events(self) -> None:
+        events = self._events
+        taken = 0
+        for event in events:
+            exchange = self.exchange
+            if exchange is None:
+                if type(event) is not RequestHead:  # pragma: no cover - the parser orders events
+                    raise RuntimeError(f"event {event!r} outside a request")
+                self.router.stats.requests += 1
+                self.deadline.clear()
+                self.exchange = exchange = Exchange(self, event)
+                taken += 1
+                exchange.start()
+                continue
+            if exchange.request_complete:
+                break  # a pipelined request waits for the response before it
+            taken += 1
+            if event is END:
+                exchange.request_end()
+            else:
+                exchange.request_body(event)  # type: ignore[arg-type]
+        if taken:
+            del events[:taken]
+        if events:
+            self.pause_reading(PAUSE_HOLDING)
+
+    def _reject(self, exc: ProxyError) -> None:
+        """The client's bytes broke the protocol or a limit."""
+        self.router.stats.count_error(type(exc).__name__)
+        log.info("client %s: %d %s", self.peer, exc.status, exc.reason)
+        self._events.clear()
+        exchange = self.exchange
+        if exchange is not None and exchange.stage is not Stage.DONE:
+            if exchange.stage is Stage.RESPONDING:
+                exchange.client_gone()
+                self.abort()
+                return
+            exchange.client_gone()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(error_response(exc, close=True))
+            self.router.stats.responses[exc.status] = self.router.stats.responses.get(exc.status, 0) + 1
+            self.transport.close()
+
+    def exchange_finished(self, exchange: Exchange) -> None:
+        if self.exchange is not exchange:
+            return
+        if not exchange.request_complete and not exchange.response_close:
+            return  # the response is done; the rest of the request is still arriving
+        self.exchange = None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if exchange.response_close or self.closing:
+            transport.close()
+            return
+        self.deadline.set(self.router.loop.time() + self.router.config.idle_timeout)
+        if self._events:
+            self.resume_reading(PAUSE_HOLDING)
+            self._process_events()
+
+    def _on_deadline(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        exchange = self.exchange
+        if exchange is not None:
+            return  # a request is being served; its own deadlines apply
+        if self.parser.state.value == "idle":
+            transport.close()  # idle keep-alive connection
+        else:
+            self._reject(RequestTimeout(f"request head not received within {self.router.config.header_timeout:g}s"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.deadline.cancel()
+        self.router.connections.discard(self)
+        exchange = self.exchange
+        if exchange is not None:
+            self.exchange = None
+            exchange.client_gone()
+        self._events.clear()
+
+    def eof_received(self) -> bool | None:
+        exchange = self.exchange
+        if (
+            exchange is not None
+            and exchange.stage >= Stage.CONNECTING
+            and exchange.stage is not Stage.DONE
+            and exchange.request_complete
+        ):
+            # Half-close after a complete request that a pod is already handling is legal: keep
+            # the write side open for the response, then close. A request still waiting for a
+            # slot is dropped instead (a departed client should not cost a GPU slot).
+            self.closing = True
+            return True
+        return False
+
+    # flow control
+
+    def pause_writing(self) -> None:
+        exchange = self.exchange
+        if exchange is not None and exchange.upstream is not None:
+            exchange.upstream.pause_reading(PAUSE_PEER_FULL)
+
+    def resume_writing(self) -> None:
+        exchange = self.exchange
+        if exchange is not None and exchange.upstream is not None:
+            exchange.upstream.resume_reading(PAUSE_PEER_FULL)
+
+    def pause_reading(self, reason: int) -> None:
+        if not self._paused and self.transport is not None:
+            self.transport.pause_reading()
+        self._paused |= reason
+
+    def resume_reading(self, reason: int) -> None:
+        if self._paused & reason:
+            self._paused &= ~reason
+            if not self._paused and self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    # writing
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def writelines(self, data: list[bytes]) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.writelines(data)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def forwarding_headers(self, head: RequestHead) -> list[tuple[bytes, bytes]]:
+        return self.router.forwarding_headers(self.peer, head)
+
+    def shutdown(self) -> None:
+        """SIGTERM: idle connections close now; busy ones after their current response."""
+        self.closing = True
+        if self.exchange is None and self.transport is not None:
+            self.transport.close()

@@ -1,0 +1,340 @@
+"""``fastproxy router``: the process that owns one snapshot, one slot table and the listeners.
+
+Theory of operation
+-------------------
+``Router`` is the state one event loop serves from: the current ``RoutingSnapshot`` (one reference,
+replaced whole), the ``SlotTable`` beside it, the upstream pool and the statistics. The state path
+calls ``install`` (a whole state: bootstrap, resync, a static routes file) or ``apply_delta`` (one
+committed change, O(changed pods)); the data path only reads the snapshot and counts.
+
+When a request meets a transport failure that proves a pod cannot serve, the data path calls
+``exclude_pod``: the pod leaves this router's rotation at once and a ``ConnectFailed`` report is
+queued for the writer (bounded; the oldest is dropped and counted when nobody drains it). The
+exclusion lifts when the writer's view of the pod moves past the failure, or after
+``exclusion_seconds`` so a router without state sync recovers on its own.
+
+``serve`` runs listeners until SIGTERM/SIGINT, then drains: stop accepting, close idle keep-alive
+connections, let in-flight requests finish within the grace period, abort the rest.
+``--workers N`` starts N such processes sharing the port with SO_REUSEPORT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import ipaddress
+import itertools
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from fastproxy.config import ConfigError, RouterConfig, load_routes_file
+from fastproxy.exchange import Limits, RequestHead
+from fastproxy.metrics import RouterStats
+from fastproxy.proxy import ClientConnection, UpstreamPool
+from fastproxy.slots import SlotTable
+from fastproxy.snapshot import RoutingSnapshot
+from statesync.schema import ConnectFailed, ConnectFailureKind, Delta, PodRecord, PodState, Source
+
+log = logging.getLogger("fastproxy.router")
+
+MAX_PENDING_REPORTS = 10_000
+
+
+class Router:
+    def __init__(self, config: RouterConfig, loop: asyncio.AbstractEventLoop) -> None:
+        self.config = config
+        self.loop = loop
+        self.snapshot = RoutingSnapshot.empty()
+        self.snapshot_changed_at = time.time()
+        self.stale = False  # set by the state-sync subscriber when it loses the writer
+        self.slots = SlotTable(max_queued=config.max_queued, max_queue_bytes=config.max_queue_bytes)
+        self.pool = UpstreamPool(
+            loop,
+            config.limits,
+            idle_timeout=config.pool_idle_timeout,
+            max_idle_per_pod=config.pool_max_idle_per_pod,
+        )
+        self.stats = RouterStats()
+        self.connections: set[ClientConnection] = set()
+        self.draining = False
+        self.service_header = config.service_header.lower().encode()
+        self._trusted = config.trusted_networks()
+        self._trusted_cache: dict[str, bool] = {}
+        self._excluded_until: dict[str, float] = {}
+        # Reports for the writer (state sync drains this); bounded, oldest dropped.
+        self.reports: collections.deque[ConnectFailed] = collections.deque(maxlen=MAX_PENDING_REPORTS)
+        self.reports_dropped = 0
+        self._request_ids = itertools.count(1)
+        self._request_prefix = f"{config.instance}-{os.getpid():x}-{int(time.time()):x}".encode()
+
+    # ---- the state path ---------------------------------------------------------------------
+
+    def install(self, snapshot: RoutingSnapshot) -> None:
+        """Adopt a whole state (bootstrap, resync, static file)."""
+        self.slots.replace_all(snapshot.pods.values())
+        self.snapshot = snapshot
+        self.snapshot_changed_at = time.time()
+
+    def apply_delta(self, delta: Delta) -> None:
+        """Adopt one committed change; raises ``VersionGap`` if it does not follow."""
+        snapshot = self.snapshot.apply(delta)
+        self.slots.update(delta.pods)
+        for record in delta.pods:
+            if record.state is PodState.REMOVED:
+                self.pool.drop_pod(record.uid)
+                self._excluded_until.pop(record.uid, None)
+        self.snapshot = snapshot
+        self.snapshot_changed_at = time.time()
+
+    # ---- reports from the data path -----------------------------------------------------------
+
+    def exclude_pod(self, pod: PodRecord, kind: str, reason: str) -> None:
+        if not self.slots.exclude(pod.uid):
+            return
+        self.stats.local_exclusions += 1
+        self.pool.drop_pod(pod.uid)
+        self._exclude_for(pod.uid, self.config.exclusion_seconds)
+        log.warning("pod %s (%s:%d, %s) excluded: %s", pod.uid, pod.ip, pod.port, pod.revision, reason)
+        if len(self.reports) == self.reports.maxlen:
+            self.reports_dropped += 1
+        self.reports.append(
+            ConnectFailed(
+                uid=pod.uid,
+                source=Source.ROUTER,
+                at=time.time(),
+                generation=pod.generation,
+                failure=ConnectFailureKind(kind),
+                observer=self.config.instance,
+                reason=reason[:200],
+            )
+        )
+
+    def skip_busy_pod(self, pod: PodRecord) -> None:
+        """A sidecar said "full": our optimistic count was behind. Skip it briefly, no report."""
+        if self.slots.exclude(pod.uid):
+            self._exclude_for(pod.uid, self.config.busy_backoff_seconds)
+
+    def _exclude_for(self, uid: str, seconds: float) -> None:
+        until = self.loop.time() + seconds
+        if until > self._excluded_until.get(uid, 0.0):
+            self._excluded_until[uid] = until
+            self.loop.call_at(until, self._maybe_readmit, uid)
+
+    def _maybe_readmit(self, uid: str) -> None:
+        until = self._excluded_until.get(uid)
+        if until is None or self.loop.time() + 1e-3 < until:
+            return
+        del self._excluded_until[uid]
+        self.slots.readmit(uid)
+
+    # ---- per-request helpers ------------------------------------------------------------------
+
+    def forwarding_headers(self, peer: str, head: RequestHead) -> list[tuple[bytes, bytes]]:
+        """X-Forwarded-*: the client's own values only from a trusted hop; the real peer appended."""
+        trusted = self._trusted_cache.get(peer)
+        if trusted is None:
+            trusted = self._is_trusted(peer)
+            if len(self._trusted_cache) < 65536:
+                self._trusted_cache[peer] = trusted
+        peer_bytes = peer.encode()
+        headers: list[tuple[bytes, bytes]] = []
+        prior_for = None
+        proto = b"http"
+        if trusted:
+            for name, value in head.forwarded:
+                if name == b"x-forwarded-for":
+                    prior_for = value if prior_for is None else prior_for + b", " + value
+                elif name == b"x-forwarded-proto":
+                    proto = value
+                else:
+                    headers.append((name, value))
+        headers.append((b"x-forwarded-for", peer_bytes if prior_for is None else prior_for + b", " + peer_bytes))
+        headers.append((b"x-forwarded-proto", proto))
+        if head.request_id is None:
+            head.request_id = b"%s-%x" % (self._request_prefix, next(self._request_ids))
+            headers.append((b"x-request-id", head.request_id))
+        return headers
+
+    def _is_trusted(self, peer: str) -> bool:
+        if not self._trusted or not peer:
+            return False
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(address in network for network in self._trusted)
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    async def drain(self, grace: float) -> None:
+        """Finish in-flight requests within ``grace`` seconds; then cut what is left."""
+        self.draining = True
+        for conn in list(self.connections):
+            conn.shutdown()
+        deadline = self.loop.time() + grace
+        while self.connections and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)  # polling a set that only shrinks; bounded by the grace
+        for conn in list(self.connections):
+            conn.abort()
+        self.pool.close_all()
+
+
+def parse_address(text: str, default_host: str = "0.0.0.0") -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return (host.strip("[]") or default_host, int(port))
+
+
+def read_token(path: str | None) -> str | None:
+    if path:
+        with open(path) as handle:
+            token = handle.read().strip()
+        if not token:
+            raise ConfigError(f"admin token file {path} is empty")
+        return token
+    return os.environ.get("FASTPROXY_ADMIN_TOKEN") or None
+
+
+async def serve(args: argparse.Namespace, config: RouterConfig, ready: asyncio.Event | None = None) -> int:
+    from fastproxy.admin import start_admin
+
+    loop = asyncio.get_running_loop()
+    router = Router(config, loop)
+    if args.routes:
+        routes = load_routes_file(args.routes)
+        router.install(RoutingSnapshot.build(0, 1, routes.pods, routes.routes))
+        log.info("static routes from %s: %d routes, %d pods", args.routes, len(routes.routes), len(routes.pods))
+    host, port = args.listen
+    server = await loop.create_server(
+        lambda: ClientConnection(router), host, port, reuse_port=args.reuse_port, backlog=4096
+    )
+    admin_host, admin_port = args.admin
+    admin_port += args.worker_index
+    token = read_token(args.admin_token_file)
+    admin = await start_admin(router, admin_host, admin_port, token)
+    bound = server.sockets[0].getsockname()
+    log.info(
+        "router %s listening on %s:%d, admin on %s:%d%s",
+        config.instance, bound[0], bound[1], admin_host, admin_port,
+        "" if token else " (no admin token: only /healthz and /readyz answer)",
+    )  # fmt: skip
+    print(f"listening {bound[0]}:{bound[1]} admin {admin_host}:{admin.sockets[0].getsockname()[1]}", flush=True)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    log.info("shutting down: %d connections, grace %.0fs", len(router.connections), config.grace_period)
+    server.close()
+    await router.drain(config.grace_period)
+    admin.close()
+    return 0
+
+
+def _config_from_args(args: argparse.Namespace) -> RouterConfig:
+    return RouterConfig(
+        limits=Limits(max_body_bytes=args.max_body_bytes),
+        header_timeout=args.header_timeout,
+        idle_timeout=args.idle_timeout,
+        connect_timeout=args.connect_timeout,
+        first_byte_timeout=args.first_byte_timeout,
+        queue_timeout=args.queue_timeout,
+        max_queued=args.max_queued,
+        max_attempts=args.max_attempts,
+        exclusion_seconds=args.exclusion_seconds,
+        service_header=args.service_header,
+        sidecar_protocol=args.sidecar_protocol,
+        trusted_proxies=tuple(args.trusted_proxy),
+        grace_period=args.grace_period,
+        instance=args.instance or f"router-{os.uname().nodename}-{args.worker_index}",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.workers > 1 and args.worker_index == 0 and not args.reuse_port:
+        return _run_workers(args)
+    try:
+        config = _config_from_args(args)
+        if args.routes:
+            load_routes_file(args.routes)  # fail fast, before binding anything
+    except ConfigError as exc:
+        print(f"fastproxy router: {exc}", file=sys.stderr)
+        return 2
+    try:
+        import uvloop
+
+        return uvloop.run(serve(args, config))
+    except OSError as exc:
+        print(f"fastproxy router: cannot listen: {exc.strerror}", file=sys.stderr)
+        return 1
+
+
+def _run_workers(args: argparse.Namespace) -> int:
+    """N processes sharing the port (SO_REUSEPORT), admin ports ADMIN_PORT + worker index."""
+    argv = [a for a in sys.argv[1:]]
+    children = []
+    for index in range(args.workers):
+        cmd = [sys.executable, "-m", "fastproxy.cli", *argv, "--reuse-port", "--worker-index", str(index)]
+        children.append(subprocess.Popen(cmd))
+
+    def forward(signum: int, _frame: Any) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = [child.wait() for child in children]
+    return max(codes, default=0)
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "router",
+        help="run the data plane: HTTP/1.1 in, pick a pod that can serve now, stream to it and back",
+        description=(
+            "The fastproxy data plane. Routes each request by Host / path prefix / service header to a "
+            "revision (weighted split), picks a Ready pod with a free slot (or queues, bounded, with a "
+            "deadline), and streams request and response with flow control. A pod that refuses or "
+            "times out on connect is excluded at once and the request goes to another pod."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--listen", type=parse_address, default=("0.0.0.0", 8080), help="proxy HOST:PORT")
+    parser.add_argument("--admin", type=parse_address, default=("127.0.0.1", 9090),
+                        help="admin HOST:PORT (/healthz /readyz /metrics /v1/pods /v1/revisions)")  # fmt: skip
+    parser.add_argument("--admin-token-file", help="bearer token for the admin API (else $FASTPROXY_ADMIN_TOKEN)")
+    parser.add_argument("--routes", help="static routing file (JSON or YAML): routes and pods")
+    parser.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)")
+    parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--instance", default="", help="name in reports and metrics (default: router-HOST-N)")
+    parser.add_argument("--service-header", default="x-fastproxy-service", help="header naming the service")
+    parser.add_argument("--sidecar-protocol", action="store_true",
+                        help="pods run behind the fastproxy sidecar (busy refusals, Expect: 100-continue)")  # fmt: skip
+    parser.add_argument("--trusted-proxy", action="append", default=[], metavar="CIDR",
+                        help="peers whose X-Forwarded-* are kept (repeatable)")  # fmt: skip
+    parser.add_argument("--header-timeout", type=float, default=10.0, help="seconds for a request head (408)")
+    parser.add_argument("--idle-timeout", type=float, default=60.0, help="idle keep-alive client seconds")
+    parser.add_argument("--connect-timeout", type=float, default=1.0, help="upstream connect seconds")
+    parser.add_argument("--first-byte-timeout", type=float, default=300.0, help="seconds to response head (504)")
+    parser.add_argument("--queue-timeout", type=float, default=10.0, help="max seconds waiting for a slot (503)")
+    parser.add_argument("--max-queued", type=int, default=1000, help="waiting requests per revision")
+    parser.add_argument("--max-attempts", type=int, default=4, help="pods tried per request")
+    parser.add_argument("--exclusion-seconds", type=float, default=5.0, help="local exclusion after a failure")
+    parser.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024, help="request body limit (413)")
+    parser.add_argument("--grace-period", type=float, default=30.0, help="SIGTERM: seconds to finish in-flight")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.set_defaults(func=run)
