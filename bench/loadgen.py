@@ -151,7 +151,6 @@ class _Conn(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport
-        self.owner.conns.add(self)
 
     def send(self, scheduled: float) -> None:
         assert self.transport is not None
@@ -289,6 +288,9 @@ class _Driver:
     async def connect(self) -> _Conn:
         _, conn = await self.loop.create_connection(lambda: _Conn(self), self.host, self.port)
         self.connections_opened += 1
+        # Joined only now, so a connection being opened is never counted twice against the cap.
+        if not conn.closed:
+            self.conns.add(conn)
         return conn
 
     def expire(self, now: float) -> None:
@@ -400,6 +402,10 @@ class _OpenLoop(_Driver):
                 self.record_error(self.backlog.popleft(), "connect")
             return
         self.connecting -= 1
+        if conn.closed:
+            # Dropped before it joined the pool, while still counted as connecting: re-check now.
+            self.on_lost(conn)
+            return
         self._next(conn)
 
     def _next(self, conn: _Conn) -> None:
@@ -428,7 +434,7 @@ class _OpenLoop(_Driver):
     def on_lost(self, conn: _Conn) -> None:
         super().on_lost(conn)
         # Waiting requests may have been counting on this connection.
-        if (self.scheduling or self.outstanding) and (
+        if (
             self.backlog
             and self.connecting < len(self.backlog)
             and len(self.conns) + self.connecting < self.max_connections
@@ -554,6 +560,8 @@ class _ClosedLoop(_Driver):
                 started = _now()
                 try:
                     conn = await self.connect()
+                    if conn.closed:  # accepted, then dropped before it could carry anything
+                        raise ConnectionResetError
                 except OSError:
                     if started >= self.measure_from:
                         self.sent += 1

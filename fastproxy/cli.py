@@ -21,6 +21,7 @@ from fastproxy import __version__
 SUBCOMMANDS: dict[str, str] = {
     "router": "fastproxy.router:register",
     "status": "fastproxy.status:register",
+    "writer": "statesync.writer:register",
 }
 
 

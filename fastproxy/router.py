@@ -53,6 +53,7 @@ class Router:
         self.snapshot = RoutingSnapshot.empty()
         self.snapshot_changed_at = time.time()
         self.stale = False  # set by the state-sync subscriber when it loses the writer
+        self.state_follower: Any = None
         self.slots = SlotTable(max_queued=config.max_queued, max_queue_bytes=config.max_queue_bytes)
         self.pool = UpstreamPool(
             loop,
@@ -211,6 +212,12 @@ async def serve(args: argparse.Namespace, config: RouterConfig, ready: asyncio.E
         routes = load_routes_file(args.routes)
         router.install(RoutingSnapshot.build(0, 1, routes.pods, routes.routes))
         log.info("static routes from %s: %d routes, %d pods", args.routes, len(routes.routes), len(routes.pods))
+    sync_tasks = []
+    if args.valkey:
+        from statesync.keys import Keys
+        from statesync.subscriber import start_state_sync
+
+        sync_tasks = start_state_sync(router, args.valkey, Keys(args.namespace))
     host, port = args.listen
     server = await loop.create_server(
         lambda: ClientConnection(router), host, port, reuse_port=args.reuse_port, backlog=4096
@@ -235,6 +242,8 @@ async def serve(args: argparse.Namespace, config: RouterConfig, ready: asyncio.E
     log.info("shutting down: %d connections, grace %.0fs", len(router.connections), config.grace_period)
     server.close()
     await router.drain(config.grace_period)
+    for task in sync_tasks:
+        task.cancel()
     admin.close()
     return 0
 
@@ -317,6 +326,9 @@ def register(subparsers: Any) -> None:
                         help="admin HOST:PORT (/healthz /readyz /metrics /v1/pods /v1/revisions)")  # fmt: skip
     parser.add_argument("--admin-token-file", help="bearer token for the admin API (else $FASTPROXY_ADMIN_TOKEN)")
     parser.add_argument("--routes", help="static routing file (JSON or YAML): routes and pods")
+    parser.add_argument("--valkey", default=os.environ.get("FASTPROXY_VALKEY"),
+                        help="follow the writer's state in Valkey (URL; else $FASTPROXY_VALKEY)")  # fmt: skip
+    parser.add_argument("--namespace", default="fastproxy", help="Valkey key prefix")
     parser.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)")
     parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)

@@ -10,7 +10,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import httptools
 import httpx
@@ -357,8 +357,11 @@ async def test_slow_reader_bounds_server_buffering(server: AppServer) -> None:
     writer.close()
 
 
-def test_on_uvloop() -> None:
-    """The same server on uvloop (how benchmarks and the process run it)."""
+@pytest.mark.parametrize(
+    "loop_factory", [asyncio.SelectorEventLoop, uvloop.new_event_loop], ids=["asyncio", "uvloop"]
+)
+def test_on_both_loops(loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> None:
+    """The server on an explicitly chosen loop, whatever policy the rest of the suite runs under."""
 
     async def scenario() -> None:
         async with AppServer(concurrency_limit=1) as srv, httpx.AsyncClient() as client:
@@ -375,7 +378,7 @@ def test_on_uvloop() -> None:
             writer.close()
             assert srv.violations == 0 and srv.errors == []
 
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
         runner.run(scenario())
 
 

@@ -15,8 +15,9 @@ import uvloop
 from bench.loadgen import LoadResult, run_closed_loop, run_open_loop
 from fastproxy.devtools.upstream import AppServer
 
+# Explicit factories: asyncio.new_event_loop would follow whatever loop policy a conftest set.
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
-    "asyncio": asyncio.new_event_loop,
+    "asyncio": asyncio.SelectorEventLoop,
     "uvloop": uvloop.new_event_loop,
 }
 

@@ -1,0 +1,232 @@
+"""The router's side of state sync: follow the writer's deltas, and report what the router saw.
+
+Theory of operation
+-------------------
+``StateFollower.run`` is a trivial loop around ``_session``: any error ends the session, marks the
+router stale (it keeps serving its last snapshot), and after a short backoff a new session starts
+on a *fresh* connection. A session:
+
+1. subscribes to the delta channel first (so nothing published after the read below is missed),
+2. reads the whole state in one MULTI/EXEC (version, epoch, pods, routes) and installs it, unless
+   it is older than what the router has or empty (Valkey restarted without state: keep serving),
+3. applies each delta only if its version is exactly one more than the snapshot's; anything newer
+   is a gap, filled from the capped change log, and if the log no longer reaches back, re-read
+   whole; anything older or equal is ignored. Versions never go backwards.
+4. expects a heartbeat {epoch, version} every second; three missed means the connection is silent
+   or frozen (pub/sub gives no error then), so the session ends and the next one resyncs. A
+   heartbeat ahead of the snapshot triggers gap filling; a new epoch triggers a full re-read.
+
+``ReportForwarder`` drains the router's local exclusions into the writer's event stream; while
+Valkey is unreachable they wait in the router's bounded deque (oldest dropped and counted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Any
+
+import valkey.asyncio as avalkey
+
+from fastproxy.snapshot import RoutingSnapshot, VersionGap
+from statesync.keys import DELTA_PREFIX, HEARTBEAT_PREFIX, Keys
+from statesync.schema import Delta, SchemaError, decode_delta, decode_heartbeat, decode_pod, decode_route, encode
+
+if TYPE_CHECKING:
+    from fastproxy.router import Router
+
+log = logging.getLogger("fastproxy.statesync")
+
+_VALKEY_ERRORS = (OSError, avalkey.ConnectionError, avalkey.TimeoutError)
+
+
+class SessionEnded(Exception):
+    pass
+
+
+class StateFollower:
+    def __init__(
+        self,
+        router: Router,
+        url: str,
+        *,
+        keys: Keys | None = None,
+        heartbeat_timeout: float = 3.0,
+        retry_delay: float = 0.2,
+    ) -> None:
+        self.router = router
+        self.url = url
+        self.keys = keys or Keys()
+        self.heartbeat_timeout = heartbeat_timeout
+        self.retry_delay = retry_delay
+        self.resyncs = 0
+        self.gap_fills = 0
+        self.sessions = 0
+        self.synced = asyncio.Event()  # set after each successful full read
+        self._stop = False
+
+    async def run(self) -> None:
+        while not self._stop:
+            try:
+                await self._session()
+            except (*_VALKEY_ERRORS, SessionEnded, SchemaError) as exc:
+                if not self.router.stale:
+                    log.warning("state sync lost (%s); serving the last snapshot (version %d), marked stale",
+                                exc, self.router.snapshot.version)  # fmt: skip
+                self.router.stale = True
+            await asyncio.sleep(self.retry_delay)
+
+    def stop(self) -> None:
+        self._stop = True
+
+    async def _session(self) -> None:
+        from statesync.connect import connect
+
+        self.sessions += 1
+        client = connect(self.url, socket_timeout=self.heartbeat_timeout)
+        pubsub = client.pubsub()
+        try:
+            await pubsub.subscribe(self.keys.channel)
+            loop = asyncio.get_running_loop()
+            last_beat = loop.time()
+            subscribed = False
+            while not self._stop:
+                message = await pubsub.get_message(timeout=0.25)
+                now = loop.time()
+                if message is None:
+                    if now - last_beat > self.heartbeat_timeout:
+                        raise SessionEnded(f"no heartbeat for {now - last_beat:.1f}s")
+                    continue
+                kind = message["type"]
+                if kind == "subscribe":
+                    if subscribed:
+                        raise SessionEnded("resubscribed: messages may have been lost")
+                    subscribed = True
+                    await self.resync(client)
+                    last_beat = loop.time()
+                    continue
+                if kind != "message":
+                    continue
+                data: bytes = message["data"]
+                if data.startswith(DELTA_PREFIX):
+                    await self.on_delta(client, decode_delta(data[1:]))
+                elif data.startswith(HEARTBEAT_PREFIX):
+                    last_beat = now
+                    beat = decode_heartbeat(data[1:])
+                    snapshot = self.router.snapshot
+                    if beat.epoch != snapshot.epoch and beat.version != snapshot.version:
+                        await self.resync(client)
+                    elif beat.version > snapshot.version:
+                        await self.catch_up(client)
+                    if self.router.stale and self.router.snapshot.version >= beat.version:
+                        self.router.stale = False
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+    async def resync(self, client: avalkey.Valkey) -> None:
+        """Read the whole state consistently and adopt it if it is not older or empty."""
+        keys = self.keys
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.get(keys.version)
+            pipe.get(keys.state_epoch)
+            pipe.hgetall(keys.pods)
+            pipe.hgetall(keys.routes)
+            version_raw, epoch_raw, pods_raw, routes_raw = await pipe.execute()
+        self.resyncs += 1
+        current = self.router.snapshot
+        if version_raw is None:
+            log.warning("Valkey holds no routing state; keeping version %d until the writer rebuilds it",
+                        current.version)  # fmt: skip
+            self.router.stale = current.version > 0
+            self.synced.set()
+            return
+        version = int(version_raw)
+        epoch = int(epoch_raw or 0)
+        if version < current.version or (version == current.version and epoch <= current.epoch and current.version):
+            self.router.stale = False
+            self.synced.set()
+            return  # never go backwards
+        pods = [decode_pod(raw) for raw in pods_raw.values()]
+        routes = [decode_route(raw) for raw in routes_raw.values()]
+        self.router.install(RoutingSnapshot.build(epoch, version, pods, routes))
+        self.router.stale = False
+        self.synced.set()
+        log.info("routing state read whole: epoch %d version %d, %d pods", epoch, version, len(pods))
+
+    async def on_delta(self, client: avalkey.Valkey, delta: Delta) -> None:
+        snapshot = self.router.snapshot
+        if delta.version <= snapshot.version:
+            return  # already have it (or older)
+        if delta.version == snapshot.version + 1 and delta.epoch >= snapshot.epoch:
+            self.router.apply_delta(delta)
+            return
+        await self.catch_up(client)
+
+    async def catch_up(self, client: avalkey.Valkey) -> None:
+        """Fill a gap from the change log; re-read everything if the log no longer reaches back."""
+        self.gap_fills += 1
+        while True:
+            have = self.router.snapshot.version
+            entries = await client.xrange(self.keys.changes, min=f"{have + 1}-0", max="+", count=1000)
+            if not entries:
+                return
+            first = decode_delta(entries[0][1][b"d"])
+            if first.version != have + 1:
+                await self.resync(client)
+                return
+            for _, fields in entries:
+                delta = decode_delta(fields[b"d"])
+                try:
+                    self.router.apply_delta(delta)
+                except VersionGap:
+                    await self.resync(client)
+                    return
+            if len(entries) < 1000:
+                return
+
+
+class ReportForwarder:
+    """Local exclusions -> the writer's stream, batched; kept (bounded) while Valkey is away."""
+
+    def __init__(self, router: Router, url: str, *, keys: Keys | None = None, interval: float = 0.005) -> None:
+        self.router = router
+        self.url = url
+        self.keys = keys or Keys()
+        self.interval = interval
+        self.sent = 0
+
+    async def run(self) -> None:
+        from statesync.connect import connect
+
+        client = connect(self.url)
+        reports = self.router.reports
+        while True:
+            if not reports:
+                await asyncio.sleep(self.interval)
+                continue
+            batch = list(reports)
+            try:
+                async with client.pipeline(transaction=False) as pipe:
+                    for event in batch:
+                        pipe.xadd(self.keys.events, {"e": encode(event)})
+                    await pipe.execute()
+            except _VALKEY_ERRORS:
+                await asyncio.sleep(0.5)
+                continue
+            for _ in batch:
+                if reports:
+                    reports.popleft()
+            self.sent += len(batch)
+
+
+def start_state_sync(router: Router, url: str, keys: Keys | None = None) -> list[asyncio.Task[Any]]:
+    follower = StateFollower(router, url, keys=keys)
+    forwarder = ReportForwarder(router, url, keys=keys)
+    router.stale = True  # until the first full read
+    router.state_follower = follower
+    return [asyncio.create_task(follower.run()), asyncio.create_task(forwarder.run())]
+

@@ -1,0 +1,585 @@
+"""``fastproxy writer``: the only process that mutates routing state.
+
+Theory of operation
+-------------------
+Sources append events to the ``events`` stream; the leader writer reads them through a consumer
+group in batches, runs each through the quarantine policy and the pure ``podstate.apply``, and
+commits the batch's changed records in one Lua script that first checks the lease token (the
+fencing epoch) and the expected previous version. The script sets the version, writes the records,
+appends the delta to the capped change log (stream id = version) and PUBLISHes it; only then are
+the batch's entries acknowledged. A crash between commit and ack replays entries, and the commit
+records the last applied entry id, so a replayed entry is skipped: nothing is applied twice.
+
+Leadership is a lease key (SET NX PX) holding ``<writer id>:<epoch>``; the epoch comes from INCR
+and never goes backwards. A standby polls for the lease; on taking it, it loads the committed state
+and claims the pending entries of the dead leader (XAUTOCLAIM). A leader that cannot renew, or whose
+commit is fenced, steps down at once.
+
+Quarantined pods get active recovery checks (TCP connect, or an HTTP readiness path) with
+exponential backoff and jitter; the outcome goes into the same event stream (source ``writer``), so
+it takes the same serialized path and survives a change of leader.
+
+Corroboration and cap (``QuarantinePolicy``): a report that would take a revision past
+``cap_fraction`` quarantined, or that comes from an observer who has recently reported a large part
+of the fleet, needs a second observer's report within the window. One partitioned router or one
+broken node therefore cannot quarantine a large share of the fleet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import valkey.asyncio as avalkey
+from valkey.exceptions import ResponseError
+
+from statesync.keys import (
+    CHANGES_CAP,
+    DELTA_PREFIX,
+    EVENTS_GROUP,
+    HEARTBEAT_PREFIX,
+    Keys,
+    stream_id_key,
+)
+from statesync.podstate import Changed, Dropped, Rejected, StartRecovery, StopRecovery, apply
+from statesync.schema import (
+    ConnectFailed,
+    ConnectFailureKind,
+    Delta,
+    Event,
+    HealthCheckFailed,
+    HealthCheckPassed,
+    Heartbeat,
+    PodRecord,
+    PodState,
+    Route,
+    RouteChanged,
+    SchemaError,
+    Source,
+    decode_event,
+    decode_pod,
+    decode_route,
+    encode,
+)
+
+log = logging.getLogger("fastproxy.writer")
+
+COMMIT_SCRIPT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('FENCED lease lost') end
+local current = tonumber(redis.call('GET', KEYS[2]) or '0')
+if current ~= tonumber(ARGV[2]) then
+  return redis.error_reply('VERSION expected ' .. ARGV[2] .. ' found ' .. tostring(current))
+end
+redis.call('SET', KEYS[2], ARGV[3])
+redis.call('SET', KEYS[3], ARGV[4])
+if ARGV[5] ~= '' then redis.call('SET', KEYS[4], ARGV[5]) end
+local n = tonumber(ARGV[10])
+local i = 11
+for _ = 1, n do
+  redis.call('HSET', KEYS[5], ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+local r = tonumber(ARGV[i])
+i = i + 1
+for _ = 1, r do
+  if ARGV[i + 1] == '' then redis.call('HDEL', KEYS[6], ARGV[i]) else redis.call('HSET', KEYS[6], ARGV[i], ARGV[i + 1]) end
+  i = i + 2
+end
+redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[9], ARGV[3] .. '-0', 'd', ARGV[8])
+redis.call('PUBLISH', ARGV[6], ARGV[7])
+return ARGV[3]
+"""
+
+RENEW_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+
+class Fenced(Exception):
+    """This writer is no longer the leader (its lease token is gone or replaced)."""
+
+
+class QuarantinePolicy:
+    """Corroboration and cap for transport-failure reports (router and agent observers)."""
+
+    def __init__(
+        self,
+        *,
+        cap_fraction: float = 0.5,
+        observer_fraction: float = 0.2,
+        window: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cap_fraction = cap_fraction
+        self.observer_fraction = observer_fraction
+        self.window = window
+        self.clock = clock
+        self._reports: dict[str, deque[tuple[float, str]]] = {}  # uid -> (time, observer)
+        self._by_observer: dict[str, deque[tuple[float, str]]] = {}  # observer -> (time, uid)
+        self.held = 0  # reports held back for lack of corroboration
+
+    def admit(self, event: ConnectFailed, pods: dict[str, PodRecord]) -> bool:
+        """May this report quarantine its pod now?"""
+        now = self.clock()
+        horizon = now - self.window
+        observer = event.observer or event.source.value
+        reports = self._reports.setdefault(event.uid, deque())
+        reports.append((now, observer))
+        while reports and reports[0][0] < horizon:
+            reports.popleft()
+        mine = self._by_observer.setdefault(observer, deque())
+        mine.append((now, event.uid))
+        while mine and mine[0][0] < horizon:
+            mine.popleft()
+        if len({o for _, o in reports}) >= 2:
+            return True  # corroborated by a second observer
+        pod = pods.get(event.uid)
+        if pod is None:
+            return True  # apply() rejects it anyway
+        members = [p for p in pods.values() if p.revision == pod.revision and p.state is not PodState.REMOVED]
+        quarantined = sum(1 for p in members if p.state is PodState.QUARANTINED)
+        fleet = sum(1 for p in pods.values() if p.state is not PodState.REMOVED)
+        suspects = len({uid for _, uid in mine})
+        over_cap = len(members) > 1 and (quarantined + 1) / len(members) > self.cap_fraction
+        noisy_observer = fleet >= 10 and suspects > self.observer_fraction * fleet
+        if over_cap or noisy_observer:
+            self.held += 1
+            return False
+        return True
+
+
+class WriterState:
+    """The committed state as the leader holds it in memory."""
+
+    def __init__(self) -> None:
+        self.pods: dict[str, PodRecord] = {}
+        self.routes: dict[str, Route] = {}
+        self.version = 0
+        self.applied = "0-0"
+
+
+class Writer:
+    def __init__(
+        self,
+        client: avalkey.Valkey,
+        *,
+        keys: Keys | None = None,
+        writer_id: str | None = None,
+        lease_ttl: float = 3.0,
+        batch: int = 1000,
+        check_path: str | None = None,
+        policy: QuarantinePolicy | None = None,
+        heartbeat_interval: float = 1.0,
+    ) -> None:
+        self.client = client
+        self.keys = keys or Keys()
+        self.id = writer_id or f"writer-{socket.gethostname()}-{os.getpid()}"
+        self.lease_ttl = lease_ttl
+        self.batch = batch
+        self.check_path = check_path
+        self.policy = policy or QuarantinePolicy()
+        self.heartbeat_interval = heartbeat_interval
+        self.state = WriterState()
+        self.epoch = 0
+        self.token = ""
+        self.leader = False
+        self.stats: dict[str, int] = {"applied": 0, "commits": 0, "rejected": 0, "dropped": 0, "bad": 0}
+        self._commit = client.register_script(COMMIT_SCRIPT)
+        self._renew = client.register_script(RENEW_SCRIPT)
+        self._checks: dict[str, asyncio.Task[None]] = {}
+        self._stop = asyncio.Event()
+        self.became_leader = asyncio.Event()
+
+    # ---- leadership -------------------------------------------------------------------------
+
+    async def try_acquire(self) -> bool:
+        keys = self.keys
+        if await self.client.exists(keys.lease):
+            return False
+        epoch = int(await self.client.incr(keys.epoch))
+        if epoch <= self.epoch:  # Valkey lost its counter (restart): epochs never go backwards
+            epoch = self.epoch + 1
+            await self.client.set(keys.epoch, epoch)
+        token = f"{self.id}:{epoch}"
+        if not await self.client.set(keys.lease, token, nx=True, px=int(self.lease_ttl * 1000)):
+            return False
+        self.epoch = epoch
+        self.token = token
+        await self._load_state()
+        self.leader = True
+        self.became_leader.set()
+        log.info("%s is leader: epoch %d, version %d, %d pods", self.id, epoch, self.state.version,
+                 len(self.state.pods))  # fmt: skip
+        return True
+
+    async def _load_state(self) -> None:
+        keys = self.keys
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.get(keys.version)
+            pipe.get(keys.applied)
+            pipe.hgetall(keys.pods)
+            pipe.hgetall(keys.routes)
+            version, applied, pods, routes = await pipe.execute()
+        if version is None and self.state.version:
+            # Valkey came back empty; our memory is the freshest truth. Re-commit it whole.
+            log.warning("Valkey has no state; re-committing %d pods from memory", len(self.state.pods))
+            await self._recommit_all()
+            return
+        state = WriterState()
+        state.version = int(version or 0)
+        state.applied = (applied or b"0-0").decode()
+        state.pods = {}
+        for raw in pods.values():
+            record = decode_pod(raw)
+            state.pods[record.uid] = record
+        state.routes = {}
+        for raw in routes.values():
+            route = decode_route(raw)
+            state.routes[route.service] = route
+        self.state = state
+
+    async def _recommit_all(self) -> None:
+        keys = self.keys
+        previous = self.state.version
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.set(keys.version, 0)
+            await pipe.execute()
+        self.state.version = 0
+        pods = tuple(self.state.pods.values())
+        routes = tuple(self.state.routes.values())
+        await self._write(pods, routes, new_version=previous + 1)
+
+    async def renew(self) -> bool:
+        ok = await self._renew(keys=[self.keys.lease], args=[self.token, int(self.lease_ttl * 1000)])
+        return bool(ok)
+
+    def step_down(self, why: str) -> None:
+        if self.leader:
+            log.warning("%s steps down (epoch %d): %s", self.id, self.epoch, why)
+        self.leader = False
+        self.became_leader.clear()
+        for task in self._checks.values():
+            task.cancel()
+        self._checks.clear()
+
+    # ---- the serialized path ------------------------------------------------------------------
+
+    async def ensure_group(self) -> None:
+        try:
+            await self.client.xgroup_create(self.keys.events, EVENTS_GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def read_batch(self, block_ms: int = 200, pending_first: bool = False) -> list[tuple[bytes, dict]]:
+        streams = {self.keys.events: "0" if pending_first else ">"}
+        reply = await self.client.xreadgroup(
+            EVENTS_GROUP, self.id, streams, count=self.batch, block=None if pending_first else block_ms
+        )
+        if not reply:
+            return []
+        return list(reply[0][1])
+
+    async def claim_pending(self) -> list[tuple[bytes, dict]]:
+        """Entries the previous leader read but never acknowledged."""
+        claimed: list[tuple[bytes, dict]] = []
+        start = "0-0"
+        while True:
+            reply = await self.client.xautoclaim(
+                self.keys.events, EVENTS_GROUP, self.id, min_idle_time=0, start_id=start, count=self.batch
+            )
+            next_id, entries = reply[0], reply[1]
+            claimed.extend(e for e in entries if e and e[1] is not None)
+            if next_id in (b"0-0", "0-0") or not entries:
+                break
+            start = next_id
+        return claimed
+
+    async def process(self, entries: list[tuple[bytes, dict]]) -> int:
+        """Apply a batch, commit it fenced, then acknowledge it. Returns the records changed."""
+        if not entries:
+            return 0
+        state = self.state
+        applied_key = stream_id_key(state.applied)
+        changed: dict[str, PodRecord] = {}
+        route_changes: dict[str, Route] = {}
+        last_id = ""
+        recovery: list[tuple[str, bool, int]] = []
+        for entry_id, fields in entries:
+            entry = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            if stream_id_key(entry) <= applied_key:
+                continue  # replayed after a crash between commit and ack: already applied
+            last_id = entry
+            raw = fields.get(b"e") if fields else None
+            try:
+                if raw is None:
+                    raise SchemaError("stream entry has no 'e' field")
+                event = decode_event(raw)
+            except SchemaError as exc:
+                self.stats["bad"] += 1
+                log.warning("event %s dropped: %s", entry, exc)
+                continue
+            self._apply_event(event, changed, route_changes, recovery)
+        if changed or route_changes:
+            await self._write(tuple(changed.values()), tuple(route_changes.values()), applied=last_id)
+        elif last_id:
+            state.applied = last_id  # nothing to publish; the ack below records progress
+        await self.client.xack(self.keys.events, EVENTS_GROUP, *[e[0] for e in entries])
+        for uid, start, generation in recovery:
+            if start:
+                self._start_check(uid, generation)
+            else:
+                task = self._checks.pop(uid, None)
+                if task is not None:
+                    task.cancel()
+        return len(changed) + len(route_changes)
+
+    def _apply_event(
+        self,
+        event: Event,
+        changed: dict[str, PodRecord],
+        route_changes: dict[str, Route],
+        recovery: list[tuple[str, bool, int]],
+    ) -> None:
+        state = self.state
+        if isinstance(event, RouteChanged):
+            route = event.route
+            route_changes[route.service] = route
+            if route.removed:
+                state.routes.pop(route.service, None)
+            else:
+                state.routes[route.service] = route
+            return
+        if (
+            isinstance(event, ConnectFailed)
+            and event.failure is not ConnectFailureKind.BUSY_REFUSED
+            and event.source in (Source.ROUTER, Source.AGENT)
+            and (record := state.pods.get(event.uid)) is not None
+            and record.state in (PodState.READY, PodState.NOT_READY)
+            and not self.policy.admit(event, state.pods)
+        ):
+            self.stats["dropped"] += 1
+            return
+        record, effects = apply(state.pods.get(event.uid), event)
+        for effect in effects:
+            if isinstance(effect, Changed):
+                state.pods[effect.record.uid] = effect.record
+                changed[effect.record.uid] = effect.record
+                self.stats["applied"] += 1
+            elif isinstance(effect, StartRecovery):
+                recovery.append((effect.uid, True, effect.generation))
+            elif isinstance(effect, StopRecovery):
+                recovery.append((effect.uid, False, 0))
+            elif isinstance(effect, Rejected):
+                self.stats["rejected"] += 1
+                log.debug("rejected %s: %s", effect.uid, effect.reason)
+            elif isinstance(effect, Dropped):
+                self.stats["dropped"] += 1
+
+    async def _write(
+        self, pods: tuple[PodRecord, ...], routes: tuple[Route, ...], *, applied: str = "", new_version: int = 0
+    ) -> None:
+        state = self.state
+        keys = self.keys
+        version = new_version or state.version + 1
+        delta = Delta(epoch=self.epoch, version=version, pods=pods, routes=routes)
+        blob = encode(delta)
+        args: list[Any] = [
+            self.token, state.version, version, self.epoch, applied, keys.channel,
+            DELTA_PREFIX + blob, blob, CHANGES_CAP, len(pods),
+        ]  # fmt: skip
+        for pod in pods:
+            args += (pod.uid, encode(pod))
+        args.append(len(routes))
+        for route in routes:
+            args += (route.service, b"" if route.removed else encode(route))
+        script_keys = [keys.lease, keys.version, keys.state_epoch, keys.applied, keys.pods, keys.routes, keys.changes]
+        try:
+            await self._commit(keys=script_keys, args=args)
+        except ResponseError as exc:
+            text = str(exc)
+            if "FENCED" in text:
+                self.step_down("commit fenced: lease lost")
+                raise Fenced(text) from None
+            if "VERSION" in text:
+                self.step_down(f"version mismatch ({text})")
+                raise Fenced(text) from None
+            raise
+        state.version = version
+        if applied:
+            state.applied = applied
+        self.stats["commits"] += 1
+
+    # ---- recovery checks ---------------------------------------------------------------------
+
+    def _start_check(self, uid: str, generation: int) -> None:
+        if uid in self._checks:
+            self._checks[uid].cancel()
+        self._checks[uid] = asyncio.get_running_loop().create_task(self._recover(uid, generation))
+
+    async def _recover(self, uid: str, generation: int) -> None:
+        delay = 0.05
+        while self.leader:
+            pod = self.state.pods.get(uid)
+            if pod is None or pod.state is not PodState.QUARANTINED:
+                return
+            ok, reason = await self._check(pod)
+            event: Event
+            if ok:
+                event = HealthCheckPassed(uid=uid, source=Source.WRITER, at=time.time(), generation=generation)
+            else:
+                event = HealthCheckFailed(
+                    uid=uid, source=Source.WRITER, at=time.time(), generation=generation, reason=reason
+                )
+            if ok:
+                await self.client.xadd(self.keys.events, {"e": encode(event)})
+                self._checks.pop(uid, None)
+                return
+            await asyncio.sleep(delay * (0.5 + random.random()))  # backoff with jitter
+            delay = min(delay * 2, 5.0)
+
+    async def _check(self, pod: PodRecord) -> tuple[bool, str]:
+        try:
+            async with asyncio.timeout(0.5):
+                reader, writer = await asyncio.open_connection(pod.ip, pod.port)
+                try:
+                    if self.check_path is None:
+                        return True, ""
+                    writer.write(
+                        f"GET {self.check_path} HTTP/1.1\r\nHost: {pod.ip}\r\nConnection: close\r\n\r\n".encode()
+                    )
+                    line = await reader.readline()
+                    return line.startswith((b"HTTP/1.1 2", b"HTTP/1.0 2")), line[:64].decode(errors="replace")
+                finally:
+                    writer.close()
+        except (OSError, TimeoutError) as exc:
+            return False, f"check failed: {exc}"
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Stand by, lead, step down on loss, repeat until stopped."""
+        await self.ensure_group()
+        while not self._stop.is_set():
+            try:
+                if not await self.try_acquire():
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self.lease_ttl / 3):
+                            await self._stop.wait()
+                    continue
+                await self._lead()
+            except Fenced:
+                continue
+            except (OSError, avalkey.ConnectionError, avalkey.TimeoutError) as exc:
+                self.step_down(f"Valkey unreachable: {exc}")
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.5):
+                        await self._stop.wait()
+
+    async def _lead(self) -> None:
+        for uid, pod in self.state.pods.items():
+            if pod.state is PodState.QUARANTINED:
+                self._start_check(uid, pod.generation)
+        await self.ensure_group()
+        await self.process(await self.read_batch(pending_first=True))
+        await self.process(await self.claim_pending())
+        tasks = [asyncio.create_task(self._keep_lease()), asyncio.create_task(self._heartbeat())]
+        try:
+            while self.leader and not self._stop.is_set():
+                await self.process(await self.read_batch())
+        finally:
+            for task in tasks:
+                task.cancel()
+            self.step_down("stopped" if self._stop.is_set() else "lost leadership")
+
+    async def _keep_lease(self) -> None:
+        while self.leader:
+            await asyncio.sleep(self.lease_ttl / 3)
+            try:
+                if not await self.renew():
+                    self.step_down("lease renewal refused")
+                    return
+            except (OSError, avalkey.ConnectionError, avalkey.TimeoutError) as exc:
+                log.warning("lease renewal failed: %s", exc)
+
+    async def _heartbeat(self) -> None:
+        while self.leader:
+            beat = Heartbeat(epoch=self.epoch, version=self.state.version, at=time.time())
+            with contextlib.suppress(OSError, avalkey.ConnectionError, avalkey.TimeoutError):
+                await self.client.publish(self.keys.channel, HEARTBEAT_PREFIX + encode(beat))
+            await asyncio.sleep(self.heartbeat_interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+async def submit(client: avalkey.Valkey, events: list[Event], keys: Keys | None = None) -> list[bytes]:
+    """Append events to the writer's stream (what every source does)."""
+    keys = keys or Keys()
+    async with client.pipeline(transaction=False) as pipe:
+        for event in events:
+            pipe.xadd(keys.events, {"e": encode(event)})
+        ids: list[bytes] = await pipe.execute()
+    return ids
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from statesync.connect import connect
+
+    client = connect(args.valkey)
+    writer = Writer(client, writer_id=args.id or None, lease_ttl=args.lease_ttl, check_path=args.check_path,
+                    keys=Keys(args.namespace))  # fmt: skip
+    if args.routes:
+        from fastproxy.config import load_routes_file
+
+        routes_file = load_routes_file(args.routes)
+        events: list[Event] = [RouteChanged(route=r, at=time.time()) for r in routes_file.routes]
+        await submit(client, events, writer.keys)
+    loop = asyncio.get_running_loop()
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, writer.stop)
+    await writer.run()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    import uvloop
+
+    return uvloop.run(_serve(args))
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "writer",
+        help="the single writer of routing state (leader election, events -> state machine -> Valkey)",
+        description=(
+            "Reads events (readiness, connect failures, discovery) from the Valkey stream, applies the pod "
+            "state machine, commits each batch atomically and fenced, publishes deltas, and runs recovery "
+            "checks for quarantined pods. Run 2+ replicas: one leads, the others stand by."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--valkey", default=os.environ.get("FASTPROXY_VALKEY", "valkey://127.0.0.1:6379/0"),
+                        help="Valkey URL (valkey://, valkeys:// for TLS, user:password@ for ACL)")  # fmt: skip
+    parser.add_argument("--namespace", default="fastproxy", help="key prefix")
+    parser.add_argument("--id", default="", help="writer id (default: writer-HOST-PID)")
+    parser.add_argument("--lease-ttl", type=float, default=3.0, help="leader lease seconds")
+    parser.add_argument("--check-path", default=None, help="HTTP path for recovery checks (default: TCP connect)")
+    parser.add_argument("--routes", help="routes file whose routes are submitted at start")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.set_defaults(func=run)
+
