@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, str] = {
     "router": "fastproxy.router:register",
     "status": "fastproxy.status:register",
     "writer": "statesync.writer:register",
+    "dev": "fastproxy.devtools.dev:register",
 }
 
 
