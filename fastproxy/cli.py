@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, str] = {
     "status": "fastproxy.status:register",
     "writer": "statesync.writer:register",
     "dev": "fastproxy.devtools.dev:register",
+    "sidecar": "fastproxy.sidecar:register",
 }
 
 

@@ -38,6 +38,9 @@ class RouterConfig(msgspec.Struct, kw_only=True):
     # Pods run behind the fastproxy sidecar: it refuses with 503 + x-fastproxy-busy before the app
     # sees anything, and bodies are held back behind Expect: 100-continue until it admits them.
     sidecar_protocol: bool = False
+    # Sidecar mode: never queue; when no slot is free (or while draining) answer 503 +
+    # x-fastproxy-busy before reading the body, so the router re-picks another pod.
+    refuse_when_full: bool = False
     trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-* we keep (and extend)
     grace_period: float = 30.0  # SIGTERM: time for in-flight requests to finish
     instance: str = "router"

@@ -97,6 +97,15 @@ class ServiceUnavailable(ProxyError):
         self.retry_after = retry_after
 
 
+class SidecarBusy(ServiceUnavailable):
+    """The sidecar's polite refusal: the app saw nothing; a router picks another pod."""
+
+    extra_headers = b"x-fastproxy-busy: 1\r\n"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, retry_after=0)
+
+
 class GatewayTimeout(ProxyError):
     status = 504
     reason_phrase = "Gateway Timeout"

@@ -627,6 +627,7 @@ def error_response(exc: ProxyError, *, close: bool, request_id: bytes | None = N
     retry_after = getattr(exc, "retry_after", None)
     if retry_after is not None:
         lines.append(b"retry-after: %d\r\n" % retry_after)
+    lines.append(getattr(exc, "extra_headers", b""))
     if request_id:
         lines.append(b"x-request-id: " + request_id + _CRLF)
     if close:

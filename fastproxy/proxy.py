@@ -44,6 +44,7 @@ from fastproxy.errors import (
     ProxyError,
     RequestTimeout,
     ServiceUnavailable,
+    SidecarBusy,
     UpstreamUnavailable,
 )
 from fastproxy.exchange import (
@@ -395,6 +396,9 @@ class Exchange:
         router = self.router
         snapshot = router.snapshot  # the one read of the snapshot for this request
         head = self.head
+        if router.draining and router.config.refuse_when_full:
+            self.fail(SidecarBusy("draining: no new requests"))
+            return
         table = snapshot.route_table
         route = None
         service = head.header(router.service_header)
@@ -423,7 +427,10 @@ class Exchange:
             waiter = router.slots.enqueue(self.revision, self.hold_bytes, router.loop)
         except QueueFull as exc:
             router.stats.queue_rejections += 1
-            self.fail(ServiceUnavailable(str(exc), retry_after=1))
+            if router.config.refuse_when_full:
+                self.fail(SidecarBusy(f"all {self.revision} slots busy"))
+            else:
+                self.fail(ServiceUnavailable(str(exc), retry_after=1))
             return
         self.stage = Stage.QUEUED
         self._waiter = waiter

@@ -17,6 +17,8 @@ request itself (path, query, one header) and everything it saw is recorded for a
 - ``/reset``                   close with SO_LINGER 0 before answering: the peer sees a TCP RST
 - ``/eof``                     close cleanly (FIN) without answering
 - ``/head-body``               a broken server: answers HEAD *with* a body (GET is answered normally)
+- ``/ready``                   200 while ``ready``, else 503 (what a sidecar probes)
+- ``/control/ready/<0|1>``     set ``ready``; ``/control/block/<ms>`` blocks the whole app's loop
 - anything else                200 ``{"ok":true}``
 
 ``x-app-delay-ms: N`` (or the query ``?delay_ms=N``) adds latency before any of these. Every
@@ -60,6 +62,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 from collections.abc import Callable
 from typing import Final, cast
 
@@ -502,6 +505,18 @@ class _AppConnection(asyncio.Protocol):
                 self._close()
             elif route == b"reset":
                 self._reset()
+            elif route == b"ready":
+                # The readiness a sidecar probes: flipped with /control/ready/<0|1>.
+                ready = self._server.ready
+                self._simple(req, 200 if ready else 503, b"ready" if ready else b"loading", b"text/plain")
+            elif route == b"control":
+                if args[0] == b"ready":
+                    self._server.ready = args[1] == b"1"
+                elif args[0] == b"block":
+                    time.sleep(int(args[1]) / 1000)  # a stall of the whole app: GC pause, model load
+                else:
+                    raise ValueError(args[0])
+                self._simple(req, 200, b"ok", b"text/plain")
             elif route == b"head-body":
                 head, close = self._head(req, 200, length=len(_OK_JSON), ctype=b"application/json")
                 self._write(head + _OK_JSON)  # even for HEAD: that is the point
@@ -638,6 +653,7 @@ class AppServer:
     ) -> None:
         self.concurrency_limit = concurrency_limit
         self.sidecar_busy = sidecar_busy
+        self.ready = True  # what /ready answers; /control/ready/<0|1> flips it
         # Benchmarks that run for long turn recording off; the counters still work.
         self.record = record
         self.violations = 0

@@ -1,0 +1,354 @@
+"""State-sync benchmarks against a real valkey-server: writer throughput, router delta apply at 50k
+pods, router bootstrap (full read) at 50k pods, and a small end-to-end propagation run.
+
+Goals: writer >= 20k events/s applied and published; one-pod delta decode + apply flat and in
+microseconds at 50k pods; ``StateFollower.resync`` of a 50k-pod state <= 100 ms; propagation
+(readiness event -> every router's snapshot) p99 <= 5 ms with 4 routers and 50k pods (the full run
+is ``python -m bench.propagation``; here only a smoke version).
+
+Each benchmark checks its result before timing anything. Under ``--benchmark-disable`` every
+benchmark runs its body once (pytest-benchmark's rule), so the whole file stays well under 20 s.
+The synchronous bench functions drive one module-wide uvloop through ``asyncio.Runner``; one
+``EmbeddedValkey`` serves the module, each benchmark under its own key namespace.
+
+``STATESYNC_PROFILE=1`` additionally profiles one writer drain with cProfile and prints the top
+functions (cumulative and own time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import cProfile
+import gc
+import io
+import os
+import pstats
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import msgspec
+import pytest
+import uvloop
+
+from bench import propagation
+from bench.conftest import REVISIONS, make_pods, make_routes
+from fastproxy.config import RouterConfig
+from fastproxy.router import Router
+from fastproxy.snapshot import RoutingSnapshot
+from statesync.connect import connect
+from statesync.embedded import EmbeddedValkey
+from statesync.keys import DELTA_PREFIX, EVENTS_GROUP, Keys
+from statesync.schema import (
+    Delta,
+    PodDiscovered,
+    PodRecord,
+    PodState,
+    ReadinessChanged,
+    Source,
+    decode_delta,
+    decode_pod,
+    encode,
+)
+from statesync.subscriber import StateFollower
+from statesync.writer import Writer, submit
+
+WRITER_PODS = 10_000
+WRITER_EVENTS = 2 * WRITER_PODS  # every pod flipped to not ready, then back to ready
+WRITER_ROUNDS = 5
+BIG = 50_000
+
+
+# ---- module fixtures ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def runner() -> Iterator[asyncio.Runner]:
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def valkey_server() -> Iterator[EmbeddedValkey]:
+    server = EmbeddedValkey().start()
+    yield server
+    server.close()
+
+
+_big_pods: list[PodRecord] = []
+
+
+def big_pods() -> list[PodRecord]:
+    if not _big_pods:
+        _big_pods.extend(make_pods(BIG))
+    return _big_pods
+
+
+def discovered(pod: PodRecord) -> PodDiscovered:
+    return PodDiscovered(
+        uid=pod.uid, source=Source.SIDECAR, at=time.time(), namespace=pod.namespace, revision=pod.revision,
+        ip=pod.ip, port=pod.port, concurrency=pod.concurrency, ready=True,
+    )  # fmt: skip
+
+
+# ---- a. writer throughput ----------------------------------------------------------------------
+
+
+class WriterBench:
+    """One leader writer on its own namespace, with WRITER_PODS pods discovered and committed."""
+
+    def __init__(self, runner: asyncio.Runner, server: EmbeddedValkey) -> None:
+        self.runner = runner
+        self.keys = Keys("bench-writer")
+        self.pods = make_pods(WRITER_PODS)
+        self.uids = [p.uid for p in self.pods]
+        self.client = runner.run(self._connect(server.url))
+        self.writer = Writer(self.client, keys=self.keys, writer_id="bench-writer", lease_ttl=600)  # not renewed here
+        runner.run(self._start())
+        self.rates: list[float] = []
+
+    @staticmethod
+    async def _connect(url: str) -> Any:
+        return connect(url)
+
+    async def _start(self) -> None:
+        writer = self.writer
+        await writer.ensure_group()
+        assert await writer.try_acquire()
+        await submit(self.client, [discovered(p) for p in self.pods], self.keys)
+        await self.drain(WRITER_PODS)
+        assert len(writer.state.pods) == WRITER_PODS
+        assert all(r.state is PodState.READY for r in writer.state.pods.values())
+
+    def flips(self) -> list[ReadinessChanged]:
+        now = time.time()
+        events = [
+            ReadinessChanged(uid=uid, source=Source.SIDECAR, at=now, ready=False, reason="bench")
+            for uid in self.uids
+        ]
+        events += [ReadinessChanged(uid=uid, source=Source.SIDECAR, at=now, ready=True) for uid in self.uids]
+        return events
+
+    def preload(self) -> tuple[tuple[int], dict[str, Any]]:
+        """Untimed: put WRITER_EVENTS readiness flips into the stream."""
+        self.runner.run(submit(self.client, self.flips(), self.keys))  # type: ignore[arg-type]
+        gc.collect()
+        return (WRITER_EVENTS,), {}
+
+    async def drain(self, expected: int) -> int:
+        """Read and process until ``expected`` entries went through (no trailing blocked read)."""
+        writer = self.writer
+        done = 0
+        while done < expected:
+            entries = await writer.read_batch(block_ms=1000)
+            assert entries, f"stream ran dry after {done} of {expected} entries"
+            await writer.process(entries)
+            done += len(entries)
+        return done
+
+    def timed_drain(self, expected: int) -> None:
+        start = time.perf_counter()
+        self.runner.run(self.drain(expected))
+        self.rates.append(expected / (time.perf_counter() - start))
+
+
+@pytest.mark.benchmark(group="statesync-writer")
+def bench_writer_throughput(benchmark, runner: asyncio.Runner, valkey_server: EmbeddedValkey) -> None:
+    """Events applied, committed (Lua script: HSETs + change log + PUBLISH) and acknowledged per second."""
+    wb = WriterBench(runner, valkey_server)
+    writer = wb.writer
+
+    # Correctness first: one untimed pass, watching what is published.
+    async def checked_pass() -> None:
+        sub = connect(valkey_server.url)
+        pubsub = sub.pubsub()
+        await pubsub.subscribe(wb.keys.channel)
+        assert (await pubsub.get_message(timeout=2.0))["type"] == "subscribe"
+        before = writer.state.version
+        generations = {uid: r.generation for uid, r in writer.state.pods.items()}
+        await submit(wb.client, wb.flips(), wb.keys)  # type: ignore[arg-type]
+        await wb.drain(WRITER_EVENTS)
+        published: list[Delta] = []
+        while (message := await pubsub.get_message(timeout=0.5)) is not None:
+            if message["type"] == "message" and message["data"].startswith(DELTA_PREFIX):
+                published.append(decode_delta(message["data"][1:]))
+        await pubsub.aclose()
+        await sub.aclose()
+        commits = writer.state.version - before
+        assert commits == WRITER_EVENTS // writer.batch, commits
+        assert [d.version for d in published] == list(range(before + 1, writer.state.version + 1))
+        assert sum(len(d.pods) for d in published) == WRITER_EVENTS  # every event published
+        for uid, record in writer.state.pods.items():
+            assert record.state is PodState.READY and record.generation == generations[uid] + 2
+        stored = await wb.client.hgetall(wb.keys.pods)
+        assert len(stored) == WRITER_PODS
+        assert decode_pod(stored[wb.uids[7].encode()]) == writer.state.pods[wb.uids[7]]
+        pending = await wb.client.xpending(wb.keys.events, EVENTS_GROUP)
+        assert pending["pending"] == 0
+        assert int(await wb.client.get(wb.keys.version)) == writer.state.version
+
+    runner.run(checked_pass())
+
+    if os.environ.get("STATESYNC_PROFILE"):
+        wb.preload()
+        profile = cProfile.Profile()
+        profile.enable()
+        runner.run(wb.drain(WRITER_EVENTS))
+        profile.disable()
+        out = io.StringIO()
+        stats = pstats.Stats(profile, stream=out)
+        stats.sort_stats("cumulative").print_stats(30)
+        stats.sort_stats("tottime").print_stats(25)
+        print(out.getvalue())
+
+    version = writer.state.version
+    rounds = WRITER_ROUNDS if benchmark.enabled else 1
+    benchmark.pedantic(wb.timed_drain, setup=wb.preload, rounds=rounds)
+    assert writer.state.version == version + rounds * WRITER_EVENTS // writer.batch
+    assert all(r.state is PodState.READY for r in writer.state.pods.values())
+    rates = sorted(wb.rates)
+    benchmark.extra_info.update(
+        {
+            "events_per_round": WRITER_EVENTS,
+            "pods": WRITER_PODS,
+            "batch": writer.batch,
+            "events_per_s_median": round(rates[len(rates) // 2]),
+            "events_per_s_best": round(rates[-1]),
+            "goal_events_per_s": 20_000,
+        }
+    )
+    print(f"\nwriter: {rates[len(rates) // 2]:,.0f} events/s median over {len(rates)} drains of {WRITER_EVENTS}")
+    runner.run(wb.client.aclose())
+
+
+# ---- b. router delta decode + apply at 50k pods ------------------------------------------------
+
+
+@pytest.mark.benchmark(group="statesync-delta")
+def bench_router_decode_apply_delta_50k(benchmark, runner: asyncio.Runner) -> None:
+    """One published one-pod delta: msgpack decode + Router.apply_delta (snapshot + slot table)."""
+    router = Router(RouterConfig(), runner.get_loop())
+    pods = big_pods()
+    router.install(RoutingSnapshot.build(1, 1, pods, make_routes()))
+    target = pods[BIG // 3]
+    flip = {PodState.READY: PodState.NOT_READY, PodState.NOT_READY: PodState.READY}
+
+    def next_blob() -> tuple[tuple[bytes], dict[str, Any]]:
+        current = router.snapshot.pods[target.uid]
+        changed = msgspec.structs.replace(current, state=flip[current.state], generation=current.generation + 1)
+        return (encode(Delta(epoch=1, version=router.snapshot.version + 1, pods=(changed,))),), {}
+
+    def decode_apply(blob: bytes) -> None:
+        router.apply_delta(decode_delta(blob))
+
+    (blob,), _ = next_blob()
+    decode_apply(blob)
+    assert router.snapshot.version == 2
+    assert router.snapshot.pods[target.uid].state is PodState.NOT_READY
+    assert not router.slots.pods[target.uid].routable
+    assert len(router.snapshot.pods) == BIG
+    (blob,), _ = next_blob()
+    decode_apply(blob)
+    assert router.slots.pods[target.uid].routable
+    benchmark.pedantic(decode_apply, setup=next_blob, rounds=5_000 if benchmark.enabled else 1, warmup_rounds=50)
+    assert len(router.snapshot.pods) == BIG and len(router.slots.pods) == BIG
+    if benchmark.stats is not None:
+        benchmark.extra_info["median_us"] = round(benchmark.stats.stats.median * 1e6, 2)
+
+
+# ---- c. bootstrap: StateFollower.resync of 50k pods --------------------------------------------
+
+
+@pytest.mark.benchmark(group="statesync-bootstrap")
+def bench_follower_resync_50k(benchmark, runner: asyncio.Runner, valkey_server: EmbeddedValkey) -> None:
+    """A router reading the whole state (MULTI: version, epoch, HGETALL pods and routes) and installing it.
+
+    The state is written the way the writer's commit script stores it (hash of encoded records)."""
+    keys = Keys("bench-boot")
+    pods = big_pods()
+    routes = make_routes()
+    client = runner.run(WriterBench._connect(valkey_server.url))
+
+    async def store() -> None:
+        async with client.pipeline(transaction=False) as pipe:
+            for start in range(0, BIG, 5_000):
+                pipe.hset(keys.pods, mapping={p.uid: encode(p) for p in pods[start : start + 5_000]})
+            pipe.hset(keys.routes, mapping={r.service: encode(r) for r in routes})
+            pipe.set(keys.version, 1000)
+            pipe.set(keys.state_epoch, 1)
+            await pipe.execute()
+
+    runner.run(store())
+
+    def fresh() -> tuple[tuple[StateFollower], dict[str, Any]]:
+        router = Router(RouterConfig(), runner.get_loop())
+        gc.collect()
+        return (StateFollower(router, valkey_server.url, keys=keys),), {}
+
+    def resync(follower: StateFollower) -> None:
+        runner.run(follower.resync(client))
+
+    # Correctness first.
+    (follower,), _ = fresh()
+    resync(follower)
+    snapshot = follower.router.snapshot
+    assert (snapshot.epoch, snapshot.version) == (1, 1000)
+    assert len(snapshot.pods) == BIG and len(follower.router.slots.pods) == BIG
+    assert snapshot.pods[pods[12_345].uid] == pods[12_345]
+    assert len(snapshot.revisions) == REVISIONS and len(snapshot.route_table.by_service) == REVISIONS
+    assert follower.router.slots.pick(pods[0].revision) is not None
+
+    # Where the time goes, measured once (fetch / decode / build / install).
+    async def breakdown() -> dict[str, float]:
+        t0 = time.perf_counter()
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.get(keys.version)
+            pipe.get(keys.state_epoch)
+            pipe.hgetall(keys.pods)
+            pipe.hgetall(keys.routes)
+            _, _, pods_raw, routes_raw = await pipe.execute()
+        t1 = time.perf_counter()
+        decoded = [decode_pod(raw) for raw in pods_raw.values()]
+        t2 = time.perf_counter()
+        snap = RoutingSnapshot.build(1, 1000, decoded, routes)
+        t3 = time.perf_counter()
+        Router(RouterConfig(), runner.get_loop()).install(snap)
+        t4 = time.perf_counter()
+        return {
+            "fetch_ms": round((t1 - t0) * 1e3, 1),
+            "decode_ms": round((t2 - t1) * 1e3, 1),
+            "build_ms": round((t3 - t2) * 1e3, 1),
+            "install_ms": round((t4 - t3) * 1e3, 1),
+        }
+
+    benchmark.pedantic(resync, setup=fresh, rounds=5 if benchmark.enabled else 1)
+    benchmark.extra_info.update({"pods": BIG, "goal_ms": 100})
+    if benchmark.enabled:  # (skipped under --benchmark-disable: another full pass)
+        parts = runner.run(breakdown())
+        benchmark.extra_info.update(parts)
+        benchmark.extra_info["median_ms"] = round(benchmark.stats.stats.median * 1e3, 1)
+        print(f"\nresync of {BIG} pods: median {benchmark.extra_info['median_ms']} ms; one pass split: {parts}")
+    runner.run(client.aclose())
+
+
+# ---- propagation smoke -------------------------------------------------------------------------
+
+
+@pytest.mark.benchmark(group="statesync-propagation")
+def bench_propagation_smoke(benchmark) -> None:
+    """1k pods, 2 router follower processes, 50 readiness flips 10 ms apart: every flip reaches every router."""
+    results: list[dict[str, Any]] = []
+
+    def run() -> None:
+        results.append(propagation.run(pods=1_000, routers=2, events=50, interval=0.01, json_path=None))
+
+    benchmark.pedantic(run, rounds=1)
+    result = results[0]
+    assert result["missing"] == 0, result["per_router"]
+    assert result["events_measured"] == 50
+    for name, stats in result["per_router"].items():
+        assert stats["seen"] == 50, (name, stats)
+    latency = result["latency_ms"]
+    assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"]
+    benchmark.extra_info.update({f"{k}_ms": v for k, v in latency.items()})
+    print("\n" + propagation.markdown(result))

@@ -1,0 +1,282 @@
+"""``fastproxy sidecar``: the pod-local gate that knows, within milliseconds, whether its app can serve.
+
+Theory of operation
+-------------------
+The sidecar is the router's own data plane pointed at one pod: a ``Router`` whose static snapshot
+holds a single route to a single "pod", the app on ``--app``, with the pod's concurrency. So it
+proxies with the same exchange and the same strictness, and holds the pod's slots authoritatively.
+It runs in ``refuse_when_full`` mode: it never queues. When every slot is taken, the app is not
+ready, or the sidecar is draining, it answers ``503`` + ``x-fastproxy-busy: 1`` before reading the
+body (routers send ``Expect: 100-continue`` with ``--sidecar-protocol``, so the body is still with
+them) and the router picks another pod. With concurrency 1 the app never runs two requests at once,
+whatever the number of routers, and no request runs twice (a refused request never reached it).
+
+A probe loop checks the app every ``--probe-interval`` (default 50 ms): an HTTP GET of
+``--readiness-path`` (2xx = ready) or a TCP connect, each with a short timeout, so an app that
+blocks its event loop (model loading, a GC pause) reads as not ready. Every transition is applied
+to the local snapshot at once and pushed to the writer's stream as a ``ReadinessChanged`` event;
+a full ``PodDiscovered`` report is re-sent periodically as anti-entropy (Valkey restarted empty,
+a lost event).
+
+SIGTERM or SIGUSR1 (a preemption notice): push ``DrainStarted`` first, refuse new requests
+(busy), let in-flight ones finish within ``--grace-period``, then exit. ``/healthz`` on the admin
+port is the sidecar's own liveness (the app's readiness is not the sidecar's liveness); its
+``/metrics`` carry the pod's in-flight count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import msgspec
+
+from fastproxy.config import RouterConfig
+from fastproxy.proxy import ClientConnection
+from fastproxy.router import Router, parse_address
+from fastproxy.snapshot import RoutingSnapshot
+from statesync.keys import Keys
+from statesync.schema import (
+    Delta,
+    DrainStarted,
+    Event,
+    PodDiscovered,
+    PodRecord,
+    PodState,
+    ReadinessChanged,
+    Route,
+    Source,
+    WeightedRevision,
+    encode,
+)
+
+log = logging.getLogger("fastproxy.sidecar")
+
+APP = "app"  # the one revision and pod of the sidecar's own snapshot
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(name, default)
+
+
+class Sidecar:
+    def __init__(self, args: argparse.Namespace, loop: asyncio.AbstractEventLoop) -> None:
+        self.args = args
+        self.loop = loop
+        config = RouterConfig(
+            max_queued=0,
+            refuse_when_full=True,
+            exclusion_seconds=args.probe_interval,  # the probe decides readiness, not exclusions
+            trusted_proxies=("0.0.0.0/0", "::/0"),  # only routers reach a sidecar (NetworkPolicy)
+            first_byte_timeout=args.first_byte_timeout,
+            grace_period=args.grace_period,
+            instance=f"sidecar-{args.pod_uid}",
+        )
+        self.router = Router(config, loop)
+        app_host, app_port = args.app
+        self.app_record = PodRecord(
+            uid=APP, namespace=args.namespace, revision=APP, ip=app_host, port=app_port,
+            concurrency=args.concurrency, state=PodState.NOT_READY, generation=1,
+        )  # fmt: skip
+        route = Route(service=APP, revisions=(WeightedRevision(revision=APP, weight=100),))
+        self.router.install(RoutingSnapshot.build(0, 1, [self.app_record], [route]))
+        self.ready = False
+        self.reason = "not probed yet"
+        self.transitions = 0
+        self.client: Any = None
+        self.outbox: list[Event] = []  # events waiting for Valkey (bounded)
+        self.draining = False
+        self.bound_port = args.listen[1]
+
+    # ---- readiness ---------------------------------------------------------------------------
+
+    async def probe(self) -> tuple[bool, str]:
+        host, port = self.args.app
+        try:
+            async with asyncio.timeout(self.args.probe_timeout):
+                reader, writer = await asyncio.open_connection(host, port)
+                try:
+                    path = self.args.readiness_path
+                    if not path:
+                        return True, "tcp connect ok"
+                    writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+                    line = await reader.readline()
+                    ok = line[9:10] == b"2"
+                    return ok, "probe ok" if ok else f"probe answered {line[9:12].decode(errors='replace')}"
+                finally:
+                    writer.close()
+        except TimeoutError:
+            return False, f"probe timed out after {self.args.probe_timeout * 1000:.0f} ms (app blocked?)"
+        except OSError as exc:
+            return False, f"probe failed: {exc.strerror or exc}"
+
+    def set_ready(self, ready: bool, reason: str) -> None:
+        self.reason = reason
+        if ready == self.ready:
+            return
+        self.ready = ready
+        self.transitions += 1
+        record = self.router.snapshot.pods[APP]
+        changed = msgspec.structs.replace(
+            record, state=PodState.READY if ready else PodState.NOT_READY, generation=record.generation + 1,
+            reason=reason, since=time.time(),
+        )  # fmt: skip
+        snapshot = self.router.snapshot
+        self.router.apply_delta(Delta(epoch=snapshot.epoch, version=snapshot.version + 1, pods=(changed,)))
+        if not ready:
+            self.router.slots.readmit(APP)
+        log.info("app %s: %s", "ready" if ready else "NOT ready", reason)
+        self.push(ReadinessChanged(uid=self.args.pod_uid, source=Source.SIDECAR, at=time.time(), ready=ready,
+                                   reason=reason[:200]))  # fmt: skip
+
+    async def probe_loop(self) -> None:
+        interval = self.args.probe_interval
+        while not self.draining:
+            started = self.loop.time()
+            ok, reason = await self.probe()
+            if not self.draining:
+                self.set_ready(ok, reason)
+            await asyncio.sleep(max(0.0, interval - (self.loop.time() - started)))
+
+    # ---- reports -----------------------------------------------------------------------------
+
+    def discovered(self) -> PodDiscovered:
+        args = self.args
+        return PodDiscovered(
+            uid=args.pod_uid, source=Source.SIDECAR, at=time.time(), namespace=args.namespace,
+            revision=args.revision, ip=args.pod_ip, port=args.advertise_port or self.bound_port,
+            concurrency=args.concurrency, ready=self.ready,
+        )  # fmt: skip
+
+    def push(self, event: Event) -> None:
+        if len(self.outbox) >= 1000:
+            del self.outbox[0]
+        self.outbox.append(event)
+
+    async def report_loop(self) -> None:
+        if not self.args.valkey:
+            return
+        from statesync.connect import connect
+
+        keys = Keys(self.args.namespace_prefix)
+        self.client = connect(self.args.valkey)
+        self.push(self.discovered())
+        last_full = self.loop.time()
+        while True:
+            if self.loop.time() - last_full > self.args.report_interval:
+                self.push(self.discovered())
+                last_full = self.loop.time()
+            if self.outbox:
+                batch = list(self.outbox)
+                try:
+                    async with self.client.pipeline(transaction=False) as pipe:
+                        for event in batch:
+                            pipe.xadd(keys.events, {"e": encode(event)})
+                        await pipe.execute()
+                    del self.outbox[: len(batch)]
+                except Exception as exc:  # any Valkey trouble: keep the events, try again
+                    log.warning("cannot reach Valkey (%s); %d events waiting", exc, len(self.outbox))
+                    await asyncio.sleep(0.5)
+                    continue
+            await asyncio.sleep(0.002)
+
+    async def flush(self, timeout: float = 2.0) -> None:
+        deadline = self.loop.time() + timeout
+        while self.outbox and self.loop.time() < deadline:
+            await asyncio.sleep(0.01)
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def serve(self) -> int:
+        from fastproxy.admin import start_admin
+
+        args = self.args
+        host, port = args.listen
+        server = await self.loop.create_server(lambda: ClientConnection(self.router), host, port, backlog=1024)
+        self.bound_port = server.sockets[0].getsockname()[1]
+        admin_host, admin_port = args.admin
+        admin = await start_admin(self.router, admin_host, admin_port, os.environ.get("FASTPROXY_ADMIN_TOKEN"))
+        tasks = [asyncio.create_task(self.probe_loop()), asyncio.create_task(self.report_loop())]
+        bound = server.sockets[0].getsockname()
+        print(f"listening {bound[0]}:{bound[1]} admin {admin_host}:{admin.sockets[0].getsockname()[1]}", flush=True)
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            self.loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        # Drain: tell the writer first, so routers stop picking us; refuse anything that still comes.
+        self.draining = True
+        self.router.draining = True
+        self.push(DrainStarted(uid=args.pod_uid, source=Source.SIDECAR, at=time.time(), reason="sidecar draining"))
+        await self.flush()
+        await self.router.drain(args.grace_period)
+        server.close()
+        for task in tasks:
+            task.cancel()
+        admin.close()
+        return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    missing = [name for name in ("pod_uid", "revision", "pod_ip") if not getattr(args, name)]
+    if args.valkey and missing:
+        print(f"fastproxy sidecar: --{missing[0].replace('_', '-')} is required with --valkey", flush=True)
+        return 2
+    import uvloop
+
+    async def main() -> int:
+        sidecar = Sidecar(args, asyncio.get_running_loop())
+        return await sidecar.serve()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        return uvloop.run(main())
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "sidecar",
+        help="the pod-local gate: concurrency slots, fast readiness probing, readiness pushes",
+        description=(
+            "Runs next to an inference app: holds its concurrency slots (refusing politely when full), "
+            "probes its readiness every 50 ms and pushes every change to the writer. Every flag can also "
+            "be set from the environment (Downward API)."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--listen", type=parse_address, default=_env("FASTPROXY_SIDECAR_LISTEN", "0.0.0.0:8012"),
+                        help="HOST:PORT routers connect to [FASTPROXY_SIDECAR_LISTEN]")  # fmt: skip
+    parser.add_argument("--advertise-port", type=int, default=int(_env("FASTPROXY_ADVERTISE_PORT", "0") or 0),
+                        help="port routers should use, if not the listen port [FASTPROXY_ADVERTISE_PORT]")  # fmt: skip
+    parser.add_argument("--admin", type=parse_address, default=_env("FASTPROXY_SIDECAR_ADMIN", "0.0.0.0:9091"),
+                        help="admin HOST:PORT (/healthz, /metrics) [FASTPROXY_SIDECAR_ADMIN]")  # fmt: skip
+    parser.add_argument("--app", type=parse_address, default=_env("FASTPROXY_APP", "127.0.0.1:8000"),
+                        help="the app's HOST:PORT [FASTPROXY_APP]")  # fmt: skip
+    parser.add_argument("--concurrency", type=int, default=int(_env("FASTPROXY_CONCURRENCY", "1") or 1),
+                        help="requests the app serves at once [FASTPROXY_CONCURRENCY]")  # fmt: skip
+    parser.add_argument("--readiness-path", default=_env("FASTPROXY_READINESS_PATH", "/ready"),
+                        help="HTTP path probed for readiness; empty for a TCP probe [FASTPROXY_READINESS_PATH]")  # fmt: skip
+    parser.add_argument("--probe-interval", type=float, default=float(_env("FASTPROXY_PROBE_INTERVAL", "0.05") or 0.05),
+                        help="seconds between probes [FASTPROXY_PROBE_INTERVAL]")  # fmt: skip
+    parser.add_argument("--probe-timeout", type=float, default=float(_env("FASTPROXY_PROBE_TIMEOUT", "0.2") or 0.2),
+                        help="a probe slower than this means not ready [FASTPROXY_PROBE_TIMEOUT]")  # fmt: skip
+    parser.add_argument("--valkey", default=_env("FASTPROXY_VALKEY"), help="Valkey URL [FASTPROXY_VALKEY]")
+    parser.add_argument("--namespace-prefix", default=_env("FASTPROXY_KEY_PREFIX", "fastproxy"),
+                        help="Valkey key prefix [FASTPROXY_KEY_PREFIX]")  # fmt: skip
+    parser.add_argument("--pod-uid", default=_env("POD_UID"), help="this pod's UID [POD_UID]")
+    parser.add_argument("--pod-ip", default=_env("POD_IP"), help="this pod's IP [POD_IP]")
+    parser.add_argument("--namespace", default=_env("POD_NAMESPACE", "default"), help="[POD_NAMESPACE]")
+    parser.add_argument("--revision", default=_env("FASTPROXY_REVISION"), help="revision [FASTPROXY_REVISION]")
+    parser.add_argument("--report-interval", type=float, default=10.0, help="seconds between full reports")
+    parser.add_argument("--first-byte-timeout", type=float, default=600.0, help="seconds to the app's answer")
+    parser.add_argument("--grace-period", type=float, default=float(_env("FASTPROXY_GRACE_PERIOD", "30") or 30),
+                        help="drain: seconds for in-flight requests [FASTPROXY_GRACE_PERIOD]")  # fmt: skip
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.set_defaults(func=run)
