@@ -480,8 +480,9 @@ class Writer:
                 await self._lead()
             except Fenced:
                 continue
-            except (OSError, avalkey.ConnectionError, avalkey.TimeoutError) as exc:
-                self.step_down(f"Valkey unreachable: {exc}")
+            except (OSError, avalkey.ConnectionError, avalkey.TimeoutError, ResponseError) as exc:
+                # ResponseError: e.g. NOGROUP after Valkey restarted empty; the next term recreates it.
+                self.step_down(f"Valkey unreachable or reset: {exc}")
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(0.5):
                         await self._stop.wait()
