@@ -112,7 +112,11 @@ class Options:
     # `retries` times, after a pause); every attempt stays in the JSON. 0 disables.
     max_foreign_cpu: float = 0.15
     retries: int = 2
-    retry_pause: float = 3.0
+    retry_pause: float = 1.0
+    quiet_wait: float = 20.0  # before each run, wait up to this long for foreign load to drop
+    # Niceness of every process started here (root only; children inherit it): on a shared
+    # machine, other sessions' work then takes less from the measured processes. None: unchanged.
+    nice: int | None = -10
 
     @property
     def conditions(self) -> list[bool]:
@@ -122,11 +126,15 @@ class Options:
 # ---- processes ----------------------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), from /proc."""
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(utime, stime) seconds of a process (all its threads), from /proc."""
     with open(f"/proc/{pid}/stat", "rb") as handle:
         fields = handle.read().rpartition(b")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float:
+    return sum(cpu_times(pid))
 
 
 def free_port() -> int:
@@ -327,6 +335,21 @@ class Harness:
             child.stop()
         self.busy.clear()
 
+    def foreign_cpu(self, window: float) -> float:
+        """vCPUs used by processes other than ours over the next ``window`` seconds."""
+        busy0, ours0, t0 = system_cpu()[0], self.our_cpu(), time.perf_counter()
+        time.sleep(window)
+        busy1, ours1, t1 = system_cpu()[0], self.our_cpu(), time.perf_counter()
+        return max(0.0, (busy1 - busy0) - (ours1 - ours0)) / (t1 - t0)
+
+    def wait_quiet(self, threshold: float, max_wait: float) -> float:
+        """Wait (up to ``max_wait`` s) until other processes use less than ``threshold`` vCPU."""
+        deadline = time.monotonic() + max_wait
+        foreign = self.foreign_cpu(0.5)
+        while foreign >= threshold and time.monotonic() < deadline:
+            foreign = self.foreign_cpu(0.5)
+        return foreign
+
     def our_cpu(self) -> float:
         """CPU seconds used so far by this process and every child (servers and busy loops)."""
         total = _self_cpu()
@@ -489,7 +512,7 @@ def measure(
     gc.collect()
     gc.disable()
     try:
-        before = {role: child.cpu() for role, child in target.procs.items()}
+        before = {role: cpu_times(child.pid) for role, child in target.procs.items()}
         ours_before = harness.our_cpu()
         system_before, steal_before = system_cpu()
         gen_before = _self_cpu()
@@ -497,13 +520,18 @@ def measure(
         result = _run_loop(coro())
         wall = time.perf_counter() - wall
         gen_cpu = _self_cpu() - gen_before
-        cpu = {role: child.cpu() - before[role] for role, child in target.procs.items()}
+        after = {role: cpu_times(child.pid) for role, child in target.procs.items()}
         system_after, steal_after = system_cpu()
         ours = harness.our_cpu() - ours_before
     finally:
         gc.enable()
     # Whatever else ran on the machine meanwhile (other sessions' tests, daemons), in vCPUs.
     foreign = max(0.0, (system_after - system_before) - ours) / wall
+    cpu = {role: sum(after[role]) - sum(before[role]) for role in before}
+    # The kernel's share: on loopback the sender pays for the receiver's TCP path and wake-up.
+    sys_share = {
+        role: (after[role][1] - before[role][1]) / cpu[role] if cpu[role] > 0 else math.nan for role in before
+    }
     n = max(requests_total(result), 1)
     summary = result.summary()
     lat = summary.pop("latency_ms")
@@ -524,6 +552,7 @@ def measure(
         "wall_s": wall,
         "cpu_s": {**cpu, "generator": gen_cpu},
         "cpu_us_per_req": {**{role: s * 1e6 / n for role, s in cpu.items()}, "generator": gen_cpu * 1e6 / n},
+        "sys_share": sys_share,
         "foreign_cpu": foreign,
         "steal_cpu": (steal_after - steal_before) / wall,
     }
@@ -590,6 +619,9 @@ def aggregate(runs: list[dict[str, Any]], targets: list[str], conditions: list[b
                     role: _median([r["cpu_us_per_req"][role] for r in rows])
                     for role in rows[0]["cpu_us_per_req"]
                 },
+                "sys_share": {
+                    role: _median([r["sys_share"][role] for r in rows]) for role in rows[0]["sys_share"]
+                },
                 "errors": sum(sum(r["errors"].values()) for r in rows),
                 "sent": sum(r["sent"] for r in rows),
                 "completed": sum(r["completed"] for r in rows),
@@ -636,6 +668,9 @@ def aggregate(runs: list[dict[str, Any]], targets: list[str], conditions: list[b
                     role: _median([r["cpu_us_per_req"][role] for r in rows])
                     for role in rows[0]["cpu_us_per_req"]
                 },
+                "sys_share": {
+                    role: _median([r["sys_share"][role] for r in rows]) for role in rows[0]["sys_share"]
+                },
                 "errors": sum(sum(r["errors"].values()) for r in rows),
                 "ok": all(r["ok"] for r in rows),
             }
@@ -679,6 +714,29 @@ def run_benchmark(opts: Options, log: Callable[[str], None] = print) -> dict[str
     skipped = [name for name in wanted if binaries.get(name) is None]
     runs: list[dict[str, Any]] = []
     discarded: list[dict[str, Any]] = []  # attempts run again because of foreign load
+    niceness = os.getpriority(os.PRIO_PROCESS, 0)
+    if opts.nice is not None and opts.nice != niceness:
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, opts.nice)
+        except PermissionError:
+            log(f"cannot set niceness {opts.nice} (not root): left at {niceness}")
+    env["nice"] = os.getpriority(os.PRIO_PROCESS, 0)
+    try:
+        return _run_benchmark(opts, log, env, binaries, skipped, runs, discarded)
+    finally:
+        with contextlib.suppress(PermissionError):
+            os.setpriority(os.PRIO_PROCESS, 0, niceness)
+
+
+def _run_benchmark(
+    opts: Options,
+    log: Callable[[str], None],
+    env: dict[str, Any],
+    binaries: dict[str, str | None],
+    skipped: list[str],
+    runs: list[dict[str, Any]],
+    discarded: list[dict[str, Any]],
+) -> dict[str, Any]:
     with Harness(log) as harness:
         app, app_port = harness.start_app()
         router, router_port = harness.start_router(app_port, opts.pod_concurrency)
@@ -709,20 +767,28 @@ def run_benchmark(opts: Options, log: Callable[[str], None] = print) -> dict[str
                 harness.stop_busy_loops()
 
         def attempt(make: Callable[[], dict[str, Any]], **labels: Any) -> dict[str, Any]:
-            """One run; again while it was disturbed by foreign load (the last attempt stays)."""
+            """One run; again while it was disturbed by foreign load (the least disturbed stays)."""
+            tries: list[dict[str, Any]] = []
             for i in range(opts.retries + 1):
                 time.sleep(opts.settle if i == 0 else opts.retry_pause)
+                if opts.max_foreign_cpu > 0 and opts.quiet_wait > 0:
+                    waited = time.monotonic()
+                    before = harness.wait_quiet(opts.max_foreign_cpu, opts.quiet_wait)
+                    waited = time.monotonic() - waited
+                    if waited > 1.0:
+                        log(f"  (waited {waited:.0f} s for other processes to calm down: {before:.2f} vCPU)")
                 run = make()
                 run.update(labels, attempt=i + 1)
-                noisy = 0 < opts.max_foreign_cpu < run["foreign_cpu"]
-                if not noisy or i == opts.retries:
-                    run["disturbed"] = noisy
-                    runs.append(run)
-                    return run
-                log(f"  (other processes used {run['foreign_cpu']:.2f} vCPU during that run: again)")
-                run["disturbed"] = True
-                discarded.append(run)
-            raise AssertionError("unreachable")
+                run["disturbed"] = 0 < opts.max_foreign_cpu < run["foreign_cpu"]
+                tries.append(run)
+                if not run["disturbed"]:
+                    break
+                if i < opts.retries:
+                    log(f"  (other processes used {run['foreign_cpu']:.2f} vCPU during that run: again)")
+            best = min(tries, key=lambda r: r["foreign_cpu"])
+            discarded.extend(r for r in tries if r is not best)
+            runs.append(best)
+            return best
 
         # Latency: open loop, interleaved target by target within each round.
         for rnd in range(opts.repeats):
@@ -786,6 +852,15 @@ def _f(value: float | None, digits: int = 0, signed: bool = False) -> str:
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
+def _cpu(entry: dict[str, Any], role: str) -> str:
+    """CPU us/request with the kernel's share, e.g. ``120.5 (61%)``."""
+    us = entry["cpu_us_per_req"].get(role)
+    if us is None:
+        return "-"
+    share = entry["sys_share"].get(role, math.nan)
+    return f"{us:.1f}" + ("" if math.isnan(share) else f" ({share * 100:.0f}%)")
+
+
 def _verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
@@ -798,6 +873,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         "",
         f"{env['date']} · {env['cpus']} vCPU {env['cpu_model']} · kernel {env['kernel']} · "
         f"Python {env['python']} · uvloop {env['uvloop']} · commit {env['commit']} · "
+        f"nice {env.get('nice')} · "
         f"load before {', '.join(f'{x:.2f}' for x in env['loadavg'])}",
         "",
         f"Open loop {opts['rate']:g} req/s for {opts['duration']:g} s "
@@ -825,7 +901,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             + ("with SCHED_IDLE busy loops" if cond != "plain" else "no busy loops"),
             "",
             "| target | p50 | p90 | p99 | max | added p50 | added p90 | added p99 | added max "
-            "| proxy CPU us/req | app CPU us/req | sent | errors |",
+            "| proxy CPU us/req (kernel %) | app CPU us/req | sent | errors |",
             "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
         ]
         for name, e in lat.items():
@@ -834,7 +910,7 @@ def render_markdown(results: dict[str, Any]) -> str:
                 f"| {name} | {_f(la['p50'])} | {_f(la['p90'])} | {_f(la['p99'])} | {_f(la['max'])} "
                 f"| {_f(add.get('p50'), signed=True)} | {_f(add.get('p90'), signed=True)} "
                 f"| {_f(add.get('p99'), signed=True)} | {_f(add.get('max'), signed=True)} "
-                f"| {_f(cpu.get('proxy'), 1)} | {_f(cpu.get('app'), 1)} | {e['sent']} | {e['errors']} |"
+                f"| {_cpu(e, 'proxy')} | {_f(cpu.get('app'), 1)} | {e['sent']} | {e['errors']} |"
             )
         router = lat.get("router")
         if router:
@@ -866,8 +942,8 @@ def render_markdown(results: dict[str, Any]) -> str:
                 "",
                 f"### Saturation (closed loop, {opts['sat_duration']:g} s per run), {cond}",
                 "",
-                "| target | connections | req/s | p50 us | p99 us | proxy CPU us/req | app CPU us/req "
-                "| generator CPU us/req | errors |",
+                "| target | connections | req/s | p50 us | p99 us | proxy CPU us/req (kernel %) "
+                "| app CPU us/req | generator CPU us/req | errors |",
                 "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
             ]
             for e in sat.values():
@@ -875,7 +951,7 @@ def render_markdown(results: dict[str, Any]) -> str:
                 lines.append(
                     f"| {e['target']} | {e['concurrency']} | {_f(e['throughput'])} "
                     f"| {_f(e['latency_us']['p50'])} | {_f(e['latency_us']['p99'])} "
-                    f"| {_f(cpu.get('proxy'), 1)} | {_f(cpu.get('app'), 1)} "
+                    f"| {_cpu(e, 'proxy')} | {_f(cpu.get('app'), 1)} "
                     f"| {_f(cpu.get('generator'), 1)} | {e['errors']} |"
                 )
             lines.append("")
@@ -967,6 +1043,14 @@ def parse_args(argv: list[str] | None) -> tuple[Options, Path, Path]:
     parser.add_argument(
         "--retries", type=int, default=2, help="attempts beyond the first for a disturbed run"
     )
+    parser.add_argument(
+        "--quiet-wait", type=float, default=20.0, metavar="SECONDS",
+        help="before each run, wait up to this long for other processes to use < --max-foreign-cpu",
+    )  # fmt: skip
+    parser.add_argument(
+        "--nice", default=-10, type=lambda v: v if v == "keep" else int(v),
+        help="niceness of the measured processes and the generator (root only), or 'keep'",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, default=RESULTS_DIR / "e2e-latest.json", metavar="PATH")
     parser.add_argument("--markdown", type=Path, default=RESULTS_DIR / "e2e-latest.md", metavar="PATH")
     args = parser.parse_args(argv)
@@ -987,6 +1071,8 @@ def parse_args(argv: list[str] | None) -> tuple[Options, Path, Path]:
         install=not args.no_install,
         max_foreign_cpu=args.max_foreign_cpu,
         retries=max(0, args.retries),
+        quiet_wait=args.quiet_wait,
+        nice=None if args.nice == "keep" else args.nice,
     )
     return opts, args.json, args.markdown
 

@@ -266,8 +266,8 @@ async def measure(
         # 1. the writer, and the seed state
         writer = await _spawn(
             "writer",
-            ["-m", "fastproxy.cli", "writer", "--valkey", server.url, "--lease-ttl", "3", "--log-level", "warning",
-             "--id", "bench-writer"],
+            ["-m", "fastproxy.cli", "writer", "--valkey", server.url, "--lease-ttl", "3",
+             "--log-level", "warning", "--id", "bench-writer"],
             tmp / "writer.log", stdout_pipe=False,
         )  # fmt: skip
         children.append(writer)
@@ -282,8 +282,8 @@ async def measure(
         now = time.time()
         seed: list[Any] = [RouteChanged(route=r, at=now) for r in make_routes(min(1000, pods))]
         seed += [
-            PodDiscovered(uid=p.uid, source=Source.SIDECAR, at=now, namespace=p.namespace, revision=p.revision,
-                          ip=p.ip, port=p.port, concurrency=p.concurrency, ready=True)
+            PodDiscovered(uid=p.uid, source=Source.SIDECAR, at=now, namespace=p.namespace,
+                          revision=p.revision, ip=p.ip, port=p.port, concurrency=p.concurrency, ready=True)
             for p in records
         ]  # fmt: skip
         last_id = b"0-0"
@@ -345,7 +345,11 @@ async def measure(
                 try:
                     while True:
                         message = await pubsub.get_message(timeout=1.0)
-                        if message and message["type"] == "message" and message["data"].startswith(DELTA_PREFIX):
+                        if (
+                            message
+                            and message["type"] == "message"
+                            and message["data"].startswith(DELTA_PREFIX)
+                        ):
                             at = time.time()
                             for record in decode_delta(message["data"][1:]).pods:
                                 published.setdefault((record.uid, record.generation), at)
@@ -379,7 +383,9 @@ async def measure(
         for child in followers:
             out = tmp / f"{child.name}.json"
             if not out.exists():
-                raise RuntimeError(f"{child.name} wrote no report (exit {child.proc.returncode}):\n{child.tail()}")
+                raise RuntimeError(
+                    f"{child.name} wrote no report (exit {child.proc.returncode}):\n{child.tail()}"
+                )
             reports[child.name] = json.loads(out.read_text())
     finally:
         if probe_task is not None:
@@ -415,9 +421,15 @@ async def measure(
     result: dict[str, Any] = {
         "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "config": {
-            "pods": pods, "routers": routers, "events": events, "interval_s": interval, "probe": probe,
-            "python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.machine(),
-        },  # fmt: skip
+            "pods": pods,
+            "routers": routers,
+            "events": events,
+            "interval_s": interval,
+            "probe": probe,
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "machine": platform.machine(),
+        },
         "latency_ms": latency,
         "goal_p99_ms": GOAL_P99_MS,
         "goal_met": bool(worst) and latency["p99"] <= GOAL_P99_MS and missing == 0,
@@ -454,7 +466,8 @@ def markdown(result: dict[str, Any]) -> str:
     ]
 
     def row(label: str, s: dict[str, float]) -> str:
-        return f"| {label} | {s['p50']:.3f} | {s['p90']:.3f} | {s['p99']:.3f} | {s['max']:.3f} | {s['mean']:.3f} |"
+        cells = " | ".join(f"{s[k]:.3f}" for k in ("p50", "p90", "p99", "max", "mean"))
+        return f"| {label} | {cells} |"
 
     lines.append(row("event -> every router (max over routers)", result["latency_ms"]))
     if result.get("submit_to_published_ms"):

@@ -50,6 +50,7 @@ from fastproxy.errors import (
 from fastproxy.exchange import (
     END,
     LAST_CHUNK,
+    Parse,
     RequestHead,
     RequestParser,
     ResponseHead,
@@ -130,6 +131,7 @@ class UpstreamConnection(asyncio.Protocol):
         "closed",
         "deadline",
         "exchange",
+        "idle_cap",
         "parser",
         "pod_uid",
         "pool",
@@ -138,9 +140,12 @@ class UpstreamConnection(asyncio.Protocol):
         "used",
     )
 
-    def __init__(self, pool: UpstreamPool, pod_uid: str) -> None:
+    def __init__(self, pool: UpstreamPool, pod_uid: str, concurrency: int = 1) -> None:
         self.pool = pool
         self.pod_uid = pod_uid
+        # Keep as many idle connections as the pod can use at once (a pod serving 64 at a time
+        # needs 64 connections), at least the pool's floor.
+        self.idle_cap = max(pool.max_idle_per_pod, concurrency)
         self.transport: asyncio.Transport | None = None
         self._events: list[object] = []
         self.parser = ResponseParser(self._events, pool.limits)
@@ -174,6 +179,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if END in events and events[-1] is not END:
             self.reusable = False  # bytes after a complete response
+        client = exchange.client
         for event in events:
             if self.exchange is not exchange:
                 break
@@ -184,6 +190,7 @@ class UpstreamConnection(asyncio.Protocol):
             else:
                 exchange.on_response_head(event)  # type: ignore[arg-type]
         events.clear()
+        client.flush()  # one write for everything this read produced (head + body + end)
 
     def eof_received(self) -> bool:
         exchange = self.exchange
@@ -279,7 +286,7 @@ class UpstreamPool:
             conn.close()
             return
         conns = self.idle.setdefault(conn.pod_uid, [])
-        if len(conns) >= self.max_idle_per_pod:
+        if len(conns) >= conn.idle_cap:
             conn.close()
             return
         conns.append(conn)
@@ -483,7 +490,7 @@ class Exchange:
         try:
             async with asyncio.timeout(router.config.connect_timeout):
                 _, conn = await router.loop.create_connection(
-                    lambda: UpstreamConnection(router.pool, pod.uid), pod.ip, pod.port
+                    lambda: UpstreamConnection(router.pool, pod.uid, pod.concurrency), pod.ip, pod.port
                 )
         except TimeoutError:
             failure = UpstreamUnavailable(f"connect to {pod.ip}:{pod.port} timed out", "timeout")
@@ -652,7 +659,7 @@ class Exchange:
         if not self.request_complete:
             close = True  # answered before the request ended: the rest of it is not read
         self.response_close = close
-        client.write(
+        client.queue(
             build_response_head(
                 response, chunked=self.out_chunked, close=close, http10_keep_alive=http10 and not close
             )
@@ -663,9 +670,9 @@ class Exchange:
         if self.stage is not Stage.RESPONDING:
             return
         if self.out_chunked:
-            self.client.writelines(chunk(data))
+            self.client.queue_many(chunk(data))
         else:
-            self.client.write(data)
+            self.client.queue(data)
 
     def on_response_end(self, conn: UpstreamConnection) -> None:
         router = self.router
@@ -681,7 +688,7 @@ class Exchange:
             self._unavailable(UpstreamUnavailable("pod's sidecar is at capacity", "busy_refused"))
             return
         if self.out_chunked:
-            self.client.write(LAST_CHUNK)
+            self.client.queue(LAST_CHUNK)
         if conn.reusable and self.request_sent:
             router.pool.checkin(conn)
         else:
@@ -800,7 +807,7 @@ class ClientConnection(asyncio.Protocol):
         "peer",
         "router",
         "transport",
-        "_forwarding",
+        "_out",
     )
 
     def __init__(self, router: Router) -> None:
@@ -812,7 +819,7 @@ class ClientConnection(asyncio.Protocol):
         self.closing = False  # answer the current request, then close
         self._paused = 0
         self.peer = ""
-        self._forwarding: list[tuple[bytes, bytes]] = []
+        self._out: list[bytes] = []  # response bytes of the current pod read, flushed once
         self.deadline = Deadline(router.loop, self._on_deadline)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -880,6 +887,7 @@ class ClientConnection(asyncio.Protocol):
             self.transport.close()
 
     def exchange_finished(self, exchange: Exchange) -> None:
+        self.flush()
         if self.exchange is not exchange:
             return
         if not exchange.request_complete and not exchange.response_close:
@@ -903,7 +911,7 @@ class ClientConnection(asyncio.Protocol):
         exchange = self.exchange
         if exchange is not None:
             return  # a request is being served; its own deadlines apply
-        if self.parser.state.value == "idle":
+        if self.parser.state is Parse.IDLE:
             transport.close()  # idle keep-alive connection
         else:
             self._reject(RequestTimeout(f"request head not received within {self.router.config.header_timeout:g}s"))
@@ -957,7 +965,23 @@ class ClientConnection(asyncio.Protocol):
 
     # writing
 
+    def queue(self, data: bytes) -> None:
+        self._out.append(data)
+
+    def queue_many(self, data: list[bytes]) -> None:
+        self._out += data
+
+    def flush(self) -> None:
+        out = self._out
+        if out:
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                transport.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+
     def write(self, data: bytes) -> None:
+        if self._out:
+            self.flush()
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.write(data)
@@ -968,6 +992,7 @@ class ClientConnection(asyncio.Protocol):
             transport.writelines(data)
 
     def abort(self) -> None:
+        self._out.clear()
         if self.transport is not None:
             self.transport.abort()
 

@@ -14,7 +14,8 @@ key                           type       written by                             
 ``{ns}:epoch``                counter    writer: INCR when it becomes leader       writers
 ``{ns}:version``              int        writer (commit script only)               routers, writers
 ``{ns}:state-epoch``          int        writer (commit script only)               routers
-``{ns}:applied``              stream id  writer (commit script): last event applied writers (replay)
+``{ns}:applied``              zset       writer (commit script): ids of the last    writers (replay)
+                                         APPLIED_CAP entries applied
 ``{ns}:pods``                 hash       writer (commit script): uid -> PodRecord  routers, writers
 ``{ns}:routes``               hash       writer (commit script): service -> Route  routers, writers
 ``{ns}:changes``              stream     writer (commit script): id = version-0,   routers (gap fill)
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 
 EVENTS_GROUP = "writers"
 CHANGES_CAP = 10_000  # deltas kept for gap filling; beyond this a router re-reads everything
+APPLIED_CAP = 100_000  # applied entry ids remembered, to recognise replays and late claims
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,11 @@ Sources append events to the ``events`` stream; the leader writer reads them thr
 group in batches, runs each through the quarantine policy and the pure ``podstate.apply``, and
 commits the batch's changed records in one Lua script that first checks the lease token (the
 fencing epoch) and the expected previous version. The script sets the version, writes the records,
-appends the delta to the capped change log (stream id = version) and PUBLISHes it; only then are
-the batch's entries acknowledged. A crash between commit and ack replays entries, and the commit
-records the last applied entry id, so a replayed entry is skipped: nothing is applied twice.
+appends the delta to the capped change log (stream id = version), PUBLISHes it, and records the ids
+of the entries it applied; only then are the entries acknowledged. A crash between commit and ack
+replays entries, and a replayed entry is recognised by its id and skipped: nothing is applied twice.
+Entries a deposed leader read after losing its lease are claimed (XAUTOCLAIM) by the new leader at
+takeover and periodically after, so none is lost.
 
 Leadership is a lease key (SET NX PX) holding ``<writer id>:<epoch>``; the epoch comes from INCR
 and never goes backwards. A standby polls for the lease; on taking it, it loads the committed state
@@ -43,6 +45,7 @@ import valkey.asyncio as avalkey
 from valkey.exceptions import ResponseError
 
 from statesync.keys import (
+    APPLIED_CAP,
     CHANGES_CAP,
     DELTA_PREFIX,
     EVENTS_GROUP,
@@ -73,31 +76,52 @@ from statesync.schema import (
 
 log = logging.getLogger("fastproxy.writer")
 
-COMMIT_SCRIPT = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('FENCED lease lost') end
-local current = tonumber(redis.call('GET', KEYS[2]) or '0')
-if current ~= tonumber(ARGV[2]) then
-  return redis.error_reply('VERSION expected ' .. ARGV[2] .. ' found ' .. tostring(current))
+# Every applied entry id goes into a capped sorted set (score: the id's millisecond part), in the
+# same atomic step as the state it produced: a replayed or late-claimed entry is recognised by id.
+_RECORD_APPLIED = """
+local first = ARGV[1]
+local count = tonumber(ARGV[2])
+for j = 0, count - 1 do
+  local id = ARGV[first + j]
+  redis.call('ZADD', KEYS[4], tonumber(string.match(id, '^(%d+)')), id)
 end
-redis.call('SET', KEYS[2], ARGV[3])
-redis.call('SET', KEYS[3], ARGV[4])
-if ARGV[5] ~= '' then redis.call('SET', KEYS[4], ARGV[5]) end
-local n = tonumber(ARGV[10])
-local i = 11
-for _ = 1, n do
-  redis.call('HSET', KEYS[5], ARGV[i], ARGV[i + 1])
-  i = i + 2
-end
-local r = tonumber(ARGV[i])
-i = i + 1
-for _ = 1, r do
-  if ARGV[i + 1] == '' then redis.call('HDEL', KEYS[6], ARGV[i]) else redis.call('HSET', KEYS[6], ARGV[i], ARGV[i + 1]) end
-  i = i + 2
-end
-redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[9], ARGV[3] .. '-0', 'd', ARGV[8])
-redis.call('PUBLISH', ARGV[6], ARGV[7])
-return ARGV[3]
+if count > 0 then redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -tonumber(ARGV[3]) - 1) end
 """
+
+COMMIT_SCRIPT = (
+    """
+if redis.call('GET', KEYS[1]) ~= ARGV[4] then return redis.error_reply('FENCED lease lost') end
+local n = tonumber(ARGV[13])
+local i = 14
+for _ = 1, n do i = i + 2 end
+local r = tonumber(ARGV[i])
+local changes = n + r
+if changes > 0 then
+  local current = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if current ~= tonumber(ARGV[5]) then
+    return redis.error_reply('VERSION expected ' .. ARGV[5] .. ' found ' .. tostring(current))
+  end
+  redis.call('SET', KEYS[2], ARGV[6])
+  redis.call('SET', KEYS[3], ARGV[7])
+  i = 14
+  for _ = 1, n do
+    redis.call('HSET', KEYS[5], ARGV[i], ARGV[i + 1])
+    i = i + 2
+  end
+  i = i + 1
+  for _ = 1, r do
+    if ARGV[i + 1] == '' then redis.call('HDEL', KEYS[6], ARGV[i]) else redis.call('HSET', KEYS[6], ARGV[i], ARGV[i + 1]) end
+    i = i + 2
+  end
+  redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[12], ARGV[6] .. '-0', 'd', ARGV[11])
+  redis.call('PUBLISH', ARGV[8], ARGV[9])
+end
+"""
+    + _RECORD_APPLIED
+    + """
+return ARGV[6]
+"""
+)
 
 RENEW_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
@@ -165,7 +189,21 @@ class WriterState:
         self.pods: dict[str, PodRecord] = {}
         self.routes: dict[str, Route] = {}
         self.version = 0
-        self.applied = "0-0"
+        # Ids of the entries applied most recently (mirrors the capped set in Valkey).
+        self.applied_ids: set[str] = set()
+        self._applied_order: deque[str] = deque()
+
+    def remember(self, entry_id: str) -> None:
+        if entry_id not in self.applied_ids:
+            self.applied_ids.add(entry_id)
+            self._applied_order.append(entry_id)
+            if len(self._applied_order) > APPLIED_CAP:
+                self.applied_ids.discard(self._applied_order.popleft())
+
+    @property
+    def applied(self) -> str:
+        """The newest applied entry id (for tests and status)."""
+        return max(self._applied_order, key=stream_id_key, default="0-0")
 
 
 class Writer:
@@ -226,7 +264,7 @@ class Writer:
         keys = self.keys
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.get(keys.version)
-            pipe.get(keys.applied)
+            pipe.zrange(keys.applied, 0, -1)
             pipe.hgetall(keys.pods)
             pipe.hgetall(keys.routes)
             version, applied, pods, routes = await pipe.execute()
@@ -237,7 +275,8 @@ class Writer:
             return
         state = WriterState()
         state.version = int(version or 0)
-        state.applied = (applied or b"0-0").decode()
+        for entry_id in applied:
+            state.remember(entry_id.decode())
         state.pods = {}
         for raw in pods.values():
             record = decode_pod(raw)
@@ -290,13 +329,13 @@ class Writer:
             return []
         return list(reply[0][1])
 
-    async def claim_pending(self) -> list[tuple[bytes, dict]]:
-        """Entries the previous leader read but never acknowledged."""
+    async def claim_pending(self, min_idle_ms: int = 0) -> list[tuple[bytes, dict]]:
+        """Entries another consumer (a dead or deposed leader) read but never acknowledged."""
         claimed: list[tuple[bytes, dict]] = []
         start = "0-0"
         while True:
             reply = await self.client.xautoclaim(
-                self.keys.events, EVENTS_GROUP, self.id, min_idle_time=0, start_id=start, count=self.batch
+                self.keys.events, EVENTS_GROUP, self.id, min_idle_time=min_idle_ms, start_id=start, count=self.batch
             )
             next_id, entries = reply[0], reply[1]
             claimed.extend(e for e in entries if e and e[1] is not None)
@@ -310,16 +349,15 @@ class Writer:
         if not entries:
             return 0
         state = self.state
-        applied_key = stream_id_key(state.applied)
         changed: dict[str, PodRecord] = {}
         route_changes: dict[str, Route] = {}
-        last_id = ""
+        applied: list[str] = []
         recovery: list[tuple[str, bool, int]] = []
         for entry_id, fields in entries:
             entry = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-            if stream_id_key(entry) <= applied_key:
+            if entry in state.applied_ids or entry in applied:
                 continue  # replayed after a crash between commit and ack: already applied
-            last_id = entry
+            applied.append(entry)
             raw = fields.get(b"e") if fields else None
             try:
                 if raw is None:
@@ -330,10 +368,8 @@ class Writer:
                 log.warning("event %s dropped: %s", entry, exc)
                 continue
             self._apply_event(event, changed, route_changes, recovery)
-        if changed or route_changes:
-            await self._write(tuple(changed.values()), tuple(route_changes.values()), applied=last_id)
-        elif last_id:
-            state.applied = last_id  # nothing to publish; the ack below records progress
+        if applied:
+            await self._write(tuple(changed.values()), tuple(route_changes.values()), applied=applied)
         await self.client.xack(self.keys.events, EVENTS_GROUP, *[e[0] for e in entries])
         for uid, start, generation in recovery:
             if start:
@@ -387,22 +423,32 @@ class Writer:
                 self.stats["dropped"] += 1
 
     async def _write(
-        self, pods: tuple[PodRecord, ...], routes: tuple[Route, ...], *, applied: str = "", new_version: int = 0
+        self,
+        pods: tuple[PodRecord, ...],
+        routes: tuple[Route, ...],
+        *,
+        applied: list[str] | None = None,
+        new_version: int = 0,
     ) -> None:
+        """One fenced, atomic step: the records, the version, the change log, the publish and the
+        ids of the entries applied. With no records it only records the ids (still fenced)."""
         state = self.state
         keys = self.keys
-        version = new_version or state.version + 1
-        delta = Delta(epoch=self.epoch, version=version, pods=pods, routes=routes)
-        blob = encode(delta)
-        args: list[Any] = [
-            self.token, state.version, version, self.epoch, applied, keys.channel,
-            DELTA_PREFIX + blob, blob, CHANGES_CAP, len(pods),
-        ]  # fmt: skip
+        applied = applied or []
+        changes = bool(pods or routes)
+        version = (new_version or state.version + 1) if changes else state.version
+        blob = encode(Delta(epoch=self.epoch, version=version, pods=pods, routes=routes)) if changes else b""
+        tail: list[Any] = [len(pods)]
         for pod in pods:
-            args += (pod.uid, encode(pod))
-        args.append(len(routes))
+            tail += (pod.uid, encode(pod))
+        tail.append(len(routes))
         for route in routes:
-            args += (route.service, b"" if route.removed else encode(route))
+            tail += (route.service, b"" if route.removed else encode(route))
+        first_id = 14 + 2 * len(pods) + 1 + 2 * len(routes)  # 1-based ARGV index of the first id
+        args: list[Any] = [
+            first_id, len(applied), APPLIED_CAP, self.token, state.version, version, self.epoch,
+            keys.channel, DELTA_PREFIX + blob, "", blob, CHANGES_CAP, *tail, *applied,
+        ]  # fmt: skip
         script_keys = [keys.lease, keys.version, keys.state_epoch, keys.applied, keys.pods, keys.routes, keys.changes]
         try:
             await self._commit(keys=script_keys, args=args)
@@ -416,9 +462,10 @@ class Writer:
                 raise Fenced(text) from None
             raise
         state.version = version
-        if applied:
-            state.applied = applied
-        self.stats["commits"] += 1
+        for entry_id in applied:
+            state.remember(entry_id)
+        if changes:
+            self.stats["commits"] += 1
 
     # ---- recovery checks ---------------------------------------------------------------------
 
@@ -495,9 +542,15 @@ class Writer:
         await self.process(await self.read_batch(pending_first=True))
         await self.process(await self.claim_pending())
         tasks = [asyncio.create_task(self._keep_lease()), asyncio.create_task(self._heartbeat())]
+        next_claim = asyncio.get_running_loop().time() + self.lease_ttl
         try:
             while self.leader and not self._stop.is_set():
                 await self.process(await self.read_batch())
+                if asyncio.get_running_loop().time() >= next_claim:
+                    # A deposed leader's blocked read may have taken entries after we took over;
+                    # they sit unacknowledged in its consumer: take them over too.
+                    next_claim = asyncio.get_running_loop().time() + self.lease_ttl
+                    await self.process(await self.claim_pending(min_idle_ms=int(self.lease_ttl * 2000)))
         finally:
             for task in tasks:
                 task.cancel()

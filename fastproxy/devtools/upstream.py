@@ -19,6 +19,7 @@ request itself (path, query, one header) and everything it saw is recorded for a
 - ``/head-body``               a broken server: answers HEAD *with* a body (GET is answered normally)
 - ``/ready``                   200 while ``ready``, else 503 (what a sidecar probes)
 - ``/control/ready/<0|1>``     set ``ready``; ``/control/block/<ms>`` blocks the whole app's loop
+- ``/control/stats[/reset]``   the accounting as JSON (see below)
 - anything else                200 ``{"ok":true}``
 
 ``x-app-delay-ms: N`` (or the query ``?delay_ms=N``) adds latency before any of these. Every
@@ -47,9 +48,20 @@ interim response, which RFC 9110 allows; the client sends its body after its own
 Waiting in tests is condition-based: every state change wakes ``wait_until`` waiters, which
 re-check their predicate under a deadline (``wait_for_requests`` is one such predicate).
 
+Control requests (``/ready`` and ``/control/*``) operate the app; they are not its work: they
+never take a slot in ``active``, are never refused, never count as violations and never end an idle
+gap. An *idle gap* is the time from the moment ``active`` dropped to 0 to the next request taking a
+slot (the last ``IDLE_GAPS_KEPT`` per server). ``/control/stats`` answers JSON: ``violations``,
+``max_concurrent_seen``, ``request_count`` (every request), ``work_count`` (slot-taking requests),
+``idle_gap_count``, ``idle_gaps_ms`` (list) and ``servers`` (each server's own figures), over all
+the servers of the process; ``/control/stats/reset`` first forgets the idle gaps (an idle period in
+progress then counts from the reset).
+
 Run as a process: ``python -m fastproxy.devtools.upstream --listen 127.0.0.1:9001
-[--concurrency N] [--sidecar-busy]`` prints ``listening HOST:PORT`` once ready and exits cleanly
-on SIGTERM. The process does not record requests, so it can serve benchmarks indefinitely.
+[--listen HOST:PORT ...] [--concurrency N] [--sidecar-busy]`` starts one server per ``--listen``
+(each its own pod with its own limit), prints ``listening HOST:PORT [HOST:PORT ...]`` once all are
+bound, and exits cleanly on SIGTERM. The process does not record requests, so it can serve
+benchmarks indefinitely.
 """
 
 from __future__ import annotations
@@ -91,6 +103,10 @@ _LINGER_RST: Final = struct.pack("ii", 1, 0)
 _NO_BODY_STATUS: Final = frozenset((204, 304))
 # Routes whose answer involves waiting; they always go through the connection's task.
 _ASYNC_ROUTES: Final = frozenset((b"delay", b"sse", b"chunked", b"hang"))
+# Routes that operate the app rather than being its work: never counted in ``active``, never a
+# violation, never the end of an idle gap (a sidecar's readiness probe is not app work).
+_CONTROL_ROUTES: Final = frozenset((b"ready", b"control"))
+IDLE_GAPS_KEPT: Final = 10_000  # per AppServer, the most recent ones
 
 _status_lines: dict[int, bytes] = {}
 
@@ -141,7 +157,7 @@ class ReceivedRequest(msgspec.Struct, gc=False):
 class _Job:
     """A request waiting for (or getting) its answer on one connection."""
 
-    __slots__ = ("args", "delay", "req", "reserved", "route")
+    __slots__ = ("args", "control", "delay", "req", "reserved", "route")
 
     def __init__(self, req: ReceivedRequest, route: bytes, args: list[bytes], delay: float) -> None:
         self.req = req
@@ -149,6 +165,7 @@ class _Job:
         self.args = args
         self.delay = delay
         self.reserved = False  # True once it holds a slot in AppServer.active
+        self.control = route in _CONTROL_ROUTES  # never takes a slot
 
 
 def _plan(req: ReceivedRequest) -> _Job:
@@ -166,6 +183,11 @@ def _plan(req: ReceivedRequest) -> _Job:
     except ValueError:
         delay_ms = 0  # a malformed delay is ignored rather than failing the request
     return _Job(req, parts[1] if len(parts) > 1 else b"", parts[2:], max(delay_ms, 0) / 1000)
+
+
+def _is_control(target: bytes) -> bool:
+    parts = target.partition(b"?")[0].split(b"/", 2)
+    return len(parts) > 1 and parts[1] in _CONTROL_ROUTES
 
 
 class _AppConnection(asyncio.Protocol):
@@ -313,6 +335,9 @@ class _AppConnection(asyncio.Protocol):
             return
         if self._task is not None or self._pending:
             return  # pipelined behind an unfinished answer: no interim response (see module doc)
+        if _is_control(self._url):
+            self._write(_CONTINUE)  # control requests are never refused and take no slot
+            return
         server = self._server
         limit = server.concurrency_limit
         if server.sidecar_busy and limit is not None and server.active >= limit:
@@ -366,7 +391,7 @@ class _AppConnection(asyncio.Protocol):
         if self._task is not None:
             self._pending.append(job)  # answered in order once the current answer is done
             return
-        if not job.reserved:
+        if not job.reserved and not job.control:
             server._begin()
             job.reserved = True
         if job.delay == 0.0:
@@ -376,7 +401,8 @@ class _AppConnection(asyncio.Protocol):
                 done = True
                 self._fail(exc)
             if done:
-                server._end()
+                if job.reserved:
+                    server._end()
                 return
         self._pending.append(job)
         self._task = self._loop.create_task(self._serve())
@@ -397,7 +423,7 @@ class _AppConnection(asyncio.Protocol):
                 if job is None:
                     self._bad_request()
                     break
-                if not job.reserved:
+                if not job.reserved and not job.control:
                     server._begin()
                     job.reserved = True
                 try:
@@ -406,7 +432,8 @@ class _AppConnection(asyncio.Protocol):
                     if not self._answer_now(job):
                         await self._answer_later(job)
                 finally:
-                    server._end()
+                    if job.reserved:
+                        server._end()
         except (ConnectionError, asyncio.CancelledError):
             pass  # the client left; connection_lost has cleaned up
         except Exception as exc:
@@ -510,6 +537,15 @@ class _AppConnection(asyncio.Protocol):
                 ready = self._server.ready
                 self._simple(req, 200 if ready else 503, b"ready" if ready else b"loading", b"text/plain")
             elif route == b"control":
+                if args[0] == b"stats":
+                    if args[1:] == [b"reset"]:
+                        for server in self._server.group:
+                            server.reset_idle_gaps()
+                    elif args[1:]:
+                        raise ValueError(args[1])
+                    stats = msgspec.json.encode(self._server.group_stats())
+                    self._simple(req, 200, stats, b"application/json")
+                    return True
                 if args[0] == b"ready":
                     self._server.ready = args[1] == b"1"
                 elif args[0] == b"block":
@@ -660,7 +696,8 @@ class AppServer:
         self.max_concurrent_seen = 0
         self.active = 0
         self.refused = 0  # busy refusals (sidecar_busy); these are not in `requests`
-        self.request_count = 0
+        self.request_count = 0  # every request received (control ones included)
+        self.work_count = 0  # requests that took a slot: the app's work (control ones excluded)
         self.requests: list[ReceivedRequest] = []
         self.raw: dict[int, bytearray] = {}
         self.connections_accepted = 0
@@ -672,6 +709,13 @@ class AppServer:
         self._server: asyncio.Server | None = None
         self._waiters: set[asyncio.Event] = set()
         self.address: tuple[str, int] | None = None
+        # Idle gaps: from the moment ``active`` dropped to 0 to the next request taking a slot
+        # (seconds, the most recent IDLE_GAPS_KEPT); the time before the first request is none.
+        self.idle_gaps: collections.deque[float] = collections.deque(maxlen=IDLE_GAPS_KEPT)
+        self.idle_gap_count = 0  # all gaps ever recorded (since the last reset), kept or not
+        self._idle_since: float | None = None
+        # The servers of one process (``/control/stats`` reports them all); just this one by default.
+        self.group: list[AppServer] = [self]
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
@@ -749,7 +793,12 @@ class AppServer:
         self._notify()
 
     def _begin(self) -> None:
+        self.work_count += 1
         active = self.active = self.active + 1
+        if active == 1 and self._idle_since is not None:
+            self.idle_gaps.append(time.perf_counter() - self._idle_since)
+            self.idle_gap_count += 1
+            self._idle_since = None
         if active > self.max_concurrent_seen:
             self.max_concurrent_seen = active
         limit = self.concurrency_limit
@@ -758,8 +807,50 @@ class AppServer:
 
     def _end(self) -> None:
         self.active -= 1
+        if self.active == 0:
+            self._idle_since = time.perf_counter()
         if self._waiters:
             self._notify()
+
+    # -- statistics (``/control/stats``) ---------------------------------------------------------
+
+    def reset_idle_gaps(self) -> None:
+        """Forget the gaps so far; an idle period in progress counts from now."""
+        self.idle_gaps.clear()
+        self.idle_gap_count = 0
+        self._idle_since = time.perf_counter() if self.active == 0 else None
+
+    def stats(self) -> dict[str, object]:
+        """This server's accounting (its idle gaps summarised; the list is in ``group_stats``)."""
+        return {
+            "address": f"{self.address[0]}:{self.address[1]}" if self.address else None,
+            "violations": self.violations,
+            "max_concurrent_seen": self.max_concurrent_seen,
+            "request_count": self.request_count,
+            "work_count": self.work_count,
+            "refused": self.refused,
+            "active": self.active,
+            "idle_gap_count": self.idle_gap_count,
+            "idle_gap_max_ms": max(self.idle_gaps, default=0.0) * 1000,
+        }
+
+    def group_stats(self) -> dict[str, object]:
+        """What ``/control/stats`` answers: totals over ``group`` plus each server's own figures.
+
+        ``request_count`` counts every request received, control ones included (it is also the
+        ``x-app-request-index`` sequence); ``work_count`` only those that took a slot.
+        """
+        servers = [server.stats() for server in self.group]
+        gaps = [gap * 1000 for server in self.group for gap in server.idle_gaps]
+        return {
+            "violations": sum(server.violations for server in self.group),
+            "max_concurrent_seen": max(server.max_concurrent_seen for server in self.group),
+            "request_count": sum(server.request_count for server in self.group),
+            "work_count": sum(server.work_count for server in self.group),
+            "idle_gap_count": sum(server.idle_gap_count for server in self.group),
+            "idle_gaps_ms": gaps,
+            "servers": servers,
+        }
 
 
 def _parse_listen(value: str) -> tuple[str, int]:
@@ -769,31 +860,43 @@ def _parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-async def _serve_forever(host: str, port: int, concurrency: int | None, sidecar_busy: bool) -> None:
-    server = AppServer(concurrency_limit=concurrency, sidecar_busy=sidecar_busy, record=False)
-    bound_host, bound_port = await server.start(host, port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"listening {bound_host}:{bound_port}", flush=True)
+async def _serve_forever(listen: list[tuple[str, int]], concurrency: int | None, sidecar_busy: bool) -> None:
+    """One ``AppServer`` per address (each its own pod, with its own limit), all in this process."""
+    servers = [
+        AppServer(concurrency_limit=concurrency, sidecar_busy=sidecar_busy, record=False) for _ in listen
+    ]
     try:
+        bound = [await server.start(host, port) for server, (host, port) in zip(servers, listen, strict=True)]
+        for server in servers:
+            server.group = servers
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        print("listening " + " ".join(f"{h}:{p}" for h, p in bound), flush=True)
         await stop.wait()
     finally:
-        await server.close()
+        for server in servers:
+            await server.close()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fastproxy.devtools.upstream", description="Stand-in inference app server."
     )
-    parser.add_argument("--listen", type=_parse_listen, default=("127.0.0.1", 9001), metavar="HOST:PORT")
+    parser.add_argument(
+        "--listen",
+        type=_parse_listen,
+        action="append",
+        metavar="HOST:PORT",
+        help="address of one app server (repeatable: one server per address; default 127.0.0.1:9001)",
+    )
     parser.add_argument("--concurrency", type=int, default=None, help="count requests beyond N in flight")
     parser.add_argument(
         "--sidecar-busy", action="store_true", help="refuse Expect: 100-continue requests when full"
     )
     args = parser.parse_args(argv)
-    coro = _serve_forever(args.listen[0], args.listen[1], args.concurrency, args.sidecar_busy)
+    coro = _serve_forever(args.listen or [("127.0.0.1", 9001)], args.concurrency, args.sidecar_busy)
     if uvloop is not None:
         uvloop.run(coro)
     else:  # pragma: no cover

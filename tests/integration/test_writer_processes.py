@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import random
 import signal
@@ -28,7 +29,7 @@ import valkey.asyncio as avalkey
 
 from statesync.connect import connect
 from statesync.embedded import EmbeddedValkey
-from statesync.keys import Keys
+from statesync.keys import Keys, stream_id_key
 from statesync.schema import (
     Delta,
     PodDiscovered,
@@ -39,6 +40,7 @@ from statesync.schema import (
     Source,
     WeightedRevision,
     decode_delta,
+    decode_event,
     decode_pod,
 )
 from statesync.writer import submit
@@ -237,7 +239,27 @@ async def stored_pod(client: avalkey.Valkey, uid: str) -> PodRecord | None:
 async def pending_summary(client: avalkey.Valkey) -> str:
     summary = await client.xpending(KEYS.events, "writers")
     consumers = {c["name"].decode(): c["pending"] for c in summary.get("consumers", [])}
-    return f"events stream: {summary['pending']} entries read but never acknowledged, by consumer {consumers}"
+    text = f"events stream: {summary['pending']} entries read but never acknowledged, by consumer {consumers}"
+    for entry in await client.xpending_range(KEYS.events, "writers", min="-", max="+", count=10):
+        event = [decode_event(f[b"e"]) for _, f in await client.xrange(KEYS.events, entry["message_id"],
+                                                                       entry["message_id"])]  # fmt: skip
+        text += (f"\n  {entry['message_id'].decode()} held by {entry['consumer'].decode()}, "
+                 f"delivered {entry['times_delivered']}x, idle {entry['time_since_delivered']} ms: "
+                 f"{event}")  # fmt: skip
+    return text
+
+
+async def lost(client: avalkey.Valkey, old: Proc, uids: list[str] | None = None) -> str:
+    text = ""
+    if uids is not None:
+        stored = {k.decode() for k in await client.hkeys(KEYS.pods)}
+        missing = [u for u in uids if u not in stored]
+        text = f"{len(missing)} of {len(uids)} events never applied: {missing[:10]}\n"
+    return f"{text}{await pending_summary(client)}\n{old.name} (deposed leader) log:\n{old.output}"
+
+
+class EventsLost(AssertionError):
+    """Submitted events that the leader never applied."""
 
 
 def discovered(uid: str, ip: str = "127.0.9.1", port: int = 8000, revision: str = "chat-v1") -> PodDiscovered:
@@ -267,6 +289,16 @@ async def produce(
         await asyncio.sleep(max(0.0, start + sent * interval - loop.time()))
 
 
+def check_no_duplicates(deltas: list[Delta]) -> None:
+    """No pod record was written twice: each event was applied at most once."""
+    seen = Counter(pod.uid for delta in deltas for pod in delta.pods)
+    twice = {u: n for u, n in seen.items() if n > 1}
+    assert not twice, f"applied more than once: {dict(list(twice.items())[:5])}"
+    for delta in deltas:
+        for pod in delta.pods:
+            assert pod.generation == 1 and pod.state is PodState.READY, (delta.version, pod)
+
+
 def check_exactly_once(deltas: list[Delta], uids: list[str]) -> None:
     """Every uid was created exactly once (generation 1, Ready) and never touched again."""
     seen: Counter[str] = Counter()
@@ -283,7 +315,7 @@ def check_exactly_once(deltas: list[Delta], uids: list[str]) -> None:
 
 def check_versions(deltas: list[Delta]) -> None:
     versions = [d.version for d in deltas]
-    assert all(a < b for a, b in zip(versions, versions[1:], strict=False)), versions
+    assert all(a < b for a, b in itertools.pairwise(versions)), versions
     epochs = [d.epoch for d in deltas]
     assert epochs == sorted(epochs), "an older epoch committed after a newer one"
 
@@ -323,8 +355,8 @@ async def test_leader_sigkill_under_event_stream(
         producer.cancel()
         with contextlib.suppress(BaseException):
             await producer
-    print(f"\ntakeover after SIGKILL of {first_id} (epoch {first_epoch}): {takeover:.3f}s to the first commit "
-          f"by {standby_id} (epoch {new_epoch})")  # fmt: skip
+    print(f"\ntakeover after SIGKILL of {first_id} (epoch {first_epoch}): {takeover:.3f}s to the first "
+          f"commit by {standby_id} (epoch {new_epoch})")  # fmt: skip
     record_property("takeover_seconds", round(takeover, 3))
 
     await poll(lambda: _at_least(pod_count(client), n), 30, f"all {n} pods committed",
@@ -377,28 +409,52 @@ async def test_deposed_leader_sigstop_cannot_write(
         old.signal(signal.SIGCONT)
     deltas = await change_log(client)
     takeover_version = min(d.version for d in deltas if d.epoch == new_epoch)
+    assert all(d.epoch == old_epoch for d in deltas if d.version < takeover_version)
 
-    # The old leader wakes up believing it leads; events keep coming while it finds out.
-    after = [f"after-{i:03d}" for i in range(300)]
-    await produce(client, after, 0.002)
-    stepped = await old.wait_line(lambda s: "steps down" in s or "FENCED" in s, 15, "the old leader stepping down")
+    # The old leader wakes up believing it leads (its blocking read and its lease renewal are both
+    # due); events keep coming while it finds out, and for a while after it says it stepped down.
+    after = [f"after-{i:03d}" for i in range(450)]
+    resumed = asyncio.create_task(produce(client, after[:300], 0.002))
+    try:
+        stepped = await old.wait_line(lambda s: "steps down" in s, 15, "the old leader stepping down")
+        await asyncio.wait_for(resumed, 20)
+    finally:
+        resumed.cancel()
+        with contextlib.suppress(BaseException):
+            await resumed
     assert f"{old_id} steps down (epoch {old_epoch})" in stepped, stepped
-    uids = before + during + after
+    await produce(client, after[300:], 0.002)  # > the 200 ms a read it had issued may still block
+    ids = await submit(client, [discovered("last")])
+    uids = [*before, *during, *after, "last"]
 
-    async def lost() -> str:
-        return f"{await pending_summary(client)}\n{old_id} (old leader) log:\n{old.output}"
+    async def new_leader_caught_up() -> bool:
+        # The commit records every applied entry id in a capped sorted set.
+        return await client.zscore(KEYS.applied, ids[-1]) is not None
 
-    await poll(lambda: _at_least(pod_count(client), len(uids)), 20, f"all {len(uids)} events committed",
-               detail=lost)  # fmt: skip
+    await poll(
+        new_leader_caught_up, 20, "the new leader applying the last event", detail=lambda: lost(client, old)
+    )
 
+    # Fencing: the paused leader wrote nothing after the takeover; versions and epochs only go up.
     assert await lease_holder(client) == (new_id, new_epoch)
+    assert int(await client.get(KEYS.state_epoch)) == new_epoch
     deltas = await change_log(client)
     check_versions(deltas)
-    check_exactly_once(deltas, uids)
     assert all(d.epoch == new_epoch for d in deltas if d.version >= takeover_version)
     assert not [d.version for d in deltas if d.epoch == old_epoch and d.version >= takeover_version]
-    assert all(d.epoch == old_epoch for d in deltas if d.version < takeover_version)
-    assert int(await client.get(KEYS.state_epoch)) == new_epoch
+    check_no_duplicates(deltas)
+    assert not any(f"{old_id} is leader" in line for line in old.lines[1:]), old.output
+
+    # Nothing lost: every event the old leader read after it woke up must still be applied.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while await pod_count(client) < len(uids):
+        if loop.time() > deadline:
+            raise EventsLost(await lost(client, old, uids))
+        await asyncio.sleep(0.01)
+    deltas = await change_log(client)
+    check_exactly_once(deltas, uids)
+    check_versions(deltas)
 
 
 # ---- 3. a pod process dies, is quarantined, comes back and is readmitted -------------------------
@@ -453,7 +509,9 @@ async def test_quarantine_recovery_readmission_with_real_pod_process(
             assert response.status_code == 200, response.text
             return {p["uid"]: p for p in response.json()}
 
-        def in_router(predicate: Callable[[dict[str, dict[str, Any]]], bool]) -> Callable[[], Awaitable[bool]]:
+        def in_router(
+            predicate: Callable[[dict[str, dict[str, Any]]], bool],
+        ) -> Callable[[], Awaitable[bool]]:
             async def check() -> bool:
                 return predicate(await router_pods())
 
@@ -502,8 +560,10 @@ async def test_quarantine_recovery_readmission_with_real_pod_process(
         recovered = await poll(a_recovered, 20, "the writer's recovery check readmitting A",
                                detail=lambda: stored_pod(client, "a"))  # fmt: skip
         assert recovered.source is Source.WRITER and recovered.generation > quarantined.generation, recovered
-        await poll(in_router(lambda pods: ready(pods["a"]) and pods["a"]["generation"] == recovered.generation),
-                   15, "the router readmitting A", detail=router_pods)  # fmt: skip
+        readmitted = in_router(
+            lambda pods: ready(pods["a"]) and pods["a"]["generation"] == recovered.generation
+        )
+        await poll(readmitted, 15, "the router readmitting A", detail=router_pods)
 
         for _ in range(20):
             response = await http.get(f"http://127.0.0.1:{port}/", headers={"Host": "chat.example"})
@@ -516,7 +576,9 @@ async def test_quarantine_recovery_readmission_with_real_pod_process(
         # A really serves again: each pod has one slot, so of two slow requests in flight at once,
         # one must be at A.
         slow = [
-            asyncio.create_task(http.get(f"http://127.0.0.1:{port}/delay/3000", headers={"Host": "chat.example"}))
+            asyncio.create_task(
+                http.get(f"http://127.0.0.1:{port}/delay/3000", headers={"Host": "chat.example"})
+            )
             for _ in range(2)
         ]
         try:
