@@ -14,8 +14,9 @@ process (``python -m bench.propagation --follower ...``) running a ``Router`` an
 forwarder, which play no part in following state).
 
 1. Seed: ``--pods`` pods (``bench.conftest.make_pods``: 1000 revisions) are submitted as sidecar
-   ``PodDiscovered(ready=True)`` events, plus one route per revision; we wait until the writer's
-   ``applied`` stream id has reached the last of them (the writer committed them all).
+   ``PodDiscovered(ready=True)`` events, plus one route per revision; we wait until the writer
+   committed them all: its consumer group delivered the last one and has nothing pending (the
+   writer acknowledges only after the commit), and the pods hash holds every pod.
 2. The followers start, bootstrap (full read) and say ``synced`` on stdout once they hold every pod.
 3. ``--events`` readiness flips are submitted one at a time, ``--interval`` apart on a fixed
    schedule (a late one does not push the others back), each with one XADD; the submit time is
@@ -245,6 +246,16 @@ async def _wait_all(events: list[asyncio.Event], timeout: float) -> bool:
     return True
 
 
+async def _seed_committed(client: Any, keys: Any, target: tuple[int, int], pods: int) -> bool:
+    from statesync.keys import EVENTS_GROUP, stream_id_key
+
+    groups = await client.xinfo_groups(keys.events)
+    group = next((g for g in groups if g["name"] in (EVENTS_GROUP, EVENTS_GROUP.encode())), None)
+    if group is None or group["pending"] or stream_id_key(group["last-delivered-id"]) < target:
+        return False
+    return int(await client.hlen(keys.pods)) >= pods
+
+
 async def measure(
     *, pods: int, routers: int, events: int, interval: float, probe: bool = True, settle: float = 5.0
 ) -> dict[str, Any]:
@@ -292,15 +303,14 @@ async def measure(
                 for event in seed[start : start + 5000]:
                     pipe.xadd(keys.events, {"e": encode(event)})
                 last_id = (await pipe.execute())[-1]
+        # Committed = the writer's group has delivered the last seed entry and acknowledged every
+        # entry (it acks only after the commit), and the pods hash holds every pod.
         target = stream_id_key(last_id)
         deadline = time.monotonic() + 300
-        while True:
-            applied = await client.get(keys.applied)
-            if applied is not None and stream_id_key(applied) >= target:
-                break
+        while not await _seed_committed(client, keys, target, pods):
             if writer.proc.returncode is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"writer did not commit the seed:\n{writer.tail()}")
-            await asyncio.sleep(0.05)  # the applied id has no notification
+            await asyncio.sleep(0.05)  # no notification for "acknowledged"
         timings["seed_s"] = round(time.perf_counter() - t0, 3)
         seeded_version = int(await client.get(keys.version))
 

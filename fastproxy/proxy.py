@@ -801,12 +801,13 @@ class ClientConnection(asyncio.Protocol):
         "_events",
         "_paused",
         "closing",
-        "deadline",
         "exchange",
+        "head_since",
         "parser",
         "peer",
         "router",
         "transport",
+        "waiting_since",
         "_out",
     )
 
@@ -820,21 +821,23 @@ class ClientConnection(asyncio.Protocol):
         self._paused = 0
         self.peer = ""
         self._out: list[bytes] = []  # response bytes of the current pod read, flushed once
-        self.deadline = Deadline(router.loop, self._on_deadline)
+        # Header and idle timeouts are checked by the router's sweeper (Router.sweep_timeouts)
+        # against these two times: no timer is armed or cancelled per request.
+        self.waiting_since = router.loop.time()
+        self.head_since = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""
-        self.router.connections.add(self)
-        self.deadline.set(self.router.loop.time() + self.router.config.header_timeout)
+        self.router.track(self)
         if self.router.draining:
             self.closing = True
 
     def data_received(self, data: bytes) -> None:
-        if self.exchange is None:
+        if self.exchange is None and self.parser.state is Parse.IDLE:
             # A new request is starting: its head must complete within the header timeout.
-            self.deadline.set(self.router.loop.time() + self.router.config.header_timeout)
+            self.head_since = self.router.loop.time()
         try:
             self.parser.feed(data)
         except ProxyError as exc:
@@ -852,7 +855,6 @@ class ClientConnection(asyncio.Protocol):
                 if type(event) is not RequestHead:  # pragma: no cover - the parser orders events
                     raise RuntimeError(f"event {event!r} outside a request")
                 self.router.stats.requests += 1
-                self.deadline.clear()
                 self.exchange = exchange = Exchange(self, event)
                 taken += 1
                 exchange.start()
@@ -899,25 +901,24 @@ class ClientConnection(asyncio.Protocol):
         if exchange.response_close or self.closing:
             transport.close()
             return
-        self.deadline.set(self.router.loop.time() + self.router.config.idle_timeout)
+        self.waiting_since = self.router.loop.time()
         if self._events:
             self.resume_reading(PAUSE_HOLDING)
             self._process_events()
 
-    def _on_deadline(self) -> None:
+    def check_timeouts(self, now: float) -> None:
+        """Called by the router's sweeper: idle keep-alive and request-head deadlines."""
         transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        exchange = self.exchange
-        if exchange is not None:
+        if self.exchange is not None or transport is None or transport.is_closing():
             return  # a request is being served; its own deadlines apply
+        config = self.router.config
         if self.parser.state is Parse.IDLE:
-            transport.close()  # idle keep-alive connection
-        else:
-            self._reject(RequestTimeout(f"request head not received within {self.router.config.header_timeout:g}s"))
+            if now - self.waiting_since > config.idle_timeout:
+                transport.close()  # idle keep-alive connection
+        elif now - self.head_since > config.header_timeout:
+            self._reject(RequestTimeout(f"request head not received within {config.header_timeout:g}s"))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.deadline.cancel()
         self.router.connections.discard(self)
         exchange = self.exchange
         if exchange is not None:

@@ -63,6 +63,8 @@ class Router:
         )
         self.stats = RouterStats()
         self.connections: set[ClientConnection] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweep_interval = min(1.0, config.header_timeout / 4, config.idle_timeout / 4)
         self.draining = False
         self.service_header = config.service_header.lower().encode()
         self._trusted = config.trusted_networks()
@@ -172,6 +174,20 @@ class Router:
         return any(address in network for network in self._trusted)
 
     # ---- lifecycle ----------------------------------------------------------------------------
+
+    def track(self, conn: ClientConnection) -> None:
+        self.connections.add(conn)
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(self._sweep_interval, self.sweep_timeouts)
+
+    def sweep_timeouts(self) -> None:
+        """Header and idle timeouts for every client connection, a few times per timeout."""
+        self._sweeper = None
+        now = self.loop.time()
+        for conn in list(self.connections):
+            conn.check_timeouts(now)
+        if self.connections:
+            self._sweeper = self.loop.call_later(self._sweep_interval, self.sweep_timeouts)
 
     async def drain(self, grace: float) -> None:
         """Finish in-flight requests within ``grace`` seconds; then cut what is left."""

@@ -167,10 +167,16 @@ def parse_slice(obj: Mapping[str, Any], port_name: str | None = None) -> SliceEn
             ready = cond.get("ready") is not False
             serving = ready if cond.get("serving") is None else bool(cond["serving"])
             endpoints[uid] = Endpoint(
-                uid=uid, namespace=ref.get("namespace") or namespace, pod=ref.get("name") or "",
-                ip=addresses[0], port=port, ready=ready, serving=serving,
-                terminating=bool(cond.get("terminating")), node=ep.get("nodeName") or "",
-            )  # fmt: skip
+                uid=uid,
+                namespace=ref.get("namespace") or namespace,
+                pod=ref.get("name") or "",
+                ip=addresses[0],
+                port=port,
+                ready=ready,
+                serving=serving,
+                terminating=bool(cond.get("terminating")),
+                node=ep.get("nodeName") or "",
+            )
     return SliceEntry(
         resource_version=meta.get("resourceVersion") or "",
         seq=0,
@@ -191,7 +197,9 @@ def parse_pod(obj: Mapping[str, Any]) -> tuple[str, PodMeta] | None:
         try:
             concurrency = min(max(int(str(raw).strip()), 1), MAX_CONCURRENCY)
         except ValueError:
-            log.warning("pod %s: %s=%r is not an integer; using 1", meta.get("name"), CONCURRENCY_ANNOTATION, raw)
+            log.warning(
+                "pod %s: %s=%r is not an integer; using 1", meta.get("name"), CONCURRENCY_ANNOTATION, raw
+            )
     return uid, PodMeta(revision=_revision_label(meta.get("labels") or {}), concurrency=concurrency)
 
 
@@ -319,11 +327,18 @@ class SliceCache:
         if meta is None:
             return _MISSING
         return PodView(
-            uid=uid, namespace=ep.namespace, pod=ep.pod,
+            uid=uid,
+            namespace=ep.namespace,
+            pod=ep.pod,
             revision=meta.revision or entry.revision or entry.service or key[1],
-            ip=ep.ip, port=ep.port, concurrency=meta.concurrency or 1,
-            ready=ep.ready and not ep.terminating, serving=ep.serving, terminating=ep.terminating, node=ep.node,
-        )  # fmt: skip
+            ip=ep.ip,
+            port=ep.port,
+            concurrency=meta.concurrency or 1,
+            ready=ep.ready and not ep.terminating,
+            serving=ep.serving,
+            terminating=ep.terminating,
+            node=ep.node,
+        )
 
     def _refresh(self, uids: Iterable[str]) -> list[Event]:
         events: list[Event] = []
@@ -341,8 +356,14 @@ class SliceCache:
                 if old is not None:
                     del self.views[uid]
                     self._removed.append(uid)
-                    events.append(PodRemoved(uid=uid, source=Source.INFORMER, at=self.clock(),
-                                             reason=f"gone from every EndpointSlice{_on(old.node)}"))  # fmt: skip
+                    events.append(
+                        PodRemoved(
+                            uid=uid,
+                            source=Source.INFORMER,
+                            at=self.clock(),
+                            reason=f"gone from every EndpointSlice{_on(old.node)}",
+                        )
+                    )
                 continue
             assert isinstance(new, PodView)
             events += self._diff(old, new)
@@ -358,9 +379,18 @@ class SliceCache:
             return events
         if (old.ip, old.port, old.revision) != (new.ip, new.port, new.revision):
             # A UID never changes address or revision; the writer would reject it. Say nothing.
-            log.warning("pod %s/%s (%s): address or revision changed %s:%d %s -> %s:%d %s; ignored",
-                        new.namespace, new.pod, new.uid, old.ip, old.port, old.revision,
-                        new.ip, new.port, new.revision)  # fmt: skip
+            log.warning(
+                "pod %s/%s (%s): address or revision changed %s:%d %s -> %s:%d %s; ignored",
+                new.namespace,
+                new.pod,
+                new.uid,
+                old.ip,
+                old.port,
+                old.revision,
+                new.ip,
+                new.port,
+                new.revision,
+            )
             return []
         events = []
         if new.concurrency != old.concurrency:
@@ -369,22 +399,34 @@ class SliceCache:
             events.append(self._drain(new, now))
         elif not new.terminating and new.ready != old.ready:
             reason = f"endpointslice: {'ready' if new.ready else 'not ready'}{_on(new.node)}"
-            events.append(ReadinessChanged(uid=new.uid, source=Source.INFORMER, at=now, ready=new.ready,
-                                           reason=reason))  # fmt: skip
+            events.append(
+                ReadinessChanged(uid=new.uid, source=Source.INFORMER, at=now, ready=new.ready, reason=reason)
+            )
         return events
 
     @staticmethod
     def _discovered(view: PodView, now: float) -> PodDiscovered:
         return PodDiscovered(
-            uid=view.uid, source=Source.INFORMER, at=now, namespace=view.namespace, revision=view.revision,
-            ip=view.ip, port=view.port, concurrency=view.concurrency, ready=view.ready,
-        )  # fmt: skip
+            uid=view.uid,
+            source=Source.INFORMER,
+            at=now,
+            namespace=view.namespace,
+            revision=view.revision,
+            ip=view.ip,
+            port=view.port,
+            concurrency=view.concurrency,
+            ready=view.ready,
+        )
 
     @staticmethod
     def _drain(view: PodView, now: float) -> DrainStarted:
         serving = "serving" if view.serving else "not serving"
-        return DrainStarted(uid=view.uid, source=Source.INFORMER, at=now,
-                            reason=f"endpointslice: terminating, {serving}{_on(view.node)}")  # fmt: skip
+        return DrainStarted(
+            uid=view.uid,
+            source=Source.INFORMER,
+            at=now,
+            reason=f"endpointslice: terminating, {serving}{_on(view.node)}",
+        )
 
     def resync(self) -> list[Event]:
         """The whole view as events (anti-entropy; a new leader; Valkey restarted empty)."""
@@ -394,8 +436,11 @@ class SliceCache:
             events.append(self._discovered(view, now))
             if view.terminating:
                 events.append(self._drain(view, now))
-        events += [PodRemoved(uid=uid, source=Source.INFORMER, at=now, reason="gone from every EndpointSlice")
-                   for uid in self._removed if uid not in self.views]  # fmt: skip
+        events += [
+            PodRemoved(uid=uid, source=Source.INFORMER, at=now, reason="gone from every EndpointSlice")
+            for uid in self._removed
+            if uid not in self.views
+        ]
         return events
 
 
@@ -440,12 +485,12 @@ def config_loader(kubeconfig: str | None = None) -> Callable[[], Any]:
 
         cfg = client.Configuration()
         if kubeconfig:
-            config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+            config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)  # type: ignore[no-untyped-call]
         else:
             try:
-                config.load_incluster_config(client_configuration=cfg)
+                config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
             except config.ConfigException:
-                config.load_kube_config(client_configuration=cfg)
+                config.load_kube_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
         return cfg
 
     return load
@@ -489,11 +534,11 @@ class KubeApi:
         with self._lock:
             if resource is ENDPOINTSLICES:
                 if namespace is None:
-                    return self.discovery.list_endpoint_slice_for_all_namespaces  # type: ignore[no-any-return]
-                return self.discovery.list_namespaced_endpoint_slice  # type: ignore[no-any-return]
+                    return self.discovery.list_endpoint_slice_for_all_namespaces
+                return self.discovery.list_namespaced_endpoint_slice
             if namespace is None:
-                return self.core.list_pod_for_all_namespaces  # type: ignore[no-any-return]
-            return self.core.list_namespaced_pod  # type: ignore[no-any-return]
+                return self.core.list_pod_for_all_namespaces
+            return self.core.list_namespaced_pod
 
     def _call(self, resource: Resource, namespace: str | None, **kwargs: Any) -> Any:
         method = self._list_method(resource, namespace)
@@ -503,19 +548,50 @@ class KubeApi:
 
     @api_call("discovery.k8s.io", "endpointslices", "list")
     @api_call("", "pods", "list")
-    def list(self, resource: Resource, namespace: str | None, *, label_selector: str | None, limit: int,
-             continue_: str | None, timeout: tuple[float, float]) -> Any:  # fmt: skip
-        return self._json(self._call(resource, namespace, label_selector=label_selector or None, limit=limit,
-                                     _continue=continue_, _request_timeout=timeout))  # fmt: skip
+    def list(
+        self,
+        resource: Resource,
+        namespace: str | None,
+        *,
+        label_selector: str | None,
+        limit: int,
+        continue_: str | None,
+        timeout: tuple[float, float],
+    ) -> Any:
+        return self._json(
+            self._call(
+                resource,
+                namespace,
+                label_selector=label_selector or None,
+                limit=limit,
+                _continue=continue_,
+                _request_timeout=timeout,
+            )
+        )
 
     @api_call("discovery.k8s.io", "endpointslices", "watch")
     @api_call("", "pods", "watch")
-    def watch(self, resource: Resource, namespace: str | None, *, label_selector: str | None,
-              resource_version: str, timeout_seconds: int, timeout: tuple[float, float]) -> Any:  # fmt: skip
+    def watch(
+        self,
+        resource: Resource,
+        namespace: str | None,
+        *,
+        label_selector: str | None,
+        resource_version: str,
+        timeout_seconds: int,
+        timeout: tuple[float, float],
+    ) -> Any:
         """Open a watch; returns the streaming urllib3 response (the caller reads and closes it)."""
-        return self._call(resource, namespace, label_selector=label_selector or None, watch=True,
-                          resource_version=resource_version, allow_watch_bookmarks=True,
-                          timeout_seconds=timeout_seconds, _request_timeout=timeout)  # fmt: skip
+        return self._call(
+            resource,
+            namespace,
+            label_selector=label_selector or None,
+            watch=True,
+            resource_version=resource_version,
+            allow_watch_bookmarks=True,
+            timeout_seconds=timeout_seconds,
+            _request_timeout=timeout,
+        )
 
     @api_call("", "pods", "get")
     def get_pod(self, namespace: str, name: str, *, timeout: tuple[float, float]) -> Any:
@@ -596,7 +672,7 @@ class ListWatch:
         self.stats: collections.Counter[str] = collections.Counter()
         self._response: Any = None
 
-    async def _blocking(self, func: Callable[..., _R], *args: Any, **kwargs: Any) -> _R:
+    async def blocking(self, func: Callable[..., _R], *args: Any, **kwargs: Any) -> _R:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, lambda: func(*args, **kwargs))
 
@@ -608,8 +684,11 @@ class ListWatch:
                 if self.resource_version is None:
                     await self._list()
                     backoff.reset()
+                started = time.monotonic()
                 if await self._watch():
                     backoff.reset()
+                elif time.monotonic() - started < 1.0:
+                    await asyncio.sleep(backoff.next())  # ended at once with nothing: do not spin
                 gone_in_a_row = 0
             except Gone as exc:
                 self.stats["relists"] += 1
@@ -625,12 +704,18 @@ class ListWatch:
                 self.stats["errors"] += 1
                 if status in (401, 403):
                     self.stats["reloads"] += 1
-                    log.warning("%s: %d from the API server; reloading credentials", self.resource.plural, status)
+                    log.warning(
+                        "%s: %d from the API server; reloading credentials", self.resource.plural, status
+                    )
                     with contextlib.suppress(Exception):
-                        await self._blocking(self.api.reload)
+                        await self.blocking(self.api.reload)
                 else:
-                    log.warning("%s: %s: %s", self.resource.plural, type(exc).__name__, str(exc).splitlines()[0]
-                                if str(exc) else "")  # fmt: skip
+                    log.warning(
+                        "%s: %s: %s",
+                        self.resource.plural,
+                        type(exc).__name__,
+                        str(exc).splitlines()[0] if str(exc) else "",
+                    )
                 await asyncio.sleep(backoff.next())
 
     async def _list(self) -> None:
@@ -639,10 +724,15 @@ class ListWatch:
         s = self.settings
         while True:
             try:
-                page = await self._blocking(
-                    self.api.list, self.resource, s.namespace, label_selector=self.label_selector,
-                    limit=s.page_size, continue_=continue_, timeout=(s.connect_timeout, s.list_timeout),
-                )  # fmt: skip
+                page = await self.blocking(
+                    self.api.list,
+                    self.resource,
+                    s.namespace,
+                    label_selector=self.label_selector,
+                    limit=s.page_size,
+                    continue_=continue_,
+                    timeout=(s.connect_timeout, s.list_timeout),
+                )
             except Exception as exc:
                 if _status(exc) == 410:
                     raise Gone("list continue token expired") from None
@@ -663,11 +753,15 @@ class ListWatch:
         timeout_seconds = int(s.watch_timeout * (1 + random.random() / 10)) or 1
         assert self.resource_version is not None
         try:
-            resp = await self._blocking(
-                self.api.watch, self.resource, s.namespace, label_selector=self.label_selector,
-                resource_version=self.resource_version, timeout_seconds=timeout_seconds,
+            resp = await self.blocking(
+                self.api.watch,
+                self.resource,
+                s.namespace,
+                label_selector=self.label_selector,
+                resource_version=self.resource_version,
+                timeout_seconds=timeout_seconds,
                 timeout=(s.connect_timeout, s.read_timeout),
-            )  # fmt: skip
+            )
         except Exception as exc:
             if _status(exc) == 410:
                 raise Gone("watch: resourceVersion too old") from None
@@ -686,8 +780,12 @@ class ListWatch:
                 if isinstance(line, BaseException):
                     if _is_read_timeout(line):
                         self.stats["read_timeouts"] += 1
-                        log.info("%s: watch silent for %.0f s; reconnecting from %s",
-                                 self.resource.plural, s.read_timeout, self.resource_version)  # fmt: skip
+                        log.info(
+                            "%s: watch silent for %.0f s; reconnecting from %s",
+                            self.resource.plural,
+                            s.read_timeout,
+                            self.resource_version,
+                        )
                         return delivered
                     raise line
                 delivered = True
@@ -722,10 +820,11 @@ class ListWatch:
 def _is_read_timeout(exc: BaseException) -> bool:
     import urllib3.exceptions
 
-    while exc is not None:
-        if isinstance(exc, (urllib3.exceptions.ReadTimeoutError, TimeoutError)):
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, (urllib3.exceptions.ReadTimeoutError, TimeoutError)):
             return True
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+        cause = cause.__cause__ or cause.__context__
     return False
 
 
@@ -738,7 +837,7 @@ def _read_lines(resp: Any, loop: asyncio.AbstractEventLoop, lines: asyncio.Queue
             loop.call_soon_threadsafe(lines.put_nowait, item)
 
     try:
-        for line in iter_resp_lines(resp):
+        for line in iter_resp_lines(resp):  # type: ignore[no-untyped-call]
             if line:
                 put(line)
         put(_END)
@@ -771,10 +870,24 @@ class Informer:
         self.active = active
         self.cache = SliceCache(port_name=settings.port_name, clock=clock)
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=6, thread_name_prefix="informer")
-        self.pods = ListWatch(api, PODS, settings, settings.pod_label_selector,
-                              self._pods_listed, self._pod_event, self.executor)  # fmt: skip
-        self.slices = ListWatch(api, ENDPOINTSLICES, settings, settings.label_selector,
-                                self._slices_listed, self._slice_event, self.executor)  # fmt: skip
+        self.pods = ListWatch(
+            api,
+            PODS,
+            settings,
+            settings.pod_label_selector,
+            self._pods_listed,
+            self._pod_event,
+            self.executor,
+        )
+        self.slices = ListWatch(
+            api,
+            ENDPOINTSLICES,
+            settings,
+            settings.label_selector,
+            self._slices_listed,
+            self._slice_event,
+            self.executor,
+        )
         self.stats: collections.Counter[str] = collections.Counter()
         self._outbox: collections.deque[Event] = collections.deque()
         self._wakeup = asyncio.Event()
@@ -798,12 +911,16 @@ class Informer:
     def _emit(self, events: list[Event]) -> None:
         for uid, (namespace, name) in self.cache.missing.items():
             if uid not in self._fetching:
-                self._fetching[uid] = asyncio.get_running_loop().create_task(self._fetch_pod(uid, namespace, name))
+                self._fetching[uid] = asyncio.get_running_loop().create_task(
+                    self._fetch_pod(uid, namespace, name)
+                )
         if not events:
             return
         self.stats["events"] += len(events)
         if len(self._outbox) + len(events) > self.settings.outbox_limit:
-            log.warning("informer: %d events waiting for Valkey; dropping them for a full resync", len(self._outbox))
+            log.warning(
+                "informer: %d events waiting for Valkey; dropping them for a full resync", len(self._outbox)
+            )
             self._outbox.clear()
             self._resync_due = True
         else:
@@ -818,8 +935,9 @@ class Informer:
             s = self.settings
             try:
                 self.stats["pod_gets"] += 1
-                obj = await self.slices._blocking(self.api.get_pod, namespace, name,
-                                                  timeout=(s.connect_timeout, s.list_timeout))  # fmt: skip
+                obj = await self.slices.blocking(
+                    self.api.get_pod, namespace, name, timeout=(s.connect_timeout, s.list_timeout)
+                )
                 parsed = parse_pod(obj)
             except asyncio.CancelledError:
                 raise
@@ -836,9 +954,11 @@ class Informer:
     # -- the loop
 
     async def run(self) -> None:
-        tasks = [asyncio.create_task(self.pods.run(), name="informer-pods"),
-                 asyncio.create_task(self._run_slices(), name="informer-slices"),
-                 asyncio.create_task(self._publish(), name="informer-publish")]  # fmt: skip
+        tasks = [
+            asyncio.create_task(self.pods.run(), name="informer-pods"),
+            asyncio.create_task(self._run_slices(), name="informer-slices"),
+            asyncio.create_task(self._publish(), name="informer-publish"),
+        ]
         try:
             await asyncio.gather(*tasks)
         finally:
@@ -872,11 +992,15 @@ class Informer:
                 was_active = False
                 continue
             now = time.monotonic()
-            if not was_active or self._resync_due or (s.resync_interval and now - last_resync > s.resync_interval):
-                if was_active and not self._resync_due:
-                    self.stats["resyncs"] += 1
+            if not was_active or self._resync_due:
+                # The whole current view (and recent removals) supersedes whatever is still queued.
+                self._outbox.clear()
                 self._outbox.extend(self.cache.resync())
                 was_active, self._resync_due, last_resync = True, False, now
+            elif s.resync_interval and now - last_resync > s.resync_interval:
+                self.stats["resyncs"] += 1
+                self._outbox.extend(self.cache.resync())
+                last_resync = now
             while self._outbox:
                 batch = [self._outbox[i] for i in range(min(len(self._outbox), s.submit_batch))]
                 try:
@@ -901,33 +1025,54 @@ class Informer:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``--kubernetes`` flags of ``fastproxy writer``."""
     group = parser.add_argument_group("Kubernetes informer (--kubernetes)")
-    group.add_argument("--kubernetes", action="store_true",
-                       help="also run the EndpointSlice informer: pods discovered, ready, draining, removed")  # fmt: skip
+    group.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="also run the EndpointSlice informer: pods discovered, ready, draining, removed",
+    )
     scope = group.add_mutually_exclusive_group()
-    scope.add_argument("--kube-namespace", default=None,
-                       help="namespace to watch (default: $POD_NAMESPACE, the service account's, or 'default'); "
-                            "--namespace is the writer's Valkey key prefix")  # fmt: skip
-    scope.add_argument("--all-namespaces", action="store_true", help="watch every namespace (needs a ClusterRole)")
-    group.add_argument("--label-selector", default=DEFAULT_LABEL_SELECTOR,
-                       help="EndpointSlices to follow (they carry their Service's labels)")  # fmt: skip
-    group.add_argument("--pod-label-selector", default="",
-                       help="pods whose metadata (revision label, concurrency annotation) is watched")  # fmt: skip
-    group.add_argument("--endpoint-port", default=None,
-                       help="name of the Service port routers use (default: the first TCP port)")  # fmt: skip
-    group.add_argument("--kubeconfig", default=None,
-                       help="kubeconfig file (default: in-cluster service account, else ~/.kube/config)")  # fmt: skip
+    scope.add_argument(
+        "--kube-namespace",
+        default=None,
+        help="namespace to watch (default: $POD_NAMESPACE, the service account's, or 'default'); "
+        "--namespace is the writer's Valkey key prefix",
+    )
+    scope.add_argument(
+        "--all-namespaces", action="store_true", help="watch every namespace (needs a ClusterRole)"
+    )
+    group.add_argument(
+        "--label-selector",
+        default=DEFAULT_LABEL_SELECTOR,
+        help="EndpointSlices to follow (they carry their Service's labels)",
+    )
+    group.add_argument(
+        "--pod-label-selector",
+        default="",
+        help="pods whose metadata (revision label, concurrency annotation) is watched",
+    )
+    group.add_argument(
+        "--endpoint-port",
+        default=None,
+        help="name of the Service port routers use (default: the first TCP port)",
+    )
+    group.add_argument(
+        "--kubeconfig",
+        default=None,
+        help="kubeconfig file (default: in-cluster service account, else ~/.kube/config)",
+    )
 
 
 def _default_namespace() -> str:
     if os.environ.get("POD_NAMESPACE"):
         return os.environ["POD_NAMESPACE"]
-    with contextlib.suppress(OSError):
-        with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace") as f:
-            return f.read().strip() or "default"
+    with contextlib.suppress(OSError), open("/var/run/secrets/kubernetes.io/serviceaccount/namespace") as f:
+        return f.read().strip() or "default"
     return "default"
 
 
-def informer_from_args(args: argparse.Namespace, client: Any, keys: Keys, *, active: Callable[[], bool]) -> Informer:
+def informer_from_args(
+    args: argparse.Namespace, client: Any, keys: Keys, *, active: Callable[[], bool]
+) -> Informer:
     """The informer ``fastproxy writer --kubernetes`` runs beside ``Writer.run()``."""
     from statesync.writer import submit
 
@@ -941,6 +1086,9 @@ def informer_from_args(args: argparse.Namespace, client: Any, keys: Keys, *, act
     async def to_stream(events: list[Event]) -> None:
         await submit(client, events, keys)
 
-    log.info("informer: EndpointSlices %s in %s", settings.label_selector or "(all)",
-             "all namespaces" if settings.namespace is None else settings.namespace)  # fmt: skip
+    log.info(
+        "informer: EndpointSlices %s in %s",
+        settings.label_selector or "(all)",
+        "all namespaces" if settings.namespace is None else settings.namespace,
+    )
     return Informer(KubeApi(config_loader(args.kubeconfig)), to_stream, settings, active=active)

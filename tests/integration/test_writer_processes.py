@@ -447,7 +447,7 @@ async def test_deposed_leader_sigstop_cannot_write(
 
     # Nothing lost: every event the old leader read after it woke up must still be applied.
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + 10
+    deadline = loop.time() + 15  # a deposed leader's entries are claimed once idle 2 lease ttls
     while await pod_count(client) < len(uids):
         if loop.time() > deadline:
             raise EventsLost(await lost(client, old, uids))
