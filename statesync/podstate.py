@@ -5,7 +5,7 @@ Theory of operation
 ``apply(record, event) -> Transition(record, effects)`` is a pure function; only the writer calls
 it, and it persists ``Transition.record`` and carries out ``Transition.effects``.
 
-An event is first put through three guards, in this order, each of which can end the step with no
+An event is first put through four guards, in this order, each of which can end the step with no
 state change:
 
 1. identity: a pod is its UID; an event for a UID we do not know is only meaningful if it
@@ -15,6 +15,8 @@ state change:
 3. trust: the sidecar's readiness outranks every other source's; once a sidecar has spoken for a
    pod, readiness from anyone else (the informer above all) is ignored; their lifecycle events,
    drain and removal, still count.
+4. order: a readiness report stamped earlier than the one the record holds (from the same
+   source) arrived late, e.g. claimed from a deposed writer's pending entries, and is dropped.
 
 What remains is classified into a ``Signal`` and looked up in ``TRANSITIONS[(state, signal)]``:
 a target state, ``HOLD`` (legal, nothing to do but remember the readiness), or ``REJECT``
@@ -225,6 +227,16 @@ def apply(record: PodRecord | None, event: PodEvent) -> Transition:
                 record, (Dropped(uid, f"{event.source.value} readiness outranked by the sidecar"),)
             )
 
+    # 4. order: a readiness report older than the one the record holds arrived late; drop it.
+    if (
+        record is not None
+        and signal in (S.READY, S.NOT_READY)
+        and event.at
+        and event.at < record.readiness_at
+        and event.source is record.readiness_source
+    ):
+        return Transition(record, (Dropped(uid, "readiness report older than the one applied"),))
+
     state = record.state if record is not None else None
     target = TRANSITIONS[(state, signal)]
 
@@ -251,6 +263,7 @@ def apply(record: PodRecord | None, event: PodEvent) -> Transition:
             generation=1,
             ready=event.ready is True,
             readiness_source=event.source if event.ready is not None else None,
+            readiness_at=event.at if event.ready is not None else 0.0,
         )
         return Transition(created, (Changed(created),))
 
@@ -262,6 +275,8 @@ def apply(record: PodRecord | None, event: PodEvent) -> Transition:
             if not (record.readiness_source is Source.SIDECAR and event.source is not Source.SIDECAR):
                 updates["ready"] = ready
                 updates["readiness_source"] = event.source
+        if event.at > record.readiness_at and "ready" in updates:
+            updates["readiness_at"] = event.at
     if isinstance(event, PodDiscovered) and event.concurrency != record.concurrency and state is not X:
         updates["concurrency"] = event.concurrency
 

@@ -86,6 +86,9 @@ class PodRecord(msgspec.Struct, frozen=True, kw_only=True, array_like=False):
     # remembers it so a passing health check restores Ready or NotReady as the pod itself says.
     ready: bool = False
     readiness_source: Source | None = None
+    # When the readiness above was reported (the reporter's clock): an older report that arrives
+    # late (a claimed entry, a slow path) must not overwrite a newer one.
+    readiness_at: Timestamp = 0.0
 
     @property
     def routable(self) -> bool:

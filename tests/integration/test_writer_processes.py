@@ -29,7 +29,7 @@ import valkey.asyncio as avalkey
 
 from statesync.connect import connect
 from statesync.embedded import EmbeddedValkey
-from statesync.keys import Keys, stream_id_key
+from statesync.keys import Keys
 from statesync.schema import (
     Delta,
     PodDiscovered,

@@ -254,6 +254,7 @@ def test_discovery_creates_the_record(ready: bool | None, state: PodState) -> No
         uid=UID, namespace=NAMESPACE, revision=REVISION, ip=IP, port=PORT, concurrency=9,
         state=state, reason=new.reason, source=Source.INFORMER, since=AT, generation=1,
         ready=ready is True, readiness_source=None if ready is None else Source.INFORMER,
+        readiness_at=0.0 if ready is None else AT,
     )  # fmt: skip
     assert effects == (Changed(new),)
 
@@ -680,3 +681,13 @@ PodStateMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestPodStateMachine = PodStateMachine.TestCase
+
+
+def test_a_late_readiness_report_does_not_overwrite_a_newer_one() -> None:
+    """A report claimed late from a deposed writer's pending entries carries its old timestamp."""
+    record = make_record(N, ready=False, readiness_source=Source.SIDECAR)
+    newer, _ = apply(record, ReadinessChanged(uid=UID, source=Source.SIDECAR, at=AT + 10, ready=True))
+    assert newer is not None and newer.readiness_at == AT + 10 and newer.state is R
+    late, effects = apply(newer, ReadinessChanged(uid=UID, source=Source.SIDECAR, at=AT + 5, ready=False))
+    assert late == newer
+    assert [type(e) for e in effects] == [Dropped]
