@@ -10,7 +10,10 @@ knows about each pod (revision label, ``fastproxy.io/concurrency`` annotation). 
 the view of every pod that input touched, and returns the events that turn the view the writer was
 last told into the new one. A pod is its UID (``endpoint.targetRef.uid``); an endpoint that appears in
 several slices (a Service has many; the controller moves endpoints between them) is one pod, taken
-from the slice of the first Service by name, the most recently changed slice of it.
+from the slice of the first Service by name, the most recently changed slice of it. Its revision is
+the pod's ``fastproxy.io/revision`` (or ``serving.knative.dev/revision``) label, else the slice's
+(the Service's labels), else the Service's name; its node (``nodeName``) is kept in the view and
+named in the events' reasons (the event schema has no node field).
 
 =====================================================  =============================================
 what the slices say about a pod UID                    event (source ``informer``)
@@ -40,11 +43,15 @@ exponentially with jitter. The kubernetes client is blocking: its calls run in a
 thread pool; a watch stream is read by one thread that hands lines to the event loop.
 
 ``Informer`` runs both watches (pods first, so slices rarely wait for pod metadata), fetches missing
-pods, and sends the events through ``statesync.writer.submit`` from an ordered outbox: a failed
-submit is retried with backoff and followed by a full resync (Valkey may have restarted empty), as
-is a periodic anti-entropy resync. In ``fastproxy writer --kubernetes`` every writer replica runs an
-informer (its cache stays warm), but only the leader's submits; a replica that becomes leader first
-submits its whole view, including recent removals, so nothing said during the hand-over is lost.
+pods, and sends the events through ``statesync.writer.submit`` from an ordered outbox. After a
+failed submit (Valkey down, or restarted empty) the queue is replaced by a full resync, the current
+view superseding it, sent after a backoff with jitter; a periodic resync is the anti-entropy.
+
+In ``fastproxy writer --kubernetes`` every writer replica runs an informer (its cache stays warm),
+but only the leader's submits (``active`` returns the leadership term: falsy on a standby, the epoch
+on the leader). In every new term the informer first submits its whole view, including recent
+removals, so nothing said during a hand-over, or lost with a Valkey that restarted empty, stays
+missing.
 
 RBAC: ``API_CALLS`` is every (API group, resource, verb) this module calls, collected from the
 ``@api_call`` decorators on ``KubeApi``; the Role in ``k8s/base`` grants exactly these.
@@ -367,6 +374,8 @@ class SliceCache:
                 continue
             assert isinstance(new, PodView)
             events += self._diff(old, new)
+            if old is not None:  # the writer keeps the identity it first accepted
+                new = new._replace(ip=old.ip, port=old.port, revision=old.revision)
             self.views[uid] = new
         return events
 
@@ -377,23 +386,16 @@ class SliceCache:
             if new.terminating:
                 events.append(self._drain(new, now))
             return events
-        if (old.ip, old.port, old.revision) != (new.ip, new.port, new.revision):
-            # A UID never changes address or revision; the writer would reject it. Say nothing.
-            log.warning(
-                "pod %s/%s (%s): address or revision changed %s:%d %s -> %s:%d %s; ignored",
-                new.namespace,
-                new.pod,
-                new.uid,
-                old.ip,
-                old.port,
-                old.revision,
-                new.ip,
-                new.port,
-                new.revision,
-            )
-            return []
         events = []
-        if new.concurrency != old.concurrency:
+        if (old.ip, old.port, old.revision) != (new.ip, new.port, new.revision):
+            # A UID never changes address or revision; the writer would reject a rediscovery. Only say
+            # what else changed (a relabelled pod, a Service whose port changed).
+            log.warning(
+                "pod %s/%s (%s): %s:%d %s -> %s:%d %s; a pod UID keeps its address and revision, ignored",
+                new.namespace, new.pod, new.uid, old.ip, old.port, old.revision, new.ip, new.port,
+                new.revision,
+            )  # fmt: skip
+        elif new.concurrency != old.concurrency:
             events.append(self._discovered(new, now))
         if new.terminating and not old.terminating:
             events.append(self._drain(new, now))
@@ -861,7 +863,7 @@ class Informer:
         submit: Submit,
         settings: InformerSettings | None = None,
         *,
-        active: Callable[[], bool] = lambda: True,
+        active: Callable[[], object] = lambda: True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.api = api
@@ -893,6 +895,7 @@ class Informer:
         self._wakeup = asyncio.Event()
         self._resync_due = False
         self._fetching: dict[str, asyncio.Task[None]] = {}
+        self._gets = asyncio.Semaphore(2)  # pod GETs at once (the watches need the pool's threads)
 
     # -- cache inputs
 
@@ -929,15 +932,19 @@ class Informer:
 
     async def _fetch_pod(self, uid: str, namespace: str, name: str) -> None:
         try:
-            await asyncio.sleep(self.settings.pod_fetch_delay)
+            s = self.settings
+            await asyncio.sleep(s.pod_fetch_delay)
+            with contextlib.suppress(TimeoutError):  # the pod list may still be coming: no GET storm
+                async with asyncio.timeout(s.pod_sync_timeout):
+                    await self.pods.synced.wait()
             if uid not in self.cache.missing:
                 return  # the pod watch delivered it meanwhile
-            s = self.settings
             try:
-                self.stats["pod_gets"] += 1
-                obj = await self.slices.blocking(
-                    self.api.get_pod, namespace, name, timeout=(s.connect_timeout, s.list_timeout)
-                )
+                async with self._gets:
+                    self.stats["pod_gets"] += 1
+                    obj = await self.slices.blocking(
+                        self.api.get_pod, namespace, name, timeout=(s.connect_timeout, s.list_timeout)
+                    )
                 parsed = parse_pod(obj)
             except asyncio.CancelledError:
                 raise
@@ -980,23 +987,25 @@ class Informer:
     async def _publish(self) -> None:
         s = self.settings
         backoff = Backoff(s.backoff_initial, s.backoff_max)
-        was_active = False
+        term: object = None  # the leadership term the view was last submitted in
         last_resync = time.monotonic()
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(0.5):
                     await self._wakeup.wait()
             self._wakeup.clear()
-            if not self.active():
+            current = self.active()
+            if not current:
                 self._outbox.clear()  # a standby keeps its cache warm but says nothing
-                was_active = False
+                term = None
                 continue
             now = time.monotonic()
-            if not was_active or self._resync_due:
-                # The whole current view (and recent removals) supersedes whatever is still queued.
+            if current != term or self._resync_due:
+                # A new term (leader, epoch) or a failed submit: the writer may lack anything said
+                # before. The whole current view (and recent removals) supersedes what is queued.
                 self._outbox.clear()
                 self._outbox.extend(self.cache.resync())
-                was_active, self._resync_due, last_resync = True, False, now
+                term, self._resync_due, last_resync = current, False, now
             elif s.resync_interval and now - last_resync > s.resync_interval:
                 self.stats["resyncs"] += 1
                 self._outbox.extend(self.cache.resync())
@@ -1034,8 +1043,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     scope.add_argument(
         "--kube-namespace",
         default=None,
-        help="namespace to watch (default: $POD_NAMESPACE, the service account's, or 'default'); "
-        "--namespace is the writer's Valkey key prefix",
+        help="namespace to watch; unset: $POD_NAMESPACE, else the service account's, else 'default' ("
+        "--namespace is the writer's Valkey key prefix)",
     )
     scope.add_argument(
         "--all-namespaces", action="store_true", help="watch every namespace (needs a ClusterRole)"
@@ -1053,12 +1062,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--endpoint-port",
         default=None,
-        help="name of the Service port routers use (default: the first TCP port)",
+        help="name of the Service port routers use; unset: the first TCP port",
     )
     group.add_argument(
         "--kubeconfig",
         default=None,
-        help="kubeconfig file (default: in-cluster service account, else ~/.kube/config)",
+        help="kubeconfig file; unset: the in-cluster service account, else ~/.kube/config",
     )
 
 
@@ -1071,7 +1080,7 @@ def _default_namespace() -> str:
 
 
 def informer_from_args(
-    args: argparse.Namespace, client: Any, keys: Keys, *, active: Callable[[], bool]
+    args: argparse.Namespace, client: Any, keys: Keys, *, active: Callable[[], object]
 ) -> Informer:
     """The informer ``fastproxy writer --kubernetes`` runs beside ``Writer.run()``."""
     from statesync.writer import submit

@@ -604,7 +604,20 @@ async def _serve(args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, writer.stop)
-    await writer.run()
+    # --kubernetes: the EndpointSlice informer runs as a task beside Writer.run(); only the leader's
+    # submits, and it resubmits its whole view in each new term (epoch)
+    informer = None
+    if args.kubernetes:
+        from statesync.informer import informer_from_args
+
+        term = lambda: writer.epoch if writer.leader else None  # noqa: E731
+        informer = asyncio.create_task(informer_from_args(args, client, writer.keys, active=term).run())
+    try:
+        await writer.run()
+    finally:
+        if informer is not None:
+            informer.cancel()
+            await asyncio.gather(informer, return_exceptions=True)
     return 0
 
 
@@ -635,5 +648,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--check-path", default=None, help="HTTP path for recovery checks (default: TCP connect)")
     parser.add_argument("--routes", help="routes file whose routes are submitted at start")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    from statesync.informer import add_arguments as add_kubernetes_arguments  # --kubernetes and its flags
+
+    add_kubernetes_arguments(parser)
     parser.set_defaults(func=run)
 
