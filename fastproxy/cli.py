@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, str] = {
     "writer": "statesync.writer:register",
     "dev": "fastproxy.devtools.dev:register",
     "sidecar": "fastproxy.sidecar:register",
+    "agent": "probes.agent:register",
 }
 
 

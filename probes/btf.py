@@ -89,7 +89,7 @@ class BTF:
             except KeyError:
                 raise BTFError(f"unknown BTF kind {kind} at byte {pos}") from None
             offsets.append(pos)
-            if (kind == STRUCT or kind == UNION) and name_off:
+            if kind in (STRUCT, UNION) and name_off:
                 names.setdefault(self.string(name_off), []).append(len(offsets) - 1)
             pos += 12 + fixed + per * vlen
 
@@ -178,7 +178,11 @@ class ProbeOffsets:
     net_inum: int  # struct net.ns.inum (unsigned int); -1 without netns
 
     def cflags(self) -> list[str]:
-        return [f"-DSK_ERR_OFF={self.sk_err}", f"-DSKC_NET_OFF={self.skc_net}", f"-DNET_INUM_OFF={self.net_inum}"]
+        return [
+            f"-DSK_ERR_OFF={self.sk_err}",
+            f"-DSKC_NET_OFF={self.skc_net}",
+            f"-DNET_INUM_OFF={self.net_inum}",
+        ]
 
 
 def probe_offsets(btf: BTF | None = None) -> ProbeOffsets:

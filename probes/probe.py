@@ -36,18 +36,35 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from probes.btf import VMLINUX_BTF, BTFError, probe_offsets
+from probes.btf import VMLINUX_BTF, BTFError, ProbeOffsets, probe_offsets
 
 BCC_DIR = Path(os.environ.get("FASTPROXY_BCC_DIR", "/usr/lib/python3/dist-packages/bcc"))
 SOURCE = Path(__file__).with_name("connect_failures.bpf.c")
 TRACEFS_CANDIDATES = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
-TRACEPOINTS = ("sock/inet_sock_set_state", "tcp/tcp_retransmit_skb", "tcp/tcp_receive_reset")
+TRACEPOINTS = ("sock/inet_sock_set_state", "tcp/tcp_retransmit_skb")  # required
+RESET_TRACEPOINT = "tcp/tcp_receive_reset"  # used only without BTF
+ERROR_REPORT_TRACEPOINT = "sock/inet_sk_error_report"  # optional: ICMP errors a caller consumed
 
 # record kinds and counters: keep in sync with connect_failures.bpf.c
 K_REFUSED, K_TIMEOUT, K_RESET, K_UNREACHABLE, K_RETRANSMIT, K_OTHER = 1, 2, 3, 4, 5, 6
-KIND_NAMES = {K_REFUSED: "refused", K_TIMEOUT: "timeout", K_RESET: "reset", K_UNREACHABLE: "unreachable",
-              K_RETRANSMIT: "syn_retransmit", K_OTHER: "other"}  # fmt: skip
-COUNTERS = ("ringbuf_drops", "emitted", "suppressed", "watched_connects", "abandoned", "other", "tracked_closes")
+KIND_NAMES = {
+    K_REFUSED: "refused",
+    K_TIMEOUT: "timeout",
+    K_RESET: "reset",
+    K_UNREACHABLE: "unreachable",
+    K_RETRANSMIT: "syn_retransmit",
+    K_OTHER: "other",
+}
+COUNTERS = (
+    "ringbuf_drops",
+    "emitted",
+    "suppressed",
+    "watched_connects",
+    "abandoned",
+    "other",
+    "tracked_closes",
+    "icmp_errors",
+)
 N_COUNTERS = 8
 
 # struct record (112 bytes): ts, start, suppressed, cgroup, tgid, tid, netns, retrans, err, dport,
@@ -83,10 +100,42 @@ class Record:
 
     @classmethod
     def decode(cls, data: bytes) -> Record:
-        (ts, start, suppressed, cgroup, pid, tid, netns, retrans, err, dport, sport, daddr, saddr, kind,
-         oldstate, comm) = RECORD.unpack_from(data)  # fmt: skip
-        return cls(ts, start, suppressed, cgroup, pid, tid, netns, retrans, err, dport, sport, daddr, saddr,
-                   kind, oldstate, comm.split(b"\0", 1)[0].decode(errors="replace"))  # fmt: skip
+        (
+            ts,
+            start,
+            suppressed,
+            cgroup,
+            pid,
+            tid,
+            netns,
+            retrans,
+            err,
+            dport,
+            sport,
+            daddr,
+            saddr,
+            kind,
+            oldstate,
+            comm,
+        ) = RECORD.unpack_from(data)
+        return cls(
+            ts,
+            start,
+            suppressed,
+            cgroup,
+            pid,
+            tid,
+            netns,
+            retrans,
+            err,
+            dport,
+            sport,
+            daddr,
+            saddr,
+            kind,
+            oldstate,
+            comm.split(b"\0", 1)[0].decode(errors="replace"),
+        )
 
     @property
     def kind_name(self) -> str:
@@ -116,12 +165,15 @@ def import_bcc() -> ModuleType:
     if loaded is not None:
         if Path(getattr(loaded, "__file__", "") or "").resolve().parent == BCC_DIR.resolve():
             return loaded
-        raise ProbeUnavailable(f"a different 'bcc' module is already imported ({loaded.__file__}); PyPI's "
-                               "bcc is unrelated to the BPF compiler collection")  # fmt: skip
+        raise ProbeUnavailable(
+            f"a different 'bcc' module is already imported ({loaded.__file__}); PyPI's "
+            "bcc is unrelated to the BPF compiler collection"
+        )
     init = BCC_DIR / "__init__.py"
     if not init.is_file():
-        raise ProbeUnavailable(f"bcc missing: no {init} (apt-get install python3-bpfcc; "
-                               "scripts/prepare-ebpf.sh does this)")  # fmt: skip
+        raise ProbeUnavailable(
+            f"bcc missing: no {init} (apt-get install python3-bpfcc; scripts/prepare-ebpf.sh does this)"
+        )
     spec = importlib.util.spec_from_file_location("bcc", init, submodule_search_locations=[str(BCC_DIR)])
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -161,8 +213,11 @@ def _check_privileges() -> Check:
     if sys_admin or (bpf and perfmon):
         return Check("privileges", True, "CAP_SYS_ADMIN" if sys_admin else "CAP_BPF + CAP_PERFMON")
     who = "not root" if os.geteuid() != 0 else "root without CAP_SYS_ADMIN"
-    return Check("privileges", False, f"{who} (uid {os.geteuid()}): needs root, CAP_BPF + CAP_PERFMON, or "
-                 "CAP_SYS_ADMIN")  # fmt: skip
+    return Check(
+        "privileges",
+        False,
+        f"{who} (uid {os.geteuid()}): needs root, CAP_BPF + CAP_PERFMON, or CAP_SYS_ADMIN",
+    )
 
 
 def _check_bpf_syscall() -> Check:
@@ -179,17 +234,28 @@ def _check_bpf_syscall() -> Check:
     if err == errno.ENOSYS:
         return Check("bpf()", False, "no BPF: the kernel has no bpf() syscall (CONFIG_BPF_SYSCALL=n)")
     if err == errno.EPERM:
-        return Check("bpf()", False, "bpf() not permitted (capabilities, or a seccomp profile blocking bpf())")
+        return Check(
+            "bpf()", False, "bpf() not permitted (capabilities, or a seccomp profile blocking bpf())"
+        )
     return Check("bpf()", False, f"bpf() failed: {os.strerror(err)}")
 
 
 def _check_btf() -> Check:
     try:
         offsets = probe_offsets()
-    except BTFError as exc:
-        return Check("BTF", False, f"{exc} (CONFIG_DEBUG_INFO_BTF=y is needed to read sk_err safely)")
-    return Check("BTF", True, f"{VMLINUX_BTF}: sock.sk_err at {offsets.sk_err}, netns via "
-                 f"{'skc_net' if offsets.skc_net >= 0 else 'none (no CONFIG_NET_NS)'}")  # fmt: skip
+    except BTFError as exc:  # the probe still runs, classifying by RST and retransmits
+        return Check(
+            "BTF",
+            True,
+            f"degraded: {exc} (without CONFIG_DEBUG_INFO_BTF sk_err cannot be read "
+            "safely: failures are classified by RST and SYN retransmits, netns is not reported)",
+        )
+    return Check(
+        "BTF",
+        True,
+        f"{VMLINUX_BTF}: sock.sk_err at {offsets.sk_err}, netns via "
+        f"{'skc_net' if offsets.skc_net >= 0 else 'none (no CONFIG_NET_NS)'}",
+    )
 
 
 def _check_headers() -> Check:
@@ -199,8 +265,12 @@ def _check_headers() -> Check:
         return Check("headers", True, f"{build} -> {os.path.realpath(build)}")
     if Path("/sys/kernel/kheaders.tar.xz").exists():
         return Check("headers", True, "/sys/kernel/kheaders.tar.xz (CONFIG_IKHEADERS)")
-    return Check("headers", False, f"no kernel headers at {build} (install linux-headers and link them there; "
-                 "scripts/prepare-ebpf.sh does this)")  # fmt: skip
+    return Check(
+        "headers",
+        False,
+        f"no kernel headers at {build} (install linux-headers and link them there; "
+        "scripts/prepare-ebpf.sh does this)",
+    )
 
 
 def tracefs() -> Path | None:
@@ -217,7 +287,13 @@ def _check_tracefs() -> Check:
     missing = [tp for tp in TRACEPOINTS if not (base / "events" / tp / "format").exists()]
     if missing:
         return Check("tracefs", False, f"{base}: missing tracepoints {', '.join(missing)}")
-    return Check("tracefs", True, f"{base}: {', '.join(TRACEPOINTS)}")
+    reset = (base / "events" / RESET_TRACEPOINT / "format").exists()
+    return Check(
+        "tracefs",
+        True,
+        f"{base}: {', '.join(TRACEPOINTS)}"
+        f"{', ' + RESET_TRACEPOINT if reset else ' (no ' + RESET_TRACEPOINT + ': needed only without BTF)'}",
+    )
 
 
 def _check_bcc() -> Check:
@@ -230,8 +306,14 @@ def _check_bcc() -> Check:
 
 def check_node() -> list[Check]:
     """Every prerequisite, each with a reason (nothing is compiled or attached)."""
-    return [_check_privileges(), _check_bpf_syscall(), _check_btf(), _check_headers(), _check_tracefs(),
-            _check_bcc()]  # fmt: skip
+    return [
+        _check_privileges(),
+        _check_bpf_syscall(),
+        _check_btf(),
+        _check_headers(),
+        _check_tracefs(),
+        _check_bcc(),
+    ]
 
 
 def require_node() -> None:
@@ -254,12 +336,19 @@ class Probe:
         watch_max: int = 65536,
         conn_max: int = 65536,
         ratelimit_max: int = 16384,
+        use_btf: bool = True,
     ) -> None:
+        self.use_btf = use_btf
+        self.degraded = ""  # why classification is weaker than with BTF, if it is
         self.window = window
         self.burst = burst
         self.abort_min = abort_min
-        self.defines = {"RINGBUF_PAGES": ringbuf_pages, "WATCH_MAX": watch_max, "CONN_MAX": conn_max,
-                        "RL_MAX": ratelimit_max}  # fmt: skip
+        self.defines = {
+            "RINGBUF_PAGES": ringbuf_pages,
+            "WATCH_MAX": watch_max,
+            "CONN_MAX": conn_max,
+            "RL_MAX": ratelimit_max,
+        }
         self.bpf: Any = None
         self.load_seconds = 0.0
         self.watching: dict[bytes, int] = {}  # address (16 bytes) -> port (0: any)
@@ -271,11 +360,19 @@ class Probe:
         if check:
             require_node()
         bcc = import_bcc()
-        try:
-            offsets = probe_offsets()
-        except BTFError as exc:
-            raise ProbeUnavailable(f"BTF: {exc}") from None
-        cflags = [*offsets.cflags(), *(f"-D{k}={v}" for k, v in self.defines.items()), "-w"]
+        if self.use_btf:
+            try:
+                offsets = probe_offsets()
+            except BTFError as exc:
+                self.degraded = f"no BTF ({exc}): classifying by RST and retransmits, netns unknown"
+                offsets = ProbeOffsets(sk_err=-1, skc_net=-1, net_inum=-1)
+        else:
+            self.degraded = "BTF not used: classifying by RST and retransmits, netns unknown"
+            offsets = ProbeOffsets(sk_err=-1, skc_net=-1, net_inum=-1)
+        base = tracefs()
+        error_report = base is not None and (base / "events" / ERROR_REPORT_TRACEPOINT / "format").exists()
+        defines = {**self.defines, "HAVE_ERROR_REPORT": int(error_report)}
+        cflags = [*offsets.cflags(), *(f"-D{k}={v}" for k, v in defines.items()), "-w"]
         started = time.perf_counter()
         try:
             self.bpf = bcc.BPF(src_file=str(SOURCE).encode(), cflags=cflags)
@@ -286,14 +383,16 @@ class Probe:
         self.configure()
         return self.load_seconds
 
-    def configure(self, window: float | None = None, burst: int | None = None, abort_min: float | None = None) -> None:
+    def configure(
+        self, window: float | None = None, burst: int | None = None, abort_min: float | None = None
+    ) -> None:
         if window is not None:
             self.window = window
         if burst is not None:
             self.burst = burst
         if abort_min is not None:
             self.abort_min = abort_min
-        table = self.bpf["config"]
+        table = self.bpf[b"config"]
         leaf = table.Leaf()
         leaf.window_ns = int(self.window * 1e9)
         leaf.abort_min_ns = int(self.abort_min * 1e9)
@@ -304,7 +403,7 @@ class Probe:
 
     def set_watch(self, wanted: dict[bytes, int]) -> tuple[int, int]:
         """Make the trie hold exactly ``wanted`` (address -> port, 0 = any). Returns (added, removed)."""
-        trie = self.bpf["watch"]
+        trie = self.bpf[b"watch"]
         added = removed = 0
         for addr in [a for a in self.watching if a not in wanted]:
             with contextlib.suppress(KeyError):
@@ -338,7 +437,7 @@ class Probe:
             on_data(ctypes.string_at(data, size))
             return 0
 
-        events = self.bpf["events"]
+        events = self.bpf[b"events"]
         events.open_ring_buffer(callback)
         self._callback = callback
         return int(events.map_fd)
@@ -350,15 +449,18 @@ class Probe:
         self.bpf.ring_buffer_poll(timeout_ms)
 
     def counters(self) -> dict[str, int]:
-        table = self.bpf["counters"]
+        table = self.bpf[b"counters"]
         out = {}
         for index, name in enumerate(COUNTERS):
             out[name] = int(sum(table[ctypes.c_int(index)]))
         return out
 
+    def counter(self, name: str) -> int:
+        return int(sum(self.bpf[b"counters"][ctypes.c_int(COUNTERS.index(name))]))
+
     def ratelimit_entries(self) -> Iterator[tuple[bytes, int, int, int]]:
         """(address, port, kind, cumulative suppressed) for every rate-limit entry."""
-        table = self.bpf["ratelimit"]
+        table = self.bpf[b"ratelimit"]
         try:
             items: Any = list(table.items_lookup_batch())
         except Exception:  # kernels without batch ops on this map type
@@ -366,23 +468,67 @@ class Probe:
         for key, value in items:
             yield bytes(key.addr), int(key.port), int(key.kind), int(value.suppressed)
 
+    # ---- in-kernel run time (benchmarks): BPF_ENABLE_STATS + bpf_prog_info.run_time_ns/run_cnt
+
+    @contextlib.contextmanager
+    def run_time_stats(self) -> Iterator[None]:
+        """Count run time of every BPF program while inside (BPF_ENABLE_STATS; off again on exit)."""
+        number = _BPF_SYSCALL.get(platform.machine())
+        if number is None:
+            raise ProbeUnavailable(f"bpf() syscall number unknown on {platform.machine()}")
+        libc = ctypes.CDLL(None, use_errno=True)
+        attr = (ctypes.c_uint32 * 18)(0)  # enable_stats.type = BPF_STATS_RUN_TIME
+        fd = libc.syscall(number, 32, ctypes.byref(attr), ctypes.sizeof(attr))  # BPF_ENABLE_STATS
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), "BPF_ENABLE_STATS failed")
+        try:
+            yield
+        finally:
+            os.close(fd)
+
+    def run_time(self) -> dict[str, tuple[int, int]]:
+        """Program name -> (run_time_ns, run_cnt) so far (counted only under ``run_time_stats``)."""
+        from probes.btf import BTF
+
+        number = _BPF_SYSCALL[platform.machine()]
+        btf = BTF.load()
+        time_off, count_off = (
+            btf.offset("bpf_prog_info", "run_time_ns"),
+            btf.offset("bpf_prog_info", "run_cnt"),
+        )
+        size = max(time_off, count_off) + 8
+        libc = ctypes.CDLL(None, use_errno=True)
+        out = {}
+        for name, function in self.bpf.funcs.items():
+            info = ctypes.create_string_buffer(size)
+            attr = struct.pack("<IIQ", function.fd, size, ctypes.addressof(info)) + bytes(48)
+            attr_buf = ctypes.create_string_buffer(attr, len(attr))
+            if libc.syscall(number, 15, attr_buf, len(attr)) < 0:  # BPF_OBJ_GET_INFO_BY_FD
+                raise OSError(ctypes.get_errno(), "BPF_OBJ_GET_INFO_BY_FD failed")
+            (run_time,) = struct.unpack_from("<Q", info.raw, time_off)
+            (run_cnt,) = struct.unpack_from("<Q", info.raw, count_off)
+            out[name.decode().removeprefix("tracepoint__")] = (run_time, run_cnt)
+        return out
+
     # ---- attach / detach (benchmarks) and teardown
 
-    _TRACEPOINT_FUNCS = (
-        (b"sock:inet_sock_set_state", b"tracepoint__sock__inet_sock_set_state"),
-        (b"tcp:tcp_retransmit_skb", b"tracepoint__tcp__tcp_retransmit_skb"),
-        (b"tcp:tcp_receive_reset", b"tracepoint__tcp__tcp_receive_reset"),
-    )
+    def tracepoints(self) -> list[tuple[bytes, bytes]]:
+        """(category:event, function) for every probe function in the program."""
+        out = []
+        for function in self.bpf.funcs:
+            _, category, event = function.decode().split("__", 2)
+            out.append((f"{category}:{event}".encode(), function))
+        return out
 
     def detach(self) -> None:
         if self._attached:
-            for tp, _ in self._TRACEPOINT_FUNCS:
+            for tp, _ in self.tracepoints():
                 self.bpf.detach_tracepoint(tp)
             self._attached = False
 
     def attach(self) -> None:
         if not self._attached:
-            for tp, fn in self._TRACEPOINT_FUNCS:
+            for tp, fn in self.tracepoints():
                 self.bpf.attach_tracepoint(tp=tp, fn_name=fn)
             self._attached = True
 
