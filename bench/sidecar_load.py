@@ -20,7 +20,8 @@ Everything is a real process on this machine, on loopback:
 - one sidecar per pod (``fastproxy sidecar --concurrency 1 --readiness-path /ready``) in front of
   its app server, reporting to the writer;
 - ``RouteChanged`` for service ``chat`` -> revision ``chat-v1``, submitted to the writer's stream;
-- ``--routers`` routers (``fastproxy router --valkey URL --sidecar-protocol --queue-timeout 30``).
+- ``--routers`` routers (``fastproxy router --valkey URL --sidecar-protocol --queue-timeout 30
+  --max-queued 100000``: the queue deadline, not the queue's count bound, is what limits waiting).
 
 Once every router's admin ``/v1/pods`` shows every pod ready (and not excluded), one open-loop
 generator per router (``bench.loadgen.run_open_loop``, all in this process) offers
@@ -46,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
 import dataclasses
 import datetime
@@ -87,6 +89,8 @@ class Options:
     body_bytes: int = 64
     max_connections: int = 1024  # per generator (router); beyond it requests wait in the generator
     busy_backoff: float | None = None  # router --busy-backoff (None: the router's default)
+    router_args: tuple[str, ...] = ()  # more flags for every router
+    sidecar_args: tuple[str, ...] = ()  # more flags for every sidecar
     start_timeout: float = 60.0
     log_dir: str | None = None  # child processes' stderr; a temporary directory if None
 
@@ -166,9 +170,14 @@ class System:
         env = dict(os.environ, FASTPROXY_ADMIN_TOKEN=self.token, PYTHONUNBUFFERED="1")
         with open(self.log_dir / f"{name}.log", "wb") as log:
             proc = await asyncio.create_subprocess_exec(
-                PY, *args, stdout=asyncio.subprocess.PIPE if wait_line else asyncio.subprocess.DEVNULL,
-                stderr=log, env=env, cwd=ROOT, start_new_session=True,
-            )  # fmt: skip
+                PY,
+                *args,
+                stdout=asyncio.subprocess.PIPE if wait_line else asyncio.subprocess.DEVNULL,
+                stderr=log,
+                env=env,
+                cwd=ROOT,
+                start_new_session=True,
+            )
         child = Child(name, group, proc, [])
         self.children.append(child)
         if wait_line:
@@ -193,16 +202,39 @@ class System:
         started = time.perf_counter()
         self.valkey = EmbeddedValkey().start()
         url = self.valkey.url
-        await self.spawn("writer", "writer", "-m", "fastproxy.cli", "writer", "--valkey", url, "--lease-ttl", "2",
-                         "--log-level", "warning", wait_line=False)  # fmt: skip
+        await self.spawn(
+            "writer",
+            "writer",
+            "-m",
+            "fastproxy.cli",
+            "writer",
+            "--valkey",
+            url,
+            "--lease-ttl",
+            "2",
+            "--log-level",
+            "warning",
+            wait_line=False,
+        )
         client = connect(url)
         try:
-            await submit(client, [RouteChanged(route=Route(
-                service=SERVICE, revisions=(WeightedRevision(revision=REVISION, weight=100),)), at=time.time())])  # fmt: skip
+            await submit(
+                client,
+                [
+                    RouteChanged(
+                        route=Route(
+                            service=SERVICE, revisions=(WeightedRevision(revision=REVISION, weight=100),)
+                        ),
+                        at=time.time(),
+                    )
+                ],
+            )
         finally:
             await client.aclose()
         listen = [arg for i in range(opts.pods) for arg in ("--listen", f"{pod_address(i)}:0")]
-        app = await self.spawn("app", "app", "-m", "fastproxy.devtools.upstream", *listen, "--concurrency", "1")
+        app = await self.spawn(
+            "app", "app", "-m", "fastproxy.devtools.upstream", *listen, "--concurrency", "1"
+        )
         self.app_addresses = app.words
         if len(self.app_addresses) != opts.pods:
             raise RuntimeError(f"app listens on {app.words}, expected {opts.pods} addresses")
@@ -210,28 +242,75 @@ class System:
         async def sidecar(i: int) -> Child:
             ip = pod_address(i)
             return await self.spawn(
-                f"sidecar-{i:02d}", "sidecars", "-m", "fastproxy.cli", "sidecar", "--listen", f"{ip}:0",
-                "--admin", f"{ip}:0", "--app", self.app_addresses[i], "--concurrency", "1",
-                "--readiness-path", "/ready", "--valkey", url, "--pod-uid", f"pod-{i:02d}", "--pod-ip", ip,
-                "--revision", REVISION, "--grace-period", "2", "--log-level", "warning",
-            )  # fmt: skip
+                f"sidecar-{i:02d}",
+                "sidecars",
+                "-m",
+                "fastproxy.cli",
+                "sidecar",
+                "--listen",
+                f"{ip}:0",
+                "--admin",
+                f"{ip}:0",
+                "--app",
+                self.app_addresses[i],
+                "--concurrency",
+                "1",
+                "--readiness-path",
+                "/ready",
+                "--valkey",
+                url,
+                "--pod-uid",
+                f"pod-{i:02d}",
+                "--pod-ip",
+                ip,
+                "--revision",
+                REVISION,
+                "--grace-period",
+                "2",
+                "--log-level",
+                "warning",
+                *opts.sidecar_args,
+            )
 
         async def router(i: int) -> Child:
             extra = [] if opts.busy_backoff is None else ["--busy-backoff", f"{opts.busy_backoff:g}"]
             return await self.spawn(
-                f"router-{i}", "routers", "-m", "fastproxy.cli", "router", "--listen", "127.0.0.1:0",
-                "--admin", "127.0.0.1:0", "--valkey", url, "--sidecar-protocol",
-                "--queue-timeout", f"{opts.queue_timeout:g}", "--max-queued", "100000",
-                "--instance", f"router-{i}", "--grace-period", "2", "--log-level", "warning", *extra,
-            )  # fmt: skip
+                f"router-{i}",
+                "routers",
+                "-m",
+                "fastproxy.cli",
+                "router",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+                "--valkey",
+                url,
+                "--sidecar-protocol",
+                "--queue-timeout",
+                f"{opts.queue_timeout:g}",
+                "--max-queued",
+                "100000",
+                "--instance",
+                f"router-{i}",
+                "--grace-period",
+                "2",
+                "--log-level",
+                "warning",
+                *extra,
+                *opts.router_args,
+            )
 
         await asyncio.gather(*(sidecar(i) for i in range(opts.pods)))
         routers = await asyncio.gather(*(router(i) for i in range(opts.routers)))
         self.routers = [(r.words[0], r.words[2]) for r in routers]
-        self.say(f"started {len(self.children)} processes in {time.perf_counter() - started:.1f}s; "
-                 f"waiting for {opts.pods} ready pods in every router")  # fmt: skip
+        self.say(
+            f"started {len(self.children)} processes in {time.perf_counter() - started:.1f}s; "
+            f"waiting for {opts.pods} ready pods in every router"
+        )
         await self.wait_all_ready()
-        self.say(f"all {opts.routers} routers see {opts.pods} ready pods after {time.perf_counter() - started:.1f}s")
+        elapsed = time.perf_counter() - started
+        self.say(f"all {opts.routers} routers see {opts.pods} ready pods after {elapsed:.1f}s")
 
     async def admin_get(self, client: httpx.AsyncClient, admin: str, path: str) -> httpx.Response:
         return await client.get(f"http://{admin}{path}", headers={"authorization": f"Bearer {self.token}"})
@@ -335,19 +414,28 @@ async def _measure(system: System, opts: Options, say: Any) -> dict[str, Any]:
     rate = opts.offered_rate
     per_router = rate / opts.routers
     body = b"x" * opts.body_bytes
-    say(f"offering {rate:.0f} req/s ({rate / opts.capacity:.2f}x capacity {opts.capacity:.0f} req/s) "
-        f"for {opts.warmup:g}s warm-up + {opts.duration:g}s over {opts.routers} routers")  # fmt: skip
+    say(
+        f"offering {rate:.0f} req/s ({rate / opts.capacity:.2f}x capacity {opts.capacity:.0f} req/s) "
+        f"for {opts.warmup:g}s warm-up + {opts.duration:g}s over {opts.routers} routers"
+    )
     generators = []
     for proxy, _ in system.routers:
         host, _, port = proxy.rpartition(":")
         generators.append(
             asyncio.create_task(
                 run_open_loop(
-                    host, int(port), rate=per_router, duration=opts.duration, warmup=opts.warmup,
-                    path=f"/delay/{opts.work_ms}", method="POST", body=body,
+                    host,
+                    int(port),
+                    rate=per_router,
+                    duration=opts.duration,
+                    warmup=opts.warmup,
+                    path=f"/delay/{opts.work_ms}",
+                    method="POST",
+                    body=body,
                     headers={"x-fastproxy-service": SERVICE, "content-type": "application/octet-stream"},
-                    max_connections=opts.max_connections, timeout=opts.queue_timeout + 10.0,
-                )  # fmt: skip
+                    max_connections=opts.max_connections,
+                    timeout=opts.queue_timeout + 10.0,
+                )
             )
         )
     await asyncio.sleep(opts.warmup)
@@ -361,8 +449,20 @@ async def _measure(system: System, opts: Options, say: Any) -> dict[str, Any]:
     drained = time.perf_counter() - wall_end
     app = await system.app_stats()
     metrics = await system.router_metrics()
-    return _report(opts, results, start_stats, window_stats, app, metrics,
-                   cpu_start, cpu_end, machine_start, machine_end, wall_end - wall_start, drained)  # fmt: skip
+    return _report(
+        opts,
+        results,
+        start_stats,
+        window_stats,
+        app,
+        metrics,
+        cpu_start,
+        cpu_end,
+        machine_start,
+        machine_end,
+        wall_end - wall_start,
+        drained,
+    )
 
 
 def _report(
@@ -401,6 +501,8 @@ def _report(
         "max": gaps[-1] if gaps else math.nan,
         "over_10ms": sum(1 for g in gaps if g > GOAL_IDLE_GAP_P99_MS),
         "total_ms": sum(gaps),
+        # gaps per bucket: "<=1" counts gaps up to 1 ms, "<=2" those in (1, 2], ...
+        "histogram": _histogram(gaps),
     }
     served_in_window = window_stats["work_count"] - start_stats["work_count"]
     cpu = {group: cpu_end.get(group, 0.0) - cpu_start.get(group, 0.0) for group in cpu_end}
@@ -427,6 +529,7 @@ def _report(
         "client": {
             "sent": sent,
             "completed": completed,
+            "failed": sum(errors.values()) + bad_status,
             "errors": errors,
             "status": status,
             "latency_ms": {
@@ -435,9 +538,15 @@ def _report(
                 "max": latencies[-1] * 1000 if latencies else math.nan,
             },
             "per_router": [
-                {"target": r.target, "sent": r.sent, "completed": r.completed, "errors": r.errors,
-                 "pool_exhausted": r.pool_exhausted, "max_backlog": r.max_backlog,
-                 "max_send_lag_ms": r.max_send_lag * 1000}  # fmt: skip
+                {
+                    "target": r.target,
+                    "sent": r.sent,
+                    "completed": r.completed,
+                    "errors": r.errors,
+                    "pool_exhausted": r.pool_exhausted,
+                    "max_backlog": r.max_backlog,
+                    "max_send_lag_ms": r.max_send_lag * 1000,
+                }
                 for r in results
             ],
             "drain_seconds": drained,
@@ -460,6 +569,20 @@ def _report(
     }
 
 
+GAP_BUCKETS_MS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
+
+
+def _histogram(sorted_gaps: list[float]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    low = 0
+    for bound in GAP_BUCKETS_MS:
+        high = bisect.bisect_right(sorted_gaps, bound)
+        out[f"<={bound:g}"] = high - low
+        low = high
+    out[f">{GAP_BUCKETS_MS[-1]:g}"] = len(sorted_gaps) - low
+    return out
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     opts, client, app, idle = results["options"], results["client"], results["app"], results["idle_gap_ms"]
     checks = results["checks"]
@@ -469,28 +592,75 @@ def render_markdown(results: dict[str, Any]) -> str:
 
     refusals = ", ".join(str(m["busy_refusals"]) for m in results["routers"])
     rows = [
-        ("setup", f"{opts['routers']} routers, {opts['pods']} CC=1 pods behind sidecars, "
-                  f"POST /delay/{opts['work_ms']} ({opts['body_bytes']} B body)", "", ""),
-        ("offered", f"{opts['offered_rate']:.0f} req/s = {opts['offered_rate'] / opts['capacity']:.2f}x "
-                    f"capacity {opts['capacity']:.0f} req/s, {opts['duration']:g}s", "", ""),
-        ("client errors", f"{sum(client['errors'].values())} {client['errors'] or ''}", "0",
-         mark(checks["no_client_errors"])),
-        ("statuses", ", ".join(f"{k}: {v}" for k, v in sorted(client["status"].items())) +
-         f" ({client['completed']}/{client['sent']} completed)", "all 200", mark(checks["no_client_errors"])),
-        ("double-booked app calls", f"{app['violations']} (max concurrent {app['max_concurrent_seen']})", "0",
-         mark(checks["no_double_booking"])),
-        ("idle gap p50 / p90 / p99", f"{idle['p50']:.2f} / {idle['p90']:.2f} / {idle['p99']:.2f} ms",
-         f"p99 <= {GOAL_IDLE_GAP_P99_MS:g} ms", mark(checks["idle_gap_p99"])),
-        ("idle gap max, count > 10 ms", f"{idle['max']:.1f} ms, {idle['over_10ms']} of {idle['kept']}", "", ""),
+        (
+            "setup",
+            f"{opts['routers']} routers, {opts['pods']} CC=1 pods behind sidecars, "
+            f"POST /delay/{opts['work_ms']} ({opts['body_bytes']} B body)",
+            "",
+            "",
+        ),
+        (
+            "offered",
+            f"{opts['offered_rate']:.0f} req/s = {opts['offered_rate'] / opts['capacity']:.2f}x "
+            f"capacity {opts['capacity']:.0f} req/s, {opts['duration']:g}s",
+            "",
+            "",
+        ),
+        (
+            "client errors (non-200 or no answer)",
+            f"{client['failed']} (non-200: {client['failed'] - sum(client['errors'].values())}, "
+            f"no answer: {sum(client['errors'].values())} {client['errors'] or ''})",
+            "0",
+            mark(checks["no_client_errors"]),
+        ),
+        (
+            "statuses",
+            ", ".join(f"{k}: {v}" for k, v in sorted(client["status"].items()))
+            + f" ({client['completed']}/{client['sent']} completed)",
+            "all 200",
+            mark(checks["no_client_errors"]),
+        ),
+        (
+            "double-booked app calls",
+            f"{app['violations']} (max concurrent {app['max_concurrent_seen']})",
+            "0",
+            mark(checks["no_double_booking"]),
+        ),
+        (
+            "idle gap p50 / p90 / p99",
+            f"{idle['p50']:.2f} / {idle['p90']:.2f} / {idle['p99']:.2f} ms",
+            f"p99 <= {GOAL_IDLE_GAP_P99_MS:g} ms",
+            mark(checks["idle_gap_p99"]),
+        ),
+        (
+            "idle gap max, count > 10 ms",
+            f"{idle['max']:.1f} ms, {idle['over_10ms']} of {idle['kept']}",
+            "",
+            "",
+        ),
+        ("idle gaps per bucket (ms)", " ".join(f"{k}: {v}" for k, v in idle["histogram"].items()), "", ""),
         ("busy refusals (per router)", f"{results['busy_refusals']} ({refusals})", "", ""),
-        ("throughput (app, in window)", f"{app['throughput']:.0f} req/s = {app['utilisation'] * 100:.1f}% of capacity",
-         "", ""),
-        ("client latency p50 / p99", f"{client['latency_ms']['p50']:.0f} / {client['latency_ms']['p99']:.0f} ms "
-                                     "(queueing included)", "", ""),
-        ("CPU (cores)", ", ".join(f"{k} {v:.2f}" for k, v in results["cpu"]["cores_used"].items()) +
-         f"; machine {results['cpu']['machine_busy_cores']:.2f} of {results['cpu']['cpus']}, "
-         f"other processes {results['cpu']['foreign_cores']:.2f}", "", ""),
-    ]  # fmt: skip
+        (
+            "throughput (app, in window)",
+            f"{app['throughput']:.0f} req/s = {app['utilisation'] * 100:.1f}% of capacity",
+            "",
+            "",
+        ),
+        (
+            "client latency p50 / p99",
+            f"{client['latency_ms']['p50']:.0f} / {client['latency_ms']['p99']:.0f} ms (queueing included)",
+            "",
+            "",
+        ),
+        (
+            "CPU (cores)",
+            ", ".join(f"{k} {v:.2f}" for k, v in results["cpu"]["cores_used"].items())
+            + f"; machine {results['cpu']['machine_busy_cores']:.2f} of {results['cpu']['cpus']}, "
+            f"other processes {results['cpu']['foreign_cores']:.2f}",
+            "",
+            "",
+        ),
+    ]
     lines = ["| metric | value | goal | met |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     return "\n".join(lines) + "\n"
@@ -502,25 +672,55 @@ def write_results(results: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.sidecar_load", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.sidecar_load", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--routers", type=int, default=4)
     parser.add_argument("--pods", type=int, default=20)
     parser.add_argument("--duration", type=float, default=20.0, help="measured seconds")
-    parser.add_argument("--rate", type=float, default=None, help="offered req/s (default: load-factor x capacity)")
-    parser.add_argument("--load-factor", type=float, default=1.3, help="offered load / capacity, without --rate")
+    parser.add_argument(
+        "--rate", type=float, default=None, help="offered req/s (default: load-factor x capacity)"
+    )
+    parser.add_argument(
+        "--load-factor", type=float, default=1.3, help="offered load / capacity, without --rate"
+    )
     parser.add_argument("--work-ms", type=int, default=50, help="app time per request")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of load before measuring")
     parser.add_argument("--queue-timeout", type=float, default=30.0, help="routers' --queue-timeout")
     parser.add_argument("--busy-backoff", type=float, default=None, help="routers' --busy-backoff (seconds)")
+    parser.add_argument(
+        "--router-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more argument for every router (repeatable; --router-arg=--flag)",
+    )
+    parser.add_argument(
+        "--sidecar-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more argument for every sidecar (repeatable; --sidecar-arg=--flag)",
+    )
     parser.add_argument("--max-connections", type=int, default=1024, help="client connections per router")
     parser.add_argument("--log-dir", default=None, help="keep the child processes' stderr here")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="results file")
     args = parser.parse_args(argv)
     opts = Options(
-        routers=args.routers, pods=args.pods, duration=args.duration, rate=args.rate, work_ms=args.work_ms,
-        load_factor=args.load_factor, warmup=args.warmup, queue_timeout=args.queue_timeout,
-        busy_backoff=args.busy_backoff, max_connections=args.max_connections, log_dir=args.log_dir,
-    )  # fmt: skip
+        routers=args.routers,
+        pods=args.pods,
+        duration=args.duration,
+        rate=args.rate,
+        work_ms=args.work_ms,
+        load_factor=args.load_factor,
+        warmup=args.warmup,
+        queue_timeout=args.queue_timeout,
+        busy_backoff=args.busy_backoff,
+        max_connections=args.max_connections,
+        log_dir=args.log_dir,
+        router_args=tuple(args.router_arg),
+        sidecar_args=tuple(args.sidecar_arg),
+    )
 
     def say(text: str) -> None:
         print(text, file=sys.stderr, flush=True)

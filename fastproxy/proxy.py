@@ -74,6 +74,9 @@ PAUSE_HOLDING = 2  # body bytes held while no pod is ready, or pipelined request
 PAUSE_SHUTDOWN = 4
 
 HOLD_LIMIT = 256 * 1024  # body bytes held before a pod is ready, per request
+# Sidecar protocol: a request complete and at most this big goes with its body at once (no
+# Expect: 100-continue round trip); a copy is kept so a busy refusal can still re-pick.
+REPLAY_LIMIT = 64 * 1024
 BUSY_HEADER = b"x-fastproxy-busy"
 
 
@@ -359,7 +362,9 @@ class Exchange:
         "hold_bytes",
         "out_chunked",
         "pod",
+        "queue_deadline",
         "release",
+        "replay",
         "request_complete",
         "request_sent",
         "response_close",
@@ -388,7 +393,9 @@ class Exchange:
         self.out_chunked = False
         self.response_close = False
         self.attempts = 0
+        self.queue_deadline = 0.0  # loop time; set at the first wait or busy refusal
         self.busy_refused = False
+        self.replay: list[bytes] | None = None
         self.continue_sent = False
         self.status = 0
         self.t_head = time.perf_counter()
@@ -431,7 +438,9 @@ class Exchange:
             self.fail(ServiceUnavailable(f"revision {self.revision} has no pods", retry_after=5))
             return
         try:
-            waiter = router.slots.enqueue(self.revision, self.hold_bytes, router.loop)
+            # A request refused as busy was already at the head of the line: it keeps its place.
+            requeue = self.queue_deadline > 0
+            waiter = router.slots.enqueue(self.revision, self.hold_bytes, router.loop, front=requeue)
         except QueueFull as exc:
             router.stats.queue_rejections += 1
             if router.config.refuse_when_full:
@@ -441,7 +450,9 @@ class Exchange:
             return
         self.stage = Stage.QUEUED
         self._waiter = waiter
-        self._waiter_timer = router.loop.call_later(router.config.queue_timeout, self._queue_deadline)
+        if not self.queue_deadline:
+            self.queue_deadline = router.loop.time() + router.config.queue_timeout
+        self._waiter_timer = router.loop.call_at(self.queue_deadline, self._queue_deadline)
         waiter.add_done_callback(self._on_waiter_done)
 
     def _leave_queue(self) -> None:
@@ -513,15 +524,30 @@ class Exchange:
         router = self.router
         pod = self.pod
         assert pod is not None
-        self._give_back_slot()
         self.pod = None
         stats = router.stats
         stats.retries[failure.kind] = stats.retries.get(failure.kind, 0) + 1
+        # Out of rotation first, then the slot goes back: else it is handed straight to the oldest
+        # waiter, who would send to the very pod that just refused or failed.
         if failure.kind == "busy_refused":
             stats.busy_refusals += 1
+            if self.replay is not None:
+                self.hold = list(self.replay)
+                self.hold_bytes = sum(map(len, self.hold))
             router.skip_busy_pod(pod)
+            self._give_back_slot()
+            # Not an attempt: nothing reached the app. The queue deadline bounds the retries.
+            self.attempts -= 1
+            now = router.loop.time()
+            if not self.queue_deadline:
+                self.queue_deadline = now + router.config.queue_timeout
+            elif now >= self.queue_deadline:
+                self.fail(ServiceUnavailable(f"no free slot in revision {self.revision} within "
+                                             f"{router.config.queue_timeout:g}s", retry_after=1))
+                return
         else:
             router.exclude_pod(pod, failure.kind, failure.reason)
+            self._give_back_slot()
         if self.attempts >= router.config.max_attempts:
             self.fail(BadGateway(f"{failure.reason}; gave up after {self.attempts} attempts"))
             return
@@ -544,6 +570,9 @@ class Exchange:
             self.continue_sent = True
             self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # a pod is ready: send the body
         hold_back = router.config.sidecar_protocol and head.has_body
+        if hold_back and self.request_complete and self.hold_bytes <= REPLAY_LIMIT:
+            hold_back = False
+            self.replay = list(self.hold)
         data = build_request_head(head, self.client.forwarding_headers(head), expect_continue=hold_back)
         if hold_back:
             transport.write(data)
@@ -630,7 +659,7 @@ class Exchange:
             status == 503
             and self.router.config.sidecar_protocol
             and self.stage in (Stage.AWAIT_CONTINUE, Stage.SENT)
-            and (self.stage is Stage.AWAIT_CONTINUE or not self.head.has_body)
+            and (self.stage is Stage.AWAIT_CONTINUE or not self.head.has_body or self.replay is not None)
             and response.header(BUSY_HEADER) is not None
         ):
             # The sidecar refused before the app saw anything: not an error; once the refusal
@@ -681,7 +710,7 @@ class Exchange:
         self.upstream = None
         if self.busy_refused:
             self.busy_refused = False
-            if self.head.has_body:
+            if self.head.has_body and self.replay is None:
                 conn.close()  # a body was announced and never sent: the connection is ambiguous
             else:
                 router.pool.checkin(conn)
@@ -847,27 +876,28 @@ class ClientConnection(asyncio.Protocol):
         self._process_events()
 
     def _process_events(self) -> None:
+        # Each event leaves the list *before* it is handled: handling may finish the exchange
+        # (an early answer, then the request's END), and exchange_finished processes what is
+        # left re-entrantly; it must never see an event twice.
         events = self._events
-        taken = 0
-        for event in events:
+        while events:
+            event = events[0]
             exchange = self.exchange
             if exchange is None:
                 if type(event) is not RequestHead:  # pragma: no cover - the parser orders events
                     raise RuntimeError(f"event {event!r} outside a request")
+                del events[0]
                 self.router.stats.requests += 1
                 self.exchange = exchange = Exchange(self, event)
-                taken += 1
                 exchange.start()
                 continue
             if exchange.request_complete:
                 break  # a pipelined request waits for the response before it
-            taken += 1
+            del events[0]
             if event is END:
                 exchange.request_end()
             else:
                 exchange.request_body(event)  # type: ignore[arg-type]
-        if taken:
-            del events[:taken]
         if events:
             self.pause_reading(PAUSE_HOLDING)
 

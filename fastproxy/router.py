@@ -275,6 +275,7 @@ def _config_from_args(args: argparse.Namespace) -> RouterConfig:
         max_queued=args.max_queued,
         max_attempts=args.max_attempts,
         exclusion_seconds=args.exclusion_seconds,
+        busy_backoff_seconds=args.busy_backoff,
         service_header=args.service_header,
         sidecar_protocol=args.sidecar_protocol,
         trusted_proxies=tuple(args.trusted_proxy),
@@ -362,6 +363,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--max-queued", type=int, default=1000, help="waiting requests per revision")
     parser.add_argument("--max-attempts", type=int, default=4, help="pods tried per request")
     parser.add_argument("--exclusion-seconds", type=float, default=5.0, help="local exclusion after a failure")
+    parser.add_argument("--busy-backoff", type=float, default=RouterConfig().busy_backoff_seconds,
+                        help="seconds a pod whose sidecar said busy is skipped by this router")  # fmt: skip
     parser.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024, help="request body limit (413)")
     parser.add_argument("--grace-period", type=float, default=30.0, help="SIGTERM: seconds to finish in-flight")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

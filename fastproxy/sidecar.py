@@ -91,6 +91,7 @@ class Sidecar:
         self.transitions = 0
         self.client: Any = None
         self.outbox: list[Event] = []  # events waiting for Valkey (bounded)
+        self.outbox_ready = asyncio.Event()
         self.draining = False
         self.bound_port = args.listen[1]
 
@@ -158,6 +159,7 @@ class Sidecar:
         if len(self.outbox) >= 1000:
             del self.outbox[0]
         self.outbox.append(event)
+        self.outbox_ready.set()
 
     async def report_loop(self) -> None:
         if not self.args.valkey:
@@ -169,9 +171,15 @@ class Sidecar:
         self.push(self.discovered())
         last_full = self.loop.time()
         while True:
+            self.outbox_ready.clear()
             if self.loop.time() - last_full > self.args.report_interval:
                 self.push(self.discovered())
                 last_full = self.loop.time()
+            if not self.outbox:
+                wait = last_full + self.args.report_interval - self.loop.time()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.outbox_ready.wait(), max(wait, 0.001))
+                continue
             if self.outbox:
                 batch = list(self.outbox)
                 try:
@@ -184,7 +192,6 @@ class Sidecar:
                     log.warning("cannot reach Valkey (%s); %d events waiting", exc, len(self.outbox))
                     await asyncio.sleep(0.5)
                     continue
-            await asyncio.sleep(0.002)
 
     async def flush(self, timeout: float = 2.0) -> None:
         deadline = self.loop.time() + timeout

@@ -192,7 +192,7 @@ class SlotTable:
         return self.policy(slots)
 
     def enqueue(
-        self, revision: str, body_bytes: int, loop: asyncio.AbstractEventLoop
+        self, revision: str, body_bytes: int, loop: asyncio.AbstractEventLoop, front: bool = False
     ) -> asyncio.Future[Lease]:
         """Wait in the revision's FIFO for the next freed slot. Raises ``QueueFull``."""
         slots = self.revisions.get(revision)
@@ -203,7 +203,10 @@ class SlotTable:
         if slots.queued_bytes + body_bytes > self.max_queue_bytes:
             raise QueueFull(f"revision {revision}: {slots.queued_bytes} bytes already waiting")
         waiter: asyncio.Future[Lease] = loop.create_future()
-        slots.waiters.append(waiter)
+        if front:
+            slots.waiters.appendleft(waiter)
+        else:
+            slots.waiters.append(waiter)
         slots.queued += 1
         slots.queued_bytes += body_bytes
         return waiter

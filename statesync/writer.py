@@ -152,7 +152,7 @@ class QuarantinePolicy:
         self._by_observer: dict[str, deque[tuple[float, str]]] = {}  # observer -> (time, uid)
         self.held = 0  # reports held back for lack of corroboration
 
-    def admit(self, event: ConnectFailed, pods: dict[str, PodRecord]) -> bool:
+    def admit(self, event: ConnectFailed, pods: dict[str, PodRecord], counts: FleetCounts) -> bool:
         """May this report quarantine its pod now?"""
         now = self.clock()
         horizon = now - self.window
@@ -170,11 +170,11 @@ class QuarantinePolicy:
         pod = pods.get(event.uid)
         if pod is None:
             return True  # apply() rejects it anyway
-        members = [p for p in pods.values() if p.revision == pod.revision and p.state is not PodState.REMOVED]
-        quarantined = sum(1 for p in members if p.state is PodState.QUARANTINED)
-        fleet = sum(1 for p in pods.values() if p.state is not PodState.REMOVED)
+        members = counts.members.get(pod.revision, 0)
+        quarantined = counts.quarantined.get(pod.revision, 0)
+        fleet = counts.fleet
         suspects = len({uid for _, uid in mine})
-        over_cap = len(members) > 1 and (quarantined + 1) / len(members) > self.cap_fraction
+        over_cap = members > 1 and (quarantined + 1) / members > self.cap_fraction
         noisy_observer = fleet >= 10 and suspects > self.observer_fraction * fleet
         if over_cap or noisy_observer:
             self.held += 1
@@ -182,10 +182,30 @@ class QuarantinePolicy:
         return True
 
 
+class FleetCounts:
+    """Pods per revision, quarantined per revision, and the fleet size, kept as records change,
+    so the quarantine policy costs O(1) per report whatever the fleet size."""
+
+    def __init__(self) -> None:
+        self.members: dict[str, int] = {}
+        self.quarantined: dict[str, int] = {}
+        self.fleet = 0
+
+    def account(self, old: PodRecord | None, new: PodRecord | None) -> None:
+        for record, sign in ((old, -1), (new, 1)):
+            if record is None or record.state is PodState.REMOVED:
+                continue
+            self.fleet += sign
+            self.members[record.revision] = self.members.get(record.revision, 0) + sign
+            if record.state is PodState.QUARANTINED:
+                self.quarantined[record.revision] = self.quarantined.get(record.revision, 0) + sign
+
+
 class WriterState:
     """The committed state as the leader holds it in memory."""
 
     def __init__(self) -> None:
+        self.counts = FleetCounts()
         self.pods: dict[str, PodRecord] = {}
         self.routes: dict[str, Route] = {}
         self.version = 0
@@ -281,6 +301,7 @@ class Writer:
         for raw in pods.values():
             record = decode_pod(raw)
             state.pods[record.uid] = record
+            state.counts.account(None, record)
         state.routes = {}
         for raw in routes.values():
             route = decode_route(raw)
@@ -344,6 +365,18 @@ class Writer:
             start = next_id
         return claimed
 
+    async def trim_events(self) -> None:
+        """Drop stream entries every consumer has acknowledged (the stream would grow forever)."""
+        pending = await self.client.xpending(self.keys.events, EVENTS_GROUP)
+        if pending and pending.get("pending"):
+            floor = pending["min"]
+        else:
+            groups = await self.client.xinfo_groups(self.keys.events)
+            floor = next((g["last-delivered-id"] for g in groups if g["name"] in (EVENTS_GROUP,
+                          EVENTS_GROUP.encode())), None)  # fmt: skip
+        if floor:
+            await self.client.xtrim(self.keys.events, minid=floor, approximate=True)
+
     async def process(self, entries: list[tuple[bytes, dict]]) -> int:
         """Apply a batch, commit it fenced, then acknowledge it. Returns the records changed."""
         if not entries:
@@ -352,12 +385,14 @@ class Writer:
         changed: dict[str, PodRecord] = {}
         route_changes: dict[str, Route] = {}
         applied: list[str] = []
+        seen: set[str] = set()
         recovery: list[tuple[str, bool, int]] = []
         for entry_id, fields in entries:
             entry = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-            if entry in state.applied_ids or entry in applied:
+            if entry in state.applied_ids or entry in seen:
                 continue  # replayed after a crash between commit and ack: already applied
             applied.append(entry)
+            seen.add(entry)
             raw = fields.get(b"e") if fields else None
             try:
                 if raw is None:
@@ -402,13 +437,14 @@ class Writer:
             and event.source in (Source.ROUTER, Source.AGENT)
             and (record := state.pods.get(event.uid)) is not None
             and record.state in (PodState.READY, PodState.NOT_READY)
-            and not self.policy.admit(event, state.pods)
+            and not self.policy.admit(event, state.pods, state.counts)
         ):
             self.stats["dropped"] += 1
             return
         record, effects = apply(state.pods.get(event.uid), event)
         for effect in effects:
             if isinstance(effect, Changed):
+                state.counts.account(state.pods.get(effect.record.uid), effect.record)
                 state.pods[effect.record.uid] = effect.record
                 changed[effect.record.uid] = effect.record
                 self.stats["applied"] += 1
@@ -547,6 +583,7 @@ class Writer:
             while self.leader and not self._stop.is_set():
                 await self.process(await self.read_batch())
                 if asyncio.get_running_loop().time() >= next_claim:
+                    await self.trim_events()
                     # A deposed leader's blocked read may have taken entries after we took over;
                     # they sit unacknowledged in its consumer: take them over too.
                     next_claim = asyncio.get_running_loop().time() + self.lease_ttl

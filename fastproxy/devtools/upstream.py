@@ -38,9 +38,8 @@ transport pauses, so a slow reader bounds what the server buffers.
 ``active`` counts requests being processed (from dispatch to the last byte written, or until the
 connection dies); ``concurrency_limit`` turns ``active > limit`` into a counted violation, which is
 how a test proves a proxy never overloads a pod. In ``sidecar_busy`` mode the server also plays the
-sidecar's polite refusal: a request carrying ``Expect: 100-continue`` that arrives while
-``active >= concurrency_limit`` gets ``503`` + ``x-fastproxy-busy: 1`` before its body is read and
-is not counted as a request (its body, if the client sends it anyway, is parsed and dropped, so
+sidecar's polite refusal: a request that arrives while ``active >= concurrency_limit`` gets
+``503`` + ``x-fastproxy-busy: 1`` at its head, before its body is read, and is not counted as a request (its body, if the client sends it anyway, is parsed and dropped, so
 the connection stays usable); an admitted one takes its slot at once and gets ``100 Continue``.
 A pipelined ``Expect`` request (one arriving while an earlier one is still being answered) gets no
 interim response, which RFC 9110 allows; the client sends its body after its own timeout.
@@ -331,16 +330,17 @@ class _AppConnection(asyncio.Protocol):
         parser = self._parser
         # After an upgrade the stream is no longer HTTP: answer this request, then close.
         self._keep_alive = parser.should_keep_alive() and not parser.should_upgrade()
-        if not self._expect or parser.get_http_version() != "1.1":
-            return
-        if self._task is not None or self._pending:
-            return  # pipelined behind an unfinished answer: no interim response (see module doc)
-        if _is_control(self._url):
-            self._write(_CONTINUE)  # control requests are never refused and take no slot
-            return
+        pipelined = self._task is not None or bool(self._pending)
         server = self._server
         limit = server.concurrency_limit
-        if server.sidecar_busy and limit is not None and server.active >= limit:
+        if (
+            server.sidecar_busy
+            and limit is not None
+            and server.active >= limit
+            and not pipelined
+            and not _is_control(self._url)
+        ):
+            # Like the real sidecar: full means refused at the head, Expect or not.
             self._refused = True
             server.refused += 1
             rid = self._header(b"x-request-id")
@@ -351,6 +351,13 @@ class _AppConnection(asyncio.Protocol):
                 self._write(head + b"connection: close\r\n\r\n")
                 self._close()
             server._notify()
+            return
+        if not self._expect or parser.get_http_version() != "1.1":
+            return
+        if pipelined:
+            return  # pipelined behind an unfinished answer: no interim response (see module doc)
+        if _is_control(self._url):
+            self._write(_CONTINUE)  # control requests are never refused and take no slot
             return
         server._begin()
         self._reserved = True

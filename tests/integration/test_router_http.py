@@ -396,3 +396,16 @@ async def test_sidecar_busy_refusal_repicks_without_error(harness: RouterHarness
     assert full.refused >= 1
     assert router.stats.busy_refusals >= 1 and router.stats.local_exclusions == 0
     hog_writer.close()
+
+
+async def test_early_answer_with_body_in_the_same_packet_is_answered_once(harness: RouterHarness) -> None:
+    """A 404 decided at the head while the body sits in the same read: one answer, connection usable."""
+    app = await harness.app()
+    _, port = await harness.router([pod_record("p1", app.address)], [chat_route(hosts=("a",))])
+    response = await exchange(
+        port,
+        b"POST / HTTP/1.1\r\nHost: nowhere.example\r\nContent-Length: 5\r\n\r\nhello"
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    assert response.count(b"HTTP/1.1 404") == 1
+    assert response.count(b"HTTP/1.1 200") == 1

@@ -225,3 +225,20 @@ async def test_quarantine_corroboration_and_cap(valkey_server: EmbeddedValkey) -
     await writer.process(await writer.read_batch())
     assert writer.state.pods["p3"].state is PodState.QUARANTINED
     assert writer.policy.held >= 2
+
+
+async def test_acknowledged_events_are_trimmed_from_the_stream(valkey_server: EmbeddedValkey) -> None:
+    client = connect(valkey_server.url)
+    writer = Writer(connect(valkey_server.url), writer_id="w1")
+    await writer.ensure_group()
+    assert await writer.try_acquire()
+    await submit(client, [discovered(f"p{i}") for i in range(200)])
+    await writer.process(await writer.read_batch())
+    assert await client.xlen(Keys().events) == 200
+    await writer.trim_events()
+    assert await client.xlen(Keys().events) <= 101  # approximate trim: whole macro nodes go
+    # Unacknowledged entries are never trimmed.
+    await submit(client, [discovered("late")])
+    entries = await writer.read_batch()  # read but not processed, so not acknowledged
+    await writer.trim_events()
+    assert any(e[0] == entries[0][0] for e in await client.xrange(Keys().events))

@@ -247,9 +247,9 @@ async def test_busy_refusal_with_expect_continue() -> None:
         writer.write(b"GET /size/3 HTTP/1.1\r\nhost: x\r\n\r\n")
         responses = Responses(reader)
         resp = await responses.next()
-        assert (resp.status, bytes(resp.body)) == (200, b"abc")  # served although busy: no Expect
-        assert srv.violations == 1
-        assert [r.target for r in srv.requests] == [b"/hang", b"/size/3"]
+        assert resp.status == 503  # refused at its head too: full means refused, Expect or not
+        assert srv.violations == 0 and srv.refused == 2
+        assert [r.target for r in srv.requests] == [b"/hang"]
 
         # Free the slot; an Expect request is now admitted, holds its slot before its body comes.
         hang_w.close()
@@ -262,7 +262,7 @@ async def test_busy_refusal_with_expect_continue() -> None:
         writer.write(b"howdy")
         resp = await responses.next()
         assert (resp.status, bytes(resp.body)) == (200, b"howdy")
-        assert srv.refused == 1
+        assert srv.refused == 2
         await srv.wait_until(lambda: srv.active == 0, TIMEOUT)
         writer.close()
         assert srv.errors == []
