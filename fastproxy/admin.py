@@ -153,7 +153,9 @@ class AdminConnection(asyncio.Protocol):
             if router.snapshot.version == 0:
                 problems.append("no routing state yet")
             if router.stale:
-                problems.append("routing state is stale (writer unreachable); still serving the last snapshot")
+                problems.append(
+                    "routing state is stale (writer unreachable); still serving the last snapshot"
+                )
             if problems and not (router.stale and router.snapshot.version and not router.draining):
                 return 503, text, ("not ready: " + "; ".join(problems) + "\n").encode()
             return 200, text, ("ready" + (" (stale)" if router.stale else "") + "\n").encode()
@@ -167,20 +169,24 @@ class AdminConnection(asyncio.Protocol):
             return 200, b"application/json", _json.encode(revisions_view(router))
         if path == "/v1/state":
             snapshot = router.snapshot
-            return 200, b"application/json", _json.encode(
-                {
-                    "instance": router.config.instance,
-                    "epoch": snapshot.epoch,
-                    "version": snapshot.version,
-                    "stale": router.stale,
-                    "snapshot_age_seconds": time.time() - router.snapshot_changed_at,
-                    "pods": len(snapshot.pods),
-                    "connections": len(router.connections),
-                    "requests": router.stats.requests,
-                    "added_latency_p50": router.stats.added_latency.quantile(0.5),
-                    "added_latency_p90": router.stats.added_latency.quantile(0.9),
-                    "added_latency_p99": router.stats.added_latency.quantile(0.99),
-                }
+            return (
+                200,
+                b"application/json",
+                _json.encode(
+                    {
+                        "instance": router.config.instance,
+                        "epoch": snapshot.epoch,
+                        "version": snapshot.version,
+                        "stale": router.stale,
+                        "snapshot_age_seconds": time.time() - router.snapshot_changed_at,
+                        "pods": len(snapshot.pods),
+                        "connections": len(router.connections),
+                        "requests": router.stats.requests,
+                        "added_latency_p50": router.stats.added_latency.quantile(0.5),
+                        "added_latency_p90": router.stats.added_latency.quantile(0.9),
+                        "added_latency_p99": router.stats.added_latency.quantile(0.99),
+                    }
+                ),
             )
         return 404, text, b"no such admin path\n"
 

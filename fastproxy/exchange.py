@@ -119,10 +119,10 @@ class RequestHead:
     """A parsed, validated request head. ``headers`` excludes hop-by-hop and rebuilt ones."""
 
     __slots__ = (
+        "authority",
         "chunked",
         "content_length",
         "expect_continue",
-        "authority",
         "forwarded",
         "headers",
         "host",
@@ -496,7 +496,10 @@ class ResponseParser:
         if self.state is Parse.BODY:
             return  # trailers are dropped
         self._head_bytes += len(name) + len(value) + 4
-        if self._head_bytes > self._limits.max_header_bytes or len(self._raw_headers) >= 4 * self._limits.max_headers:
+        if (
+            self._head_bytes > self._limits.max_header_bytes
+            or len(self._raw_headers) >= 4 * self._limits.max_headers
+        ):
             raise BadGateway("response head from pod too large")
         self._raw_headers.append((name.lower(), value))
 

@@ -74,8 +74,8 @@ class RouterStats:
         "client_aborts",
         "errors",
         "local_exclusions",
-        "queue_wait",
         "queue_rejections",
+        "queue_wait",
         "requests",
         "responses",
         "retries",
@@ -129,16 +129,26 @@ class RouterCollector(Collector):
             "fastproxy_local_exclusions", "Pods excluded locally after a transport failure",
             value=stats.local_exclusions,
         )  # fmt: skip
-        yield CounterMetricFamily("fastproxy_busy_refusals", "Sidecar busy refusals", value=stats.busy_refusals)
-        yield CounterMetricFamily("fastproxy_client_aborts", "Clients gone mid-request", value=stats.client_aborts)
         yield CounterMetricFamily(
-            "fastproxy_queue_rejections", "Requests refused: queue full or deadline", value=stats.queue_rejections
+            "fastproxy_busy_refusals", "Sidecar busy refusals", value=stats.busy_refusals
+        )
+        yield CounterMetricFamily(
+            "fastproxy_client_aborts", "Clients gone mid-request", value=stats.client_aborts
+        )
+        yield CounterMetricFamily(
+            "fastproxy_queue_rejections",
+            "Requests refused: queue full or deadline",
+            value=stats.queue_rejections,
         )
         yield _histogram(
-            "fastproxy_added_latency_seconds", "Time spent in the router, queueing excluded", stats.added_latency
+            "fastproxy_added_latency_seconds",
+            "Time spent in the router, queueing excluded",
+            stats.added_latency,
         )
         yield _histogram("fastproxy_queue_wait_seconds", "Time waited for a free slot", stats.queue_wait)
-        inflight = GaugeMetricFamily("fastproxy_inflight", "Requests in flight per revision", labels=["revision"])
+        inflight = GaugeMetricFamily(
+            "fastproxy_inflight", "Requests in flight per revision", labels=["revision"]
+        )
         queued = GaugeMetricFamily("fastproxy_queued", "Requests waiting per revision", labels=["revision"])
         demand = GaugeMetricFamily(
             "fastproxy_revision_demand", "In flight + queued per revision (the autoscaling signal)",
@@ -154,7 +164,9 @@ class RouterCollector(Collector):
         yield demand
         snapshot = router.snapshot
         yield GaugeMetricFamily("fastproxy_snapshot_version", "Routing state version", value=snapshot.version)
-        yield GaugeMetricFamily("fastproxy_snapshot_epoch", "Routing state writer epoch", value=snapshot.epoch)
+        yield GaugeMetricFamily(
+            "fastproxy_snapshot_epoch", "Routing state writer epoch", value=snapshot.epoch
+        )
         yield GaugeMetricFamily(
             "fastproxy_snapshot_age_seconds", "Seconds since the routing state last changed",
             value=max(0.0, self.now() - router.snapshot_changed_at),

@@ -240,7 +240,12 @@ class UpstreamConnection(asyncio.Protocol):
 
     @property
     def usable(self) -> bool:
-        return not self.closed and self.reusable and self.transport is not None and not self.transport.is_closing()
+        return (
+            not self.closed
+            and self.reusable
+            and self.transport is not None
+            and not self.transport.is_closing()
+        )
 
     def close(self) -> None:
         self.reusable = False
@@ -256,7 +261,7 @@ class UpstreamConnection(asyncio.Protocol):
 class UpstreamPool:
     """Idle keep-alive connections per pod (by UID: a recycled IP never inherits connections)."""
 
-    __slots__ = ("idle", "idle_timeout", "limits", "loop", "max_idle_per_pod", "_idle_since", "_sweeper")
+    __slots__ = ("_idle_since", "_sweeper", "idle", "idle_timeout", "limits", "loop", "max_idle_per_pod")
 
     def __init__(
         self,
@@ -542,8 +547,12 @@ class Exchange:
             if not self.queue_deadline:
                 self.queue_deadline = now + router.config.queue_timeout
             elif now >= self.queue_deadline:
-                self.fail(ServiceUnavailable(f"no free slot in revision {self.revision} within "
-                                             f"{router.config.queue_timeout:g}s", retry_after=1))
+                self.fail(
+                    ServiceUnavailable(
+                        f"no free slot in revision {self.revision} within {router.config.queue_timeout:g}s",
+                        retry_after=1,
+                    )
+                )
                 return
         else:
             router.exclude_pod(pod, failure.kind, failure.reason)
@@ -828,6 +837,7 @@ class Exchange:
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "_events",
+        "_out",
         "_paused",
         "closing",
         "exchange",
@@ -837,7 +847,6 @@ class ClientConnection(asyncio.Protocol):
         "router",
         "transport",
         "waiting_since",
-        "_out",
     )
 
     def __init__(self, router: Router) -> None:

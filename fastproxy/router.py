@@ -157,7 +157,9 @@ class Router:
                     proto = value
                 else:
                     headers.append((name, value))
-        headers.append((b"x-forwarded-for", peer_bytes if prior_for is None else prior_for + b", " + peer_bytes))
+        headers.append(
+            (b"x-forwarded-for", peer_bytes if prior_for is None else prior_for + b", " + peer_bytes)
+        )
         headers.append((b"x-forwarded-proto", proto))
         if head.request_id is None:
             head.request_id = b"%s-%x" % (self._request_prefix, next(self._request_ids))
@@ -227,7 +229,9 @@ async def serve(args: argparse.Namespace, config: RouterConfig, ready: asyncio.E
     if args.routes:
         routes = load_routes_file(args.routes)
         router.install(RoutingSnapshot.build(0, 1, routes.pods, routes.routes))
-        log.info("static routes from %s: %d routes, %d pods", args.routes, len(routes.routes), len(routes.pods))
+        log.info(
+            "static routes from %s: %d routes, %d pods", args.routes, len(routes.routes), len(routes.pods)
+        )
     sync_tasks = []
     if args.valkey:
         from statesync.keys import Keys
@@ -248,7 +252,9 @@ async def serve(args: argparse.Namespace, config: RouterConfig, ready: asyncio.E
         config.instance, bound[0], bound[1], admin_host, admin_port,
         "" if token else " (no admin token: only /healthz and /readyz answer)",
     )  # fmt: skip
-    print(f"listening {bound[0]}:{bound[1]} admin {admin_host}:{admin.sockets[0].getsockname()[1]}", flush=True)
+    print(
+        f"listening {bound[0]}:{bound[1]} admin {admin_host}:{admin.sockets[0].getsockname()[1]}", flush=True
+    )
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -341,7 +347,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--listen", type=parse_address, default=("0.0.0.0", 8080), help="proxy HOST:PORT")
     parser.add_argument("--admin", type=parse_address, default=("127.0.0.1", 9090),
                         help="admin HOST:PORT (/healthz /readyz /metrics /v1/pods /v1/revisions)")  # fmt: skip
-    parser.add_argument("--admin-token-file", help="bearer token for the admin API (else $FASTPROXY_ADMIN_TOKEN)")
+    parser.add_argument(
+        "--admin-token-file", help="bearer token for the admin API (else $FASTPROXY_ADMIN_TOKEN)"
+    )
     parser.add_argument("--routes", help="static routing file (JSON or YAML): routes and pods")
     parser.add_argument("--valkey", default=os.environ.get("FASTPROXY_VALKEY"),
                         help="follow the writer's state in Valkey (URL; else $FASTPROXY_VALKEY)")  # fmt: skip
@@ -358,14 +366,24 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--header-timeout", type=float, default=10.0, help="seconds for a request head (408)")
     parser.add_argument("--idle-timeout", type=float, default=60.0, help="idle keep-alive client seconds")
     parser.add_argument("--connect-timeout", type=float, default=1.0, help="upstream connect seconds")
-    parser.add_argument("--first-byte-timeout", type=float, default=300.0, help="seconds to response head (504)")
-    parser.add_argument("--queue-timeout", type=float, default=10.0, help="max seconds waiting for a slot (503)")
+    parser.add_argument(
+        "--first-byte-timeout", type=float, default=300.0, help="seconds to response head (504)"
+    )
+    parser.add_argument(
+        "--queue-timeout", type=float, default=10.0, help="max seconds waiting for a slot (503)"
+    )
     parser.add_argument("--max-queued", type=int, default=1000, help="waiting requests per revision")
     parser.add_argument("--max-attempts", type=int, default=4, help="pods tried per request")
-    parser.add_argument("--exclusion-seconds", type=float, default=5.0, help="local exclusion after a failure")
+    parser.add_argument(
+        "--exclusion-seconds", type=float, default=5.0, help="local exclusion after a failure"
+    )
     parser.add_argument("--busy-backoff", type=float, default=RouterConfig().busy_backoff_seconds,
                         help="seconds a pod whose sidecar said busy is skipped by this router")  # fmt: skip
-    parser.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024, help="request body limit (413)")
-    parser.add_argument("--grace-period", type=float, default=30.0, help="SIGTERM: seconds to finish in-flight")
+    parser.add_argument(
+        "--max-body-bytes", type=int, default=64 * 1024 * 1024, help="request body limit (413)"
+    )
+    parser.add_argument(
+        "--grace-period", type=float, default=30.0, help="SIGTERM: seconds to finish in-flight"
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.set_defaults(func=run)

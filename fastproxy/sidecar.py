@@ -205,13 +205,20 @@ class Sidecar:
 
         args = self.args
         host, port = args.listen
-        server = await self.loop.create_server(lambda: ClientConnection(self.router), host, port, backlog=1024)
+        server = await self.loop.create_server(
+            lambda: ClientConnection(self.router), host, port, backlog=1024
+        )
         self.bound_port = server.sockets[0].getsockname()[1]
         admin_host, admin_port = args.admin
-        admin = await start_admin(self.router, admin_host, admin_port, os.environ.get("FASTPROXY_ADMIN_TOKEN"))
+        admin = await start_admin(
+            self.router, admin_host, admin_port, os.environ.get("FASTPROXY_ADMIN_TOKEN")
+        )
         tasks = [asyncio.create_task(self.probe_loop()), asyncio.create_task(self.report_loop())]
         bound = server.sockets[0].getsockname()
-        print(f"listening {bound[0]}:{bound[1]} admin {admin_host}:{admin.sockets[0].getsockname()[1]}", flush=True)
+        print(
+            f"listening {bound[0]}:{bound[1]} admin {admin_host}:{admin.sockets[0].getsockname()[1]}",
+            flush=True,
+        )
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             self.loop.add_signal_handler(sig, stop.set)
@@ -219,7 +226,9 @@ class Sidecar:
         # Drain: tell the writer first, so routers stop picking us; refuse anything that still comes.
         self.draining = True
         self.router.draining = True
-        self.push(DrainStarted(uid=args.pod_uid, source=Source.SIDECAR, at=time.time(), reason="sidecar draining"))
+        self.push(
+            DrainStarted(uid=args.pod_uid, source=Source.SIDECAR, at=time.time(), reason="sidecar draining")
+        )
         await self.flush()
         await self.router.drain(args.grace_period)
         server.close()
@@ -280,7 +289,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--pod-uid", default=_env("POD_UID"), help="this pod's UID [POD_UID]")
     parser.add_argument("--pod-ip", default=_env("POD_IP"), help="this pod's IP [POD_IP]")
     parser.add_argument("--namespace", default=_env("POD_NAMESPACE", "default"), help="[POD_NAMESPACE]")
-    parser.add_argument("--revision", default=_env("FASTPROXY_REVISION"), help="revision [FASTPROXY_REVISION]")
+    parser.add_argument(
+        "--revision", default=_env("FASTPROXY_REVISION"), help="revision [FASTPROXY_REVISION]"
+    )
     parser.add_argument("--report-interval", type=float, default=10.0, help="seconds between full reports")
     parser.add_argument("--first-byte-timeout", type=float, default=600.0, help="seconds to the app's answer")
     parser.add_argument("--grace-period", type=float, default=float(_env("FASTPROXY_GRACE_PERIOD", "30") or 30),

@@ -145,7 +145,7 @@ def least_inflight(revision: RevisionSlots) -> Lease | None:
     levels = revision.levels
     for level in levels:
         if level:
-            for pod in level:  # the first (idle longest) pod of the level
+            for pod in level:  # noqa: B007 - the first (idle longest) pod of the level
                 break
             del level[pod]
             inflight = pod.inflight = pod.inflight + 1
@@ -165,7 +165,7 @@ class QueueFull(Exception):
 
 
 class SlotTable:
-    __slots__ = ("max_queue_bytes", "max_queued", "pods", "policy", "revisions", "_random")
+    __slots__ = ("_random", "max_queue_bytes", "max_queued", "pods", "policy", "revisions")
 
     def __init__(
         self,

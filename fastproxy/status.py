@@ -60,7 +60,9 @@ def run(args: argparse.Namespace) -> int:
         table.add_column(column)
     for rev in revisions:
         by_state = ", ".join(f"{k} {v}" for k, v in sorted(rev["pods"].items()))
-        table.add_row(rev["revision"], by_state, str(rev["inflight"]), str(rev["queued"]), str(rev["free_slots"]))
+        table.add_row(
+            rev["revision"], by_state, str(rev["inflight"]), str(rev["queued"]), str(rev["free_slots"])
+        )
     console.print(table)
     table = Table(title=f"pods (first {args.limit})")
     for column in ("uid", "revision", "address", "state", "reason", "source", "in flight", "excluded"):

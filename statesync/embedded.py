@@ -57,7 +57,9 @@ class EmbeddedValkey:
                 raise RuntimeError(f"valkey-server exited at start: {err.strip()}")
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.2) as sock:
-                    sock.sendall(b"PING\r\n" if not self.password else b"AUTH %s\r\nPING\r\n" % self.password.encode())
+                    sock.sendall(
+                        b"PING\r\n" if not self.password else b"AUTH %s\r\nPING\r\n" % self.password.encode()
+                    )
                     if b"PONG" in sock.recv(64) or self.password:
                         return self
             except OSError:

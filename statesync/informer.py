@@ -487,12 +487,12 @@ def config_loader(kubeconfig: str | None = None) -> Callable[[], Any]:
 
         cfg = client.Configuration()
         if kubeconfig:
-            config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)  # type: ignore[no-untyped-call]
+            config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
         else:
             try:
-                config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+                config.load_incluster_config(client_configuration=cfg)
             except config.ConfigException:
-                config.load_kube_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+                config.load_kube_config(client_configuration=cfg)
         return cfg
 
     return load
@@ -839,7 +839,7 @@ def _read_lines(resp: Any, loop: asyncio.AbstractEventLoop, lines: asyncio.Queue
             loop.call_soon_threadsafe(lines.put_nowait, item)
 
     try:
-        for line in iter_resp_lines(resp):  # type: ignore[no-untyped-call]
+        for line in iter_resp_lines(resp):
             if line:
                 put(line)
         put(_END)

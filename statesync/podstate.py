@@ -198,9 +198,12 @@ def apply(record: PodRecord | None, event: PodEvent) -> Transition:
         raise ValueError(f"event for {uid!r} applied to record {record.uid!r}")
 
     # 1. identity
-    if record is not None and isinstance(event, PodDiscovered):
-        if (event.ip, event.port) != (record.ip, record.port) or event.revision != record.revision:
-            return Transition(record, (Rejected(uid, "a pod UID never changes address or revision"),))
+    if (
+        record is not None
+        and isinstance(event, PodDiscovered)
+        and ((event.ip, event.port) != (record.ip, record.port) or event.revision != record.revision)
+    ):
+        return Transition(record, (Rejected(uid, "a pod UID never changes address or revision"),))
 
     # 2. staleness: observer reports are about a generation; older than ours means stale
     if (
@@ -271,10 +274,10 @@ def apply(record: PodRecord | None, event: PodEvent) -> Transition:
     updates: dict[str, object] = {}
     if signal in _READINESS_SIGNALS and signal is not S.DISCOVERED and state is not X:
         ready = signal is S.READY
-        if ready != record.ready or record.readiness_source is not event.source:
-            if not (record.readiness_source is Source.SIDECAR and event.source is not Source.SIDECAR):
-                updates["ready"] = ready
-                updates["readiness_source"] = event.source
+        outranked = record.readiness_source is Source.SIDECAR and event.source is not Source.SIDECAR
+        if (ready != record.ready or record.readiness_source is not event.source) and not outranked:
+            updates["ready"] = ready
+            updates["readiness_source"] = event.source
         if event.at > record.readiness_at and "ready" in updates:
             updates["readiness_at"] = event.at
     if isinstance(event, PodDiscovered) and event.concurrency != record.concurrency and state is not X:

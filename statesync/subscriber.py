@@ -31,7 +31,15 @@ import valkey.asyncio as avalkey
 
 from fastproxy.snapshot import RoutingSnapshot, VersionGap
 from statesync.keys import DELTA_PREFIX, HEARTBEAT_PREFIX, Keys
-from statesync.schema import Delta, SchemaError, decode_delta, decode_heartbeat, decode_pod, decode_route, encode
+from statesync.schema import (
+    Delta,
+    SchemaError,
+    decode_delta,
+    decode_heartbeat,
+    decode_pod,
+    decode_route,
+    encode,
+)
 
 if TYPE_CHECKING:
     from fastproxy.router import Router
@@ -146,7 +154,9 @@ class StateFollower:
             return
         version = int(version_raw)
         epoch = int(epoch_raw or 0)
-        if version < current.version or (version == current.version and epoch <= current.epoch and current.version):
+        if version < current.version or (
+            version == current.version and epoch <= current.epoch and current.version
+        ):
             self.router.stale = False
             self.synced.set()
             return  # never go backwards
@@ -192,7 +202,9 @@ class StateFollower:
 class ReportForwarder:
     """Local exclusions -> the writer's stream, batched; kept (bounded) while Valkey is away."""
 
-    def __init__(self, router: Router, url: str, *, keys: Keys | None = None, interval: float = 0.005) -> None:
+    def __init__(
+        self, router: Router, url: str, *, keys: Keys | None = None, interval: float = 0.005
+    ) -> None:
         self.router = router
         self.url = url
         self.keys = keys or Keys()
@@ -229,4 +241,3 @@ def start_state_sync(router: Router, url: str, keys: Keys | None = None) -> list
     router.stale = True  # until the first full read
     router.state_follower = follower
     return [asyncio.create_task(follower.run()), asyncio.create_task(forwarder.run())]
-

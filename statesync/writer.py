@@ -341,7 +341,7 @@ class Writer:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def read_batch(self, block_ms: int = 200, pending_first: bool = False) -> list[tuple[bytes, dict]]:
+    async def read_batch(self, block_ms: int = 200, pending_first: bool = False) -> list[tuple[bytes, dict[bytes, bytes]]]:
         streams = {self.keys.events: "0" if pending_first else ">"}
         reply = await self.client.xreadgroup(
             EVENTS_GROUP, self.id, streams, count=self.batch, block=None if pending_first else block_ms
@@ -350,13 +350,18 @@ class Writer:
             return []
         return list(reply[0][1])
 
-    async def claim_pending(self, min_idle_ms: int = 0) -> list[tuple[bytes, dict]]:
+    async def claim_pending(self, min_idle_ms: int = 0) -> list[tuple[bytes, dict[bytes, bytes]]]:
         """Entries another consumer (a dead or deposed leader) read but never acknowledged."""
-        claimed: list[tuple[bytes, dict]] = []
+        claimed: list[tuple[bytes, dict[bytes, bytes]]] = []
         start = "0-0"
         while True:
             reply = await self.client.xautoclaim(
-                self.keys.events, EVENTS_GROUP, self.id, min_idle_time=min_idle_ms, start_id=start, count=self.batch
+                self.keys.events,
+                EVENTS_GROUP,
+                self.id,
+                min_idle_time=min_idle_ms,
+                start_id=start,
+                count=self.batch,
             )
             next_id, entries = reply[0], reply[1]
             claimed.extend(e for e in entries if e and e[1] is not None)
@@ -377,7 +382,7 @@ class Writer:
         if floor:
             await self.client.xtrim(self.keys.events, minid=floor, approximate=True)
 
-    async def process(self, entries: list[tuple[bytes, dict]]) -> int:
+    async def process(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> int:
         """Apply a batch, commit it fenced, then acknowledge it. Returns the records changed."""
         if not entries:
             return 0
@@ -485,7 +490,15 @@ class Writer:
             first_id, len(applied), APPLIED_CAP, self.token, state.version, version, self.epoch,
             keys.channel, DELTA_PREFIX + blob, "", blob, CHANGES_CAP, *tail, *applied,
         ]  # fmt: skip
-        script_keys = [keys.lease, keys.version, keys.state_epoch, keys.applied, keys.pods, keys.routes, keys.changes]
+        script_keys = [
+            keys.lease,
+            keys.version,
+            keys.state_epoch,
+            keys.applied,
+            keys.pods,
+            keys.routes,
+            keys.changes,
+        ]
         try:
             await self._commit(keys=script_keys, args=args)
         except ResponseError as exc:
@@ -519,7 +532,9 @@ class Writer:
             ok, reason = await self._check(pod)
             event: Event
             if ok:
-                event = HealthCheckPassed(uid=uid, source=Source.WRITER, at=time.time(), generation=generation)
+                event = HealthCheckPassed(
+                    uid=uid, source=Source.WRITER, at=time.time(), generation=generation
+                )
             else:
                 event = HealthCheckFailed(
                     uid=uid, source=Source.WRITER, at=time.time(), generation=generation, reason=reason
@@ -682,11 +697,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--namespace", default="fastproxy", help="key prefix")
     parser.add_argument("--id", default="", help="writer id (default: writer-HOST-PID)")
     parser.add_argument("--lease-ttl", type=float, default=3.0, help="leader lease seconds")
-    parser.add_argument("--check-path", default=None, help="HTTP path for recovery checks (default: TCP connect)")
+    parser.add_argument(
+        "--check-path", default=None, help="HTTP path for recovery checks (default: TCP connect)"
+    )
     parser.add_argument("--routes", help="routes file whose routes are submitted at start")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     from statesync.informer import add_arguments as add_kubernetes_arguments  # --kubernetes and its flags
 
     add_kubernetes_arguments(parser)
     parser.set_defaults(func=run)
-

@@ -201,7 +201,9 @@ class Dev:
                 await pod.die()  # the listener is gone: connects are refused for real
                 self.deaths += 1
                 self.events.append(f"{time.strftime('%H:%M:%S')} {pod.uid} died")
-                asyncio.get_running_loop().call_later(3.0, lambda p=pod: asyncio.ensure_future(self._revive(p)))
+                asyncio.get_running_loop().call_later(
+                    3.0, lambda p=pod: asyncio.ensure_future(self._revive(p))
+                )
             elif pod.alive:
                 self.flaps += 1
                 self.events.append(f"{time.strftime('%H:%M:%S')} {pod.uid} not ready for 2s")
@@ -233,7 +235,9 @@ class Dev:
             "readiness_flaps": self.flaps,
             "router_retries": stats.retries,
             "router_local_exclusions": stats.local_exclusions,
-            "added_latency_us_p50_p90_p99": [round(stats.added_latency.quantile(q) * 1e6) for q in (0.5, 0.9, 0.99)],
+            "added_latency_us_p50_p90_p99": [
+                round(stats.added_latency.quantile(q) * 1e6) for q in (0.5, 0.9, 0.99)
+            ],
             "client_latency_ms_p50_p90_p99": [round(pct(q), 2) for q in (0.5, 0.9, 0.99)],
             "snapshot_version": router.snapshot.version,
         }
@@ -272,7 +276,9 @@ class Dev:
                 f"snapshot v{router.snapshot.version} epoch {router.snapshot.epoch}"
                 f"{'  STALE' if router.stale else ''}   deaths {self.deaths}  flaps {self.flaps}"
             )
-            return Group(Panel(head, title="fastproxy dev"), table, Panel("\n".join(self.events[-8:]), title="churn"))
+            return Group(
+                Panel(head, title="fastproxy dev"), table, Panel("\n".join(self.events[-8:]), title="churn")
+            )
 
         with Live(render(), refresh_per_second=4) as live:
             while self.args.duration <= 0 or time.monotonic() - started < self.args.duration:

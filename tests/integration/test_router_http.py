@@ -49,7 +49,8 @@ async def test_get_is_rebuilt_hop_by_hop_stripped_and_forwarding_headers_set(har
 async def test_trusted_proxy_keeps_and_extends_x_forwarded_for(harness: RouterHarness) -> None:
     app, port = await one_pod(harness, trusted_proxies=("127.0.0.0/8",))
     await exchange(
-        port, b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 10.1.2.3\r\nX-Request-Id: abc\r\nConnection: close\r\n\r\n"
+        port,
+        b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 10.1.2.3\r\nX-Request-Id: abc\r\nConnection: close\r\n\r\n",
     )
     (request,) = app.requests
     assert request.header(b"x-forwarded-for") == b"10.1.2.3, 127.0.0.1"
@@ -158,15 +159,24 @@ async def test_slow_reader_keeps_router_memory_bounded(harness: RouterHarness) -
 # ---- bad input: the status, and nothing reaches the pod ---------------------------------------------
 
 BAD_REQUESTS = {
-    "cl-and-te": (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+    "cl-and-te": (
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+    ),
     "duplicate-cl": (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc", 400),
     "bad-cl": (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3x\r\n\r\nabc", 400),
     "te-not-final": (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", 400),
-    "te-non-chunked-coding": (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 501),
+    "te-non-chunked-coding": (
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        501,
+    ),
     "obs-fold": (b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n  folded\r\n\r\n", 400),
     "bare-lf": (b"GET / HTTP/1.1\nHost: a\n\n", 400),
     "bare-cr": (b"GET / HTTP/1.1\r\nHost: a\rX: y\r\n\r\n", 400),
-    "bad-chunk-size": (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n", 400),
+    "bad-chunk-size": (
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+        400,
+    ),
     "missing-host": (b"GET / HTTP/1.1\r\n\r\n", 400),
     "duplicate-host": (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
     "invalid-host": (b"GET / HTTP/1.1\r\nHost: a/b@c\r\n\r\n", 400),
@@ -182,10 +192,15 @@ BAD_REQUESTS = {
     "chunked-on-http10": (b"POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
     "url-too-long": (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414),
     "header-too-large": (b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"b" * 40000 + b"\r\n\r\n", 431),
-    "too-many-headers": (b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(150)) + b"\r\n", 431),
+    "too-many-headers": (
+        b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(150)) + b"\r\n",
+        431,
+    ),
     "body-too-large-by-cl": (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 999999999999\r\n\r\n", 413),
     "chunk-extension-flood": (
-        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n1;" + b"e" * 60000 + b"\r\nx\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n1;"
+        + b"e" * 60000
+        + b"\r\nx\r\n0\r\n\r\n",
         400,
     ),
     "unsupported-expect": (b"GET / HTTP/1.1\r\nHost: a\r\nExpect: magic\r\n\r\n", 400),
@@ -194,7 +209,9 @@ BAD_REQUESTS = {
 
 @pytest.mark.parametrize("name", sorted(BAD_REQUESTS))
 async def test_bad_request_rejected_and_never_forwarded(harness: RouterHarness, name: str) -> None:
-    app, port = await one_pod(harness, limits=__import__("fastproxy.exchange").exchange.Limits(max_body_bytes=10**6))
+    app, port = await one_pod(
+        harness, limits=__import__("fastproxy.exchange").exchange.Limits(max_body_bytes=10**6)
+    )
     data, status = BAD_REQUESTS[name]
     response = await exchange(port, data)
     assert status_of(response) == status, response[:200]
@@ -235,14 +252,19 @@ async def test_no_route_is_404_and_no_pods_is_503(harness: RouterHarness) -> Non
         ),
     ]
     _, port = await harness.router([pod_record("p1", app.address)], routes)
-    assert status_of(await exchange(port, b"GET / HTTP/1.1\r\nHost: other.org\r\nConnection: close\r\n\r\n")) == 404
+    assert (
+        status_of(await exchange(port, b"GET / HTTP/1.1\r\nHost: other.org\r\nConnection: close\r\n\r\n"))
+        == 404
+    )
     response = await exchange(port, b"GET / HTTP/1.1\r\nHost: empty.example.com\r\nConnection: close\r\n\r\n")
     assert status_of(response) == 503 and b"retry-after" in response.lower()
     ok = await exchange(port, b"GET / HTTP/1.1\r\nHost: chat.example.com\r\nConnection: close\r\n\r\n")
     assert status_of(ok) == 200
     # The admin API is not reachable through the proxy port, whatever the Host or target form.
     for target in (b"/metrics", b"/v1/pods", b"http://127.0.0.1:9090/metrics"):
-        r = await exchange(port, b"GET " + target + b" HTTP/1.1\r\nHost: 127.0.0.1:9090\r\nConnection: close\r\n\r\n")
+        r = await exchange(
+            port, b"GET " + target + b" HTTP/1.1\r\nHost: 127.0.0.1:9090\r\nConnection: close\r\n\r\n"
+        )
         assert status_of(r) == 404
 
 
@@ -287,7 +309,10 @@ async def test_request_sent_to_a_pod_that_dies_is_502_and_not_replayed(harness: 
     other = await harness.app()
     _, port = await harness.router([pod_record("p1", app.address), pod_record("p2", other.address)])
     for path in (b"/reset", b"/eof"):
-        response = await exchange(port, b"POST " + path + b" HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi")
+        response = await exchange(
+            port,
+            b"POST " + path + b" HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
+        )
         assert status_of(response) == 502
     assert len(app.requests) + len(other.requests) == 2  # each reached exactly one pod, once
 
@@ -297,7 +322,9 @@ async def test_cc1_pod_never_sees_two_requests_at_once(harness: RouterHarness) -
     _, port = await harness.router(
         [pod_record(f"p{i}", app.address) for i, app in enumerate(pods)], queue_timeout=10
     )
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", limits=httpx.Limits(max_connections=30)) as c:
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{port}", limits=httpx.Limits(max_connections=30)
+    ) as c:
         results = await asyncio.gather(*(c.get("/delay/20") for _ in range(30)))
     assert [r.status_code for r in results] == [200] * 30
     assert sum(app.violations for app in pods) == 0
@@ -307,7 +334,9 @@ async def test_cc1_pod_never_sees_two_requests_at_once(harness: RouterHarness) -
 async def test_queue_deadline_and_bound(harness: RouterHarness) -> None:
     app = await harness.app(concurrency_limit=1)
     router, port = await harness.router([pod_record("p1", app.address)], queue_timeout=0.3, max_queued=1)
-    busy = asyncio.create_task(exchange(port, b"GET /delay/1500 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"))
+    busy = asyncio.create_task(
+        exchange(port, b"GET /delay/1500 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    )
     await app.wait_until(lambda: app.active == 1, timeout=5)
     waiting = asyncio.create_task(exchange(port, b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"))
     await wait_for(lambda: router.slots.revisions["chat-v1"].queued == 1, what="one queued")
@@ -323,7 +352,9 @@ async def test_queue_deadline_and_bound(harness: RouterHarness) -> None:
 async def test_queued_request_is_served_when_a_slot_frees(harness: RouterHarness) -> None:
     app = await harness.app(concurrency_limit=1)
     router, port = await harness.router([pod_record("p1", app.address)], queue_timeout=5)
-    first = asyncio.create_task(exchange(port, b"GET /delay/200 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"))
+    first = asyncio.create_task(
+        exchange(port, b"GET /delay/200 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    )
     await app.wait_until(lambda: app.active == 1, timeout=5)
     second = await exchange(port, b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
     assert status_of(second) == 200 and status_of(await first) == 200
@@ -334,9 +365,11 @@ async def test_queued_request_is_served_when_a_slot_frees(harness: RouterHarness
 async def test_queued_client_leaving_frees_its_place(harness: RouterHarness) -> None:
     app = await harness.app(concurrency_limit=1)
     router, port = await harness.router([pod_record("p1", app.address)], queue_timeout=5)
-    busy = asyncio.create_task(exchange(port, b"GET /delay/500 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"))
+    busy = asyncio.create_task(
+        exchange(port, b"GET /delay/500 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    )
     await app.wait_until(lambda: app.active == 1, timeout=5)
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    _reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
     await wait_for(lambda: router.slots.revisions["chat-v1"].queued == 1, what="queued")
     writer.close()
@@ -368,8 +401,11 @@ async def test_client_abort_mid_stream_closes_upstream_and_frees_slot(harness: R
 
 async def test_broken_upstream_framing_is_502_and_connection_not_reused(harness: RouterHarness) -> None:
     app = await harness.app()
-    router, port = await harness.router([pod_record("p1", app.address)])
-    response = await exchange(port, b"HEAD /head-body HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    _router, port = await harness.router([pod_record("p1", app.address)])
+    response = await exchange(
+        port,
+        b"HEAD /head-body HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
     # The HEAD answer is fine; the stray body bytes after it poison that pod connection.
     assert response.count(b"HTTP/1.1 200") == 2
     await wait_for(lambda: app.connections_accepted == 2, what="a fresh pod connection")
@@ -386,7 +422,7 @@ async def test_sidecar_busy_refusal_repicks_without_error(harness: RouterHarness
         exchange(full.address[1] and port, b"GET /delay/10 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
     )
     await other
-    hog_reader, hog_writer = await asyncio.open_connection(*full.address)
+    _hog_reader, hog_writer = await asyncio.open_connection(*full.address)
     hog_writer.write(b"GET /delay/2000 HTTP/1.1\r\nHost: a\r\n\r\n")
     await full.wait_until(lambda: full.active == 1, timeout=5)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:

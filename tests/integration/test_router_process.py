@@ -20,8 +20,12 @@ from tests.conftest import chat_route, next_pod_address, pod_record
 FASTPROXY = [sys.executable, "-m", "fastproxy.cli"]
 
 
-async def start_router(tmp_path: Path, apps: list[AppServer], *extra: str) -> tuple[asyncio.subprocess.Process, int, int]:
-    routes = RoutesFile(routes=[chat_route()], pods=[pod_record(f"p{i}", a.address) for i, a in enumerate(apps)])
+async def start_router(
+    tmp_path: Path, apps: list[AppServer], *extra: str
+) -> tuple[asyncio.subprocess.Process, int, int]:
+    routes = RoutesFile(
+        routes=[chat_route()], pods=[pod_record(f"p{i}", a.address) for i, a in enumerate(apps)]
+    )
     routes_path = tmp_path / "routes.json"
     routes_path.write_bytes(msgspec.json.encode(routes))
     token = tmp_path / "token"
@@ -107,7 +111,9 @@ async def test_sigterm_lets_in_flight_stream_finish_and_stops_accepting(tmp_path
 def test_cli_help_version_and_bad_routes_file(tmp_path: Path) -> None:
     out = subprocess.run([*FASTPROXY, "--version"], capture_output=True, text=True, check=True).stdout
     assert out.startswith("fastproxy ")
-    helptext = subprocess.run([*FASTPROXY, "router", "--help"], capture_output=True, text=True, check=True).stdout
+    helptext = subprocess.run(
+        [*FASTPROXY, "router", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     assert "--routes" in helptext and "--sidecar-protocol" in helptext
     bad = tmp_path / "routes.json"
     bad.write_text('{"routes": [{"service": "x", "revisions": []}], "pods": [{"uid": "a", "port": 0}]}')

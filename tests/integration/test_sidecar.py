@@ -83,7 +83,9 @@ class System:
         )  # fmt: skip
         self.procs += [app, sidecar]
         pod = PodUnderTest(app, app_addr, sidecar, uid)
-        await wait_for(lambda: self.state(uid) is PodState.READY, timeout=20, what=f"{uid} ready in the router")
+        await wait_for(
+            lambda: self.state(uid) is PodState.READY, timeout=20, what=f"{uid} ready in the router"
+        )
         return pod
 
     def state(self, uid: str) -> PodState | None:
@@ -139,7 +141,9 @@ async def test_readiness_flip_reaches_the_router_in_milliseconds(system: System)
 async def test_blocked_app_reads_not_ready_then_recovers(system: System) -> None:
     pod = await system.pod("pod-b")
     blocker = asyncio.create_task(pod.control("/control/block/1500"))
-    await wait_for(lambda: system.state("pod-b") is PodState.NOT_READY, timeout=5, what="blocked -> not ready")
+    await wait_for(
+        lambda: system.state("pod-b") is PodState.NOT_READY, timeout=5, what="blocked -> not ready"
+    )
     await blocker
     await wait_for(lambda: system.state("pod-b") is PodState.READY, timeout=5, what="unblocked -> ready")
 

@@ -38,14 +38,18 @@ def valkey_server() -> EmbeddedValkey:
     server.close()
 
 
-def discovered(uid: str, ready: bool = True, revision: str = "chat-v1", ip: str = "127.0.9.1") -> PodDiscovered:
+def discovered(
+    uid: str, ready: bool = True, revision: str = "chat-v1", ip: str = "127.0.9.1"
+) -> PodDiscovered:
     return PodDiscovered(
         uid=uid, source=Source.SIDECAR, at=time.time(), namespace="ml", revision=revision, ip=ip, port=8000,
         ready=ready,
     )  # fmt: skip
 
 
-ROUTE = RouteChanged(route=Route(service="chat", revisions=(WeightedRevision(revision="chat-v1", weight=100),)))
+ROUTE = RouteChanged(
+    route=Route(service="chat", revisions=(WeightedRevision(revision="chat-v1", weight=100),))
+)
 
 
 class Cluster:
@@ -56,7 +60,9 @@ class Cluster:
         self.client = connect(server.url)
         self.writer = Writer(connect(server.url), writer_id="w1", lease_ttl=1.0)
         self.routers = [Router(RouterConfig(), asyncio.get_running_loop()) for _ in range(routers)]
-        self.followers = [StateFollower(r, server.url, heartbeat_timeout=1.5, retry_delay=0.05) for r in self.routers]
+        self.followers = [
+            StateFollower(r, server.url, heartbeat_timeout=1.5, retry_delay=0.05) for r in self.routers
+        ]
         self.tasks: list[asyncio.Task[None]] = []
         self.last_submitted = "0-0"
 
@@ -75,9 +81,13 @@ class Cluster:
     async def converged(self, timeout: float = 10.0) -> None:
         """The writer has applied everything submitted, and every router has its version."""
         target = stream_id_key(self.last_submitted)
-        await wait_for(lambda: stream_id_key(self.writer.state.applied) >= target, timeout, "writer caught up")
         await wait_for(
-            lambda: all(r.snapshot.version == self.writer.state.version and not r.stale for r in self.routers),
+            lambda: stream_id_key(self.writer.state.applied) >= target, timeout, "writer caught up"
+        )
+        await wait_for(
+            lambda: all(
+                r.snapshot.version == self.writer.state.version and not r.stale for r in self.routers
+            ),
             timeout,
             "routers at the writer's version",
         )
@@ -151,7 +161,9 @@ async def test_valkey_restarted_empty_never_moves_routers_backwards(cluster: Clu
     cluster.server.restart_empty()
     # While Valkey is empty and the writer is re-establishing itself, routers keep what they have.
     await asyncio.sleep(0)  # let callbacks run once; the checks below wait on conditions
-    await wait_for(lambda: cluster.writer.leader and cluster.writer.epoch >= 2, timeout=15, what="writer re-led")
+    await wait_for(
+        lambda: cluster.writer.leader and cluster.writer.epoch >= 2, timeout=15, what="writer re-led"
+    )
     await wait_for(
         lambda: all(r.snapshot.epoch == cluster.writer.epoch and not r.stale for r in cluster.routers),
         timeout=15, what="routers on the new epoch",
