@@ -474,7 +474,9 @@ class Exchange:
         if waiter.cancelled() or self._waiter is not waiter:
             return
         self._leave_queue()
-        self.router.stats.queue_wait.observe(time.perf_counter() - self.t_head)
+        now = time.perf_counter()
+        self.router.stats.queue_wait.observe(now - self.t_head)
+        self.t_head = now  # added latency counts the router's own time, not the wait for a slot
         self._on_lease(waiter.result())
 
     def _queue_deadline(self) -> None:

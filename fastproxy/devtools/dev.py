@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import random
 import sys
 import time
@@ -235,8 +236,10 @@ class Dev:
             "readiness_flaps": self.flaps,
             "router_retries": stats.retries,
             "router_local_exclusions": stats.local_exclusions,
+            # Upper bounds of histogram buckets; None past the last bucket (> 100 ms).
             "added_latency_us_p50_p90_p99": [
-                round(stats.added_latency.quantile(q) * 1e6) for q in (0.5, 0.9, 0.99)
+                None if math.isinf(v) else round(v * 1e6)
+                for v in (stats.added_latency.quantile(q) for q in (0.5, 0.9, 0.99))
             ],
             "client_latency_ms_p50_p90_p99": [round(pct(q), 2) for q in (0.5, 0.9, 0.99)],
             "snapshot_version": router.snapshot.version,
