@@ -62,6 +62,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import gc
 import http.client
 import json
@@ -831,7 +832,7 @@ def _run_benchmark(
                 set_busy(busy)
                 for target in targets:
                     run = attempt(
-                        lambda t=target: open_loop_run(harness, t, opts),
+                        functools.partial(open_loop_run, harness, target, opts),
                         phase="latency",
                         round=rnd,
                         busy_loops=busy,
@@ -851,7 +852,7 @@ def _run_benchmark(
                     for concurrency in opts.sat_concurrency:
                         for target in targets:
                             run = attempt(
-                                lambda t=target, c=concurrency: closed_loop_run(harness, t, opts, c),
+                                functools.partial(closed_loop_run, harness, target, opts, concurrency),
                                 phase="saturation",
                                 round=rnd,
                                 busy_loops=busy,
@@ -1117,23 +1118,33 @@ def _log(message: str) -> None:
 
 
 @contextlib.contextmanager
-def _sigterm_as_exit() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C, so the harness stops its children on the way out."""
+def _signals_unwind() -> Iterator[None]:
+    """Ctrl-C and SIGTERM unwind the whole run, so the harness stops its children on the way out.
 
-    def handler(signum: int, _frame: object) -> None:
+    An own SIGINT handler also keeps ``uvloop.run`` (asyncio.Runner) from installing its own,
+    which only cancels the generator's task: the load generator can absorb that cancellation
+    and return a partial result, so the benchmark would go on after a Ctrl-C.
+    """
+
+    def on_sigint(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    def on_sigterm(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous_int = signal.signal(signal.SIGINT, on_sigint)
+    previous_term = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
+        signal.signal(signal.SIGTERM, previous_term)
 
 
 def main(argv: list[str] | None = None) -> int:
     opts, json_path, md_path = parse_args(argv)
     try:
-        with _sigterm_as_exit():
+        with _signals_unwind():
             results = run_benchmark(opts, _log)
     except KeyboardInterrupt:
         _log("interrupted: child processes stopped")
