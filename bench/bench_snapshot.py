@@ -115,3 +115,33 @@ def bench_memory_per_pod(benchmark, n_pods: int) -> None:
     benchmark.extra_info.update(per_pod)
     print("\nmemory per pod:", {k: round(v) for k, v in per_pod.items()})
     benchmark.pedantic(lambda: None, rounds=1)
+
+
+@pytest.mark.benchmark(group="pick-only")
+@pytest.mark.parametrize("n_pods", SCALES)
+def bench_pick_only_per_100(benchmark, n_pods: int) -> None:
+    """100 picks, one in each of 100 revisions, per round (releases happen untimed in setup):
+    the round's time / 100 is the cost of one pick without the release."""
+    state = routing_state(n_pods)
+    revisions = sorted(state.slots.revisions)[:: max(1, len(state.slots.revisions) // 100)][:100]
+    pick = state.slots.pick
+    held: list = []
+
+    def release_all():
+        while held:
+            held.pop()[0]()
+        return (), {}
+
+    def hundred_picks() -> None:
+        append = held.append
+        for revision in revisions:
+            append(pick(revision))
+
+    hundred_picks()
+    assert all(lease is not None for lease in held) and len(held) == len(revisions) == 100
+    release_all()
+    benchmark.pedantic(hundred_picks, setup=release_all, rounds=2000, warmup_rounds=20)
+    release_all()
+    benchmark.extra_info["per_pick_ns"] = (
+        benchmark.stats.stats.median / 100 * 1e9 if benchmark.stats else None
+    )
