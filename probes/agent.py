@@ -57,6 +57,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from fastproxy.metrics import Histogram as BaseHistogram
 from probes.probe import (
     K_OTHER,
     K_REFUSED,
@@ -264,26 +265,11 @@ class Threshold:
 # ---- metrics -------------------------------------------------------------------------------------
 
 
-class Histogram:
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.buckets = [0] * (len(bounds) + 1)
-        self.count = 0
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        import bisect
-
-        self.buckets[bisect.bisect_left(self.bounds, value)] += 1
-        self.count += 1
-        self.sum += value
+class Histogram(BaseHistogram):
+    """The router's histogram (fastproxy.metrics), rendered as Prometheus text lines."""
 
     def lines(self, name: str) -> list[str]:
-        out, total = [], 0
-        for bound, count in zip((*self.bounds, float("inf")), self.buckets, strict=True):
-            total += count
-            le = "+Inf" if bound == float("inf") else repr(bound)
-            out.append(f'{name}_bucket{{le="{le}"}} {total}')
+        out = [f'{name}_bucket{{le="{le}"}} {total}' for le, total in self.cumulative()]
         out += [f"{name}_sum {self.sum}", f"{name}_count {self.count}"]
         return out
 
