@@ -111,6 +111,14 @@ _HOST_RE: Final = re.compile(
 _IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
+def find_header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The first value of a (lower-case) header name."""
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
 def _split_tokens(value: bytes) -> list[bytes]:
     return [t.strip().lower() for t in value.split(b",") if t.strip()]
 
@@ -158,10 +166,7 @@ class RequestHead:
         return self.method in _IDEMPOTENT
 
     def header(self, name: bytes) -> bytes | None:
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
+        return find_header(self.headers, name)
 
 
 class RequestParser:
@@ -420,10 +425,7 @@ class ResponseHead:
         self.keep_alive = True
 
     def header(self, name: bytes) -> bytes | None:
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
+        return find_header(self.headers, name)
 
 
 class ResponseParser:
