@@ -18,12 +18,15 @@ Skips like tests/ebpf when eBPF is unavailable, fails under REQUIRE_EBPF=1. Unde
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import gc
 import os
 import socket
 import statistics
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import valkey
@@ -220,3 +223,155 @@ def bench_agent_cpu_under_a_connect_storm(benchmark, storm_agent: tuple[AgentPro
     assert delta('fastproxy_agent_failures_total{kind="refused"}') == connects
     assert records + suppressed == connects and figures["ringbuf_drops"] == 0
     assert 1 <= events <= records <= 2 + results["elapsed"]
+
+
+@pytest.mark.benchmark(group="agent-quarantine")
+def bench_refused_connect_to_router_snapshot(benchmark, storm_agent: tuple[AgentProcess, PodStore]) -> None:
+    """A refused connect() to a watched pod -> the agent's event -> a real writer quarantines the pod
+    -> a router following the writer (StateFollower) has it QUARANTINED in its snapshot.
+
+    Goal: p99 <= 10 ms from the failed connect(). The writer and the router (with its follower) run
+    in-process on one uvloop loop, on this module's Valkey and agent (key namespace ``fpt-bench``;
+    pods here are discovered through the writer, so nothing else commits meanwhile). Pods are
+    sequential: one connect, wait until the router has the pod quarantined, the next. The writer's
+    recovery checks of the pods already quarantined keep failing (and being seen) meanwhile.
+
+    The writer's default QuarantinePolicy applies, so the layout keeps it from holding the node's
+    reports back: each target pod has its own revision with ``BYSTANDERS`` Ready pods that are never
+    connected to (the 50% revision cap: 1 of 1 + BYSTANDERS), and those also make the fleet large
+    enough that one node reporting all the targets stays under the noisy-observer share (20%)."""
+    import asyncio
+
+    import uvloop
+
+    from fastproxy.config import RouterConfig
+    from fastproxy.router import Router
+    from statesync.connect import connect
+    from statesync.schema import PodDiscovered, PodState, Source, encode
+    from statesync.subscriber import StateFollower
+    from statesync.writer import Writer
+
+    agent, store = storm_agent
+    keys = store.keys
+    n = 100 if benchmark.enabled else 20
+    bystanders = 5  # per target: fleet ~6n, n reports from one node < 20% of it
+    targets = [(f"q-{i}", f"127.74.{i // 250}.{1 + i % 250}") for i in range(n)]
+    ports = {uid: closed_port(ip) for uid, ip in targets}
+    results: dict[str, Any] = {}
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        client = connect(agent_url)
+        writer = Writer(connect(agent_url), keys=keys, writer_id="bench-writer", lease_ttl=1.0)
+        router = Router(RouterConfig(), loop)
+        follower = StateFollower(router, agent_url, keys=keys, heartbeat_timeout=3.0, retry_delay=0.05)
+        changed = asyncio.Event()
+        apply_delta, install = router.apply_delta, router.install
+
+        def on_delta(delta: object) -> None:
+            apply_delta(delta)  # type: ignore[arg-type]
+            changed.set()
+
+        def on_install(snapshot: object) -> None:
+            install(snapshot)  # type: ignore[arg-type]
+            changed.set()
+
+        router.apply_delta, router.install = on_delta, on_install  # type: ignore[method-assign]
+        tasks = [asyncio.create_task(writer.run())]
+        try:
+            await asyncio.wait_for(writer.became_leader.wait(), 10)
+            tasks.append(asyncio.create_task(follower.run()))
+            await asyncio.wait_for(follower.synced.wait(), 10)
+            async with client.pipeline(transaction=False) as pipe:
+                for i, (uid, ip) in enumerate(targets):
+                    revision = f"bench-q{i}"
+                    pipe.xadd(keys.events, {"e": encode(PodDiscovered(
+                        uid=uid, source=Source.INFORMER, namespace="ml", revision=revision, ip=ip,
+                        port=ports[uid], ready=True))})  # fmt: skip
+                    for b in range(bystanders):
+                        pipe.xadd(keys.events, {"e": encode(PodDiscovered(
+                            uid=f"{uid}-b{b}", source=Source.INFORMER, namespace="ml", revision=revision,
+                            ip=f"127.75.{i // 250}.{1 + i % 250}", port=20000 + b, ready=True))})  # fmt: skip
+                await pipe.execute()
+            deadline = loop.time() + 20
+            while not all(
+                (p := router.snapshot.pods.get(uid)) is not None and p.state is PodState.READY
+                for uid, _ in targets
+            ):
+                assert loop.time() < deadline, "the router did not get the pods as Ready"
+                changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), 0.5)
+            await asyncio.to_thread(agent.wait_version, router.snapshot.version, 10.0)
+
+            latencies: list[float] = []
+            missed: list[str] = []
+            for uid, ip in targets:
+                await asyncio.sleep(0.02)  # let the previous pod's recovery checks etc. settle a bit
+                changed.clear()
+                with socket.socket() as sock:
+                    err = sock.connect_ex((ip, ports[uid]))
+                    failed_at = time.perf_counter()
+                assert err == errno.ECONNREFUSED, (uid, err)
+                deadline = loop.time() + 5
+                while router.snapshot.pods[uid].state is not PodState.QUARANTINED:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        missed.append(uid)
+                        break
+                    changed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(changed.wait(), remaining)
+                else:
+                    latencies.append(time.perf_counter() - failed_at)
+            quarantined = [
+                uid for uid, _ in targets if router.snapshot.pods[uid].state is PodState.QUARANTINED
+            ]
+            results.update(
+                latencies=latencies,
+                missed=missed,
+                quarantined=quarantined,
+                held=writer.policy.held,
+                reasons={router.snapshot.pods[uid].reason for uid in quarantined},
+            )
+        finally:
+            writer.stop()
+            follower.stop()
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(BaseException):
+                    await task
+            await client.aclose()
+            await writer.client.aclose()
+
+    agent_url = agent.argv[agent.argv.index("--valkey") + 1]
+
+    def run() -> None:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(scenario())
+
+    benchmark.pedantic(run, rounds=1)
+    latencies: list[float] = sorted(results["latencies"])
+    assert not results["missed"], f"not quarantined within 5 s: {results['missed']}\n{agent.log()}"
+    assert sorted(results["quarantined"]) == sorted(uid for uid, _ in targets)
+    assert results["held"] == 0, "the quarantine policy held reports back"
+
+    def ms(q: float) -> float:
+        return round(float(latencies[min(len(latencies) - 1, round(q * (len(latencies) - 1)))]) * 1e3, 2)
+
+    figures = {
+        "pods": n,
+        "fleet": n * (1 + bystanders),
+        "p50_ms": ms(0.50),
+        "p90_ms": ms(0.90),
+        "p99_ms": ms(0.99),
+        "max_ms": round(latencies[-1] * 1e3, 2),
+        "mean_ms": round(statistics.fmean(latencies) * 1e3, 2),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "goal_p99_ms": 10.0,
+    }
+    benchmark.extra_info.update(figures)
+    print(f"\nrefused connect -> quarantined in a router's snapshot: {figures}")
+    reasons: set[str] = results["reasons"]
+    assert all(f"connect refused by {agent.node}" in r for r in reasons), reasons
