@@ -341,7 +341,9 @@ class Writer:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def read_batch(self, block_ms: int = 200, pending_first: bool = False) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    async def read_batch(
+        self, block_ms: int = 200, pending_first: bool = False
+    ) -> list[tuple[bytes, dict[bytes, bytes]]]:
         streams = {self.keys.events: "0" if pending_first else ">"}
         reply = await self.client.xreadgroup(
             EVENTS_GROUP, self.id, streams, count=self.batch, block=None if pending_first else block_ms
