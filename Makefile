@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench lint clean ebpf
+.PHONY: run test bench faults lint clean ebpf
 
 # The venv is (re)installed whenever the project's own dependency list changes.
 $(STAMP): pyproject.toml
@@ -25,6 +25,10 @@ ebpf:
 # pytest exits 5 when it collected nothing: that is a failure here, as any non-zero exit is.
 test: $(VENV) ebpf
 	$(PY) -m pytest tests bench --benchmark-disable -q $(TEST_ARGS)
+
+# The long fault suite: every scenario at full length, ending with the scenario table.
+faults: $(VENV) ebpf
+	FAULTS_LONG=1 $(PY) -m pytest tests/faults -q --timeout=900 $(TEST_ARGS)
 
 bench: $(VENV)
 	$(PY) -m pytest bench --benchmark-only --benchmark-columns=min,median,mean,max,rounds \

@@ -83,3 +83,16 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     if path:
         with open(path, "w") as f:
             json.dump([asdict(r) for r in _REPORT.rows], f, indent=2)
+
+
+LONG = os.environ.get("FAULTS_LONG") == "1"
+
+
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    """``faults_long`` scenarios run only in ``make faults``; ``make test`` deselects them."""
+    if LONG:
+        return
+    long_ones = [item for item in items if item.get_closest_marker("faults_long")]
+    if long_ones:
+        config.hook.pytest_deselected(items=long_ones)
+        items[:] = [item for item in items if not item.get_closest_marker("faults_long")]
