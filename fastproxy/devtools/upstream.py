@@ -20,6 +20,7 @@ request itself (path, query, one header) and everything it saw is recorded for a
 - ``/ready``                   200 while ``ready``, else 503 (what a sidecar probes)
 - ``/control/ready/<0|1>``     set ``ready``; ``/control/block/<ms>`` blocks the whole app's loop
 - ``/control/stats[/reset]``   the accounting as JSON (see below)
+- ``/control/ids``             the ``x-request-id`` of every request executed (``record_ids`` only)
 - anything else                200 ``{"ok":true}``
 
 ``x-app-delay-ms: N`` (or the query ``?delay_ms=N``) adds latency before any of these. Every
@@ -56,11 +57,21 @@ slot (the last ``IDLE_GAPS_KEPT`` per server). ``/control/stats`` answers JSON: 
 the servers of the process; ``/control/stats/reset`` first forgets the idle gaps (an idle period in
 progress then counts from the reset).
 
+Executed request ids (``record_ids``, for fault tests that prove "no request ran twice"): every
+work request the app received complete (so executed; busy refusals and control requests are not)
+has its ``x-request-id`` (or ``-`` without one) remembered in ``ExecutedIds``: the most recent
+``IDS_KEPT`` ids in order, plus a count of every id seen and of those seen again while still
+remembered (``duplicates``), so memory stays bounded however long the process serves.
+``/control/ids`` answers ``{"count", "duplicates", "dropped", "ids"}`` over the servers of the
+process. With ``ids_file`` each id is also appended as one line to that file by a ``write(2)`` per
+request, so the record survives the process being SIGKILLed (what the page cache holds is not lost
+with the process).
+
 Run as a process: ``python -m fastproxy.devtools.upstream --listen 127.0.0.1:9001
-[--listen HOST:PORT ...] [--concurrency N] [--sidecar-busy]`` starts one server per ``--listen``
-(each its own pod with its own limit), prints ``listening HOST:PORT [HOST:PORT ...]`` once all are
-bound, and exits cleanly on SIGTERM. The process does not record requests, so it can serve
-benchmarks indefinitely.
+[--listen HOST:PORT ...] [--concurrency N] [--sidecar-busy] [--record-ids] [--ids-file PATH]``
+starts one server per ``--listen`` (each its own pod with its own limit), prints ``listening
+HOST:PORT [HOST:PORT ...]`` once all are bound, and exits cleanly on SIGTERM. The process does not
+record requests (only, when asked, their ids, bounded), so it can serve benchmarks indefinitely.
 """
 
 from __future__ import annotations
@@ -69,6 +80,7 @@ import argparse
 import asyncio
 import collections
 import http
+import os
 import signal
 import socket
 import struct
@@ -85,7 +97,7 @@ try:
 except ImportError:  # pragma: no cover - uvloop is a dependency, but the tool must not need it
     uvloop = None  # type: ignore[assignment]
 
-__all__ = ["AppServer", "ReceivedRequest", "main", "payload"]
+__all__ = ["AppServer", "ExecutedIds", "ReceivedRequest", "main", "payload"]
 
 _BLOCK: Final = 64 * 1024
 # Bodies are a repeating 64-byte pattern, so a test can check integrity and position of any byte.
@@ -106,6 +118,7 @@ _ASYNC_ROUTES: Final = frozenset((b"delay", b"sse", b"chunked", b"hang"))
 # violation, never the end of an idle gap (a sidecar's readiness probe is not app work).
 _CONTROL_ROUTES: Final = frozenset((b"ready", b"control"))
 IDLE_GAPS_KEPT: Final = 10_000  # per AppServer, the most recent ones
+IDS_KEPT: Final = 200_000  # executed request ids remembered per process (the most recent ones)
 
 _status_lines: dict[int, bytes] = {}
 
@@ -151,6 +164,47 @@ class ReceivedRequest(msgspec.Struct, gc=False):
     @property
     def path(self) -> bytes:
         return self.target.partition(b"?")[0]
+
+
+class ExecutedIds:
+    """The ``x-request-id`` of executed requests: bounded memory, optional append-only file."""
+
+    __slots__ = ("_fd", "count", "dropped", "duplicates", "order", "seen")
+
+    def __init__(self, path: str | None = None, kept: int = IDS_KEPT) -> None:
+        self.order: collections.deque[bytes] = collections.deque(maxlen=kept)
+        self.seen: set[bytes] = set()
+        self.count = 0
+        self.duplicates = 0  # ids seen again while still remembered
+        self.dropped = 0  # ids forgotten to keep memory bounded
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) if path else None
+
+    def add(self, rid: bytes) -> None:
+        self.count += 1
+        if self._fd is not None:
+            os.write(self._fd, rid + b"\n")  # one write per id: survives a SIGKILL of this process
+        if rid in self.seen:
+            self.duplicates += 1
+            return
+        order = self.order
+        if len(order) == order.maxlen:
+            self.seen.discard(order[0])
+            self.dropped += 1
+        order.append(rid)
+        self.seen.add(rid)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "count": self.count,
+            "duplicates": self.duplicates,
+            "dropped": self.dropped,
+            "ids": [rid.decode("latin-1") for rid in self.order],
+        }
 
 
 class _Job:
@@ -553,6 +607,13 @@ class _AppConnection(asyncio.Protocol):
                     stats = msgspec.json.encode(self._server.group_stats())
                     self._simple(req, 200, stats, b"application/json")
                     return True
+                if args[0] == b"ids" and not args[1:]:
+                    ids = self._server.executed_ids
+                    if ids is None:
+                        self._simple(req, 404, b"not recording ids (--record-ids)\n", b"text/plain")
+                    else:
+                        self._simple(req, 200, msgspec.json.encode(ids.as_json()), b"application/json")
+                    return True
                 if args[0] == b"ready":
                     self._server.ready = args[1] == b"1"
                 elif args[0] == b"block":
@@ -692,13 +753,20 @@ class AppServer:
     """The stand-in inference app; see the module docstring for the routes and the accounting."""
 
     def __init__(
-        self, *, concurrency_limit: int | None = None, sidecar_busy: bool = False, record: bool = True
+        self,
+        *,
+        concurrency_limit: int | None = None,
+        sidecar_busy: bool = False,
+        record: bool = True,
+        executed_ids: ExecutedIds | None = None,
     ) -> None:
         self.concurrency_limit = concurrency_limit
         self.sidecar_busy = sidecar_busy
         self.ready = True  # what /ready answers; /control/ready/<0|1> flips it
         # Benchmarks that run for long turn recording off; the counters still work.
         self.record = record
+        # Ids of executed requests (shared by the servers of one process); None: not recorded.
+        self.executed_ids = executed_ids
         self.violations = 0
         self.max_concurrent_seen = 0
         self.active = 0
@@ -797,6 +865,9 @@ class AppServer:
         self.request_count += 1
         if self.record:
             self.requests.append(req)
+        ids = self.executed_ids
+        if ids is not None and not _is_control(req.target):
+            ids.add(req.header(b"x-request-id") or b"-")
         self._notify()
 
     def _begin(self) -> None:
@@ -867,10 +938,18 @@ def _parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-async def _serve_forever(listen: list[tuple[str, int]], concurrency: int | None, sidecar_busy: bool) -> None:
+async def _serve_forever(
+    listen: list[tuple[str, int]],
+    concurrency: int | None,
+    sidecar_busy: bool,
+    record_ids: bool = False,
+    ids_file: str | None = None,
+) -> None:
     """One ``AppServer`` per address (each its own pod, with its own limit), all in this process."""
+    ids = ExecutedIds(ids_file) if record_ids or ids_file else None
     servers = [
-        AppServer(concurrency_limit=concurrency, sidecar_busy=sidecar_busy, record=False) for _ in listen
+        AppServer(concurrency_limit=concurrency, sidecar_busy=sidecar_busy, record=False, executed_ids=ids)
+        for _ in listen
     ]
     try:
         bound = [await server.start(host, port) for server, (host, port) in zip(servers, listen, strict=True)]
@@ -885,6 +964,8 @@ async def _serve_forever(listen: list[tuple[str, int]], concurrency: int | None,
     finally:
         for server in servers:
             await server.close()
+        if ids is not None:
+            ids.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -902,8 +983,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sidecar-busy", action="store_true", help="refuse Expect: 100-continue requests when full"
     )
+    parser.add_argument(
+        "--record-ids",
+        action="store_true",
+        help="remember executed x-request-ids (bounded); GET /control/ids",
+    )
+    parser.add_argument(
+        "--ids-file", metavar="PATH", help="append each executed x-request-id to PATH (implies --record-ids)"
+    )
     args = parser.parse_args(argv)
-    coro = _serve_forever(args.listen or [("127.0.0.1", 9001)], args.concurrency, args.sidecar_busy)
+    coro = _serve_forever(
+        args.listen or [("127.0.0.1", 9001)],
+        args.concurrency,
+        args.sidecar_busy,
+        args.record_ids,
+        args.ids_file,
+    )
     if uvloop is not None:
         uvloop.run(coro)
     else:  # pragma: no cover

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import uvloop
 
-from fastproxy.devtools.upstream import AppServer, payload
+from fastproxy.devtools.upstream import AppServer, ExecutedIds, payload
 
 TIMEOUT = 5.0  # every wait below is bounded by this; none is expected to come close
 
@@ -407,6 +407,61 @@ async def test_process_mode_prints_address_and_exits_on_sigterm() -> None:
         proc.send_signal(signal.SIGTERM)
         async with asyncio.timeout(TIMEOUT):
             assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_executed_ids_recorded_once_each_bounded_and_control_excluded(tmp_path: object) -> None:
+    ids = ExecutedIds(kept=3)
+    async with AppServer(executed_ids=ids, record=False) as srv, httpx.AsyncClient() as client:
+        for rid in ("a", "b", "a"):
+            r = await client.get(url(srv, "/echo"), headers={"x-request-id": rid})
+            assert r.headers["x-request-id"] == rid
+        await client.get(url(srv, "/control/stats"), headers={"x-request-id": "control"})
+        r = await client.get(url(srv, "/control/ids"))
+        assert r.json() == {"count": 3, "duplicates": 1, "dropped": 0, "ids": ["a", "b"]}
+        for rid in ("c", "d", "e"):
+            await client.get(url(srv, "/"), headers={"x-request-id": rid})
+        body = (await client.get(url(srv, "/control/ids"))).json()
+        assert body["ids"] == ["c", "d", "e"] and body["dropped"] == 2 and body["count"] == 6
+    async with AppServer() as srv, httpx.AsyncClient() as client:
+        assert (await client.get(url(srv, "/control/ids"))).status_code == 404  # not recording
+
+
+async def test_busy_refusal_is_not_an_executed_id() -> None:
+    ids = ExecutedIds()
+    async with AppServer(concurrency_limit=1, sidecar_busy=True, executed_ids=ids) as srv:
+        _reader, writer = await connect(srv)
+        writer.write(b"GET /hang HTTP/1.1\r\nhost: x\r\nx-request-id: slow\r\n\r\n")
+        await srv.wait_until(lambda: srv.active == 1, TIMEOUT)
+        async with httpx.AsyncClient() as client:
+            r = await client.get(url(srv, "/"), headers={"x-request-id": "refused"})
+            assert r.status_code == 503 and r.headers["x-fastproxy-busy"] == "1"
+        writer.close()
+        assert list(ids.order) == [b"slow"]
+
+
+async def test_process_ids_file_survives_sigkill(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "ids")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "fastproxy.devtools.upstream", "--listen", "127.0.0.1:0", "--ids-file", path,
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(30):
+            line = await proc.stdout.readline()
+        address = line.decode().split()[1]
+        async with httpx.AsyncClient() as client:
+            for i in range(5):
+                await client.get(f"http://{address}/", headers={"x-request-id": f"r{i}"})
+            assert (await client.get(f"http://{address}/control/ids")).json()["count"] == 5
+        proc.kill()
+        await proc.wait()
+        with open(path, "rb") as f:
+            assert f.read().split() == [b"r0", b"r1", b"r2", b"r3", b"r4"]
     finally:
         if proc.returncode is None:
             proc.kill()
