@@ -104,6 +104,7 @@ class LoadGenerator:
     stopping: bool = False
     # Called with each finished outcome (scenarios use it to trigger a fault at the right moment).
     on_outcome: Callable[[Outcome], None] | None = None
+    _writers: dict[int, asyncio.StreamWriter | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.run_id = self.run_id or f"r{next(_runs)}-{int(time.time() * 1000) % 10**8}"
@@ -137,6 +138,16 @@ class LoadGenerator:
     # -- one client ------------------------------------------------------------------------------
 
     async def _client(self, index: int, deadline: float) -> None:
+        self._writers[index] = None
+        try:
+            await self._client_loop(index, deadline)
+        finally:
+            # Also on cancellation: the client leaving is a fault some scenarios inject on purpose.
+            writer = self._writers.pop(index)
+            if writer is not None:
+                writer.transport.abort()
+
+    async def _client_loop(self, index: int, deadline: float) -> None:
         loop = asyncio.get_running_loop()
         port = self.ports[index % len(self.ports)]
         reader: asyncio.StreamReader | None = None
@@ -151,6 +162,7 @@ class LoadGenerator:
                 async with asyncio.timeout(self.request_timeout):
                     if writer is None:
                         reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                        self._writers[index] = writer
                     assert reader is not None
                     keep = await self._exchange(reader, writer, outcome)
             except TimeoutError:
@@ -169,13 +181,14 @@ class LoadGenerator:
                 writer.close()
                 with contextlib.suppress(Exception):
                     await writer.wait_closed()
-                reader = writer = None
+                reader = writer = self._writers[index] = None
             if outcome.kind in ("reset", "eof") and loop.time() < deadline:
                 await asyncio.sleep(0.01)  # a refused/closed router: do not spin on reconnects
         if writer is not None:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+            self._writers[index] = None
 
     async def _exchange(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, outcome: Outcome

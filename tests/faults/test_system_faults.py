@@ -1,0 +1,193 @@
+"""Process-level fault scenarios against the whole system (issue 9): kill, stop, cut, drain, freeze.
+
+Each scenario starts a ``SystemUnderTest`` (Valkey, 2 writers, 2 routers, pod processes), runs the
+load generator, injects one fault with real signals (or the fault proxy), lets the system recover,
+checks every invariant (``invariants.check_all``), adds its row to the fault table, and only then
+asserts that there were no violations. Quick versions run in ``make test``; ``faults_long`` ones
+(longer load, Valkey frozen for 60 s) run in ``make faults``, which also lengthens the quick ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import pytest
+
+from tests.faults.conftest import LONG, FaultReport
+from tests.faults.harness import SystemUnderTest, poll
+from tests.faults.invariants import check_all, error_kinds, fd_baseline
+from tests.faults.loadgen import LoadGenerator, get_delay, get_size, get_sse, post_echo
+
+LOAD_SECONDS = 20.0 if LONG else 3.0
+READY = {"ready"}
+OUT = {"quarantined", "not_ready", "draining", "absent"}
+
+
+async def finish(
+    sut: SystemUnderTest,
+    report: FaultReport,
+    scenario: str,
+    loads: list[LoadGenerator],
+    baseline: dict[str, int],
+    expected: dict[str, set[str]] | None = None,
+    notes: str = "",
+    extra: list[str] | None = None,
+) -> None:
+    problems = [*(extra or []), *await check_all(sut, loads, baseline, expected)]
+    requests = sum(len(load.outcomes) for load in loads)
+    report.add(scenario, requests, errors=error_kinds(*loads), violations=len(problems), notes=notes)
+    assert not problems, "\n".join(problems[:30]) + "\n" + sut.outputs()
+
+
+def expect(sut: SystemUnderTest, **states: set[str]) -> dict[str, set[str]]:
+    """Every pod Ready unless named (``pod_0={"quarantined"}``)."""
+    return {pod.uid: states.get(pod.uid.replace("-", "_"), READY) for pod in sut.pods}
+
+
+async def test_pod_sigkill_under_load(fault_report: FaultReport) -> None:
+    async with SystemUnderTest(pods=3) as sut:
+        baseline = fd_baseline(sut)
+        load = LoadGenerator(sut.ports, concurrency=4, duration=LOAD_SECONDS)
+        running = asyncio.create_task(load.run())
+        await poll(lambda: _at_least(load, 20), 20, "load flowing")
+        await sut.pods[0].kill()
+        await running
+        after = LoadGenerator(sut.ports, concurrency=2, duration=1.0)
+        await after.run()  # once the dead pod is out of rotation nothing fails
+        extra = [f"after the kill settled: {k}={n}" for k, n in after.errors().items()]
+        await finish(sut, fault_report, "pod SIGKILL under load", [load, after], baseline,
+                     expect(sut, pod_0={"quarantined"}), notes="1 of 3 pods killed", extra=extra)  # fmt: skip
+
+
+async def _at_least(load: LoadGenerator, n: int) -> bool:
+    return len(load.outcomes) >= n
+
+
+async def test_pod_sigstop_gives_504_at_deadline_without_replay(fault_report: FaultReport) -> None:
+    async with SystemUnderTest(pods=1, routers=1, router_args=("--first-byte-timeout", "1")) as sut:
+        baseline = fd_baseline(sut)
+        pod = sut.pods[0]
+        pod.stop()  # connect still succeeds (the kernel accepts), the app hangs
+        try:
+            load = LoadGenerator(sut.ports, concurrency=1, duration=0.1, mix=[post_echo(100)])
+            started = time.monotonic()
+            await load.run()
+            waited = time.monotonic() - started
+        finally:
+            pod.cont()
+        outcome = load.outcomes[0]
+        extra = []
+        if outcome.kind != "504":
+            extra.append(f"stopped pod answered {outcome.kind}, expected 504")
+        if not 0.9 < waited < 10:
+            extra.append(f"504 after {waited:.2f}s, first-byte timeout is 1 s")
+        # No replay: the pod, once resumed, ran the request exactly once (it was sent once).
+        await poll(lambda: _executed(sut, outcome.rid), 10, "the resumed pod executing the request")
+        after = LoadGenerator(sut.ports, concurrency=1, duration=0.5)
+        await after.run()
+        extra += [f"after resume: {k}={n}" for k, n in after.errors().items()]
+        await finish(sut, fault_report, "pod SIGSTOP (504 at deadline)", [load, after], baseline, expect(sut),
+                     notes=f"504 after {waited:.2f}s", extra=extra)  # fmt: skip
+
+
+async def _executed(sut: SystemUnderTest, rid: str) -> bool:
+    return any(rid in pod.executed_ids() for pod in sut.pods)
+
+
+async def test_pod_death_at_each_phase_of_an_exchange(fault_report: FaultReport) -> None:
+    """Killed before connect (refused: retried elsewhere, never an error), after the request reached
+    the app (an explicit error, no replay), mid-body (visibly cut, never complete)."""
+    async with SystemUnderTest(pods=2, routers=1) as sut:
+        baseline = fd_baseline(sut)
+        router = sut.routers[0]
+        victim = sut.pods[0]
+        extra = []
+        loads = []
+        # 1. before connect: the victim is dead before any request, and nothing is pooled to it.
+        await victim.kill()
+        before = LoadGenerator(sut.ports, concurrency=2, duration=1.0)
+        await before.run()
+        loads.append(before)
+        extra += [f"dead-before-connect: {k}={n}" for k, n in before.errors().items()]
+        await victim.restart()
+        await sut.register()  # the informer sees the pod again (new process, same address)
+        await poll(lambda: _pod_ready(sut, victim.uid), 30, "the restarted victim readmitted")
+        # 2. after the request reached the app, before its head; 3. mid-body.
+        for phase, spec in (("after-request", get_delay(60_000)), ("mid-body", get_sse(1000, 5))):
+            load = LoadGenerator(sut.ports, concurrency=2, duration=60, mix=[spec], request_timeout=30)
+            running = asyncio.create_task(load.run())
+            await poll(
+                lambda: _inflight_at(router, victim.uid), 15, f"{phase}: a request in flight at the victim"
+            )
+            if phase == "mid-body":
+                await asyncio.sleep(0.3)  # events are flowing to the client; nothing to wait on
+            await victim.kill()
+            await poll(
+                lambda load=load: _ended_at_least(load, 1), 15, f"{phase}: the victim's request ending"
+            )
+            load.stop()
+            # The survivor's request would run on: the client gives up on it (closes its connection).
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
+            loads.append(load)
+            victims = [o for o in load.outcomes if o.rid in set(victim.executed_ids())]
+            wrong = [
+                o.kind for o in victims if o.kind == "ok" or o.kind in ("truncated_as_complete", "timeout")
+            ]
+            if wrong:
+                extra.append(f"{phase}: the killed pod's requests ended as {wrong}")
+            await victim.restart()
+            await sut.register()
+            await poll(lambda: _pod_ready(sut, victim.uid), 30, "the restarted victim readmitted")
+        await finish(sut, fault_report, "pod death at each exchange phase", loads, baseline, expect(sut),
+                     notes="before connect / request sent / mid-body", extra=extra)  # fmt: skip
+
+
+async def _pod_ready(sut: SystemUnderTest, uid: str) -> bool:
+    for router in sut.routers:
+        if router.proc.alive:
+            pods = await sut.router_pods(router)
+            if pods.get(uid, {}).get("state") != "ready" or pods[uid]["excluded"]:
+                return False
+    return True
+
+
+async def _inflight_at(router: object, uid: str) -> bool:
+    pods = {p["uid"]: p for p in await router.get("/v1/pods")}  # type: ignore[attr-defined]
+    return pods[uid]["inflight"] > 0
+
+
+async def _ended_at_least(load: LoadGenerator, n: int) -> bool:
+    return len(load.outcomes) >= n
+
+
+@pytest.mark.faults_long
+async def test_long_pod_sigkill_churn(fault_report: FaultReport) -> None:
+    """Minutes of load while pods are killed and restarted one after another."""
+    async with SystemUnderTest(pods=4, pod_concurrency=2) as sut:
+        baseline = fd_baseline(sut)
+        load = LoadGenerator(
+            sut.ports, concurrency=8, duration=60, mix=[get_size(2000), get_delay(30), post_echo(5000)]
+        )
+        running = asyncio.create_task(load.run())
+        for round_ in range(6):
+            await asyncio.sleep(5)  # the pace of the churn, not a synchronisation
+            pod = sut.pods[round_ % len(sut.pods)]
+            await pod.kill()
+            await asyncio.sleep(2)
+            await pod.restart()
+            await sut.register()
+        await running
+        await poll(lambda: _all_ready(sut), 30, "every restarted pod readmitted")
+        await finish(sut, fault_report, "pod SIGKILL churn (long)", [load], baseline, expect(sut),
+                     notes="6 kills + restarts in 60 s")  # fmt: skip
+
+
+async def _all_ready(sut: SystemUnderTest) -> bool:
+    for pod in sut.pods:
+        if not await _pod_ready(sut, pod.uid):
+            return False
+    return True
