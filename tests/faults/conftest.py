@@ -40,7 +40,12 @@ class FaultReport:
         self.rows: list[ScenarioRow] = []
 
     def add(
-        self, scenario: str, requests: int, errors: dict[str, int] | None = None, violations: int = 0, notes: str = ""
+        self,
+        scenario: str,
+        requests: int,
+        errors: dict[str, int] | None = None,
+        violations: int = 0,
+        notes: str = "",
     ) -> ScenarioRow:
         row = ScenarioRow(scenario, requests, dict(sorted((errors or {}).items())), violations, notes)
         self.rows.append(row)
@@ -59,7 +64,9 @@ class FaultReport:
             for r in self.rows
         ]
         widths = [max(len(row[i]) for row in (header, *body)) for i in range(len(header))]
-        lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in (header, *body)]
+        lines = [
+            " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in (header, *body)
+        ]
         lines.insert(1, "-+-".join("-" * w for w in widths))
         return "\n".join(lines)
 
