@@ -99,6 +99,45 @@ HOP_BY_HOP: Final = frozenset(
         b"proxy-authenticate",
     }
 )
+
+
+# Header fields the router reads or drops instead of forwarding them as they are. Plain ints, as
+# ``proxy.Stage``: compared per field on the hot path, where an enum member lookup costs more than
+# the dict lookup that found the kind.
+(
+    _FIELD_HOST,
+    _FIELD_TRANSFER_ENCODING,
+    _FIELD_CONNECTION,
+    _FIELD_CONTENT_LENGTH,
+    _FIELD_EXPECT,
+    _FIELD_FORWARDING,  # X-Forwarded-For/-Proto, Forwarded: kept only from a trusted hop
+    _FIELD_REQUEST_ID,
+    _FIELD_HOP_BY_HOP,
+) = range(1, 9)
+
+_REQUEST_SPECIAL: Final[dict[bytes, int]] = {
+    **dict.fromkeys(HOP_BY_HOP, _FIELD_HOP_BY_HOP),
+    b"host": _FIELD_HOST,
+    b"transfer-encoding": _FIELD_TRANSFER_ENCODING,
+    b"connection": _FIELD_CONNECTION,
+    b"content-length": _FIELD_CONTENT_LENGTH,
+    b"expect": _FIELD_EXPECT,
+    b"x-forwarded-for": _FIELD_FORWARDING,
+    b"x-forwarded-proto": _FIELD_FORWARDING,
+    b"forwarded": _FIELD_FORWARDING,
+    b"x-request-id": _FIELD_REQUEST_ID,
+}
+
+# Connection options that name no forwarded field (hop-by-hop ones are dropped anyway).
+_CONNECTION_OPTIONS: Final = HOP_BY_HOP | {b"close"}
+
+_RESPONSE_SPECIAL: Final[dict[bytes, int]] = {
+    **dict.fromkeys(HOP_BY_HOP, _FIELD_HOP_BY_HOP),
+    b"transfer-encoding": _FIELD_TRANSFER_ENCODING,
+    b"connection": _FIELD_CONNECTION,
+    b"content-length": _FIELD_CONTENT_LENGTH,
+}
+
 # Re-derived or set by the router itself, never copied from the client.
 _REBUILT_REQUEST: Final = frozenset(
     {b"host", b"content-length", b"expect", b"x-forwarded-for", b"x-forwarded-proto", b"forwarded"}
@@ -257,6 +296,8 @@ class RequestParser:
                 self._head_raw = len(data) - self._begin_offset
             if self._head_raw > 2 * self._limits.max_header_bytes:
                 raise HeadersTooLarge(f"request head exceeds {self._limits.max_header_bytes} bytes")
+            if len(self._raw_headers) > self._limits.max_headers:
+                raise HeadersTooLarge(f"more than {self._limits.max_headers} header fields")
         elif self.state is Parse.BODY and self._head.chunked:
             self._framing_budget -= len(data)
             if self._framing_budget + 8 * self._body_bytes < 0:
@@ -282,15 +323,11 @@ class RequestParser:
             raise URITooLong(f"request target longer than {self._limits.max_url_bytes} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.state is Parse.BODY:
-            return  # a trailer: never merged into the head; bounded by the framing budget, dropped
-        self._feed_consumed += len(name) + len(value) + 4
-        self._head_bytes += len(name) + len(value) + 4
-        if self._head_bytes > self._limits.max_header_bytes:
-            raise HeadersTooLarge(f"header section exceeds {self._limits.max_header_bytes} bytes")
-        if len(self._raw_headers) >= self._limits.max_headers:
-            raise HeadersTooLarge(f"more than {self._limits.max_headers} header fields")
-        self._raw_headers.append((name.lower(), value))
+        # Called once per field: only collect. Limits are checked after each feed (``feed``: a
+        # read of at most a few hundred KiB bounds what one call can collect) and exactly when the
+        # head completes (``_analyse_headers``). Trailers land here too, after the head was
+        # analysed: they are never merged, bounded by the framing budget, and dropped at _reset.
+        self._raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         head = self._head
@@ -330,30 +367,47 @@ class RequestParser:
 
     def _analyse_headers(self, head: RequestHead) -> None:
         limits = self._limits
+        raw_headers = self._raw_headers
+        if len(raw_headers) > limits.max_headers:
+            raise HeadersTooLarge(f"more than {limits.max_headers} header fields")
         kept: list[tuple[bytes, bytes]] = []
-        for name, value in self._raw_headers:
-            if name == b"host":
+        keep = kept.append
+        special = _REQUEST_SPECIAL.get
+        size = 0
+        for raw_name, value in raw_headers:
+            size += len(raw_name) + len(value)
+            name = raw_name.lower()
+            kind = special(name)
+            if kind is None:  # the common case: one dict lookup per field
+                keep((name, value))
+            elif kind == _FIELD_HOST:
                 self._hosts.append(value)
-            elif name == b"transfer-encoding":
+            elif kind == _FIELD_TRANSFER_ENCODING:
                 self._te.extend(_split_tokens(value))
-            elif name == b"connection":
+            elif kind == _FIELD_CONNECTION:
                 self._connection_tokens.extend(_split_tokens(value))
-            elif name == b"content-length":
+            elif kind == _FIELD_CONTENT_LENGTH:
                 head.content_length = int(value)  # llhttp has checked digits and duplicates
-            elif name == b"expect":
+            elif kind == _FIELD_EXPECT:
                 if value.strip().lower() != b"100-continue":
                     raise BadRequest(f"unsupported Expect: {value[:64]!r}")
                 head.expect_continue = True
-            elif name in (b"x-forwarded-for", b"x-forwarded-proto", b"forwarded"):
+            elif kind == _FIELD_FORWARDING:
                 head.forwarded.append((name, value))
-            elif name == b"x-request-id":
+            elif kind == _FIELD_REQUEST_ID:
                 head.request_id = value
-                kept.append((name, value))
-            elif name not in HOP_BY_HOP:
-                kept.append((name, value))
+                keep((name, value))
+            # else _FIELD_HOP_BY_HOP: dropped
+        size += 4 * len(raw_headers)
+        if size > limits.max_header_bytes:
+            raise HeadersTooLarge(f"header section exceeds {limits.max_header_bytes} bytes")
+        self._head_bytes = size
+        self._feed_consumed += size
         if self._connection_tokens:
-            listed = set(self._connection_tokens)
-            kept = [(n, v) for n, v in kept if n not in listed]
+            # "keep-alive" / "close" name no field we kept: only other names cost a filtering pass.
+            listed = set(self._connection_tokens).difference(_CONNECTION_OPTIONS)
+            if listed:
+                kept = [(n, v) for n, v in kept if n not in listed]
         head.headers = kept
 
         if self._te:
@@ -479,6 +533,8 @@ class ResponseParser:
             self._head_bytes += len(data)
             if self._head_bytes > 2 * self._limits.max_header_bytes:
                 raise BadGateway("response head from pod too large")
+        if len(self._raw_headers) > 4 * self._limits.max_headers:  # a head, or endless trailers
+            raise BadGateway("response head or trailers from pod too large")
 
     def feed_eof(self) -> bool:
         """The pod closed the connection. True if that ends a close-delimited body."""
@@ -495,15 +551,9 @@ class ResponseParser:
         self._head.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.state is Parse.BODY:
-            return  # trailers are dropped
-        self._head_bytes += len(name) + len(value) + 4
-        if (
-            self._head_bytes > self._limits.max_header_bytes
-            or len(self._raw_headers) >= 4 * self._limits.max_headers
-        ):
-            raise BadGateway("response head from pod too large")
-        self._raw_headers.append((name.lower(), value))
+        # Only collect (limits: after each feed and when the head completes). Trailers land here
+        # too, after the head was analysed, and are dropped at _reset.
+        self._raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         head = self._head
@@ -513,19 +563,33 @@ class ResponseParser:
         if version not in ("1.1", "1.0"):
             raise BadGateway(f"pod answered with HTTP/{version}")
         head.version = version.encode()
+        raw_headers = self._raw_headers
+        if len(raw_headers) > 4 * self._limits.max_headers:
+            raise BadGateway("response head from pod too large")
         kept: list[tuple[bytes, bytes]] = []
-        for name, value in self._raw_headers:
-            if name == b"transfer-encoding":
+        keep = kept.append
+        special = _RESPONSE_SPECIAL.get
+        size = 4 * len(raw_headers)
+        for raw_name, value in raw_headers:
+            size += len(raw_name) + len(value)
+            name = raw_name.lower()
+            kind = special(name)
+            if kind is None:
+                keep((name, value))
+            elif kind == _FIELD_TRANSFER_ENCODING:
                 self._te.extend(_split_tokens(value))
-            elif name == b"connection":
+            elif kind == _FIELD_CONNECTION:
                 self._connection_tokens.extend(_split_tokens(value))
-            elif name == b"content-length":
+            elif kind == _FIELD_CONTENT_LENGTH:
                 head.content_length = int(value)
-            elif name not in HOP_BY_HOP:
-                kept.append((name, value))
+            # else _FIELD_HOP_BY_HOP: dropped
+        if size > self._limits.max_header_bytes:
+            raise BadGateway("response head from pod too large")
         if self._connection_tokens:
-            listed = set(self._connection_tokens)
-            kept = [(n, v) for n, v in kept if n not in listed]
+            # "keep-alive" / "close" name no field we kept: only other names cost a filtering pass.
+            listed = set(self._connection_tokens).difference(_CONNECTION_OPTIONS)
+            if listed:
+                kept = [(n, v) for n, v in kept if n not in listed]
         head.headers = kept
         if self._te:
             if self._te != [b"chunked"]:
