@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
+from typing import Any
 
 import pytest
 
@@ -115,7 +117,7 @@ async def test_pod_death_at_each_phase_of_an_exchange(fault_report: FaultReport)
         await sut.register()  # the informer sees the pod again (new process, same address)
         await poll(lambda: _pod_ready(sut, victim.uid), 30, "the restarted victim readmitted")
         # 2. after the request reached the app, before its head; 3. mid-body.
-        for phase, spec in (("after-request", get_delay(60_000)), ("mid-body", get_sse(1000, 5))):
+        for phase, spec in (("after-request", get_delay(3000)), ("mid-body", get_sse(400, 5))):
             load = LoadGenerator(sut.ports, concurrency=2, duration=60, mix=[spec], request_timeout=30)
             running = asyncio.create_task(load.run())
             await poll(
@@ -128,10 +130,7 @@ async def test_pod_death_at_each_phase_of_an_exchange(fault_report: FaultReport)
                 lambda load=load: _ended_at_least(load, 1), 15, f"{phase}: the victim's request ending"
             )
             load.stop()
-            # The survivor's request would run on: the client gives up on it (closes its connection).
-            running.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await running
+            await running  # the other pod's request runs to its end (a few seconds)
             loads.append(load)
             victims = [o for o in load.outcomes if o.rid in set(victim.executed_ids())]
             wrong = [
@@ -191,3 +190,115 @@ async def _all_ready(sut: SystemUnderTest) -> bool:
         if not await _pod_ready(sut, pod.uid):
             return False
     return True
+
+
+async def _abort_after_inflight(sut: SystemUnderTest, path: str, read_first: bool) -> tuple[float, float]:
+    """Send ``path``, wait until it is in flight at the pod (and, with ``read_first``, until body bytes
+    arrive), then abort the client connection (RST). Returns (seconds until the pod's request ended,
+    seconds until the router's in-flight count was 0), each measured from the abort."""
+    router, pod = sut.routers[0], sut.pods[0]
+    reader, writer = await asyncio.open_connection("127.0.0.1", router.port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: chat.example\r\nx-request-id: abort-{path}\r\n\r\n".encode())
+    await poll(lambda: _pod_active(pod, 1), 15, f"{path} running at the pod")
+    if read_first:
+        await asyncio.wait_for(reader.readuntil(b"data: 1\n\n"), 15)
+    started = time.monotonic()
+    writer.transport.abort()
+
+    async def freed(check: Any, what: str) -> float:
+        with contextlib.suppress(AssertionError):
+            await poll(check, 5, what, interval=0.002)
+            return time.monotonic() - started
+        return float("inf")
+
+    # Both watched at once, so neither measurement includes the other's polling.
+    freed_at_pod, freed_at_router = await asyncio.gather(
+        freed(lambda: _pod_active(pod, 0), "pod slot freed"),
+        freed(lambda: _router_idle(router), "router slot freed"),
+    )
+    return freed_at_pod, freed_at_router
+
+
+async def _pod_active(pod: object, n: int) -> bool:
+    return (await pod.stats())["servers"][0]["active"] == n  # type: ignore[attr-defined]
+
+
+async def _router_idle(router: object) -> bool:
+    pods = await router.get("/v1/pods")  # type: ignore[attr-defined]
+    return all(p["inflight"] == 0 for p in pods)
+
+
+async def test_client_abort_mid_stream_frees_upstream_and_slot(fault_report: FaultReport) -> None:
+    async with SystemUnderTest(pods=1, routers=1) as sut:
+        baseline = fd_baseline(sut)
+        pod_s, router_s = await _abort_after_inflight(sut, "/sse/100000/10", read_first=True)
+        extra = []
+        if pod_s > 0.1 or router_s > 0.1:
+            extra.append(f"mid-stream abort: upstream closed after {pod_s:.3f}s, slot after {router_s:.3f}s")
+        await finish(sut, fault_report, "client aborts mid-stream", [], baseline, expect(sut),
+                     notes=f"pod freed {pod_s * 1e3:.0f} ms, router {router_s * 1e3:.0f} ms", extra=extra)  # fmt: skip
+
+
+@pytest.mark.xfail(strict=True, reason="router keeps the upstream request and its slot when the client "
+                   "aborts before the response head (seen: slot held until the app answers)")  # fmt: skip
+async def test_client_abort_before_response_head_frees_upstream_and_slot(fault_report: FaultReport) -> None:
+    async with SystemUnderTest(pods=1, routers=1) as sut:
+        baseline = fd_baseline(sut)
+        pod_s, router_s = await _abort_after_inflight(sut, "/delay/20000", read_first=False)
+        extra = []
+        if pod_s > 0.1 or router_s > 0.1:
+            extra.append(f"abort before head: upstream closed after {pod_s:.3f}s, slot after {router_s:.3f}s")
+        await finish(sut, fault_report, "client aborts before response head", [], baseline, expect(sut),
+                     notes=f"pod freed {pod_s * 1e3:.0f} ms, router {router_s * 1e3:.0f} ms", extra=extra)  # fmt: skip
+
+
+async def test_every_pod_of_a_revision_down(fault_report: FaultReport) -> None:
+    async with SystemUnderTest(pods=2, router_args=("--queue-timeout", "1")) as sut:
+        baseline = fd_baseline(sut)
+        for pod in sut.pods:
+            await pod.kill()
+        load = LoadGenerator(sut.ports, concurrency=4, duration=LOAD_SECONDS, request_timeout=10)
+        await load.run()
+        extra = [f"request answered {k} with every pod down" for k in load.kinds() if k == "ok"]
+        slow = [o for o in load.outcomes if o.ended - o.started > 5]
+        if slow:
+            extra.append(f"{len(slow)} requests waited > 5 s for an error (queue timeout 1 s)")
+        for pod in sut.pods:
+            await pod.restart()
+        await sut.register()
+        await poll(lambda: _all_ready(sut), 30, "pods readmitted after coming back")
+        after = LoadGenerator(sut.ports, concurrency=2, duration=1.0)
+        await after.run()
+        extra += [f"after the pods came back: {k}={n}" for k, n in after.errors().items()]
+        await finish(sut, fault_report, "every pod of a revision down", [load, after], baseline, expect(sut),
+                     notes="errors while down are expected; none after", extra=extra)  # fmt: skip
+
+
+async def test_router_sigterm_with_long_streams_in_flight(fault_report: FaultReport) -> None:
+    async with SystemUnderTest(pods=4, routers=2, router_args=("--grace-period", "20")) as sut:
+        baseline = fd_baseline(sut)
+        leaving, staying = sut.routers
+        streams = LoadGenerator([leaving.port], concurrency=3, duration=0.1, mix=[get_sse(200, 10)],
+                                request_timeout=30)  # fmt: skip
+        running = asyncio.create_task(streams.run())
+        await poll(lambda: _inflight_total(leaving, 3), 15, "3 streams in flight through the leaving router")
+        leaving.proc.signal(signal.SIGTERM)
+        other = LoadGenerator([staying.port], concurrency=1, duration=1.0)
+        await other.run()  # the other router serves on meanwhile
+        await running
+        code = await asyncio.wait_for(leaving.proc.process.wait(), 25)
+        extra = [] if code == 0 else [f"router exited {code} after SIGTERM"]
+        extra += [
+            f"stream through the draining router ended {o.kind}" for o in streams.outcomes if o.kind != "ok"
+        ]
+        # After the drain, the router accepts nothing new.
+        with contextlib.suppress(OSError):
+            _, w = await asyncio.open_connection("127.0.0.1", leaving.port)
+            w.close()
+            extra.append("the stopped router still accepts connections")
+        await finish(sut, fault_report, "router SIGTERM with streams in flight", [streams, other], baseline,
+                     expect(sut), notes="3 SSE streams of 2 s, grace 20 s", extra=extra)  # fmt: skip
+
+
+async def _inflight_total(router: object, n: int) -> bool:
+    return sum(p["inflight"] for p in await router.get("/v1/pods")) >= n  # type: ignore[attr-defined]
