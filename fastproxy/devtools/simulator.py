@@ -352,6 +352,7 @@ class SimPod:
         "port",
         "refused",
         "reported_ready",
+        "restarts",
         "served",
         "sim",
         "spec",
@@ -379,7 +380,7 @@ class SimPod:
         self.served = 0
         self.refused = 0
         self.cut = 0  # requests in flight when a crash killed the pod
-        self.deaths = self.drains = self.flaps = self.stalls = 0
+        self.deaths = self.drains = self.flaps = self.stalls = self.restarts = 0
         # Accounting of earlier generations' apps (each generation is a new AppServer).
         self.violations_before = 0
         self.work_before = 0
@@ -458,12 +459,16 @@ class PodSimulator:
         for pod in self.pods:
             await self._bring_up(pod, new_uid=True)
         if churn:
-            for spec in self.scenario.revisions:
-                c = spec.churn
-                for rate, action in ((c.deaths_per_s, self.kill), (c.flaps_per_s, self.flap),
-                                     (c.stalls_per_s, self.stall), (c.drains_per_s, self.drain)):  # fmt: skip
-                    if rate > 0:
-                        self._spawn(self._churn(spec, rate, action))
+            await self.start_churn()
+
+    async def start_churn(self) -> None:
+        """The scenario's churn processes (``start`` without churn, then this once everyone sees the pods)."""
+        for spec in self.scenario.revisions:
+            c = spec.churn
+            for rate, action in ((c.deaths_per_s, self.kill), (c.flaps_per_s, self.flap),
+                                 (c.stalls_per_s, self.stall), (c.drains_per_s, self.drain)):  # fmt: skip
+                if rate > 0:
+                    self._spawn(self._churn(spec, rate, action))
 
     async def wait_serving(self, timeout: float) -> None:
         """Until every pod is SERVING and every report is in the stream."""
@@ -520,6 +525,7 @@ class PodSimulator:
         if pod.app is not None:
             return
         await self._bring_up(pod, new_uid=False)
+        pod.restarts += 1
         self._note(f"{pod.uid} restarted (generation {pod.generation})")
 
     def flap(self, pod: SimPod) -> bool:
@@ -709,7 +715,7 @@ class PodSimulator:
             "violations": sum(p.violations for p in members),
             "cut_by_crash": sum(p.cut for p in members),
             "deaths": sum(p.deaths for p in members),
-            "restarts": sum(p.generation - 1 for p in members),
+            "restarts": sum(p.restarts for p in members),
             "flaps": sum(p.flaps for p in members),
             "stalls": sum(p.stalls for p in members),
             "drains": sum(p.drains for p in members),

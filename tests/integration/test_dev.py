@@ -1,21 +1,79 @@
-"""``fastproxy dev`` end to end: the whole system comes up, traffic flows through churn."""
+"""``fastproxy dev`` end to end, as a real child process: the whole system comes up, traffic flows
+through churn (deaths, restarts, flaps, stalls, drains), nobody sees an error caused by a pod dying,
+and no pod ever runs more requests than its concurrency."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+
+# Churn fast enough that every kind happens within a few seconds, on a small fleet.
+SCENARIO = """
+service: chat
+hosts: [chat.local]
+first_address: 127.23.0.1
+revisions:
+  - name: chat-v1
+    pods: 16
+    weight: 80
+    latency: {model: lognormal, median_ms: 10, sigma: 0.4}
+    load_s: 0.5
+    churn: {deaths_per_s: 2, flaps_per_s: 2, stalls_per_s: 2, drains_per_s: 1,
+            restart_after_s: 0.5, flap_s: 0.5, stall_ms: 300, replace_after_s: 0.3, max_unavailable: 0.4}
+  - name: chat-v2
+    pods: 6
+    concurrency: 2
+    weight: 20
+    latency: {model: sse, tokens: 4, ms_per_token: 3}
+    churn: {deaths_per_s: 1, flaps_per_s: 1, restart_after_s: 0.5, flap_s: 0.5}
+load: {concurrency: 12}
+"""
 
 
-def test_dev_runs_and_serves_through_churn() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "fastproxy.cli", "dev", "--duration", "6", "--json", "--listen", "127.0.0.1:0",
-         "--pods", "10", "--churn-interval", "0.5"],
-        capture_output=True, text=True, timeout=90,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
+def run_dev(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fastproxy.cli", "dev", "--listen", "127.0.0.1:0", *args],
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+def test_dev_serves_through_churn_with_no_errors_from_deaths(tmp_path: Path) -> None:
+    scenario = tmp_path / "churn.yaml"
+    scenario.write_text(SCENARIO)
+    result = run_dev("--scenario", str(scenario), "--duration", "6", "--json", "--routers", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
-    assert summary["requests"] > 100
-    assert summary["status"].get("200", 0) > 0.95 * summary["requests"]
-    assert summary["snapshot_version"] > 2  # the router followed the writer through the churn
-    assert not summary["client_connection_failures"]
+    assert summary["pods"] == 22 and summary["routers"] == 2
+    assert summary["requests"] > 500  # traffic flowed
+    churn = summary["churn"]
+    assert churn["deaths"] >= 2 and churn["restarts"] >= 1 and churn["flaps"] >= 2 and churn["drains"] >= 1
+    assert churn["stalls"] >= 1
+    assert summary["snapshot_version"] > 30  # the routers followed the writer through the churn
+    assert summary["user_errors_from_pod_deaths"] == 0, summary["errors"]
+    assert summary["cut_by_crash"] == 0
+    assert summary["violations"] == 0
+    assert summary["ok"] == summary["requests"] and not summary["errors"], summary["errors"]
+    assert set(summary["pod_states"]) == {"chat-v1", "chat-v2"}
+
+
+def test_dev_default_scenario_prints_how_to_curl_and_a_summary() -> None:
+    result = run_dev("--duration", "3", "--routers", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "curl" in result.stdout and "-H 'Host: chat.local'" in result.stdout
+    summary = json.loads(result.stdout.rsplit("summary: ", 1)[1])
+    assert summary["requests"] > 100 and summary["pods"] == 50
+    assert summary["user_errors_from_pod_deaths"] == 0 and summary["violations"] == 0
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("revisions: [{name: a, pods: -1}]", "$.revisions[0].pods"),
+    ("revisions: [{name: a, pods: 1, churn: {deaths_per_s: fast}}]", "$.revisions[0].churn.deaths_per_s"),
+])  # fmt: skip
+def test_dev_bad_scenario_is_a_clear_error(tmp_path: Path, content: str, message: str) -> None:
+    scenario = tmp_path / "bad.yaml"
+    scenario.write_text(content)
+    result = run_dev("--scenario", str(scenario), "--duration", "1", "--json", timeout=30)
+    assert result.returncode == 2
+    assert message in result.stderr and "bad.yaml" in result.stderr

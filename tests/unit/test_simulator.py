@@ -333,3 +333,17 @@ async def test_every_state_change_is_reported(sims: list[PodSimulator], valkey_s
     assert story(b_uid) == ["discovered:False", "ready:True", "ready:False", "ready:True", "ready:False",
                             "ready:True", "drain", "removed"]  # fmt: skip
     assert story(b.uid) == ["discovered:False", "ready:True"]  # the replacement
+
+
+async def test_two_thousand_pods_in_one_process(sims: list[PodSimulator]) -> None:
+    sim = PodSimulator(decode_scenario({"first_address": "127.22.0.1", "revisions": [
+        {"name": "big", "pods": 2000, "latency": {"model": "fixed", "ms": 0}}]}), None)  # fmt: skip
+    sims.append(sim)
+    await sim.start(churn=False, route=False)
+    await sim.wait_serving(30)
+    assert len({p.ip for p in sim.pods}) == 2000 and all(p.app is not None for p in sim.pods)
+    sample = [*sim.pods[::97], sim.pods[-1]]
+    assert [r[0] for r in await asyncio.gather(*(request(p) for p in sample))] == [200] * len(sample)
+    assert await sim.kill(sim.pods[1234], "crash")
+    assert await refused(sim.pods[1234])
+    assert (await request(sim.pods[1235]))[0] == 200
