@@ -372,6 +372,7 @@ class Exchange:
         "replay",
         "request_complete",
         "request_sent",
+        "request_side",
         "response_close",
         "revision",
         "router",
@@ -405,6 +406,7 @@ class Exchange:
         self.status = 0
         self.t_head = time.perf_counter()
         self.t_response = 0.0
+        self.request_side = 0.0  # the router's own time from the head to the pod (no queueing)
         self._waiter: asyncio.Future[Any] | None = None
         self._waiter_timer: asyncio.TimerHandle | None = None
         self._continue_timer: asyncio.TimerHandle | None = None
@@ -598,7 +600,9 @@ class Exchange:
             if self.request_complete:
                 self._request_fully_sent()
         conn.deadline.set(router.loop.time() + router.config.first_byte_timeout)
-        router.stats.added_latency.observe(time.perf_counter() - self.t_head)
+        # One added-latency sample per request, observed with the response head: this side's
+        # share now, the response side's there.
+        self.request_side = time.perf_counter() - self.t_head
 
     def _flush_hold(self, transport: asyncio.Transport, head_bytes: bytes | None) -> None:
         pieces: list[bytes] = [] if head_bytes is None else [head_bytes]
@@ -704,7 +708,7 @@ class Exchange:
                 response, chunked=self.out_chunked, close=close, http10_keep_alive=http10 and not close
             )
         )
-        self.router.stats.added_latency.observe(time.perf_counter() - self.t_response)
+        self.router.stats.added_latency.observe(self.request_side + time.perf_counter() - self.t_response)
 
     def on_response_body(self, data: bytes) -> None:
         if self.stage is not Stage.RESPONDING:
@@ -846,8 +850,10 @@ class ClientConnection(asyncio.Protocol):
         "head_since",
         "parser",
         "peer",
+        "peer_bytes",
         "router",
         "transport",
+        "trusted",
         "waiting_since",
     )
 
@@ -860,6 +866,8 @@ class ClientConnection(asyncio.Protocol):
         self.closing = False  # answer the current request, then close
         self._paused = 0
         self.peer = ""
+        self.peer_bytes = b""
+        self.trusted = False  # the peer is a configured trusted hop (X-Forwarded-* kept)
         self._out: list[bytes] = []  # response bytes of the current pod read, flushed once
         # Header and idle timeouts are checked by the router's sweeper (Router.sweep_timeouts)
         # against these two times: no timer is armed or cancelled per request.
@@ -870,6 +878,8 @@ class ClientConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""
+        self.peer_bytes = self.peer.encode()
+        self.trusted = self.router.is_trusted(self.peer)
         self.router.track(self)
         if self.router.draining:
             self.closing = True
@@ -1039,7 +1049,7 @@ class ClientConnection(asyncio.Protocol):
             self.transport.abort()
 
     def forwarding_headers(self, head: RequestHead) -> list[tuple[bytes, bytes]]:
-        return self.router.forwarding_headers(self.peer, head)
+        return self.router.forwarding_headers(self.peer_bytes, self.trusted, head)
 
     def shutdown(self) -> None:
         """SIGTERM: idle connections close now; busy ones after their current response."""

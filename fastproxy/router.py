@@ -138,14 +138,19 @@ class Router:
 
     # ---- per-request helpers ------------------------------------------------------------------
 
-    def forwarding_headers(self, peer: str, head: RequestHead) -> list[tuple[bytes, bytes]]:
-        """X-Forwarded-*: the client's own values only from a trusted hop; the real peer appended."""
+    def is_trusted(self, peer: str) -> bool:
+        """Is this client address a configured trusted hop? (Once per connection, cached.)"""
         trusted = self._trusted_cache.get(peer)
         if trusted is None:
             trusted = self._is_trusted(peer)
             if len(self._trusted_cache) < 65536:
                 self._trusted_cache[peer] = trusted
-        peer_bytes = peer.encode()
+        return trusted
+
+    def forwarding_headers(
+        self, peer_bytes: bytes, trusted: bool, head: RequestHead
+    ) -> list[tuple[bytes, bytes]]:
+        """X-Forwarded-*: the client's own values only from a trusted hop; the real peer appended."""
         headers: list[tuple[bytes, bytes]] = []
         prior_for = None
         proto = b"http"
