@@ -400,8 +400,15 @@ class Dev:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)  # fmt: skip
+    if args.json:
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            stream=sys.stderr)  # fmt: skip
+    else:
+        from rich.logging import RichHandler
+
+        # Through rich's console, so log lines print above the live dashboard instead of through it.
+        logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", datefmt="%H:%M:%S",
+                            handlers=[RichHandler(show_path=False)])  # fmt: skip
     import uvloop
 
     try:
