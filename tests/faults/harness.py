@@ -43,6 +43,7 @@ from statesync.embedded import EmbeddedValkey
 from statesync.keys import Keys
 from statesync.schema import PodDiscovered, Route, RouteChanged, Source, WeightedRevision
 from statesync.writer import submit
+from tests.faults.faultproxy import FaultProxy
 
 FASTPROXY = [sys.executable, "-m", "fastproxy.cli"]
 UPSTREAM = [sys.executable, "-m", "fastproxy.devtools.upstream"]
@@ -174,6 +175,14 @@ class Pod:
         self.proc: Proc | None = None
         self.last_stats: dict[str, Any] = {}  # kept from before a kill: the counters die with it
         self.incarnations: list[Proc] = []
+        self.proxy: FaultProxy | None = None  # when set, routers reach the pod through it
+
+    @property
+    def advertised(self) -> tuple[str, int]:
+        """The address the routers are told: the fault proxy's when there is one."""
+        if self.proxy is not None and self.proxy.address is not None:
+            return self.proxy.address
+        return self.ip, self.port
 
     @property
     def address(self) -> str:
@@ -274,7 +283,9 @@ class SystemUnderTest:
         revision: str = "chat-v1",
         router_args: tuple[str, ...] = (),
         sidecar_busy: bool = True,
+        fault_proxies: bool = False,
     ) -> None:
+        self.fault_proxies = fault_proxies
         self.n_pods = pods
         self.n_routers = routers
         self.pod_concurrency = pod_concurrency
@@ -310,6 +321,9 @@ class SystemUnderTest:
                 pod = Pod(f"pod-{i}", ip, self.pod_concurrency, self.dir / f"ids-pod-{i}", self.sidecar_busy)
                 await pod.start()
                 self.pods.append(pod)
+                if self.fault_proxies:
+                    pod.proxy = FaultProxy((pod.ip, pod.port))
+                    await pod.proxy.start(pod_addresses(1)[0], 0)
             token = self.dir / "token"
             token.write_text(TOKEN)
             for i in range(self.n_routers):
@@ -339,6 +353,9 @@ class SystemUnderTest:
     async def close(self) -> None:
         all_procs = [*self.procs, *(p for pod in self.pods for p in pod.incarnations)]
         await asyncio.gather(*(p.close() for p in all_procs), return_exceptions=True)
+        for pod in self.pods:
+            if pod.proxy is not None:
+                await pod.proxy.close()
         if self.client is not None:
             await self.client.aclose()
         await asyncio.to_thread(self.valkey.close)
@@ -356,7 +373,7 @@ class SystemUnderTest:
     def discovered(self, pod: Pod) -> PodDiscovered:
         return PodDiscovered(
             uid=pod.uid, source=Source.INFORMER, at=time.time(), namespace="ml", revision=self.revision,
-            ip=pod.ip, port=pod.port, concurrency=pod.concurrency, ready=True,
+            ip=pod.advertised[0], port=pod.advertised[1], concurrency=pod.concurrency, ready=True,
         )  # fmt: skip
 
     async def register(self) -> None:

@@ -98,6 +98,7 @@ class LoadGenerator:
     duration: float
     mix: Sequence[RequestSpec] = DEFAULT_MIX
     request_timeout: float = 15.0
+    think: float = 0.0  # seconds a client waits between its requests (keep-alive stays open)
     host: str = "chat.example"
     outcomes: list[Outcome] = field(default_factory=list)
     run_id: str = ""
@@ -182,7 +183,9 @@ class LoadGenerator:
                 with contextlib.suppress(Exception):
                     await writer.wait_closed()
                 reader = writer = self._writers[index] = None
-            if outcome.kind in ("reset", "eof") and loop.time() < deadline:
+            if self.think:
+                await asyncio.sleep(self.think)  # the client's pace, part of the scenario
+            elif outcome.kind in ("reset", "eof") and loop.time() < deadline:
                 await asyncio.sleep(0.01)  # a refused/closed router: do not spin on reconnects
         if writer is not None:
             writer.close()

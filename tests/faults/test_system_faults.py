@@ -20,6 +20,8 @@ from typing import Any
 import httpx
 import pytest
 
+from statesync.schema import ReadinessChanged, Source
+from statesync.writer import submit
 from tests.faults.conftest import LONG, FaultReport
 from tests.faults.harness import TOKEN, SystemUnderTest, poll
 from tests.faults.invariants import check_all, error_kinds, fd_baseline
@@ -313,3 +315,122 @@ async def test_router_sigterm_with_long_streams_in_flight(fault_report: FaultRep
 
 async def _inflight_total(router: object, n: int) -> bool:
     return sum(p["inflight"] for p in await router.get("/v1/pods")) >= n  # type: ignore[attr-defined]
+
+
+async def test_pooled_connection_closed_by_pod_idle_timeout_as_post_is_sent(
+    fault_report: FaultReport,
+) -> None:
+    """The pod (its fault proxy) closes keep-alive connections idle 1 s, below the router's 2 s pool
+    idle timeout; clients POST about once a second, so pooled connections die as requests go out."""
+    async with SystemUnderTest(pods=2, pod_concurrency=2, routers=1, fault_proxies=True) as sut:
+        baseline = fd_baseline(sut)
+        for pod in sut.pods:
+            assert pod.proxy is not None
+            pod.proxy.idle_close = 1.0
+        loads = [
+            LoadGenerator(
+                sut.ports, concurrency=2, duration=LOAD_SECONDS + 3, mix=[post_echo(2000)], think=think
+            )
+            for think in (0.98, 1.0, 1.02)
+        ]
+        await asyncio.gather(*(load.run() for load in loads))
+        closed = sum(pod.proxy.accepted for pod in sut.pods if pod.proxy is not None)
+        await finish(sut, fault_report, "pooled conn closed by pod idle timeout", loads, baseline, expect(sut),
+                     notes=f"{closed} upstream connections opened")  # fmt: skip
+
+
+async def test_writer_sigkill_during_churn(fault_report: FaultReport) -> None:
+    async with SystemUnderTest(pods=3) as sut:
+        assert sut.client is not None
+        baseline = fd_baseline(sut)
+        old = await sut.leader()
+        assert old is not None
+        load = LoadGenerator(sut.ports, concurrency=4, duration=LOAD_SECONDS + 2)
+        running = asyncio.create_task(load.run())
+        flips = 0
+        for i in range(40):
+            pod = sut.pods[1 + i % 2]
+            await submit(sut.client, [ReadinessChanged(uid=pod.uid, source=Source.SIDECAR, ready=i % 4 >= 2)])
+            flips += 1
+            if i == 10:
+                await sut.writers[old].kill()
+            await asyncio.sleep(0.05)  # the churn's pace
+        await submit(
+            sut.client, [ReadinessChanged(uid=p.uid, source=Source.SIDECAR, ready=True) for p in sut.pods]
+        )
+        await running
+        new = await poll(lambda: _other_leader(sut, old), 20, "the standby taking the lead")
+        await finish(sut, fault_report, "writer SIGKILL during churn", [load], baseline, expect(sut),
+                     notes=f"{flips} readiness flips, leader {old} -> {new}")  # fmt: skip
+
+
+async def _other_leader(sut: SystemUnderTest, old: str) -> str | None:
+    leader = await sut.leader()
+    return leader if leader not in (None, old) else None
+
+
+async def _valkey_frozen(sut: SystemUnderTest, report: FaultReport, seconds: float, name: str) -> None:
+    assert sut.client is not None
+    baseline = fd_baseline(sut)
+    load = LoadGenerator(sut.ports, concurrency=4, duration=seconds + 2)
+    running = asyncio.create_task(load.run())
+    await poll(lambda: _at_least(load, 20), 20, "load flowing")
+    sut.valkey.pause()
+    try:
+        await poll(lambda: _all_stale(sut), 15, "routers noticing the frozen Valkey")
+        await running
+    finally:
+        sut.valkey.resume()
+    extra = [f"while Valkey was frozen: {k}={n}" for k, n in load.errors().items()]
+    # After the freeze the state moves on again, and every router follows.
+    await submit(sut.client, [ReadinessChanged(uid=sut.pods[0].uid, source=Source.SIDECAR, ready=False)])
+    await finish(sut, report, name, [load], baseline, expect(sut, pod_0={"not_ready"}),
+                 notes=f"frozen {seconds:.0f} s under load", extra=extra)  # fmt: skip
+
+
+async def _all_stale(sut: SystemUnderTest) -> bool:
+    for router in sut.routers:
+        if not (await router.get("/v1/state"))["stale"]:
+            return False
+    return True
+
+
+async def test_valkey_frozen_then_back(fault_report: FaultReport) -> None:
+    async with SystemUnderTest(pods=3) as sut:
+        await _valkey_frozen(sut, fault_report, 20.0 if LONG else 5.0, "Valkey frozen, then back")
+
+
+@pytest.mark.faults_long
+async def test_valkey_frozen_60s_then_back(fault_report: FaultReport) -> None:
+    async with SystemUnderTest(pods=3) as sut:
+        await _valkey_frozen(sut, fault_report, 60.0, "Valkey frozen 60 s, then back")
+
+
+async def test_valkey_restarted_empty(fault_report: FaultReport) -> None:
+    async with SystemUnderTest(pods=3) as sut:
+        assert sut.client is not None
+        baseline = fd_baseline(sut)
+        before = {r.name: (await r.get("/v1/state"))["version"] for r in sut.routers}
+        load = LoadGenerator(sut.ports, concurrency=4, duration=LOAD_SECONDS + 2)
+        running = asyncio.create_task(load.run())
+        await poll(lambda: _at_least(load, 20), 20, "load flowing")
+        await asyncio.to_thread(sut.valkey.restart_empty)
+        # The informer's next relist (anti-entropy) reports every pod again.
+        await poll(lambda: _leader_exists(sut), 20, "a writer leading the empty Valkey")
+        await sut.register()
+        await running
+        # The state must move on from there, and every router follow it.
+        await submit(sut.client, [ReadinessChanged(uid=sut.pods[0].uid, source=Source.SIDECAR, ready=False)])
+        extra = [f"while Valkey restarted: {k}={n}" for k, n in load.errors().items()]
+        for router in sut.routers:
+            state = await router.get("/v1/state")
+            if state["pods"] < len(sut.pods):
+                extra.append(
+                    f"{router.name} adopted a state with {state['pods']} pods (was v{before[router.name]})"
+                )
+        await finish(sut, fault_report, "Valkey restarted empty", [load], baseline, expect(sut, pod_0={"not_ready"}),
+                     notes="pods re-reported by the informer", extra=extra)  # fmt: skip
+
+
+async def _leader_exists(sut: SystemUnderTest) -> bool:
+    return await sut.leader() is not None
