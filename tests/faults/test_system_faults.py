@@ -406,30 +406,58 @@ async def test_valkey_frozen_60s_then_back(fault_report: FaultReport) -> None:
         await _valkey_frozen(sut, fault_report, 60.0, "Valkey frozen 60 s, then back")
 
 
+async def _valkey_restarted_empty(
+    sut: SystemUnderTest, report: FaultReport, name: str, *, leader_survives: bool
+) -> None:
+    """Valkey restarts empty under load. ``leader_survives``: the standby is paused meanwhile, so the
+    leader (whose memory holds the state) leads again; else the leader is paused and the standby, which
+    never led, takes over the empty Valkey. Either way the informer then re-reports every pod, the
+    state moves on (pod-0 not ready) and every router must follow it."""
+    assert sut.client is not None
+    baseline = fd_baseline(sut)
+    leader = await sut.leader()
+    assert leader is not None
+    standby = next(w for w in sut.writers if w != leader)
+    paused = sut.writers[standby if leader_survives else leader]
+    load = LoadGenerator(sut.ports, concurrency=4, duration=LOAD_SECONDS + 2)
+    running = asyncio.create_task(load.run())
+    await poll(lambda: _at_least(load, 20), 20, "load flowing")
+    paused.stop()
+    try:
+        await asyncio.to_thread(sut.valkey.restart_empty)
+        expected_leader = leader if leader_survives else standby
+        await poll(lambda: _leads(sut, expected_leader), 20, f"{expected_leader} leading the empty Valkey")
+    finally:
+        paused.cont()
+    await sut.register()  # the informer's next relist (anti-entropy) reports every pod again
+    await submit(sut.client, [ReadinessChanged(uid=sut.pods[0].uid, source=Source.SIDECAR, ready=False)])
+    await running
+    extra = [f"while Valkey restarted: {k}={n}" for k, n in load.errors().items()]
+    await finish(sut, report, name, [load], baseline, expect(sut, pod_0={"not_ready"}),
+                 notes="pods re-reported by the informer, then pod-0 not ready", extra=extra)  # fmt: skip
+
+
+async def _leads(sut: SystemUnderTest, writer_id: str) -> bool:
+    return await sut.leader() == writer_id
+
+
 async def test_valkey_restarted_empty(fault_report: FaultReport) -> None:
     async with SystemUnderTest(pods=3) as sut:
-        assert sut.client is not None
-        baseline = fd_baseline(sut)
-        before = {r.name: (await r.get("/v1/state"))["version"] for r in sut.routers}
-        load = LoadGenerator(sut.ports, concurrency=4, duration=LOAD_SECONDS + 2)
-        running = asyncio.create_task(load.run())
-        await poll(lambda: _at_least(load, 20), 20, "load flowing")
-        await asyncio.to_thread(sut.valkey.restart_empty)
-        # The informer's next relist (anti-entropy) reports every pod again.
-        await poll(lambda: _leader_exists(sut), 20, "a writer leading the empty Valkey")
-        await sut.register()
-        await running
-        # The state must move on from there, and every router follow it.
-        await submit(sut.client, [ReadinessChanged(uid=sut.pods[0].uid, source=Source.SIDECAR, ready=False)])
-        extra = [f"while Valkey restarted: {k}={n}" for k, n in load.errors().items()]
-        for router in sut.routers:
-            state = await router.get("/v1/state")
-            if state["pods"] < len(sut.pods):
-                extra.append(
-                    f"{router.name} adopted a state with {state['pods']} pods (was v{before[router.name]})"
-                )
-        await finish(sut, fault_report, "Valkey restarted empty", [load], baseline, expect(sut, pod_0={"not_ready"}),
-                     notes="pods re-reported by the informer", extra=extra)  # fmt: skip
+        await _valkey_restarted_empty(sut, fault_report, "Valkey restarted empty", leader_survives=True)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="writer: a standby that never led takes an empty (restarted) Valkey with epoch 1 (INCR on a "
+    "lost counter; the 'epochs never go backwards' guard in Writer.try_acquire only knows its own epoch, 0), "
+    "the epoch the routers already hold, and commits from version 0: routers ignore every commit until the "
+    "new version passes theirs, so they keep serving a state the writer no longer has (pod-0 stays ready)",
+)
+async def test_valkey_restarted_empty_standby_takes_over(fault_report: FaultReport) -> None:
+    async with SystemUnderTest(pods=3) as sut:
+        await _valkey_restarted_empty(
+            sut, fault_report, "Valkey restarted empty, standby takes over", leader_survives=False
+        )
 
 
 async def _leader_exists(sut: SystemUnderTest) -> bool:
