@@ -286,18 +286,22 @@ class _PodConnection(_AppConnection):
 
     async def _answer_later(self, job: _Job) -> None:
         pod: SimPod = self._server.pod  # type: ignore[attr-defined]
-        await pod.sit_out_stall()
+        loop = self._loop
+        if pod.stall_until > loop.time():  # checked inline: the common case costs no coroutine
+            await pod.sit_out_stall()
         if job.control:
             super()._answer_now(job)
             return
         model = pod.spec.latency
-        req = job.req
         if isinstance(model, Sse):
             await self._stream_tokens(pod, job, model)
         else:
-            await asyncio.sleep(model.sample(pod.sim.rng))
-            await pod.sit_out_stall()
-            self._simple(req, 200, _WORK_BODY, b"application/json")
+            delay = model.sample(pod.sim.rng)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if pod.stall_until > loop.time():
+                await pod.sit_out_stall()
+            self._simple(job.req, 200, _WORK_BODY, b"application/json")
         pod.served += 1
 
     async def _stream_tokens(self, pod: SimPod, job: _Job, model: Sse) -> None:
@@ -313,10 +317,12 @@ class _PodConnection(_AppConnection):
             delay = start + i * step - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            await pod.sit_out_stall()
+            if pod.stall_until > loop.time():
+                await pod.sit_out_stall()
             event = b'data: {"token":%d}\n\n' % i
             self._write(b"%x\r\n%b\r\n" % (len(event), event))
-            await self._drain()
+            if self._paused or self._closing:
+                await self._drain()  # waits for the reader, or raises if the connection went
         self._write(b"%x\r\ndata: [DONE]\n\n\r\n0\r\n\r\n" % len(b"data: [DONE]\n\n"))
         if close:
             self._close()
