@@ -15,7 +15,8 @@ plain attributes read by the pumps at every chunk, so a test can change them whi
                            proxy (FIN both ways): a pod's own keep-alive timeout, placed where a
                            test wants it relative to the router's pool idle timeout
 
-``connections`` counts open proxied connections (half-open ones included); ``accepted`` every one.
+``connections`` counts open proxied connections (half-open ones included); ``accepted`` every one;
+``idle_closed`` those ended by ``idle_close``.
 ``close()`` aborts everything.
 """
 
@@ -37,6 +38,7 @@ class FaultProxy:
         "drip_interval",
         "half_open",
         "idle_close",
+        "idle_closed",
         "jitter",
         "target",
     )
@@ -50,6 +52,7 @@ class FaultProxy:
         self.drip_interval = 0.01
         self.idle_close: float | None = None
         self.accepted = 0
+        self.idle_closed = 0  # connections the idle close ended
         self.address: tuple[str, int] | None = None
         self._server: asyncio.Server | None = None
         self._conns: set[_ProxiedConnection] = set()
@@ -168,6 +171,7 @@ class _ProxiedConnection:
                 await asyncio.wait_for(self.activity.wait(), idle)
             except TimeoutError:
                 # The "pod" closes its idle keep-alive connection: FIN to both sides.
+                self.proxy.idle_closed += 1
                 for writer in (self.client, self.upstream):
                     if writer is not None:
                         writer.close()

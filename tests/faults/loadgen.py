@@ -99,6 +99,7 @@ class LoadGenerator:
     mix: Sequence[RequestSpec] = DEFAULT_MIX
     request_timeout: float = 15.0
     think: float = 0.0  # seconds a client waits between its requests (keep-alive stays open)
+    think_cycle: Sequence[float] = ()  # or these pauses in turn (overrides ``think``)
     host: str = "chat.example"
     outcomes: list[Outcome] = field(default_factory=list)
     run_id: str = ""
@@ -183,8 +184,9 @@ class LoadGenerator:
                 with contextlib.suppress(Exception):
                     await writer.wait_closed()
                 reader = writer = self._writers[index] = None
-            if self.think:
-                await asyncio.sleep(self.think)  # the client's pace, part of the scenario
+            pause = self.think_cycle[n % len(self.think_cycle)] if self.think_cycle else self.think
+            if pause:
+                await asyncio.sleep(pause)  # the client's pace, part of the scenario
             elif outcome.kind in ("reset", "eof") and loop.time() < deadline:
                 await asyncio.sleep(0.01)  # a refused/closed router: do not spin on reconnects
         if writer is not None:

@@ -88,4 +88,5 @@ async def test_idle_close_ends_a_quiet_keepalive_connection(proxy: FaultProxy) -
     assert head.startswith(b"HTTP/1.1 200")
     await reader.readexactly(len(b'{"ok":true}'))
     assert await asyncio.wait_for(reader.read(), 5) == b""  # the proxy closed the idle connection
+    assert proxy.idle_closed == 1
     writer.close()
