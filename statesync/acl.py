@@ -11,15 +11,17 @@ glob-escaped (a namespace may contain ``*`` or ``[``) and tagged ``%R~`` (read),
 =========  ==============================================  ============================================
 role       commands                                        keys and channels
 =========  ==============================================  ============================================
-router     GET HGETALL MULTI EXEC DISCARD (bootstrap in    read: version, state-epoch, pods, routes;
-           one transaction), XRANGE (gap fill),            read: changes (the change log);
+router     GET HGETALL HVALS MULTI EXEC DISCARD (boot-    read: version, state-epoch, pods (and the
+           strap in one transaction), XRANGE (gap fill),   packed pod chunks + their version), routes,
+                                                           changes (the change log);
            SUBSCRIBE UNSUBSCRIBE (deltas + heartbeats),    channel: deltas (subscribe only);
            XADD (exclusion reports, ``ReportForwarder``)   write: events (append only)
-writer     EXISTS INCRBY SET GET (lease, epoch), MULTI EXEC  all (~) of: lease, epoch, version,
-           DISCARD ZRANGE HGETALL (load), EVALSHA EVAL     state-epoch, applied, pods, routes,
-           SCRIPT LOAD + what the commit/renew scripts     changes, events;
-           run (HSET HDEL ZADD ZREMRANGEBYRANK PEXPIRE     channel: deltas (publish + subscribe)
-           XADD PUBLISH), XGROUP CREATE XREADGROUP XACK
+writer     EXISTS INCRBY SET GET (lease), MULTI EXEC       all (~) of: lease, epoch, version,
+           DISCARD ZRANGE HGETALL HVALS (load), EVALSHA    state-epoch, applied, pods, routes,
+           EVAL SCRIPT LOAD + what the commit/renew        changes, events: every key of ``Keys``;
+           scripts run (HSET HDEL DEL ZADD                 channel: deltas (publish + subscribe)
+           ZREMRANGEBYRANK PEXPIRE XADD XACK PUBLISH),
+           XGROUP CREATE XREADGROUP XACK
            XAUTOCLAIM XPENDING XINFO GROUPS XTRIM
            (consumer group), XADD (recovery outcomes,
            informer), PUBLISH (heartbeats)
@@ -60,10 +62,10 @@ _CONNECTION = ("ping", "client|setinfo")
 _TRANSACTION = ("multi", "exec", "discard")
 _PUBSUB_READ = ("subscribe", "unsubscribe")
 # leadership (lease, fencing epoch) and loading the committed state
-_WRITER_LEADERSHIP = ("exists", "incrby", "set", "get", "zrange", "hgetall")
+_WRITER_LEADERSHIP = ("exists", "incrby", "set", "get", "zrange", "hgetall", "hvals")
 # the fenced commit and lease renewal scripts, and what they run
-_WRITER_SCRIPTS = ("evalsha", "eval", "script|load", "hset", "hdel", "zadd", "zremrangebyrank", "pexpire",
-                   "xadd", "publish")  # fmt: skip
+_WRITER_SCRIPTS = ("evalsha", "eval", "script|load", "hset", "hdel", "del", "zadd", "zremrangebyrank",
+                   "pexpire", "xadd", "xack", "publish")  # fmt: skip
 # the events stream's consumer group
 _WRITER_GROUP = ("xgroup|create", "xreadgroup", "xack", "xautoclaim", "xpending", "xinfo|groups", "xtrim")
 
@@ -99,15 +101,28 @@ def glob_escape(name: str) -> str:
 def role_rules(role: str, keys: Keys | None = None) -> RoleRules:
     keys = keys or Keys()
     if role == "router":
+        # The packed bootstrap view (pod chunks and their version) is read like pods, where the
+        # data model has it.
+        packed = tuple(
+            getattr(keys, name) for name in ("pod_chunks", "chunks_version") if hasattr(keys, name)
+        )
         return RoleRules(
             role,
-            commands=(*_CONNECTION, *_TRANSACTION, *_PUBSUB_READ, "get", "hgetall", "xrange", "xadd"),
-            read_keys=(keys.version, keys.state_epoch, keys.pods, keys.routes, keys.changes),
+            commands=(
+                *_CONNECTION,
+                *_TRANSACTION,
+                *_PUBSUB_READ,
+                "get",
+                "hgetall",
+                "xrange",
+                "xadd",
+                *(("hvals",) if packed else ()),
+            ),
+            read_keys=(keys.version, keys.state_epoch, keys.pods, *packed, keys.routes, keys.changes),
             write_keys=(keys.events,),
             channels=(keys.channel,),
         )
     if role == "writer":
-        state_keys = (keys.lease, keys.epoch, keys.version, keys.state_epoch, keys.applied, keys.pods)
         return RoleRules(
             role,
             commands=(
@@ -118,7 +133,7 @@ def role_rules(role: str, keys: Keys | None = None) -> RoleRules:
                 *_WRITER_SCRIPTS,
                 *_WRITER_GROUP,
             ),
-            all_keys=(*state_keys, keys.routes, keys.changes, keys.events),
+            all_keys=writer_keys(keys),
             channels=(keys.channel,),
         )
     if role == "agent":
@@ -132,6 +147,13 @@ def role_rules(role: str, keys: Keys | None = None) -> RoleRules:
     if role == "sidecar":
         return RoleRules(role, commands=(*_CONNECTION, "xadd"), write_keys=(keys.events,))
     raise ValueError(f"unknown role {role!r} (roles: {', '.join(ROLES)})")
+
+
+def writer_keys(keys: Keys) -> tuple[str, ...]:
+    """Every key of the data model: the writer owns them all (a key added to ``Keys`` is the
+    writer's at once; readers get it only when their rules name it)."""
+    names = [name for name, value in vars(Keys).items() if isinstance(value, property) and name != "channel"]
+    return tuple(getattr(keys, name) for name in names)
 
 
 def default_username(role: str, keys: Keys | None = None) -> str:

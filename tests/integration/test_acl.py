@@ -214,10 +214,11 @@ def forbidden(role: str) -> list[tuple[str, tuple[Any, ...]]]:
         ("change ACLs", ("ACL", "SETUSER", "intruder", "on", "nopass", "+@all", "~*")),
         ("read another fleet's pods", ("HGETALL", other.pods)),
         ("append to another fleet's events", ("XADD", other.events, "*", "e", "x")),
-        ("delete the events stream", ("DEL", k.events)),
         ("switch database", ("SELECT", "1")),
+        ("delete another fleet's state", ("DEL", other.pods)),
     ]
     not_writer = [
+        ("delete the events stream", ("DEL", k.events)),
         ("write a pod record", ("HSET", k.pods, "pod-x", "x")),
         ("write a route", ("HSET", k.routes, "chat", "x")),
         ("bump the version", ("SET", k.version, "999")),
