@@ -27,7 +27,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from matplotlib.ticker import FixedLocator, FuncFormatter
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
 ADDED_PNG = "scale-added-latency.png"
 CDF_PNG = "scale-latency-cdf.png"
@@ -72,6 +72,7 @@ def plot_added_vs_pods(results: dict[str, Any], path: Path) -> Path:
     ax.set_xscale("log")
     ax.set_xticks(sizes)
     ax.set_xticklabels([f"{n:,}" for n in sizes])
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("pods in the router's routing state (log scale)")
     ax.set_ylabel("added latency vs direct (us)")
     ratio = summary.get("p90_ratio")
@@ -97,14 +98,15 @@ def plot_cdfs(results: dict[str, Any], path: Path) -> Path:
     targets = results["summary"]["targets"]
     fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
     cmap = plt.get_cmap("viridis")
-    routers = [n for n in targets if n.startswith("router@")]
+    sizes = list(dict.fromkeys(n.removesuffix("+churn") for n in targets if n.startswith("router@")))
     for name, entry in targets.items():
         points = [(us, q) for q, us in entry["cdf_us"] if q < 100 and us > 0 and not math.isnan(us)]
         if not points:
             continue
         churned = name.endswith("+churn")
         if name.startswith("router@"):
-            colour = cmap(routers.index(name) / max(1, len(routers) - 1) * 0.85)
+            size = sizes.index(name.removesuffix("+churn"))
+            colour = cmap(size / max(1, len(sizes) - 1) * 0.85)
         else:
             colour = {"direct": "black", "direct+churn": "black", **REFERENCE_STYLE}.get(name, "grey")
         ax.plot(

@@ -239,7 +239,8 @@ async def _agent(url: str, seed: int, commands: IO[str], replies: IO[str]) -> in
         keys = model.keys
         start = loop.time() + 0.01
         k = 0
-        while True:
+        stop: asyncio.Event = stats["stop"]
+        while not stop.is_set():
             delay = start + k / rate - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -284,18 +285,20 @@ async def _agent(url: str, seed: int, commands: IO[str], replies: IO[str]) -> in
             version = int(await client.get(model.keys.version) or 0)
             stats = {"ns": command["ns"], "events": 0, "flip": 0, "add": 0, "remove": 0, "max_lag_s": 0.0,
                      "last_id": None, "started": time.perf_counter(), "version_before": version}  # fmt: skip
+            stats["stop"] = asyncio.Event()
             task = asyncio.create_task(run_churn(model, float(command["rate"]), stats))
             churn.update(task=task, stats=stats)
             reply(ok=True, version=version)
         elif cmd == "halt":
             task, stats = churn.pop("task"), churn.pop("stats")
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # Not task.cancel(): a command cancelled mid-flight can leave its reply unread on the
+            # shared connection, for the next command to mistake as its own.
+            stats.pop("stop").set()
+            await task
             seconds = time.perf_counter() - stats.pop("started")
             model = models[stats["ns"]]
             last_id = stats.pop("last_id")
-            version = await wait_committed(model.keys, last_id, 60) if last_id else stats["version_before"]
+            version = await wait_committed(model.keys, last_id, 20) if last_id else stats["version_before"]
             reply(ok=True, **stats, seconds=round(seconds, 3), rate=stats["events"] / seconds,
                   version_after=version, live=len(model.live))  # fmt: skip
         elif cmd == "model":
@@ -323,18 +326,25 @@ async def _agent(url: str, seed: int, commands: IO[str], replies: IO[str]) -> in
 class StateAgent:
     """The parent's handle on the agent process: one JSON command per line, one JSON reply."""
 
-    def __init__(self, child: Child) -> None:
+    def __init__(self, child: Child, watch: list[Child]) -> None:
         self.child = child
+        self.watch = watch  # the writers: if one dies, no reply that waits for a commit will come
 
     def call(self, timeout: float = 330.0, **command: Any) -> dict[str, Any]:
         popen = self.child.popen
         assert popen.stdin is not None
         popen.stdin.write((json.dumps(command) + "\n").encode())
         popen.stdin.flush()
-        answer = self.read(command["cmd"], timeout)
+        try:
+            answer = self.read(command["cmd"], timeout)
+        except HarnessError as exc:
+            raise HarnessError(f"{exc}\n{self.tails()}") from None
         if not answer.get("ok"):
-            raise HarnessError(f"state agent: {command['cmd']} failed: {answer.get('error')}")
+            raise HarnessError(f"state agent: {command['cmd']} failed: {answer.get('error')}\n{self.tails()}")
         return answer
+
+    def tails(self) -> str:
+        return "\n".join(f"--- {child.name}:\n{child.tail()}" for child in (self.child, *self.watch))
 
     def read(self, what: str, timeout: float) -> dict[str, Any]:
         """The next reply line, waiting (with a deadline) while the agent is alive."""
@@ -346,6 +356,11 @@ class StateAgent:
                 raise HarnessError(
                     f"state agent: no answer to {what} (exit {popen.poll()}):\n{self.child.tail()}"
                 )
+            for child in self.watch:
+                if not child.alive():
+                    raise HarnessError(
+                        f"{child.name} exited ({child.popen.returncode}) during {what}:\n{child.tail()}"
+                    )
         line = popen.stdout.readline()
         if not line:
             raise HarnessError(f"state agent exited ({popen.poll()}):\n{self.child.tail()}")
@@ -364,6 +379,8 @@ class ScaleHarness(Harness):
         self.token = "bench-scale-token"
         self.token_file = self.tmp / "admin-token"
         self.token_file.write_text(self.token)
+        self.agent: StateAgent | None = None
+        self.fleets: dict[int, Fleet] = {}
 
     def start_valkey(self) -> str:
         from statesync.embedded import valkey_binary
@@ -406,7 +423,7 @@ class ScaleHarness(Harness):
         parts = line.split()
         return child, int(parts[1].rsplit(":", 1)[1]), int(parts[3].rsplit(":", 1)[1])
 
-    def start_agent(self, url: str, seed: int) -> StateAgent:
+    def start_agent(self, url: str, seed: int, watch: list[Child]) -> StateAgent:
         log = self.tmp / "agent.log"
         with open(log, "wb") as err:
             popen = subprocess.Popen(
@@ -415,7 +432,7 @@ class ScaleHarness(Harness):
             )  # fmt: skip
         child = Child("agent", popen, log)
         self.children.append(child)
-        agent = StateAgent(child)
+        agent = StateAgent(child, watch)
         if agent.read("start", 30).get("agent") != "ready":
             raise HarnessError(f"state agent did not start:\n{child.tail()}")
         return agent
@@ -511,11 +528,10 @@ def _run_scale(
 ) -> dict[str, Any]:
     sizes = sorted(set(opts.pods))
     url = harness.start_valkey()
-    for n in sizes:
-        harness.start_writer(url, opts.namespace(n))
+    writers = [harness.start_writer(url, opts.namespace(n)) for n in sizes]
     app, app_port = harness.start_app()
-    agent = harness.start_agent(url, opts.seed)
-    fleets: dict[int, Fleet] = {}
+    agent = harness.agent = harness.start_agent(url, opts.seed, writers)
+    fleets = harness.fleets
     for n in sizes:
         ns = opts.namespace(n)
         seeded = agent.call(
@@ -564,11 +580,11 @@ def _run_scale(
             if churned is None:
                 result = open_loop_run(harness, target, opts, keep_cdf)
             else:
-                agent.call(cmd="go", ns=churned.namespace, rate=opts.churn)
+                agent.call(cmd="go", ns=churned.namespace, rate=opts.churn, timeout=30)
                 try:
                     result = open_loop_run(harness, target, opts, keep_cdf)
                 finally:
-                    churn = agent.call(cmd="halt")
+                    churn = agent.call(cmd="halt", timeout=30)
                 state = wait_version(harness, churned, churn["version_after"])
                 churn["router_version_after"] = state["version"]
                 churn["router_pods_after"] = state["pods"]
