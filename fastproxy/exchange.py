@@ -122,8 +122,15 @@ _REQUEST_SPECIAL: Final[dict[bytes, int]] = {
     b"connection": _FIELD_CONNECTION,
     b"content-length": _FIELD_CONTENT_LENGTH,
     b"expect": _FIELD_EXPECT,
+    # Client-address and original-host claims: only a trusted hop may make them (Router.forwarding_headers).
     b"x-forwarded-for": _FIELD_FORWARDING,
     b"x-forwarded-proto": _FIELD_FORWARDING,
+    b"x-forwarded-host": _FIELD_FORWARDING,
+    b"x-forwarded-port": _FIELD_FORWARDING,
+    b"x-forwarded-prefix": _FIELD_FORWARDING,
+    b"x-real-ip": _FIELD_FORWARDING,
+    b"x-client-ip": _FIELD_FORWARDING,
+    b"true-client-ip": _FIELD_FORWARDING,
     b"forwarded": _FIELD_FORWARDING,
     b"x-request-id": _FIELD_REQUEST_ID,
 }

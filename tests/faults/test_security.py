@@ -230,11 +230,6 @@ async def test_spoofed_forwarding_headers_dropped_from_untrusted_kept_from_trust
     assert violations == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="router forwards X-Forwarded-Host / X-Real-IP from untrusted peers unchanged (exchange.py "
-    "_REQUEST_SPECIAL lists only X-Forwarded-For/-Proto and Forwarded as FORWARDING)",
-)
 async def test_other_client_address_headers_dropped_from_untrusted(harness: RouterHarness) -> None:
     app = await harness.app()
     _, port = await harness.router([pod_record("u", app.address)])
@@ -322,12 +317,6 @@ async def test_internal_hosts_never_become_connect_targets(
     assert violations == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="proxy.py ClientConnection._process_events: after an early answer (404 no route) on a "
-    "closing connection, the request's remaining events (END, body) meet exchange None and raise "
-    "RuntimeError('event END outside a request'); uvloop reports a fatal transport error and aborts",
-)
 async def test_early_answer_on_a_closing_connection_raises_nothing(harness: RouterHarness) -> None:
     loop = asyncio.get_running_loop()
     errors: list[object] = []

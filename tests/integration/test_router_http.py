@@ -7,11 +7,20 @@ forwarding test asserts what the pod actually received on the wire.
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import httpx
 import pytest
 
-from tests.conftest import RouterHarness, chat_route, exchange, pod_record, status_of, wait_for
+from tests.conftest import (
+    RouterHarness,
+    chat_route,
+    exchange,
+    next_pod_address,
+    pod_record,
+    status_of,
+    wait_for,
+)
 
 
 async def one_pod(harness: RouterHarness, **config: object) -> tuple[object, int]:
@@ -445,3 +454,105 @@ async def test_early_answer_with_body_in_the_same_packet_is_answered_once(harnes
     )
     assert response.count(b"HTTP/1.1 404") == 1
     assert response.count(b"HTTP/1.1 200") == 1
+
+
+class RawPod:
+    """A pod made of plain sockets, so the test decides to the syscall when a connection closes."""
+
+    RESPONSE = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+
+    def __init__(self) -> None:
+        self.listener = socket.socket()
+        self.listener.bind((next_pod_address(), 0))
+        self.listener.listen(16)
+        self.listener.setblocking(False)
+        self.address = self.listener.getsockname()
+        self.requests: list[bytes] = []
+
+    async def serve_one(self) -> socket.socket:
+        """Accept one connection, answer one request on it, keep it open (keep-alive)."""
+        loop = asyncio.get_running_loop()
+        conn, _ = await loop.sock_accept(self.listener)
+        conn.setblocking(False)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += await loop.sock_recv(conn, 65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(find_header_value(head, b"content-length") or 0)
+        while len(body) < length:
+            body += await loop.sock_recv(conn, 65536)
+        self.requests.append(head + b"\r\n\r\n" + body)
+        await loop.sock_sendall(conn, self.RESPONSE)
+        return conn
+
+
+def find_header_value(head: bytes, name: bytes) -> bytes | None:
+    for line in head.split(b"\r\n")[1:]:
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == name:
+            return value.strip()
+    return None
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_pooled_connection_closed_by_pod_just_before_reuse_is_not_used(
+    harness: RouterHarness, method: str
+) -> None:
+    """The pod closes an idle keep-alive connection at the instant the router would reuse it: the
+    pod's FIN is already in the router's socket, not yet seen by the loop, when the next request
+    comes. Sent there, the request would meet a closed socket (never read, but unprovably so: a 502
+    for nothing). The router checks the connection's TCP state first and opens a new one."""
+    pod = RawPod()
+    router, port = await harness.router([pod_record("p1", pod.address)])
+    request = (
+        b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+        if method == "GET"
+        else b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello"
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    first = asyncio.create_task(pod.serve_one())
+    writer.write(request)
+    assert (await asyncio.wait_for(reader.readuntil(b"ok"), 5)).startswith(b"HTTP/1.1 200")
+    pod_side = await first
+    await wait_for(lambda: router.pool.idle_count == 1, what="connection back in the pool")
+    (client,) = router.connections
+    second = asyncio.create_task(pod.serve_one())
+    await asyncio.sleep(0)  # the second accept is waiting
+    # In one synchronous step, before the loop can poll: the pod closes the idle connection (its
+    # FIN reaches the router's socket at once on loopback), then the router gets the next request,
+    # as when both events come in the same loop iteration.
+    pod_side.close()
+    client.data_received(request)
+    response = await asyncio.wait_for(reader.readuntil(b"ok"), 5)
+    assert response.startswith(b"HTTP/1.1 200"), response
+    await asyncio.wait_for(second, 5)
+    assert [r.split(b" ", 1)[0] for r in pod.requests] == [method.encode()] * 2  # each request once
+    assert router.stats.retries == {} and router.stats.local_exclusions == 0 and not router.reports
+    assert router.slots.pods["p1"].inflight == 0
+    writer.close()
+    pod.listener.close()
+
+
+async def test_pod_that_read_the_request_then_closed_is_502_not_resent(harness: RouterHarness) -> None:
+    """The counterpart: the pod reads the request and closes (FIN, no RST): it may have acted on
+    it, so the router must not send it again."""
+    pod = RawPod()
+    router, port = await harness.router([pod_record("p1", pod.address)])
+    loop = asyncio.get_running_loop()
+
+    async def read_then_close() -> None:
+        conn = await pod.serve_one()  # first request answered on this connection
+        data = await loop.sock_recv(conn, 65536)  # the second request: read, then closed
+        pod.requests.append(data)
+        conn.close()
+
+    serving = asyncio.create_task(read_then_close())
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello")
+    await asyncio.wait_for(reader.readuntil(b"ok"), 5)
+    writer.write(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")
+    response = await asyncio.wait_for(reader.read(-1), 5)
+    await serving
+    assert status_of(response) == 502
+    assert len(pod.requests) == 2 and router.stats.retries == {}
+    pod.listener.close()
