@@ -260,10 +260,57 @@ class SlotTable:
     def replace_all(self, records: Iterable[PodRecord]) -> None:
         """Reconcile with a whole state (resync): pods not in it are forgotten."""
         records = list(records)
+        if not self.pods:
+            self._fill(records)
+            return
         keep = {r.uid for r in records}
         for uid in [uid for uid in self.pods if uid not in keep]:
             self._forget(self.pods[uid])
         self.update(records)
+
+    def _fill(self, records: list[PodRecord]) -> None:
+        """``update`` for a table that knows no pod yet (bootstrap), in one pass.
+
+        Instead of one shuffle of every entering pod (a third of the cost at 50k pods), each
+        revision's Ready pods enter rotated by a random offset: routers still start on different
+        pods, and, picking in the same cyclic order, tend to stay apart."""
+        pods = self.pods
+        revisions = self.revisions
+        entering: dict[RevisionSlots, list[PodSlots]] = {}
+        ready = PodState.READY
+        removed = PodState.REMOVED
+        for record in records:
+            state = record.state
+            if state is removed:
+                continue
+            revision = revisions.get(record.revision)
+            if revision is None:
+                revision = revisions[record.revision] = RevisionSlots(record.revision)
+            pod = PodSlots(record, revision)
+            pods[record.uid] = revision.members[record.uid] = pod
+            if state is ready:
+                members = entering.get(revision)
+                if members is None:
+                    entering[revision] = [pod]
+                else:
+                    members.append(pod)
+        randrange = self._random.randrange
+        for revision, members in entering.items():
+            if len(members) > 1:
+                cut = randrange(len(members))
+                members = members[cut:] + members[:cut]
+            if revision.queued:
+                for pod in members:
+                    pod._enter()
+                continue
+            # (no waiters: straight into level 0, the levels grown once for the largest pod)
+            levels = revision.levels
+            level = levels[0]
+            for pod in members:
+                pod.routable = True
+                level[pod] = None
+                while len(levels) < pod.concurrency:
+                    levels.append({})
 
     def exclude(self, uid: str) -> bool:
         """Take a pod out of rotation after a transport failure seen at its current generation."""

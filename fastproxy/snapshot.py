@@ -15,6 +15,11 @@ is rebuilt only when a delta carries route changes.
 A delta applies only on top of the version just before it (``version == self.version + 1``);
 anything else raises ``VersionGap`` and the caller (the subscriber) fills the gap or resyncs.
 REMOVED records are tombstones in the writer; the snapshot simply forgets those pods.
+
+A whole state (bootstrap, resync) is assembled by a ``SnapshotBuilder`` in one pass over the
+records: the pod Map is filled through its mutation API (in place, no intermediate dict), the
+per-revision groups are plain dicts frozen into Maps once at the end. The records can be added in
+slices, so the caller may yield to its event loop between them.
 """
 
 from __future__ import annotations
@@ -121,6 +126,45 @@ def _first_prefix(candidates: tuple[ServiceRoute, ...], path: str) -> ServiceRou
     return None
 
 
+class SnapshotBuilder:
+    """A whole state assembled from records added in any number of slices, then ``finish``."""
+
+    __slots__ = ("_by_revision", "_pods")
+
+    def __init__(self) -> None:
+        self._pods: immutables.MapMutation[str, PodRecord] = EMPTY_MAP.mutate()
+        self._by_revision: dict[str, dict[str, PodRecord]] = {}
+
+    def add(self, records: Iterable[PodRecord]) -> None:
+        pods = self._pods
+        by_revision = self._by_revision
+        for record in records:
+            if record.state is PodState.REMOVED:
+                continue
+            uid = record.uid
+            pods[uid] = record
+            members = by_revision.get(record.revision)
+            if members is None:
+                by_revision[record.revision] = {uid: record}
+            else:
+                members[uid] = record
+
+    def __len__(self) -> int:
+        return len(self._pods)
+
+    def finish(self, epoch: int, version: int, routes: Iterable[Route] = ()) -> RoutingSnapshot:
+        revisions = immutables.Map(
+            {rev: immutables.Map(members) for rev, members in self._by_revision.items()}
+        )
+        return RoutingSnapshot(
+            epoch,
+            version,
+            self._pods.finish(),
+            revisions,
+            immutables.Map({r.service: r for r in routes if not r.removed}),
+        )
+
+
 class RoutingSnapshot:
     __slots__ = ("epoch", "pods", "revisions", "route_table", "routes", "version")
 
@@ -149,20 +193,9 @@ class RoutingSnapshot:
         cls, epoch: int, version: int, pods: Iterable[PodRecord], routes: Iterable[Route] = ()
     ) -> RoutingSnapshot:
         """A whole state read at once (bootstrap, resync, a static routes file)."""
-        by_revision: dict[str, dict[str, PodRecord]] = {}
-        all_pods: dict[str, PodRecord] = {}
-        for pod in pods:
-            if pod.state is PodState.REMOVED:
-                continue
-            all_pods[pod.uid] = pod
-            by_revision.setdefault(pod.revision, {})[pod.uid] = pod
-        return cls(
-            epoch,
-            version,
-            immutables.Map(all_pods),
-            immutables.Map({rev: immutables.Map(members) for rev, members in by_revision.items()}),
-            immutables.Map({r.service: r for r in routes if not r.removed}),
-        )
+        builder = SnapshotBuilder()
+        builder.add(pods)
+        return builder.finish(epoch, version, routes)
 
     def apply(self, delta: Delta) -> RoutingSnapshot:
         """A new snapshot with ``delta`` applied; costs O(changed pods)."""

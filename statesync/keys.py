@@ -18,6 +18,10 @@ key                           type       written by                             
                                          APPLIED_CAP entries applied
 ``{ns}:pods``                 hash       writer (commit script): uid -> PodRecord  routers, writers
 ``{ns}:routes``               hash       writer (commit script): service -> Route  routers, writers
+``{ns}:pod-chunks``           hash       writer (commit script): chunk number ->   routers (bootstrap)
+                                         msgpack array of the chunk's live records
+``{ns}:chunks-version``       int        writer (commit script, repack): the       routers (bootstrap)
+                                         version pod-chunks is at
 ``{ns}:changes``              stream     writer (commit script): id = version-0,   routers (gap fill)
                                          ``d`` = encoded Delta; capped
 ``{ns}:deltas``               pub/sub    writer: ``D``+Delta on commit,            routers
@@ -27,15 +31,36 @@ key                           type       written by                             
 The commit script checks the lease token (the fencing epoch) and the expected previous version
 before it writes anything, so a deposed or paused leader cannot write, and a batch is applied
 entirely or not at all.
+
+Two views of the pods, written by the same commit: ``pods`` holds every record (tombstones too)
+one field per pod, for the writer and for point reads; ``pod-chunks`` holds the live (not REMOVED)
+records packed for a router's bootstrap. A pod's chunk is ``pod_chunk(uid)`` (CRC-32 of the uid,
+``POD_CHUNKS`` chunks); a chunk's value is one msgpack array of the records' own encodings (the
+bytes stored in ``pods``), so a router reads the whole fleet as a few thousand fields and decodes
+each chunk with one decoder call, instead of 50k fields and 50k calls. A commit rewrites only the
+chunks its records fall in (the leader keeps every chunk's members' bytes in memory; it never
+re-encodes), and deletes a chunk that became empty. ``chunks-version`` is set to the version in the
+same step; a router uses the chunks only when it equals ``version`` (otherwise, e.g. after a writer
+that predates the chunks committed, it reads ``pods``), and a new leader repacks every chunk,
+fenced, when it finds them behind.
 """
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 EVENTS_GROUP = "writers"
 CHANGES_CAP = 10_000  # deltas kept for gap filling; beyond this a router re-reads everything
 APPLIED_CAP = 100_000  # applied entry ids remembered, to recognise replays and late claims
+# Pod chunks: ~12 records (3 kB) each at 50k pods. Fewer would mean less to read at bootstrap but
+# more bytes rewritten per commit (a chunk is rewritten whole when one of its pods changes).
+POD_CHUNKS = 4096
+
+
+def pod_chunk(uid: str) -> int:
+    """The chunk a pod's record is packed in (stable across processes and versions)."""
+    return zlib.crc32(uid.encode()) & (POD_CHUNKS - 1)
 
 
 @dataclass(frozen=True)
@@ -73,6 +98,14 @@ class Keys:
     @property
     def routes(self) -> str:
         return f"{self.ns}:routes"
+
+    @property
+    def pod_chunks(self) -> str:
+        return f"{self.ns}:pod-chunks"
+
+    @property
+    def chunks_version(self) -> str:
+        return f"{self.ns}:chunks-version"
 
     @property
     def changes(self) -> str:

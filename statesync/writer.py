@@ -5,10 +5,11 @@ Theory of operation
 Sources append events to the ``events`` stream; the leader writer reads them through a consumer
 group in batches, runs each through the quarantine policy and the pure ``podstate.apply``, and
 commits the batch's changed records in one Lua script that first checks the lease token (the
-fencing epoch) and the expected previous version. The script sets the version, writes the records,
-appends the delta to the capped change log (stream id = version), PUBLISHes it, and records the ids
-of the entries it applied; only then are the entries acknowledged. A crash between commit and ack
-replays entries, and a replayed entry is recognised by its id and skipped: nothing is applied twice.
+fencing epoch) and the expected previous version. The script sets the version, writes the records
+(and the pod-chunks they fall in, see ``statesync.keys``), appends the delta to the capped change log
+(stream id = version), PUBLISHes it, records the ids of the entries it applied and acknowledges the
+entries, all in that one step (one round trip per batch). An entry delivered twice anyway (claimed
+from a consumer that did commit it) is recognised by its id and skipped: nothing is applied twice.
 Entries a deposed leader read after losing its lease are claimed (XAUTOCLAIM) by the new leader at
 takeover and periodically after, so none is lost.
 
@@ -42,7 +43,7 @@ from collections.abc import Callable
 from typing import Any
 
 import valkey.asyncio as avalkey
-from valkey.exceptions import ResponseError
+from valkey.exceptions import NoPermissionError, ResponseError
 
 from statesync.keys import (
     APPLIED_CAP,
@@ -51,6 +52,7 @@ from statesync.keys import (
     EVENTS_GROUP,
     HEARTBEAT_PREFIX,
     Keys,
+    pod_chunk,
     stream_id_key,
 )
 from statesync.podstate import Changed, Dropped, Rejected, StartRecovery, StopRecovery, apply
@@ -72,61 +74,100 @@ from statesync.schema import (
     decode_pod,
     decode_route,
     encode,
+    pack_array,
 )
 
 log = logging.getLogger("fastproxy.writer")
 
+# One fenced, atomic step per batch. ARGV: 1 token, 2 expected version, 3 new version, 4 epoch,
+# 5 channel, 6 message to publish, 7 delta (change log), 8 change log cap, 9 applied-ids cap,
+# 10 consumer group, 11 records, 12 routes, 13 chunks (-1: this writer does not keep pod-chunks, and
+# passes no KEYS[9], KEYS[10]: its ACL user may not have them), 14 applied ids, 15 entries to ack,
+# 16 the payload: one msgpack array of strings (``lua_strings``) holding (uid, record) pairs,
+# (service, route or '' to delete) pairs, (chunk, packed records or '' to delete) pairs, the applied
+# ids and the entry ids to acknowledge. One argument, not thousands: valkey-py packs each argument
+# of a command in Python, which cost more than everything else the writer does in a batch.
 # Every applied entry id goes into a capped sorted set (score: the id's millisecond part), in the
-# same atomic step as the state it produced: a replayed or late-claimed entry is recognised by id.
-_RECORD_APPLIED = """
-local first = ARGV[1]
-local count = tonumber(ARGV[2])
-for j = 0, count - 1 do
-  local id = ARGV[first + j]
-  redis.call('ZADD', KEYS[4], tonumber(string.match(id, '^(%d+)')), id)
+# same step as the state it produced: a replayed or late-claimed entry is recognised by id. The
+# entries are acknowledged in the same step too, so no crash can leave a committed batch unacked.
+COMMIT_SCRIPT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('FENCED lease lost') end
+local n, r, c = tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13])
+local a, k = tonumber(ARGV[14]), tonumber(ARGV[15])
+local P = cmsgpack.unpack(ARGV[16])
+local i = 1
+if n + r > 0 then
+  local current = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if current ~= tonumber(ARGV[2]) then
+    return redis.error_reply('VERSION expected ' .. ARGV[2] .. ' found ' .. tostring(current))
+  end
+  redis.call('SET', KEYS[2], ARGV[3])
+  redis.call('SET', KEYS[3], ARGV[4])
+  for _ = 1, n do
+    redis.call('HSET', KEYS[5], P[i], P[i + 1])
+    i = i + 2
+  end
+  for _ = 1, r do
+    if P[i + 1] == '' then redis.call('HDEL', KEYS[6], P[i]) else redis.call('HSET', KEYS[6], P[i], P[i + 1]) end
+    i = i + 2
+  end
+  for _ = 1, c do
+    if P[i + 1] == '' then redis.call('HDEL', KEYS[9], P[i]) else redis.call('HSET', KEYS[9], P[i], P[i + 1]) end
+    i = i + 2
+  end
+  if c >= 0 then redis.call('SET', KEYS[10], ARGV[3]) end
+  redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[8], ARGV[3] .. '-0', 'd', ARGV[7])
+  redis.call('PUBLISH', ARGV[5], ARGV[6])
 end
-if count > 0 then redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -tonumber(ARGV[3]) - 1) end
+for _ = 1, a do
+  local id = P[i]
+  redis.call('ZADD', KEYS[4], tonumber(string.match(id, '^(%d+)')), id)
+  i = i + 1
+end
+if a > 0 then redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -tonumber(ARGV[9]) - 1) end
+while k > 0 do  -- (unpack has a stack limit: acknowledge a claimed backlog 1000 at a time)
+  local m = math.min(k, 1000)
+  redis.call('XACK', KEYS[8], ARGV[10], unpack(P, i, i + m - 1))
+  i, k = i + m, k - m
+end
+return ARGV[3]
 """
 
-COMMIT_SCRIPT = (
-    """
-if redis.call('GET', KEYS[1]) ~= ARGV[4] then return redis.error_reply('FENCED lease lost') end
-local n = tonumber(ARGV[13])
-local i = 14
-for _ = 1, n do i = i + 2 end
-local r = tonumber(ARGV[i])
-local changes = n + r
-if changes > 0 then
-  local current = tonumber(redis.call('GET', KEYS[2]) or '0')
-  if current ~= tonumber(ARGV[5]) then
-    return redis.error_reply('VERSION expected ' .. ARGV[5] .. ' found ' .. tostring(current))
-  end
-  redis.call('SET', KEYS[2], ARGV[6])
-  redis.call('SET', KEYS[3], ARGV[7])
-  i = 14
-  for _ = 1, n do
-    redis.call('HSET', KEYS[5], ARGV[i], ARGV[i + 1])
-    i = i + 2
-  end
-  i = i + 1
-  for _ = 1, r do
-    if ARGV[i + 1] == '' then redis.call('HDEL', KEYS[6], ARGV[i]) else redis.call('HSET', KEYS[6], ARGV[i], ARGV[i + 1]) end
-    i = i + 2
-  end
-  redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[12], ARGV[6] .. '-0', 'd', ARGV[11])
-  redis.call('PUBLISH', ARGV[8], ARGV[9])
-end
+# A new leader found pod-chunks behind the version (a writer that predates them committed): rewrite
+# them all from the records it loaded, fenced, at the version they describe. ARGV: token, version,
+# then (chunk, packed records) pairs.
+REPACK_SCRIPT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('FENCED lease lost') end
+local current = redis.call('GET', KEYS[2]) or '0'
+if current ~= ARGV[2] then return redis.error_reply('VERSION expected ' .. ARGV[2] .. ' found ' .. current) end
+redis.call('DEL', KEYS[3])
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[3], P[i], P[i + 1]) end
+redis.call('SET', KEYS[4], ARGV[2])
+return 1
 """
-    + _RECORD_APPLIED
-    + """
-return ARGV[6]
-"""
-)
 
 RENEW_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
+
+
+def lua_strings(items: list[bytes]) -> bytes:
+    """A msgpack array of strings, for ``cmsgpack.unpack`` in a script (which knows no bin type)."""
+    parts = [b"\xdd" + len(items).to_bytes(4, "big")]
+    append = parts.append
+    for item in items:
+        size = len(item)
+        if size < 32:
+            append(bytes((0xA0 | size,)))
+        elif size < 0x100:
+            append(b"\xd9" + bytes((size,)))
+        elif size < 0x10000:
+            append(b"\xda" + size.to_bytes(2, "big"))
+        else:
+            append(b"\xdb" + size.to_bytes(4, "big"))
+        append(item)
+    return b"".join(parts)
 
 
 class Fenced(Exception):
@@ -209,6 +250,8 @@ class WriterState:
         self.pods: dict[str, PodRecord] = {}
         self.routes: dict[str, Route] = {}
         self.version = 0
+        # pod-chunks as committed: chunk -> uid -> the live record's encoding (what ``pods`` stores)
+        self.chunks: dict[int, dict[str, bytes]] = {}
         # Ids of the entries applied most recently (mirrors the capped set in Valkey).
         self.applied_ids: set[str] = set()
         self._applied_order: deque[str] = deque()
@@ -219,6 +262,32 @@ class WriterState:
             self._applied_order.append(entry_id)
             if len(self._applied_order) > APPLIED_CAP:
                 self.applied_ids.discard(self._applied_order.popleft())
+
+    def pack(self, records: list[tuple[PodRecord, bytes]]) -> list[bytes]:
+        """Put encoded records into their chunks; (chunk, packed records or b"" if it emptied) pairs
+        for every chunk they touched."""
+        chunks = self.chunks
+        touched: set[int] = set()
+        for record, blob in records:
+            chunk = pod_chunk(record.uid)
+            touched.add(chunk)
+            members = chunks.get(chunk)
+            if record.state is PodState.REMOVED:
+                if members is not None:
+                    members.pop(record.uid, None)
+            elif members is None:
+                chunks[chunk] = {record.uid: blob}
+            else:
+                members[record.uid] = blob
+        pairs: list[bytes] = []
+        for chunk in touched:
+            members = chunks.get(chunk)
+            if members:
+                pairs += (b"%d" % chunk, pack_array(list(members.values())))
+            else:
+                chunks.pop(chunk, None)
+                pairs += (b"%d" % chunk, b"")
+        return pairs
 
     @property
     def applied(self) -> str:
@@ -252,7 +321,10 @@ class Writer:
         self.token = ""
         self.leader = False
         self.stats: dict[str, int] = {"applied": 0, "commits": 0, "rejected": 0, "dropped": 0, "bad": 0}
+        # Keep pod-chunks (routers' fast bootstrap)? Off only when our ACL user may not write them.
+        self.packing = True
         self._commit = client.register_script(COMMIT_SCRIPT)
+        self._repack = client.register_script(REPACK_SCRIPT)
         self._renew = client.register_script(RENEW_SCRIPT)
         self._checks: dict[str, asyncio.Task[None]] = {}
         self._stop = asyncio.Event()
@@ -274,6 +346,7 @@ class Writer:
         self.epoch = epoch
         self.token = token
         await self._load_state()
+        await self._sync_chunks()
         self.leader = True
         self.became_leader.set()
         log.info("%s is leader: epoch %d, version %d, %d pods", self.id, epoch, self.state.version,
@@ -298,15 +371,44 @@ class Writer:
         for entry_id in applied:
             state.remember(entry_id.decode())
         state.pods = {}
+        chunks = state.chunks
         for raw in pods.values():
             record = decode_pod(raw)
             state.pods[record.uid] = record
             state.counts.account(None, record)
+            if record.state is not PodState.REMOVED:
+                chunks.setdefault(pod_chunk(record.uid), {})[record.uid] = raw
         state.routes = {}
         for raw in routes.values():
             route = decode_route(raw)
             state.routes[route.service] = route
         self.state = state
+
+    async def _sync_chunks(self) -> None:
+        """At takeover: make pod-chunks describe the loaded version if they do not (a writer that
+        predates them led), or stop keeping them if our ACL user may not touch them."""
+        keys = self.keys
+        try:
+            at = await self.client.get(keys.chunks_version)
+            if at is not None and int(at) == self.state.version:
+                self.packing = True
+                return
+            pairs: list[Any] = []
+            for chunk, members in self.state.chunks.items():
+                pairs += (chunk, pack_array(list(members.values())))
+            await self._repack(keys=[keys.lease, keys.version, keys.pod_chunks, keys.chunks_version],
+                               args=[self.token, self.state.version, *pairs])  # fmt: skip
+            self.packing = True
+        except NoPermissionError as exc:
+            if self.packing:
+                log.warning("%s may not write %s (%s): routers bootstrap from %s instead", self.id,
+                            keys.pod_chunks, exc, keys.pods)  # fmt: skip
+            self.packing = False
+        except ResponseError as exc:
+            if "FENCED" in str(exc) or "VERSION" in str(exc):
+                self.step_down(f"repack refused ({exc})")
+                raise Fenced(str(exc)) from None
+            raise
 
     async def _recommit_all(self) -> None:
         keys = self.keys
@@ -410,9 +512,9 @@ class Writer:
                 log.warning("event %s dropped: %s", entry, exc)
                 continue
             self._apply_event(event, changed, route_changes, recovery)
-        if applied:
-            await self._write(tuple(changed.values()), tuple(route_changes.values()), applied=applied)
-        await self.client.xack(self.keys.events, EVENTS_GROUP, *[e[0] for e in entries])
+        # Also with nothing applied (all replays): the commit acknowledges the entries, fenced.
+        await self._write(tuple(changed.values()), tuple(route_changes.values()), applied=applied,
+                          acknowledge=[e[0] for e in entries])  # fmt: skip
         for uid, start, generation in recovery:
             if start:
                 self._start_check(uid, generation)
@@ -471,36 +573,38 @@ class Writer:
         routes: tuple[Route, ...],
         *,
         applied: list[str] | None = None,
+        acknowledge: list[bytes] | None = None,
         new_version: int = 0,
     ) -> None:
-        """One fenced, atomic step: the records, the version, the change log, the publish and the
-        ids of the entries applied. With no records it only records the ids (still fenced)."""
+        """One fenced, atomic step: the records (and their pod-chunks), the version, the change log,
+        the publish, the ids of the entries applied and their acknowledgement. With no records it
+        only records the ids and acknowledges (still fenced)."""
         state = self.state
         keys = self.keys
         applied = applied or []
+        acknowledge = acknowledge or []
         changes = bool(pods or routes)
         version = (new_version or state.version + 1) if changes else state.version
         blob = encode(Delta(epoch=self.epoch, version=version, pods=pods, routes=routes)) if changes else b""
-        tail: list[Any] = [len(pods)]
-        for pod in pods:
-            tail += (pod.uid, encode(pod))
-        tail.append(len(routes))
+        encoded = [(pod, encode(pod)) for pod in pods]
+        chunk_pairs = state.pack(encoded) if self.packing else []
+        payload: list[bytes] = []
+        for pod, pod_blob in encoded:
+            payload += (pod.uid.encode(), pod_blob)
         for route in routes:
-            tail += (route.service, b"" if route.removed else encode(route))
-        first_id = 14 + 2 * len(pods) + 1 + 2 * len(routes)  # 1-based ARGV index of the first id
+            payload += (route.service.encode(), b"" if route.removed else encode(route))
+        payload += chunk_pairs
+        payload += (entry_id.encode() for entry_id in applied)
+        payload += acknowledge
         args: list[Any] = [
-            first_id, len(applied), APPLIED_CAP, self.token, state.version, version, self.epoch,
-            keys.channel, DELTA_PREFIX + blob, "", blob, CHANGES_CAP, *tail, *applied,
+            self.token, state.version, version, self.epoch, keys.channel, DELTA_PREFIX + blob, blob,
+            CHANGES_CAP, APPLIED_CAP, EVENTS_GROUP, len(pods), len(routes),
+            len(chunk_pairs) // 2 if self.packing else -1, len(applied), len(acknowledge), lua_strings(payload),
         ]  # fmt: skip
-        script_keys = [
-            keys.lease,
-            keys.version,
-            keys.state_epoch,
-            keys.applied,
-            keys.pods,
-            keys.routes,
-            keys.changes,
-        ]
+        script_keys = [keys.lease, keys.version, keys.state_epoch, keys.applied, keys.pods, keys.routes,
+                       keys.changes, keys.events]  # fmt: skip
+        if self.packing:
+            script_keys += (keys.pod_chunks, keys.chunks_version)
         try:
             await self._commit(keys=script_keys, args=args)
         except ResponseError as exc:
@@ -511,6 +615,9 @@ class Writer:
             if "VERSION" in text:
                 self.step_down(f"version mismatch ({text})")
                 raise Fenced(text) from None
+            if isinstance(exc, NoPermissionError) and self.packing:
+                # pod-chunks became forbidden under us: the next term finds out and stops keeping them
+                self.step_down(f"commit refused: {text}")
             raise
         state.version = version
         for entry_id in applied:
