@@ -1,7 +1,8 @@
-"""Summarise a pytest-benchmark JSON file: medians per group and the largest/smallest-scale ratio.
+"""Summarise a benchmark JSON file: medians per group and the largest/smallest-scale ratio.
 
-Usage: python -m bench.report [bench/results/latest.json]
+Usage: python -m bench.report [bench/results/latest.json | bench/results/scale-latest.json]
 Prints a markdown table; flatness is judged on medians of runs made side by side in one session.
+A ``bench.scale`` result (``"kind": "scale"``) is rendered as that benchmark's markdown report.
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ from pathlib import Path
 
 def main(path: str = "bench/results/latest.json") -> int:
     data = json.loads(Path(path).read_text())
+    if data.get("kind") == "scale":
+        from bench.scale import render_markdown
+
+        print(render_markdown(data))
+        return 0
     groups: dict[str, list[tuple[int, str, float]]] = defaultdict(list)
     for bench in data["benchmarks"]:
         match = re.search(r"\[(\d+)\]$", bench["name"])
