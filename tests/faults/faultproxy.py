@@ -16,7 +16,7 @@ plain attributes read by the pumps at every chunk, so a test can change them whi
                            test wants it relative to the router's pool idle timeout
 
 ``connections`` counts open proxied connections (half-open ones included); ``accepted`` every one;
-``idle_closed`` those ended by ``idle_close``.
+``idle_closed`` those ended by ``idle_close``; ``client_closed_at`` when each client closed its side.
 ``close()`` aborts everything.
 """
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 
 
 class FaultProxy:
@@ -33,6 +34,7 @@ class FaultProxy:
         "_server",
         "accepted",
         "address",
+        "client_closed_at",
         "delay",
         "drip_bytes",
         "drip_interval",
@@ -53,6 +55,9 @@ class FaultProxy:
         self.idle_close: float | None = None
         self.accepted = 0
         self.idle_closed = 0  # connections the idle close ended
+        # time.monotonic() at which each client (the router) closed or reset its side: an exact
+        # time for "the router closed the upstream connection", taken when it happened, not polled
+        self.client_closed_at: list[float] = []
         self.address: tuple[str, int] | None = None
         self._server: asyncio.Server | None = None
         self._conns: set[_ProxiedConnection] = set()
@@ -159,9 +164,13 @@ class _ProxiedConnection:
                 else:
                     writer.write(data)
                     await writer.drain()
+            if not drip:
+                proxy.client_closed_at.append(time.monotonic())
             if writer.can_write_eof():
                 writer.write_eof()  # half-close forwarded as such
         except (OSError, RuntimeError):
+            if not drip:
+                proxy.client_closed_at.append(time.monotonic())
             self.abort()
 
     async def _idle_watch(self, idle: float) -> None:

@@ -506,12 +506,6 @@ async def test_bad_input_at_scale_long(fault_report: FaultReport, tmp_path: Any,
     await run_scenario(fault_report, tmp_path, name, long=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="proxy.py: with an idle pooled pod connection the head is forwarded at once; a fault found "
-    "after the head (chunk-extension bound, h2c Upgrade with trailing bytes) answers the client 400 "
-    "although the pod already received, and ran, the complete request",
-)
 async def test_rejected_after_the_head_never_runs_on_the_pod(harness: Any) -> None:
     from tests.conftest import exchange, pod_record, status_of
     from tests.integration.test_router_http import BAD_REQUESTS

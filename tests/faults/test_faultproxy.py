@@ -89,4 +89,14 @@ async def test_idle_close_ends_a_quiet_keepalive_connection(proxy: FaultProxy) -
     await reader.readexactly(len(b'{"ok":true}'))
     assert await asyncio.wait_for(reader.read(), 5) == b""  # the proxy closed the idle connection
     assert proxy.idle_closed == 1
+
+
+async def test_records_when_the_client_closes(proxy: FaultProxy) -> None:
+    assert proxy.address is not None
+    _, writer = await asyncio.open_connection(*proxy.address)
+    await wait_for(lambda: proxy.connections == 1, what="proxied")
+    closed = time.monotonic()
+    writer.close()
+    await wait_for(lambda: len(proxy.client_closed_at) == 1, what="close recorded")
+    assert proxy.client_closed_at[0] >= closed
     writer.close()
