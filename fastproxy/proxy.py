@@ -910,7 +910,10 @@ class ClientConnection(asyncio.Protocol):
         try:
             self.parser.feed(data)
         except ProxyError as exc:
-            self._process_events()
+            # Nothing of a read that broke the protocol is forwarded: its events may complete the
+            # faulty request (a chunk-extension flood ending in a valid last chunk, an Upgrade
+            # request), which a pod would then run although the client is told 400. An exchange
+            # in progress is cut (_reject): the pod sees a truncated request, never a whole one.
             self._reject(exc)
             return
         self._process_events()
