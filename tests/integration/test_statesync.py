@@ -154,6 +154,53 @@ async def test_frozen_valkey_routers_serve_stale_then_converge(cluster: Cluster)
     await cluster.converged(timeout=15)
 
 
+FREEZE_SECONDS = 10.0
+
+
+@pytest.mark.slow
+async def test_valkey_frozen_10s_routers_keep_serving_then_converge(cluster: Cluster) -> None:
+    """SIGSTOP for 10 s: longer than the heartbeat timeout, the writer's lease and the clients'
+    socket timeout, so every session and the leadership lapse and must be re-established."""
+    await cluster.submit(ROUTE, *(discovered(f"p{i}", ip=f"127.0.9.{i + 1}") for i in range(4)))
+    await cluster.converged()
+    epoch_before = cluster.writer.epoch
+    sessions_before = [f.sessions for f in cluster.followers]
+    loop = asyncio.get_running_loop()
+    cluster.server.pause()
+    frozen_at = loop.time()
+    picks = 0
+    try:
+        await wait_for(lambda: all(r.stale for r in cluster.routers), timeout=5, what="routers stale")
+        while loop.time() - frozen_at < FREEZE_SECONDS:
+            for router in cluster.routers:
+                assert router.stale
+                assert len(router.snapshot.pods) == 4
+                lease = router.slots.pick("chat-v1")  # still serving from the last snapshot
+                assert lease is not None
+                release, record = lease
+                assert record.state is PodState.READY
+                release()
+                picks += 1
+            await asyncio.sleep(0.2)  # the freeze's length is the scenario, not a synchronisation
+    finally:
+        cluster.server.resume()
+    assert picks >= 2 * len(cluster.routers) * 10
+    # After SIGCONT: the sessions are new ones, and a change made now reaches every router.
+    await cluster.submit(ReadinessChanged(uid="p0", source=Source.SIDECAR, ready=False), discovered("after"))
+    await wait_for(
+        lambda: all("after" in r.snapshot.pods and r.snapshot.pods["p0"].state is PodState.NOT_READY
+                    for r in cluster.routers),
+        timeout=20, what="changes after the freeze reached every router",
+    )  # fmt: skip
+    await cluster.converged(timeout=20)
+    assert cluster.writer.epoch > epoch_before  # the lease lapsed during the freeze
+    for router in cluster.routers:
+        assert not router.stale
+        assert router.snapshot.epoch == cluster.writer.epoch
+        assert router.slots.pick("chat-v1") is not None
+    assert all(f.sessions > before for f, before in zip(cluster.followers, sessions_before, strict=True))
+
+
 async def test_valkey_restarted_empty_never_moves_routers_backwards(cluster: Cluster) -> None:
     await cluster.submit(ROUTE, discovered("a"), discovered("b"))
     await cluster.converged()
