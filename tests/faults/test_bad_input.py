@@ -221,14 +221,13 @@ def malformed_requests() -> list[tuple[bytes, int]]:
     from tests.integration.test_router_http import BAD_REQUESTS
 
     # The body-size case depends on a lowered body limit in that test; every other one is absolute.
-    # The cases found only after the head (AFTER_HEAD) reach the pod when a pooled connection is
-    # idle: test_rejected_after_the_head_never_runs_on_the_pod (strict xfail) covers them.
-    skip = {"body-too-large-by-cl", *AFTER_HEAD}
-    return [case for name, case in sorted(BAD_REQUESTS.items()) if name not in skip]
+    # Under a flood, pooled pod connections are idle, so the AFTER_HEAD cases meet one too.
+    return [case for name, case in sorted(BAD_REQUESTS.items()) if name != "body-too-large-by-cl"]
 
 
 # Malformed requests whose fault shows only after a valid head: chunk framing, an Upgrade with
-# bytes behind it.
+# bytes behind it. With an idle pooled pod connection the head could go out before the fault was
+# seen (found by this suite, fixed in proxy.py fcff245): the pod must still run nothing.
 AFTER_HEAD = ("bad-chunk-size", "chunk-extension-flood", "h2c-upgrade-smuggling")
 
 
@@ -523,6 +522,27 @@ async def test_rejected_after_the_head_never_runs_on_the_pod(harness: Any) -> No
         if len(app.requests) != before:
             ran_anyway.append((name, [(r.method, r.target) for r in app.requests[before:]]))
     assert ran_anyway == [], "the client was answered 4xx but the pod ran the request"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="proxy.py ClientConnection._reject closes at once with the client's bytes unread: the kernel "
+    "answers the rest with a RST, which destroys the 431 before the client reads it (RFC 9112 section "
+    "9.6: half-close, then drain briefly -- a lingering close)",
+)
+async def test_oversized_head_sent_whole_gets_its_431_not_a_reset(harness: Any) -> None:
+    from tests.conftest import pod_record
+
+    app = await harness.app()
+    _, port = await harness.router([pod_record("p1", app.address)])
+    outcomes = []
+    for _ in range(5):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: a\r\nCookie: " + b"c" * 200_000 + b"\r\n\r\n")
+        outcomes.append(await read_outcome(reader, 5))
+        writer.close()
+    assert outcomes == ["431"] * 5
+    assert app.requests == []
 
 
 if __name__ == "__main__":
