@@ -30,6 +30,7 @@ from typing import Any
 
 import msgspec
 import pytest
+import valkey
 
 from fastproxy.config import RouterConfig, RoutesFile
 from fastproxy.proxy import ClientConnection
@@ -185,14 +186,15 @@ async def test_syn_blackhole_to_one_pod(netns: Any, tmp_path: Path, fault_report
     assert violations == []
 
 
-FLEET = 12
-
-
 class Fleet:
-    """Valkey, the real writer, ``FLEET`` pods and a healthy router, all on the host's loopback."""
+    """Valkey, the real writer, ``size`` pods and a healthy router, all on the host's loopback."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
 
     async def start(self, harness: Any) -> Fleet:
         self.valkey = EmbeddedValkey().start()
+        self.admin = valkey.Valkey(host=self.valkey.host, port=self.valkey.port)
         self.keys = Keys("fpsyn")
         loop = asyncio.get_running_loop()
         self.policy = QuarantinePolicy()
@@ -204,7 +206,7 @@ class Fleet:
                       ReportForwarder(self.router, self.valkey.url, keys=self.keys).run())]  # fmt: skip
         self.server = await loop.create_server(lambda: ClientConnection(self.router), "127.0.0.1", 0)
         self.port = self.server.sockets[0].getsockname()[1]
-        self.apps = [await harness.app() for _ in range(FLEET)]
+        self.apps = [await harness.app() for _ in range(self.size)]
         events: list[Any] = [RouteChanged(route=chat_route(), at=time.time())]
         events += [
             PodDiscovered(uid=f"pod-{i}", source=Source.SIDECAR, at=time.time(), namespace="ml", revision="chat-v1",
@@ -213,19 +215,28 @@ class Fleet:
         ]  # fmt: skip
         await submit(self.writer.client, events, self.keys)
         await wait_for(
-            lambda: self.ready() == FLEET, timeout=15, what="the fleet ready in the healthy router"
+            lambda: self.ready() == self.size, timeout=15, what="the fleet ready in the healthy router"
         )
         return self
 
     def ready(self) -> int:
         return sum(1 for p in self.router.snapshot.pods.values() if p.state is PodState.READY)
 
+    def events_added(self) -> int:
+        """Entries ever appended to the events stream (trimming does not lower it)."""
+        info = self.admin.xinfo_stream(self.keys.events)
+        return int(info["entries-added"])
+
+    def events_consumed(self, at_least: int) -> bool:
+        """At least this many entries appended, and the writers' group has read and acked all."""
+        if self.events_added() < at_least:
+            return False
+        (group,) = self.admin.xinfo_groups(self.keys.events)
+        return int(group["pending"]) == 0 and int(group["lag"] or 0) == 0
+
     def quarantine_history(self) -> tuple[int, int]:
         """(most pods quarantined at any committed version, quarantines committed), from the log."""
-        admin = self.valkey
-        import valkey
-
-        client = valkey.Valkey(host=admin.host, port=admin.port)
+        client = self.admin
         state: dict[str, PodState] = {}
         most = total = 0
         for _, fields in client.xrange(self.keys.changes):
@@ -234,7 +245,6 @@ class Fleet:
                     total += 1
                 state[record.uid] = record.state
             most = max(most, sum(1 for s in state.values() if s is PodState.QUARANTINED))
-        client.close()
         return most, total
 
     async def close(self) -> None:
@@ -247,20 +257,34 @@ class Fleet:
         for conn in list(self.router.connections):
             conn.abort()
         self.router.pool.close_all()
+        self.admin.close()
         self.valkey.close()
 
 
 async def test_one_router_failing_toward_all_pods_does_not_quarantine_the_fleet(
     netns: Any, harness: Any, tmp_path: Path, fault_report: FaultReport
 ) -> None:
+    await one_router_fails_toward_all(netns, harness, tmp_path, fault_report, fleet_size=12)
+
+
+@pytest.mark.faults_long
+async def test_one_router_failing_toward_all_pods_large_fleet(
+    netns: Any, harness: Any, tmp_path: Path, fault_report: FaultReport
+) -> None:
+    await one_router_fails_toward_all(netns, harness, tmp_path, fault_report, fleet_size=100)
+
+
+async def one_router_fails_toward_all(
+    netns: Any, harness: Any, tmp_path: Path, fault_report: FaultReport, fleet_size: int
+) -> None:
     partitioned: NetNS = netns()
     (tmp_path / "token").write_text(TOKEN)
-    fleet = await Fleet().start(harness)
+    fleet = await Fleet(fleet_size).start(harness)
     children = Children()
     bridge = None
     try:
         # Inside the partition, half the pod addresses swallow SYNs, the other half refuse.
-        for app in fleet.apps[: FLEET // 2]:
+        for app in fleet.apps[: fleet_size // 2]:
             partitioned.iptables("-A", "OUTPUT", "-p", "tcp", "--syn", "-d", app.address[0], "-j", "DROP")
         bridge, valkey_port = await partitioned.bridge((fleet.valkey.host, fleet.valkey.port))
         words = await children.start(partitioned.cmd(
@@ -317,14 +341,16 @@ async def test_one_router_failing_toward_all_pods_does_not_quarantine_the_fleet(
                 kind = type(exc).__name__
             bad[kind] = bad.get(kind, 0) + 1
 
-        await asyncio.gather(*(bad_request() for _ in range(FLEET)))
+        events_before = fleet.events_added()
+        await asyncio.gather(*(bad_request() for _ in range(fleet_size)))
         _, metrics = await http_request(
             (partitioned, *address(words[3])), "/metrics", f"Authorization: Bearer {TOKEN}\r\n"
         )
-        # Its reports reach the writer; give the writer time to decide and recover what it admitted.
-        await wait_for(lambda: fleet.policy.held + fleet.writer.stats["applied"] > FLEET, timeout=10,
-                       what="the partitioned router's reports processed")  # fmt: skip
-        await wait_for(lambda: fleet.ready() == FLEET, timeout=15, what="every pod ready again")
+        # Every report it made reaches the stream, and the writer has read and acknowledged them all.
+        reported = int(metric(metrics, "fastproxy_local_exclusions_total"))
+        await wait_for(lambda: fleet.events_consumed(events_before + reported), timeout=15,
+                       what="the partitioned router's reports processed by the writer")  # fmt: skip
+        await wait_for(lambda: fleet.ready() == fleet_size, timeout=15, what="every pod ready again")
         after = sum(healthy.values()) + 100  # and the healthy router keeps serving after it
         await wait_for(
             lambda: sum(healthy.values()) >= after, timeout=10, what="healthy requests after the storm"
@@ -339,19 +365,21 @@ async def test_one_router_failing_toward_all_pods_does_not_quarantine_the_fleet(
         held = fleet.policy.held
         await fleet.close()
     served = sum(1 for app in fleet.apps if app.requests)
-    cap = int(QuarantinePolicy().observer_fraction * FLEET)  # the shipped default, not the one under test
+    cap = int(
+        QuarantinePolicy().observer_fraction * fleet_size
+    )  # the shipped default, not the one under test
     violations = []
     errors = {k: v for k, v in healthy.items() if k != "200"}
     if errors:
         violations.append(f"healthy router's clients saw errors: {errors}")
     if most > cap:
-        violations.append(f"{most} of {FLEET} pods quarantined at once on one router's word (cap {cap})")
-    if held < FLEET - cap - 1:
+        violations.append(f"{most} of {fleet_size} pods quarantined at once on one router's word (cap {cap})")
+    if held < fleet_size - cap - 1:
         violations.append(f"only {held} reports held back: the noisy-observer rule did not engage")
     notes = (f"partitioned router: {dict(sorted(bad.items()))}, excluded "
              f"{metric(metrics, 'fastproxy_local_exclusions_total'):.0f} pods; writer held {held} reports, "
-             f"quarantined {total} (at most {most} at once, cap {cap}); healthy router served {served}/{FLEET} pods")  # fmt: skip
-    fault_report.add("one router fails toward all pods", sum(healthy.values()) + sum(bad.values()), errors,
+             f"quarantined {total} (at most {most} at once, cap {cap}); healthy router served {served}/{fleet_size} pods")  # fmt: skip
+    fault_report.add(f"one router fails toward all {fleet_size} pods", sum(healthy.values()) + sum(bad.values()), errors,
                      len(violations), notes)  # fmt: skip
     print("\n" + notes)
     assert violations == []
