@@ -141,7 +141,7 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('FENCED l
 local current = redis.call('GET', KEYS[2]) or '0'
 if current ~= ARGV[2] then return redis.error_reply('VERSION expected ' .. ARGV[2] .. ' found ' .. current) end
 redis.call('DEL', KEYS[3])
-for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[3], P[i], P[i + 1]) end
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
 redis.call('SET', KEYS[4], ARGV[2])
 return 1
 """

@@ -18,6 +18,8 @@ from statesync.schema import (
     ConnectFailed,
     ConnectFailureKind,
     PodDiscovered,
+    PodRecord,
+    PodRemoved,
     PodState,
     ReadinessChanged,
     Route,
@@ -25,6 +27,7 @@ from statesync.schema import (
     Source,
     WeightedRevision,
     decode_delta,
+    decode_pods,
 )
 from statesync.subscriber import StateFollower
 from statesync.writer import Fenced, Writer, submit
@@ -301,3 +304,43 @@ async def test_acknowledged_events_are_trimmed_from_the_stream(valkey_server: Em
     entries = await writer.read_batch()  # read but not processed, so not acknowledged
     await writer.trim_events()
     assert any(e[0] == entries[0][0] for e in await client.xrange(Keys().events))
+
+
+async def test_pod_chunks_mirror_live_records_and_stale_chunks_are_never_used(
+    valkey_server: EmbeddedValkey,
+) -> None:
+    client = connect(valkey_server.url)
+    keys = Keys()
+    writer = Writer(connect(valkey_server.url), writer_id="w1")
+    await writer.ensure_group()
+    assert await writer.try_acquire()
+    await submit(client, [discovered(f"p{i}", ip=f"127.0.9.{i + 1}") for i in range(40)])
+    await submit(
+        client, [PodRemoved(uid="p3", source=Source.INFORMER), PodRemoved(uid="p7", source=Source.INFORMER)]
+    )
+    while entries := await writer.read_batch(block_ms=50):
+        await writer.process(entries)
+
+    async def chunked() -> dict[str, PodRecord]:
+        return {p.uid: p for blob in await client.hvals(keys.pod_chunks) for p in decode_pods(blob)}
+
+    live = {uid: r for uid, r in writer.state.pods.items() if r.state is not PodState.REMOVED}
+    assert len(live) == 38 and await chunked() == live
+    assert int(await client.get(keys.chunks_version)) == writer.state.version
+
+    router = Router(RouterConfig(), asyncio.get_running_loop())
+    await StateFollower(router, valkey_server.url).resync(client)
+    assert dict(router.snapshot.pods.items()) == live
+
+    # Chunks behind the version (as a writer that predates them leaves them): a router reads the
+    # per-pod hash instead, and the next leader repacks them at takeover.
+    await client.hdel(keys.pod_chunks, *await client.hkeys(keys.pod_chunks))
+    await client.set(keys.chunks_version, writer.state.version - 1)
+    other = Router(RouterConfig(), asyncio.get_running_loop())
+    await StateFollower(other, valkey_server.url).resync(client)
+    assert dict(other.snapshot.pods.items()) == live
+    await client.delete(keys.lease)
+    successor = Writer(connect(valkey_server.url), writer_id="w2")
+    assert await successor.try_acquire()
+    assert await chunked() == live
+    assert int(await client.get(keys.chunks_version)) == successor.state.version

@@ -166,3 +166,28 @@ async def test_pod_becoming_ready_serves_waiters_first() -> None:
     table.update([pod("a", 2)])
     assert [w.done() for w in waiters] == [True, True, False]
     assert table.pick("r") is None
+
+
+async def test_bootstrap_fill_serves_waiters_and_levels_like_update() -> None:
+    loop = asyncio.get_running_loop()
+    records = [pod(f"a{i}", cc=2) for i in range(5)] + [pod("n", state=PodState.NOT_READY), pod("x", rev="q")]
+    records.append(pod("gone", state=PodState.REMOVED))
+    filled = SlotTable(seed=1)
+    waiters = [filled.enqueue("r", 0, loop) for _ in range(3)]  # queued before the first state
+    filled.replace_all(records)
+    assert [w.done() for w in waiters] == [True, True, True]
+    assert set(filled.pods) == {*(f"a{i}" for i in range(5)), "n", "x"}
+    assert not filled.pods["n"].routable and filled.pods["a0"].routable
+    # Capacity: 5 pods x 2 slots, 3 handed to the waiters; the rest by pick, never over capacity.
+    picked = [filled.pick("r") for _ in range(7)]
+    assert all(lease is not None for lease in picked[:7]) and filled.pick("r") is None
+    assert all(p.inflight == 2 for uid, p in filled.pods.items() if uid.startswith("a"))
+    assert filled.pick("q") is not None and filled.pick("q") is None
+    # Without waiters, least in-flight first: every pod once before any pod twice.
+    fresh = SlotTable(seed=2)
+    fresh.replace_all(records)
+    first = {fresh.pick("r")[1].uid for _ in range(5)}  # type: ignore[index]
+    assert first == {f"a{i}" for i in range(5)}
+    # A second whole state reconciles (pods forgotten, states changed) as before.
+    fresh.replace_all([pod("a0", cc=2, state=PodState.NOT_READY, gen=2)])
+    assert set(fresh.pods) == {"a0"} and not fresh.pods["a0"].routable

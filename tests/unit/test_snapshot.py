@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fastproxy.snapshot import RouteTable, RoutingSnapshot, VersionGap
+from fastproxy.snapshot import RouteTable, RoutingSnapshot, SnapshotBuilder, VersionGap
 from statesync.schema import Delta, PodRecord, PodState, Route, WeightedRevision
 
 
@@ -110,3 +110,24 @@ def test_weighted_revision_choice_follows_weights() -> None:
     assert chosen.count("canary") == 100
     assert chosen.count("stable") == 900
     assert "off" not in chosen
+
+
+def test_builder_in_slices_equals_one_build() -> None:
+    records = [pod(f"p{i}", f"r{i % 3}", PodState.READY if i % 2 else PodState.NOT_READY) for i in range(30)]
+    records.append(pod("gone", "r0", PodState.REMOVED))
+    whole = RoutingSnapshot.build(2, 7, records, [route("s", ("r0", 1))])
+    builder = SnapshotBuilder()
+    for start in range(0, len(records), 4):
+        builder.add(records[start : start + 4])
+    assert len(builder) == 30
+    sliced = builder.finish(2, 7, [route("s", ("r0", 1))])
+    assert (sliced.epoch, sliced.version) == (2, 7)
+    assert dict(sliced.pods.items()) == dict(whole.pods.items())
+    assert "gone" not in sliced.pods
+    assert {r: dict(m.items()) for r, m in sliced.revisions.items()} == {
+        r: dict(m.items()) for r, m in whole.revisions.items()
+    }
+    assert sliced.route_table.by_service.keys() == {"s"}
+    # and it takes deltas like any snapshot
+    after = sliced.apply(Delta(epoch=2, version=8, pods=(pod("p1", "r1", PodState.REMOVED, 2),)))
+    assert "p1" not in after.pods and "p1" not in after.revision_pods("r1")
