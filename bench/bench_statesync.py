@@ -232,7 +232,8 @@ def bench_writer_throughput(benchmark, runner: asyncio.Runner, valkey_server: Em
             "goal_events_per_s": 20_000,
         }
     )
-    print(f"\nwriter: {rates[len(rates) // 2]:,.0f} events/s median over {len(rates)} drains of {events}")
+    print(f"\nwriter: {rates[len(rates) // 2]:,.0f} events/s median over {len(rates)} drains of {events}; "
+          f"{benchmark.extra_info['events_per_writer_cpu_s_median']:,} per writer CPU-second")  # fmt: skip
     runner.run(wb.client.aclose())
 
 
