@@ -157,6 +157,7 @@ async def check_all(
     loads: Iterable[LoadGenerator],
     baseline: dict[str, int],
     expected: dict[str, set[str]] | None = None,
+    converge_within: float = 20.0,
 ) -> list[str]:
     loads = list(loads)
     return [
@@ -164,7 +165,7 @@ async def check_all(
         *executed_once(sut, loads),
         *await routers_drained(sut),
         *await fds_back(sut, baseline),
-        *await converged(sut, expected),
+        *await converged(sut, expected, converge_within),
     ]
 
 
