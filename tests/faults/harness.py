@@ -8,7 +8,11 @@ Theory of operation
 - two ``fastproxy writer`` processes (leader + standby, lease ttl 1 s),
 - N pods: ``python -m fastproxy.devtools.upstream --ids-file ...``, each on its own loopback
   address, each appending the ``x-request-id`` of every request it executes to its own file (the
-  record survives a SIGKILL of the pod),
+  record survives a SIGKILL of the pod). Several routers can only respect a pod's concurrency if
+  the pod side refuses when full, so by default the app plays the sidecar's refusal
+  (``--sidecar-busy``) and routers speak the sidecar protocol; with ``sidecars=True`` a real
+  ``fastproxy sidecar`` process fronts each app (and reports its readiness to the writer),
+  optionally ``fault_proxies=True`` puts a ``FaultProxy`` in front of each pod,
 - M ``fastproxy router --valkey`` processes with admin listeners (bearer token from a file).
 
 It then plays the informer: it appends ``RouteChanged`` and ``PodDiscovered`` events to the
@@ -165,8 +169,21 @@ class Proc:
 class Pod:
     """One inference pod: an app-server process on its own loopback address."""
 
-    def __init__(self, uid: str, ip: str, concurrency: int, ids_file: Path, sidecar_busy: bool) -> None:
+    def __init__(
+        self,
+        uid: str,
+        ip: str,
+        concurrency: int,
+        ids_file: Path,
+        sidecar_busy: bool,
+        sidecar_of: str | None = None,
+    ) -> None:
         self.sidecar_busy = sidecar_busy
+        # With a Valkey URL here, a real ``fastproxy sidecar`` process fronts the app and reports it.
+        self.sidecar_of = sidecar_of
+        self.sidecar: Proc | None = None
+        self.sidecar_port = 0
+        self.revision = "chat-v1"
         self.uid = uid
         self.ip = ip
         self.port = 0
@@ -179,9 +196,11 @@ class Pod:
 
     @property
     def advertised(self) -> tuple[str, int]:
-        """The address the routers are told: the fault proxy's when there is one."""
+        """The address the routers are told: the fault proxy's, or the sidecar's, or the app's."""
         if self.proxy is not None and self.proxy.address is not None:
             return self.proxy.address
+        if self.sidecar is not None:
+            return self.ip, self.sidecar_port
         return self.ip, self.port
 
     @property
@@ -197,6 +216,17 @@ class Pod:
         self.incarnations.append(self.proc)
         words = await self.proc.listening()
         self.port = int(words[1].rsplit(":", 1)[1])
+        if self.sidecar_of is not None:
+            self.sidecar = await Proc.start(
+                f"sidecar {self.uid}", *FASTPROXY, "sidecar", "--listen", f"{self.ip}:{self.sidecar_port}",
+                "--admin", f"{self.ip}:0", "--app", self.address, "--concurrency", str(self.concurrency),
+                "--readiness-path", "/ready", "--valkey", self.sidecar_of, "--pod-uid", self.uid,
+                "--pod-ip", self.ip, "--revision", self.revision, "--namespace", "ml",
+                "--report-interval", "2", "--log-level", "warning",
+            )  # fmt: skip
+            self.incarnations.append(self.sidecar)
+            words = await self.sidecar.listening()
+            self.sidecar_port = int(words[1].rsplit(":", 1)[1])
 
     async def stats(self, timeout: float = 5.0) -> dict[str, Any]:
         async with httpx.AsyncClient(timeout=timeout) as http:
@@ -208,11 +238,15 @@ class Pod:
             self.last_stats = await self.stats(timeout=2.0)
 
     async def kill(self) -> None:
+        """The whole pod dies: its app and, if it has one, its sidecar."""
         assert self.proc is not None
         await self.save_stats()
         await self.proc.kill()
+        if self.sidecar is not None:
+            await self.sidecar.kill()
 
     def stop(self) -> None:
+        """SIGSTOP the app (a sidecar, if any, keeps running and sees its probes time out)."""
         assert self.proc is not None
         self.proc.stop()
 
@@ -222,7 +256,7 @@ class Pod:
 
     async def restart(self) -> None:
         """A new process on the same address (the pod's container restarted)."""
-        if self.proc is not None and self.proc.alive:
+        if self.proc is not None and (self.proc.alive or (self.sidecar is not None and self.sidecar.alive)):
             await self.kill()
         await self.start()
 
@@ -284,16 +318,18 @@ class SystemUnderTest:
         router_args: tuple[str, ...] = (),
         sidecar_busy: bool = True,
         fault_proxies: bool = False,
+        sidecars: bool = False,
     ) -> None:
         self.fault_proxies = fault_proxies
+        self.sidecars = sidecars
         self.n_pods = pods
         self.n_routers = routers
         self.pod_concurrency = pod_concurrency
         self.revision = revision
         # Pods refuse at the head when full (the sidecar's protocol, played by the app) and routers
         # speak it: with several routers, only the pod side can hold the authoritative count.
-        self.sidecar_busy = sidecar_busy
-        self.router_args = (*(("--sidecar-protocol",) if sidecar_busy else ()), *router_args)
+        self.sidecar_busy = sidecar_busy and not sidecars  # real sidecars do the refusing
+        self.router_args = (*(("--sidecar-protocol",) if sidecar_busy or sidecars else ()), *router_args)
         self.valkey = EmbeddedValkey()
         self._dir = tempfile.TemporaryDirectory(prefix="fastproxy-faults-")
         self.dir = Path(self._dir.name)
@@ -318,7 +354,8 @@ class SystemUnderTest:
                 self.writers[wid] = proc
                 self.procs.append(proc)
             for i, ip in enumerate(pod_addresses(self.n_pods)):
-                pod = Pod(f"pod-{i}", ip, self.pod_concurrency, self.dir / f"ids-pod-{i}", self.sidecar_busy)
+                pod = Pod(f"pod-{i}", ip, self.pod_concurrency, self.dir / f"ids-pod-{i}", self.sidecar_busy,
+                          self.valkey.url if self.sidecars else None)  # fmt: skip
                 await pod.start()
                 self.pods.append(pod)
                 if self.fault_proxies:

@@ -27,7 +27,7 @@ from tests.faults.harness import TOKEN, SystemUnderTest, poll
 from tests.faults.invariants import check_all, error_kinds, fd_baseline
 from tests.faults.loadgen import LoadGenerator, get_delay, get_size, get_sse, post_echo
 
-LOAD_SECONDS = 20.0 if LONG else 3.0
+LOAD_SECONDS = 20.0 if LONG else 2.0
 READY = {"ready"}
 OUT = {"quarantined", "not_ready", "draining", "absent"}
 
@@ -337,7 +337,7 @@ async def test_pooled_connection_closed_by_pod_idle_timeout_as_post_is_sent(
         assert proxy is not None
         proxy.idle_close = 1.0
         pauses = [1.0 + d / 1000 for d in (-12, -6, -3, -1, 0, 1, 2, 4, 8, 14)]
-        load = LoadGenerator(sut.ports, concurrency=1, duration=40 if LONG else 10, mix=[post_echo(2000)],
+        load = LoadGenerator(sut.ports, concurrency=1, duration=40 if LONG else 6, mix=[post_echo(2000)],
                              think_cycle=pauses)  # fmt: skip
         await load.run()
         executed = set(sut.pods[0].executed_ids())
@@ -481,3 +481,36 @@ async def test_valkey_restarted_empty_standby_takes_over(fault_report: FaultRepo
 
 async def _leader_exists(sut: SystemUnderTest) -> bool:
     return await sut.leader() is not None
+
+
+async def test_pods_behind_real_sidecars_killed_and_stopped_under_load(fault_report: FaultReport) -> None:
+    """Real ``fastproxy sidecar`` processes hold each pod's slots for 2 routers; one pod dies whole
+    (app + sidecar SIGKILL), another's app is SIGSTOPped (its sidecar's probes time out: not ready),
+    then resumed (ready again)."""
+    async with SystemUnderTest(pods=3, sidecars=True, router_args=("--first-byte-timeout", "2")) as sut:
+        baseline = fd_baseline(sut)
+        load = LoadGenerator(sut.ports, concurrency=4, duration=LOAD_SECONDS + 3)
+        running = asyncio.create_task(load.run())
+        await poll(lambda: _at_least(load, 20), 20, "load flowing")
+        await sut.pods[0].kill()
+        sut.pods[1].stop()
+        try:
+            await poll(
+                lambda: _state_everywhere(sut, "pod-1", "not_ready"), 15, "the stopped app seen not ready"
+            )
+        finally:
+            sut.pods[1].cont()
+        await running
+        await poll(lambda: _pod_ready(sut, "pod-1"), 15, "the resumed app ready again")
+        after = LoadGenerator(sut.ports, concurrency=2, duration=1.0)
+        await after.run()
+        extra = [f"after the faults settled: {k}={n}" for k, n in after.errors().items()]
+        await finish(sut, fault_report, "pods behind sidecars: SIGKILL + SIGSTOP", [load, after], baseline,
+                     expect(sut, pod_0={"quarantined"}), notes="real sidecars, 2 routers", extra=extra)  # fmt: skip
+
+
+async def _state_everywhere(sut: SystemUnderTest, uid: str, state: str) -> bool:
+    for router in sut.routers:
+        if (await sut.router_pods(router)).get(uid, {}).get("state") != state:
+            return False
+    return True
