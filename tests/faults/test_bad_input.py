@@ -31,6 +31,7 @@ import json
 import os
 import resource
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -370,12 +371,16 @@ class Child:
 
     @classmethod
     async def start(cls, *args: str) -> Child:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, cwd=REPO
-        )
-        assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
-        assert line.startswith("listening "), line
+        with tempfile.TemporaryFile() as stderr:  # a file, not a pipe: a chatty child never blocks
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, *args, stdout=asyncio.subprocess.PIPE, stderr=stderr, cwd=REPO
+            )
+            assert proc.stdout is not None
+            line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+            if not line.startswith("listening "):
+                await proc.wait()
+                stderr.seek(0)
+                raise AssertionError(f"{' '.join(args[:4])} did not start: {stderr.read()[-2000:].decode()}")
         return cls(proc, line)
 
     def address(self, index: int = 1) -> tuple[str, int]:
