@@ -20,9 +20,14 @@ on a *fresh* connection. A session:
    pause lasts as long as the bootstrap (about 0.1 s at 50k pods). If the chunks are not at the state's version
    (a writer that predates them) or this router's ACL user may not read them, the per-pod hash is
    read instead.
-3. applies each delta only if its version is exactly one more than the snapshot's; anything newer
-   is a gap, filled from the capped change log, and if the log no longer reaches back, re-read
-   whole; anything older or equal is ignored. Versions never go backwards.
+3. applies each delta only if it is of the snapshot's epoch (the leader's term) and its version is
+   exactly one more than the snapshot's; anything newer is a gap, filled from the capped change
+   log, and if the log no longer reaches back, re-read whole; anything older or equal is ignored.
+   A delta or heartbeat of a *newer* epoch is never applied on top: a new term may have restarted
+   its versions (a standby that took over a Valkey restarted empty starts again from 1), so it is
+   adopted only through a full, consistent read. State is ordered by (epoch, version) and never
+   goes backwards; a newer term's read with no pods while we have some is not adopted (the writer
+   is still rebuilding from its sources) -- the router keeps serving, flagged stale.
 4. expects a heartbeat {epoch, version} every second; three missed means the connection is silent
    or frozen (pub/sub gives no error then), so the session ends and the next one resyncs. A
    heartbeat ahead of the snapshot triggers gap filling; a new epoch triggers a full re-read.
@@ -112,6 +117,12 @@ class StateFollower:
                     log.warning("state sync lost (%s); serving the last snapshot (version %d), marked stale",
                                 exc, self.router.snapshot.version)  # fmt: skip
                 self.router.stale = True
+            except avalkey.ResponseError as exc:
+                # NOPERM, a wrong password, a read-only replica: configuration, not a passing fault.
+                # Say so every time, keep serving, and keep trying (it may be fixed under us).
+                log.error("state sync refused by Valkey: %s (check the router's Valkey user and its ACL: "
+                          "python -m statesync.acl); serving the last snapshot, marked stale", exc)  # fmt: skip
+                self.router.stale = True
             await asyncio.sleep(self.retry_delay)
 
     def stop(self) -> None:
@@ -152,11 +163,12 @@ class StateFollower:
                     last_beat = now
                     beat = decode_heartbeat(data[1:])
                     snapshot = self.router.snapshot
-                    if beat.epoch != snapshot.epoch and beat.version != snapshot.version:
+                    if beat.epoch > snapshot.epoch:
                         await self.resync(client)
-                    elif beat.version > snapshot.version:
+                    elif beat.epoch == snapshot.epoch and beat.version > snapshot.version:
                         await self.catch_up(client)
-                    if self.router.stale and self.router.snapshot.version >= beat.version:
+                    snapshot = self.router.snapshot
+                    if self.router.stale and (snapshot.epoch, snapshot.version) >= (beat.epoch, beat.version):
                         self.router.stale = False
         finally:
             with contextlib.suppress(Exception):
@@ -204,8 +216,7 @@ class StateFollower:
             return
         version = int(version_raw)
         epoch = int(epoch_raw or 0)
-        if self._not_newer(epoch, version):
-            self.router.stale = False
+        if self._not_newer(epoch, version, 1):  # (the pod count is known once decoded, below)
             self.synced.set()
             return  # never go backwards
         routes = [decode_route(raw) for raw in routes_raw.values()]
@@ -224,8 +235,7 @@ class StateFollower:
                 for start in range(0, len(pods_raw), SLICE_RECORDS):
                     builder.add([decode_pod(raw) for raw in pods_raw[start : start + SLICE_RECORDS]])
                     await asyncio.sleep(0)
-            if self._not_newer(epoch, version):
-                self.router.stale = False  # (the snapshot moved on while we yielded)
+            if self._not_newer(epoch, version, len(builder)):
                 self.synced.set()
                 return
             self.router.install(builder.finish(epoch, version, routes))
@@ -233,17 +243,30 @@ class StateFollower:
         self.synced.set()
         log.info("routing state read whole: epoch %d version %d, %d pods", epoch, version, len(builder))
 
-    def _not_newer(self, epoch: int, version: int) -> bool:
+    def _not_newer(self, epoch: int, version: int, pods: int) -> bool:
+        """Is a whole state read at (epoch, version) with ``pods`` pods not to be adopted?"""
         current = self.router.snapshot
-        return version < current.version or (
-            version == current.version and epoch <= current.epoch and current.version > 0
-        )
+        if (epoch, version) <= (current.epoch, current.version):
+            self.router.stale = False  # we have it, or something newer
+            return True
+        if epoch > current.epoch and pods == 0 and current.pods:
+            # A new term with nothing in it yet (Valkey lost its data; the writer rebuilds from its
+            # sources): serving nothing would be worse than serving what we had.
+            log.warning("epoch %d holds no pods yet; keeping epoch %d version %d (stale)", epoch,
+                        current.epoch, current.version)  # fmt: skip
+            self.router.stale = True
+            return True
+        return False
 
     async def on_delta(self, client: avalkey.Valkey, delta: Delta) -> None:
         snapshot = self.router.snapshot
+        if delta.epoch != snapshot.epoch:
+            if delta.epoch > snapshot.epoch:
+                await self.resync(client)  # a new term: adopted only by a full read
+            return  # else a deposed leader's (fenced: it cannot have committed it)
         if delta.version <= snapshot.version:
             return  # already have it (or older)
-        if delta.version == snapshot.version + 1 and delta.epoch >= snapshot.epoch:
+        if delta.version == snapshot.version + 1:
             self.router.apply_delta(delta)
             return
         await self.catch_up(client)
@@ -257,11 +280,14 @@ class StateFollower:
             if not entries:
                 return
             first = decode_delta(entries[0][1][b"d"])
-            if first.version != have + 1:
+            if first.version != have + 1 or first.epoch != self.router.snapshot.epoch:
                 await self.resync(client)
                 return
             for _, fields in entries:
                 delta = decode_delta(fields[b"d"])
+                if delta.epoch != self.router.snapshot.epoch:
+                    await self.resync(client)  # the log crosses into a new term
+                    return
                 try:
                     self.router.apply_delta(delta)
                 except VersionGap:

@@ -337,8 +337,12 @@ class Writer:
         if await self.client.exists(keys.lease):
             return False
         epoch = int(await self.client.incr(keys.epoch))
-        if epoch <= self.epoch:  # Valkey lost its counter (restart): epochs never go backwards
-            epoch = self.epoch + 1
+        # Epochs never go backwards, even when Valkey lost its counter (restarted empty): a writer
+        # that never led does not know the last epoch, but the clock does. Milliseconds since the
+        # epoch floor it, so a new term always outranks every term before it in the routers.
+        floor = max(self.epoch + 1, time.time_ns() // 1_000_000)
+        if epoch < floor:
+            epoch = floor
             await self.client.set(keys.epoch, epoch)
         token = f"{self.id}:{epoch}"
         if not await self.client.set(keys.lease, token, nx=True, px=int(self.lease_ttl * 1000)):

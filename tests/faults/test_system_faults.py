@@ -460,13 +460,6 @@ async def test_valkey_restarted_empty(fault_report: FaultReport) -> None:
         await _valkey_restarted_empty(sut, fault_report, "Valkey restarted empty", leader_survives=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="writer: a standby that never led takes an empty (restarted) Valkey with epoch 1 (INCR on a "
-    "lost counter; the 'epochs never go backwards' guard in Writer.try_acquire only knows its own epoch, 0), "
-    "the epoch the routers already hold, and commits from version 0: routers ignore every commit until the "
-    "new version passes theirs, so they keep serving a state the writer no longer has (pod-0 stays ready)",
-)
 async def test_valkey_restarted_empty_standby_takes_over(fault_report: FaultReport) -> None:
     async with SystemUnderTest(pods=3) as sut:
         await _valkey_restarted_empty(
