@@ -63,6 +63,17 @@ log = logging.getLogger("fastproxy.dev")
 _POD_IN_ERROR = re.compile(rb"pod (\S+)")
 
 
+async def _settle(what: str, awaitable: Any, timeout: float = 5.0) -> None:
+    """Await a part's end at shutdown, bounded: a stuck part is named, never a hung exit."""
+    try:
+        async with asyncio.timeout(timeout):
+            await awaitable
+    except TimeoutError:
+        log.warning("shutdown: %s did not finish within %.0f s", what, timeout)
+    except (Exception, asyncio.CancelledError):
+        pass  # a cancelled part ends with CancelledError; its failure was already logged
+
+
 def _merge(counters: Any) -> dict[str, int]:
     out: dict[str, int] = {}
     for counter in counters:
@@ -106,15 +117,23 @@ class Load:
         start = loop.time()
         sent = 0
         in_flight: set[asyncio.Task[None]] = set()
-        while True:
-            due = int((loop.time() - start) * self.spec.rate) + 1
-            while sent < due and len(in_flight) < self.spec.max_connections:
-                task = loop.create_task(self._pooled())
-                in_flight.add(task)
-                task.add_done_callback(in_flight.discard)
-                sent += 1
-            sent = max(sent, due)  # past max_connections the excess is dropped, not queued forever
-            await asyncio.sleep(1 / self.spec.rate)
+        try:
+            while True:
+                due = int((loop.time() - start) * self.spec.rate) + 1
+                while sent < due and len(in_flight) < self.spec.max_connections:
+                    task = loop.create_task(self._pooled())
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+                    sent += 1
+                if sent < due:  # every connection busy: the excess is counted, not queued forever
+                    self._count("load: not sent (max_connections busy)")
+                    sent = due
+                await asyncio.sleep(1 / self.spec.rate)
+        finally:
+            for task in in_flight:
+                task.cancel()
+            for writer in (w for _, w in self._idle):
+                writer.close()
 
     async def _pooled(self) -> None:
         conn = self._idle.pop() if self._idle else None
@@ -209,14 +228,18 @@ class Dev:
         sim = None
         try:
             self.writer = writer = Writer(connect(self.valkey.url), writer_id="dev-writer", lease_ttl=3.0)
-            tasks.append(asyncio.create_task(writer.run()))
+            tasks.append(asyncio.create_task(writer.run(), name="writer"))
             host, port = args.listen
             for i in range(args.routers):
                 router = Router(RouterConfig(queue_timeout=5.0, sidecar_protocol=True, instance=f"dev-router-{i}"),
                                 loop)  # fmt: skip
                 self.routers.append(router)
-                tasks.append(asyncio.create_task(StateFollower(router, self.valkey.url).run()))
-                tasks.append(asyncio.create_task(ReportForwarder(router, self.valkey.url).run()))
+                tasks.append(
+                    asyncio.create_task(StateFollower(router, self.valkey.url).run(), name=f"follower {i}")
+                )
+                tasks.append(
+                    asyncio.create_task(ReportForwarder(router, self.valkey.url).run(), name=f"forwarder {i}")
+                )
                 server = await loop.create_server(lambda r=router: ClientConnection(r), host,
                                                   port + i if port else 0, backlog=1024)  # fmt: skip
                 servers.append(server)
@@ -236,7 +259,7 @@ class Dev:
                       f"   Valkey {self.valkey.url}\n  try:  curl -sv -H 'Host: {self.scenario.hosts[0]}' "
                       f"http://{host}:{ports[0]}{self.scenario.load.path}", flush=True)  # fmt: skip
             load = Load(ports, self.scenario, sim)
-            tasks.append(asyncio.create_task(load.run()))
+            tasks.append(asyncio.create_task(load.run(), name="load"))
             started = time.monotonic()
             try:
                 if args.json:
@@ -246,20 +269,20 @@ class Dev:
             finally:
                 summary = self._summary(load, time.monotonic() - started)
         finally:
+            # Order matters: no new requests, then nothing holding pod connections, then the pods.
             if self.writer is not None:
                 self.writer.stop()  # first: a writer cancelled mid-renewal would report a lost lease
             for server in servers:
                 server.close()
-            for task in tasks:
+            for task in reversed(tasks):  # the load first
                 task.cancel()
-            for task in tasks:
-                with contextlib.suppress(BaseException):
-                    await task
+                await _settle(task.get_name(), task)
             for router in self.routers:
                 for conn in list(router.connections):
                     conn.abort()
+                router.pool.close_all()
             if sim is not None:
-                await sim.stop()
+                await _settle("simulator", sim.stop(), timeout=15.0)
             with contextlib.suppress(Exception):
                 await client.aclose()
             self.valkey.close()
@@ -409,16 +432,19 @@ def run(args: argparse.Namespace) -> int:
         # Through rich's console, so log lines print above the live dashboard instead of through it.
         logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", datefmt="%H:%M:%S",
                             handlers=[RichHandler(show_path=False)])  # fmt: skip
+    import msgspec
     import uvloop
 
     try:
         scenario = load_scenario(args.scenario)
+        if args.first_address:
+            scenario = msgspec.convert(
+                {**msgspec.to_builtins(scenario), "first_address": args.first_address}, type(scenario)
+            )
         if args.load_concurrency is not None:
-            import msgspec
-
             load = msgspec.structs.replace(scenario.load, concurrency=args.load_concurrency, rate=0.0)
             scenario = msgspec.structs.replace(scenario, load=load)
-    except ScenarioError as exc:
+    except (ScenarioError, msgspec.ValidationError) as exc:
         print(f"fastproxy dev: {exc}", file=sys.stderr)
         return 2
     try:
@@ -448,6 +474,8 @@ def register(subparsers: Any) -> None:
                         help="first router's HOST:PORT (the others take the next ports; port 0: any)")  # fmt: skip
     parser.add_argument("--scenario", type=str, default=str(default_scenario_path()),
                         help="scenario YAML (pods, latency, churn, load); see fastproxy/devtools/scenarios")  # fmt: skip
+    parser.add_argument("--first-address", default="",
+                        help="first pod address (overrides the scenario's; one address per pod from there)")  # fmt: skip
     parser.add_argument("--routers", type=int, default=2, help="routers following the writer")
     parser.add_argument(
         "--load-concurrency", type=int, default=None, help="closed-loop clients (overrides the scenario)"

@@ -54,6 +54,7 @@ import argparse
 import asyncio
 import contextlib
 import enum
+import errno
 import ipaddress
 import json
 import logging
@@ -603,7 +604,15 @@ class PodSimulator:
         pod.stall_until = 0.0
         pod.stall_seen = False
         app = SimulatedApp(pod)
-        await app.start(pod.ip, pod.port)
+        try:
+            await app.start(pod.ip, pod.port)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            raise RuntimeError(
+                f"{pod.ip}:{pod.port} is in use: is another simulator (or fastproxy dev) running? "
+                f"Give this one other addresses (the scenario's first_address, dev's --first-address)"
+            ) from None
         pod.app = app
         pod.phase = Phase.LOADING
         if new_uid:
@@ -648,7 +657,16 @@ class PodSimulator:
         if app is not None:
             pod.violations_before += app.violations
             pod.work_before += app.work_count
-            await app.close()
+            try:
+                async with asyncio.timeout(2.0):
+                    await app.close()
+            except TimeoutError:
+                # A connection accepted while closing (its connection_made ran after the abort
+                # sweep) keeps wait_closed waiting: abort what is left, the listener is gone.
+                for conn in list(app._conns):
+                    if conn._transport is not None:
+                        conn._transport.abort()
+                log.warning("pod %s: connections still open 2 s after close; aborted", pod.uid)
 
     def _unavailable(self, spec: RevisionSpec) -> int:
         return sum(p.phase is not Phase.SERVING for p in self.by_revision[spec.name])

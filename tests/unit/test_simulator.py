@@ -174,6 +174,15 @@ async def test_sse_streams_tokens(sims: list[PodSimulator]) -> None:
 # ---- pod life on real sockets ---------------------------------------------------------------------
 
 
+async def test_addresses_in_use_are_a_clear_error(sims: list[PodSimulator]) -> None:
+    first = await start(sims)
+    second = PodSimulator(decode_scenario({"first_address": first.pods[0].ip, "revisions": [
+        {"name": "r", "pods": 1}]}), None)  # fmt: skip
+    sims.append(second)
+    with pytest.raises(RuntimeError, match=r"127\.21\.\d+\.1:8000 is in use"):
+        await second.start(churn=False, route=False)
+
+
 async def test_each_pod_has_its_own_address(sims: list[PodSimulator]) -> None:
     sim = await start(sims, pods=300)
     addresses = {pod.ip for pod in sim.pods}
