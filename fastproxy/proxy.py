@@ -79,6 +79,16 @@ HOLD_LIMIT = 256 * 1024  # body bytes held before a pod is ready, per request
 # Expect: 100-continue round trip); a copy is kept so a busy refusal can still re-pick.
 REPLAY_LIMIT = 64 * 1024
 BUSY_HEADER = b"x-fastproxy-busy"
+# A rejected client's remaining bytes are read and dropped (a lingering close) up to this much or
+# this long, so its error response is not destroyed by a RST.
+LINGER_BYTES = 256 * 1024
+LINGER_SECONDS = 1.0
+# Sidecar protocol: a request that has already waited (in this router's queue, or refused as busy
+# once) carries this header; a sidecar whose pod is full then parks it (bounded count and time)
+# instead of refusing, and hands it the slot the moment the app finishes: no idle gap spent on a
+# round trip through a router. A fresh request is refused at once: another pod may be free.
+PARK_HEADER = b"x-fastproxy-park"
+PARK_FIELD = (PARK_HEADER, b"1")
 _TCP_ESTABLISHED = 1  # tcpi_state in struct tcp_info (linux/tcp.h, enum TCP_ESTABLISHED)
 
 
@@ -463,6 +473,11 @@ class Exchange:
         if not has_prospects(self.revision):
             self.fail(ServiceUnavailable(f"revision {self.revision} has no pods", retry_after=5))
             return
+        if router.config.refuse_when_full and self.head.header(PARK_HEADER) is None:
+            # Sidecar: only a request that has already waited elsewhere is parked here.
+            router.stats.queue_rejections += 1
+            self.fail(SidecarBusy(f"all {self.revision} slots busy"))
+            return
         try:
             # A request refused as busy was already at the head of the line: it keeps its place.
             requeue = self.queue_deadline > 0
@@ -507,6 +522,10 @@ class Exchange:
             return
         self._leave_queue()
         self.router.stats.queue_rejections += 1
+        if self.router.config.refuse_when_full:
+            # Sidecar: the parked request goes back to its router, which tries another pod.
+            self.fail(SidecarBusy(f"no slot freed within {self.router.config.queue_timeout:g}s"))
+            return
         self.fail(
             ServiceUnavailable(
                 f"no free slot in revision {self.revision} within {self.router.config.queue_timeout:g}s",
@@ -605,7 +624,10 @@ class Exchange:
         if hold_back and self.request_complete and self.hold_bytes <= REPLAY_LIMIT:
             hold_back = False
             self.replay = list(self.hold)
-        data = build_request_head(head, self.client.forwarding_headers(head), expect_continue=hold_back)
+        extra = self.client.forwarding_headers(head)
+        if self.queue_deadline and router.config.sidecar_protocol:
+            extra.append(PARK_FIELD)  # this request has waited: a full sidecar may park it
+        data = build_request_head(head, extra, expect_continue=hold_back)
         if hold_back:
             transport.write(data)
             self.stage = Stage.AWAIT_CONTINUE
@@ -689,6 +711,11 @@ class Exchange:
         conn = self.upstream
         assert conn is not None
         conn.deadline.clear()
+        if not response.keep_alive:
+            # "Connection: close": the pod will not read another request on this connection. Back
+            # in the pool, the next request could be written before its FIN arrives and be lost
+            # (a 502 that nothing could retry).
+            conn.reusable = False
         if (
             status == 503
             and self.router.config.sidecar_protocol
@@ -867,6 +894,8 @@ class ClientConnection(asyncio.Protocol):
         "closing",
         "exchange",
         "head_since",
+        "linger_budget",
+        "linger_since",
         "parser",
         "peer",
         "peer_bytes",
@@ -892,6 +921,8 @@ class ClientConnection(asyncio.Protocol):
         # against these two times: no timer is armed or cancelled per request.
         self.waiting_since = router.loop.time()
         self.head_since = 0.0
+        self.linger_budget = 0  # > 0: rejected, draining what the client still sends (_linger)
+        self.linger_since = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
@@ -904,6 +935,11 @@ class ClientConnection(asyncio.Protocol):
             self.closing = True
 
     def data_received(self, data: bytes) -> None:
+        if self.linger_budget:
+            self.linger_budget -= len(data)
+            if self.linger_budget <= 0 and self.transport is not None:
+                self.transport.close()
+            return  # a rejected client's remaining bytes: read and dropped
         if self.exchange is None and self.parser.state is Parse.IDLE:
             # A new request is starting: its head must complete within the header timeout.
             self.head_since = self.router.loop.time()
@@ -959,7 +995,24 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(error_response(exc, close=True))
             self.router.stats.responses[exc.status] = self.router.stats.responses.get(exc.status, 0) + 1
-            self.transport.close()
+            self._linger()
+
+    def _linger(self) -> None:
+        """A lingering close (RFC 9112 section 9.6): closing at once with the client's bytes still
+        unread would make the kernel answer them with a RST, which can destroy the error response
+        before the client reads it. So: half-close after the response, then read and drop what
+        the client still sends, up to ``LINGER_BYTES`` or ``LINGER_SECONDS`` (the sweeper), then close."""
+        transport = self.transport
+        assert transport is not None
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        self.linger_budget = LINGER_BYTES
+        self.linger_since = self.router.loop.time()
+        transport.write_eof()
+        if self._paused:
+            self._paused = 0
+            transport.resume_reading()
 
     def exchange_finished(self, exchange: Exchange) -> None:
         self.flush()
@@ -984,6 +1037,10 @@ class ClientConnection(asyncio.Protocol):
     def check_timeouts(self, now: float) -> None:
         """Called by the router's sweeper: idle keep-alive and request-head deadlines."""
         transport = self.transport
+        if self.linger_budget:
+            if now - self.linger_since > LINGER_SECONDS and transport is not None:
+                transport.close()
+            return
         if self.exchange is not None or transport is None or transport.is_closing():
             return  # a request is being served; its own deadlines apply
         config = self.router.config
@@ -1002,6 +1059,8 @@ class ClientConnection(asyncio.Protocol):
         self._events.clear()
 
     def eof_received(self) -> bool | None:
+        if self.linger_budget:
+            return False  # the rejected client is done sending: close now
         exchange = self.exchange
         if (
             exchange is not None

@@ -5,11 +5,21 @@ Theory of operation
 The sidecar is the router's own data plane pointed at one pod: a ``Router`` whose static snapshot
 holds a single route to a single "pod", the app on ``--app``, with the pod's concurrency. So it
 proxies with the same exchange and the same strictness, and holds the pod's slots authoritatively.
-It runs in ``refuse_when_full`` mode: it never queues. When every slot is taken, the app is not
-ready, or the sidecar is draining, it answers ``503`` + ``x-fastproxy-busy: 1`` before reading the
-body (routers send ``Expect: 100-continue`` with ``--sidecar-protocol``, so the body is still with
-them) and the router picks another pod. With concurrency 1 the app never runs two requests at once,
-whatever the number of routers, and no request runs twice (a refused request never reached it).
+It runs in ``refuse_when_full`` mode. When every slot is taken, the app is not ready, or the
+sidecar is draining, it answers ``503`` + ``x-fastproxy-busy: 1`` before reading the body (routers
+send ``Expect: 100-continue`` with ``--sidecar-protocol``, so the body is still with them) and the
+router picks another pod. With concurrency 1 the app never runs two requests at once, whatever the
+number of routers, and no request runs twice (a refused request never reached it).
+
+Parking: a request that has already waited in its router (it carries ``x-fastproxy-park: 1``)
+and finds the ready app full is parked instead (at most ``--park`` of them, each at most
+``--park-timeout``, then refused as busy). When the app finishes a request, the oldest parked one
+gets the slot at once, inside this process: a pod under load is not left idle for the time a
+router needs to learn that the slot is free (a refusal, its backoff, another try). A fresh request
+is never parked (another pod may be free now), and nothing is parked while the app is not ready
+or the sidecar drains: those transitions refuse the parked requests at once. The park timeout
+stays below the routers' 100-continue wait (1 s), so a parked body is still the router's to send
+elsewhere.
 
 A probe loop checks the app every ``--probe-interval`` (default 50 ms): an HTTP GET of
 ``--readiness-path`` (2xx = ready) or a TCP connect, each with a short timeout, so an app that
@@ -38,7 +48,8 @@ from typing import Any
 import msgspec
 
 from fastproxy.config import RouterConfig
-from fastproxy.proxy import ClientConnection
+from fastproxy.errors import SidecarBusy
+from fastproxy.proxy import ClientConnection, Stage
 from fastproxy.router import Router, parse_address
 from fastproxy.snapshot import RoutingSnapshot
 from statesync.keys import Keys
@@ -70,7 +81,8 @@ class Sidecar:
         self.args = args
         self.loop = loop
         config = RouterConfig(
-            max_queued=0,
+            max_queued=0,  # nothing parked until the app is ready (set_ready)
+            queue_timeout=args.park_timeout,
             refuse_when_full=True,
             exclusion_seconds=args.probe_interval,  # the probe decides readiness, not exclusions
             trusted_proxies=("0.0.0.0/0", "::/0"),  # only routers reach a sidecar (NetworkPolicy)
@@ -130,11 +142,20 @@ class Sidecar:
         )  # fmt: skip
         snapshot = self.router.snapshot
         self.router.apply_delta(Delta(epoch=snapshot.epoch, version=snapshot.version + 1, pods=(changed,)))
+        self.router.slots.max_queued = self.args.park if ready and not self.draining else 0
         if not ready:
             self.router.slots.readmit(APP)
+            self.refuse_parked("app not ready")
         log.info("app %s: %s", "ready" if ready else "NOT ready", reason)
         self.push(ReadinessChanged(uid=self.args.pod_uid, source=Source.SIDECAR, at=time.time(), ready=ready,
                                    reason=reason[:200]))  # fmt: skip
+
+    def refuse_parked(self, reason: str) -> None:
+        """Send every parked request back to its router now (it will pick another pod)."""
+        for conn in list(self.router.connections):
+            exchange = conn.exchange
+            if exchange is not None and exchange.stage is Stage.QUEUED:
+                exchange.fail(SidecarBusy(reason))
 
     async def probe_loop(self) -> None:
         interval = self.args.probe_interval
@@ -226,6 +247,8 @@ class Sidecar:
         # Drain: tell the writer first, so routers stop picking us; refuse anything that still comes.
         self.draining = True
         self.router.draining = True
+        self.router.slots.max_queued = 0
+        self.refuse_parked("draining")
         self.push(
             DrainStarted(uid=args.pod_uid, source=Source.SIDECAR, at=time.time(), reason="sidecar draining")
         )
@@ -244,6 +267,11 @@ def run(args: argparse.Namespace) -> int:
     missing = [name for name in ("pod_uid", "revision", "pod_ip") if not getattr(args, name)]
     if args.valkey and missing:
         print(f"fastproxy sidecar: --{missing[0].replace('_', '-')} is required with --valkey", flush=True)
+        return 2
+    if args.park < 0 or not 0 < args.park_timeout < 1.0:
+        # Routers send the body anyway after 1 s without 100 Continue; a request parked longer
+        # could no longer be refused and replayed elsewhere.
+        print("fastproxy sidecar: --park must be >= 0 and 0 < --park-timeout < 1", flush=True)
         return 2
     import uvloop
 
@@ -283,6 +311,12 @@ def register(subparsers: Any) -> None:
                         help="seconds between probes [FASTPROXY_PROBE_INTERVAL]")  # fmt: skip
     parser.add_argument("--probe-timeout", type=float, default=float(_env("FASTPROXY_PROBE_TIMEOUT", "0.2") or 0.2),
                         help="a probe slower than this means not ready [FASTPROXY_PROBE_TIMEOUT]")  # fmt: skip
+    parser.add_argument("--park", type=int, default=int(_env("FASTPROXY_PARK", "1") or 0),
+                        help="requests that already waited in a router, parked while the app is full "
+                             "(0: refuse them all) [FASTPROXY_PARK]")  # fmt: skip
+    parser.add_argument("--park-timeout", type=float, default=float(_env("FASTPROXY_PARK_TIMEOUT", "0.25") or 0.25),
+                        help="seconds a parked request waits for the app before it is refused as busy; "
+                             "below the routers' 1 s 100-continue wait [FASTPROXY_PARK_TIMEOUT]")  # fmt: skip
     parser.add_argument("--valkey", default=_env("FASTPROXY_VALKEY"), help="Valkey URL [FASTPROXY_VALKEY]")
     parser.add_argument("--namespace-prefix", default=_env("FASTPROXY_KEY_PREFIX", "fastproxy"),
                         help="Valkey key prefix [FASTPROXY_KEY_PREFIX]")  # fmt: skip
