@@ -529,12 +529,6 @@ async def test_rejected_after_the_head_never_runs_on_the_pod(harness: Any) -> No
     assert ran_anyway == [], "the client was answered 4xx but the pod ran the request"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="proxy.py ClientConnection._reject closes at once with the client's bytes unread: the kernel "
-    "answers the rest with a RST, which destroys the 431 before the client reads it (RFC 9112 section "
-    "9.6: half-close, then drain briefly -- a lingering close)",
-)
 async def test_oversized_head_sent_whole_gets_its_431_not_a_reset(harness: Any) -> None:
     from tests.conftest import pod_record
 
