@@ -363,6 +363,8 @@ class Dev:
         last_completed, last_errors, last_time = 0, 0, time.monotonic()
         rate = error_rate = 0.0
         states = [s for s in PodState if s is not PodState.REMOVED]
+        served_before = {spec.name: 0 for spec in self.scenario.revisions}
+        revision_rate = dict.fromkeys(served_before, 0.0)
 
         def render() -> Group:
             table = Table(title="per revision: pods by state (routers' view) and by phase (simulator)")
@@ -372,6 +374,7 @@ class Dev:
             for col in (
                 "in flight",
                 "queued",
+                "req/s",
                 "served",
                 "sim: loading/serving/not ready/draining/dead/stalled",
             ):
@@ -387,7 +390,7 @@ class Dev:
                 table.add_row(
                     name, *(str(counts.get(s.value, 0)) for s in states),
                     str(sum(s.inflight for s in slots if s)), str(sum(s.queued for s in slots if s)),
-                    str(rev["served"]), f"{phases}/{rev['stalled']}",
+                    f"{revision_rate[name]:.0f}", str(rev["served"]), f"{phases}/{rev['stalled']}",
                 )  # fmt: skip
             p50, p90, p99 = (("> 100000" if v is None else str(v)) for v in self._added_latency_us())
             stats = sim.stats()
@@ -418,6 +421,10 @@ class Dev:
                 errors = sum(load.errors.values())
                 rate = (load.completed - last_completed) / (now - last_time)
                 error_rate = (errors - last_errors) / (now - last_time)
+                for spec in self.scenario.revisions:
+                    served = sim.revision_stats(spec)["served"]
+                    revision_rate[spec.name] = (served - served_before[spec.name]) / (now - last_time)
+                    served_before[spec.name] = served
                 last_completed, last_errors, last_time = load.completed, errors, now
                 live.update(render())
 
@@ -457,6 +464,17 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
+        churn = summary["churn"]
+        print(
+            f"\n{summary['requests']} requests in {summary['seconds']} s ({summary['req_per_s']}/s) through "
+            f"{summary['routers']} router(s) to {summary['pods']} pods; {summary['ok']} ok\n"
+            f"churn: {churn['deaths']} deaths, {churn['restarts']} restarts, {churn['flaps']} flaps, "
+            f"{churn['stalls']} stalls, {churn['drains']} drains\n"
+            f"user-visible errors caused by pod deaths: {summary['user_errors_from_pod_deaths']}   "
+            f"concurrency violations: {summary['violations']}   all errors: {summary['errors'] or 'none'}\n"
+            f"added latency p50/p90/p99 (routers' histogram, us): {summary['added_latency_us_p50_p90_p99']}   "
+            f"snapshot v{summary['snapshot_version']} lag {summary['snapshot_lag_versions']}"
+        )
         print("summary:", json.dumps(summary))
     return 0
 
