@@ -29,7 +29,11 @@ a full ``PodDiscovered`` report is re-sent periodically as anti-entropy (Valkey 
 a lost event).
 
 SIGTERM or SIGUSR1 (a preemption notice): push ``DrainStarted`` first, refuse new requests
-(busy), let in-flight ones finish within ``--grace-period``, then exit. ``/healthz`` on the admin
+(busy, then that connection closes), let in-flight ones finish within ``--grace-period``, then exit
+0. Idle router connections are left open until then, and for at least ``--drain-notice`` seconds:
+closing one while a router that has not yet seen the drain writes a request on it would lose that
+request (a 502 nobody could retry), whereas a request that arrives is refused as busy and goes to
+another pod. ``/healthz`` on the admin
 port is the sidecar's own liveness (the app's readiness is not the sidecar's liveness); its
 ``/metrics`` carry the pod's in-flight count.
 """
@@ -221,6 +225,26 @@ class Sidecar:
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
+    async def drain(self, notice_until: float, grace: float) -> None:
+        """In-flight requests finish (within ``grace``); idle connections stay open meanwhile and at
+        least until ``notice_until``, so a request a router sends before it learns of the drain is
+        refused politely (and its connection then closed) instead of meeting a closed socket."""
+        router = self.router
+        for conn in list(router.connections):
+            conn.closing = True  # each connection closes after its current (or next, refused) answer
+        deadline = self.loop.time() + grace
+        while self.loop.time() < deadline:
+            now = self.loop.time()
+            if now >= notice_until and not any(conn.exchange is not None for conn in router.connections):
+                break
+            await asyncio.sleep(0.05)  # polling a set that only shrinks; bounded by the grace
+        for conn in list(router.connections):
+            if conn.exchange is None and conn.transport is not None:
+                conn.transport.close()  # idle: a FIN, which a router sees before reusing it
+            else:
+                conn.abort()  # still in flight after the grace period: cut
+        router.pool.close_all()
+
     async def serve(self) -> int:
         from fastproxy.admin import start_admin
 
@@ -252,8 +276,9 @@ class Sidecar:
         self.push(
             DrainStarted(uid=args.pod_uid, source=Source.SIDECAR, at=time.time(), reason="sidecar draining")
         )
+        notice_until = self.loop.time() + args.drain_notice
         await self.flush()
-        await self.router.drain(args.grace_period)
+        await self.drain(notice_until, args.grace_period)
         server.close()
         for task in tasks:
             task.cancel()
@@ -330,5 +355,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--first-byte-timeout", type=float, default=600.0, help="seconds to the app's answer")
     parser.add_argument("--grace-period", type=float, default=float(_env("FASTPROXY_GRACE_PERIOD", "30") or 30),
                         help="drain: seconds for in-flight requests [FASTPROXY_GRACE_PERIOD]")  # fmt: skip
+    parser.add_argument("--drain-notice", type=float, default=float(_env("FASTPROXY_DRAIN_NOTICE", "1") or 1),
+                        help="drain: seconds idle router connections stay open after the drain is "
+                             "announced (routers learn of it meanwhile) [FASTPROXY_DRAIN_NOTICE]")  # fmt: skip
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.set_defaults(func=run)
