@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -40,6 +41,8 @@ from fastproxy.devtools.upstream import AppServer
 from statesync.embedded import EmbeddedValkey
 
 _REQUEST = b"GET /v1/completions HTTP/1.1\r\nHost: bench\r\n\r\n"
+# One port per process: another engineer's run on this machine uses another.
+PORT = random.randrange(30_000, 40_000)
 
 # ---- 1. one round trip in process -------------------------------------------------------------
 
@@ -85,9 +88,9 @@ def bench_round_trip(benchmark: Any, kind: str) -> None:
     async def make() -> Any:
         if kind == "plain_app":
             app = AppServer(concurrency_limit=1, sidecar_busy=True, record=False)
-            await app.start("127.24.1.1", 8000)
+            await app.start("127.24.1.1", PORT)
             return app
-        sim = PodSimulator(decode_scenario({"first_address": "127.24.2.1", "revisions": [
+        sim = PodSimulator(decode_scenario({"first_address": "127.24.2.1", "port": PORT, "revisions": [
             {"name": "b", "pods": 1, "latency": {"model": "fixed", "ms": 0}}]}), None)  # fmt: skip
         await sim.start(churn=False, route=False)
         await sim.wait_serving(5)
@@ -95,7 +98,7 @@ def bench_round_trip(benchmark: Any, kind: str) -> None:
 
     state, thread = _serve_in_thread(make)
     server = state["server"]
-    address = ("127.24.1.1", 8000) if kind == "plain_app" else (server.pods[0].ip, server.pods[0].port)
+    address = ("127.24.1.1", PORT) if kind == "plain_app" else (server.pods[0].ip, server.pods[0].port)
     loop, writer, run = _round_trips(address, 100)
     try:
         benchmark(run)  # 100 round trips per round
@@ -117,7 +120,7 @@ def _scenario(pods: int, model: str) -> dict[str, Any]:
     latency = (
         {"model": "fixed", "ms": 5} if model == "fixed" else {"model": "sse", "tokens": 16, "ms_per_token": 2}
     )
-    return {"service": "bench", "hosts": [], "first_address": "127.25.0.1",
+    return {"service": "bench", "hosts": [], "first_address": "127.25.0.1", "port": PORT,
             "revisions": [{"name": "bench-v1", "pods": pods, "concurrency": 1, "latency": latency}]}  # fmt: skip
 
 

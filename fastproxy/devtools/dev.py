@@ -444,10 +444,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         scenario = load_scenario(args.scenario)
-        if args.first_address:
-            scenario = msgspec.convert(
-                {**msgspec.to_builtins(scenario), "first_address": args.first_address}, type(scenario)
-            )
+        overrides = {"first_address": args.first_address, "port": args.pod_port}
+        overrides = {key: value for key, value in overrides.items() if value}
+        if overrides:
+            scenario = msgspec.convert({**msgspec.to_builtins(scenario), **overrides}, type(scenario))
         if args.load_concurrency is not None:
             load = msgspec.structs.replace(scenario.load, concurrency=args.load_concurrency, rate=0.0)
             scenario = msgspec.structs.replace(scenario, load=load)
@@ -494,6 +494,7 @@ def register(subparsers: Any) -> None:
                         help="scenario YAML (pods, latency, churn, load); see fastproxy/devtools/scenarios")  # fmt: skip
     parser.add_argument("--first-address", default="",
                         help="first pod address (overrides the scenario's; one address per pod from there)")  # fmt: skip
+    parser.add_argument("--pod-port", type=int, default=0, help="the pods' port (overrides the scenario's)")
     parser.add_argument("--routers", type=int, default=2, help="routers following the writer")
     parser.add_argument(
         "--load-concurrency", type=int, default=None, help="closed-loop clients (overrides the scenario)"

@@ -36,9 +36,10 @@ load: {concurrency: 12}
 
 def run_dev(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
     # Pods on a block of their own: another engineer's run on this machine may hold the default.
-    first = f"127.23.{random.randrange(256)}.1"
+    first, port = f"127.23.{random.randrange(256)}.1", str(random.randrange(20_000, 30_000))
     return subprocess.run([sys.executable, "-m", "fastproxy.cli", "dev", "--listen", "127.0.0.1:0",
-                           "--first-address", first, *args], capture_output=True, text=True, timeout=timeout)  # fmt: skip
+                           "--first-address", first, "--pod-port", port, *args],
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
 
 
 def test_dev_serves_through_churn_with_no_errors_from_deaths(tmp_path: Path) -> None:

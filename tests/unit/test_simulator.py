@@ -39,11 +39,15 @@ from tests.conftest import wait_for
 
 TIMEOUT = 5.0
 _next_block = iter(range(30, 250))  # each test's pods on their own 127.21.<block>.x addresses
+# One port per test process: another engineer's run of this file on this machine uses another.
+PORT = random.randrange(20_000, 30_000)
 
 
 def scenario(**revision: Any) -> Any:
     spec = {"name": "r", "pods": 2, "concurrency": 1, "latency": {"model": "fixed", "ms": 0}} | revision
-    return decode_scenario({"revisions": [spec], "first_address": f"127.21.{next(_next_block)}.1"})
+    return decode_scenario(
+        {"revisions": [spec], "first_address": f"127.21.{next(_next_block)}.1", "port": PORT}
+    )
 
 
 @pytest.fixture
@@ -176,10 +180,10 @@ async def test_sse_streams_tokens(sims: list[PodSimulator]) -> None:
 
 async def test_addresses_in_use_are_a_clear_error(sims: list[PodSimulator]) -> None:
     first = await start(sims)
-    second = PodSimulator(decode_scenario({"first_address": first.pods[0].ip, "revisions": [
+    second = PodSimulator(decode_scenario({"first_address": first.pods[0].ip, "port": PORT, "revisions": [
         {"name": "r", "pods": 1}]}), None)  # fmt: skip
     sims.append(second)
-    with pytest.raises(RuntimeError, match=r"127\.21\.\d+\.1:8000 is in use"):
+    with pytest.raises(RuntimeError, match=rf"127\.21\.\d+\.1:{PORT} is in use"):
         await second.start(churn=False, route=False)
 
 
@@ -345,7 +349,7 @@ async def test_every_state_change_is_reported(sims: list[PodSimulator], valkey_s
 
 
 async def test_two_thousand_pods_in_one_process(sims: list[PodSimulator]) -> None:
-    sim = PodSimulator(decode_scenario({"first_address": "127.22.0.1", "revisions": [
+    sim = PodSimulator(decode_scenario({"first_address": "127.22.0.1", "port": PORT, "revisions": [
         {"name": "big", "pods": 2000, "latency": {"model": "fixed", "ms": 0}}]}), None)  # fmt: skip
     sims.append(sim)
     await sim.start(churn=False, route=False)
