@@ -353,18 +353,23 @@ class SystemUnderTest:
                 )
                 self.writers[wid] = proc
                 self.procs.append(proc)
-            for i, ip in enumerate(pod_addresses(self.n_pods)):
-                pod = Pod(f"pod-{i}", ip, self.pod_concurrency, self.dir / f"ids-pod-{i}", self.sidecar_busy,
-                          self.valkey.url if self.sidecars else None)  # fmt: skip
-                await pod.start()
-                self.pods.append(pod)
+            # Everything starts at once: each Python process spends ~1 s importing on this box.
+            self.pods = [
+                Pod(f"pod-{i}", ip, self.pod_concurrency, self.dir / f"ids-pod-{i}", self.sidecar_busy,
+                    self.valkey.url if self.sidecars else None)
+                for i, ip in enumerate(pod_addresses(self.n_pods))
+            ]  # fmt: skip
+            token = self.dir / "token"
+            token.write_text(TOKEN)
+            await asyncio.gather(
+                *(pod.start() for pod in self.pods),
+                *(self.start_router(f"router-{i}", token) for i in range(self.n_routers)),
+            )
+            self.routers.sort(key=lambda r: r.name)
+            for pod in self.pods:
                 if self.fault_proxies:
                     pod.proxy = FaultProxy((pod.ip, pod.port))
                     await pod.proxy.start(pod_addresses(1)[0], 0)
-            token = self.dir / "token"
-            token.write_text(TOKEN)
-            for i in range(self.n_routers):
-                await self.start_router(f"router-{i}", token)
             await self.register()
             await self.wait_routed()
         except BaseException:

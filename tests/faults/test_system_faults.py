@@ -274,16 +274,18 @@ async def test_client_abort_before_response_head_frees_upstream_and_slot(fault_r
 
 
 async def test_every_pod_of_a_revision_down(fault_report: FaultReport) -> None:
-    async with SystemUnderTest(pods=2, router_args=("--queue-timeout", "1")) as sut:
+    # Queue timeout 3 s: short enough that the errors while down come soon, long enough that a
+    # moment of contention for the two slots on this loaded box is not an error afterwards.
+    async with SystemUnderTest(pods=2, router_args=("--queue-timeout", "3")) as sut:
         baseline = fd_baseline(sut)
         for pod in sut.pods:
             await pod.kill()
         load = LoadGenerator(sut.ports, concurrency=4, duration=LOAD_SECONDS, request_timeout=10)
         await load.run()
         extra = [f"request answered {k} with every pod down" for k in load.kinds() if k == "ok"]
-        slow = [o for o in load.outcomes if o.ended - o.started > 5]
+        slow = [o for o in load.outcomes if o.ended - o.started > 8]
         if slow:
-            extra.append(f"{len(slow)} requests waited > 5 s for an error (queue timeout 1 s)")
+            extra.append(f"{len(slow)} requests waited > 8 s for an error (queue timeout 3 s)")
         for pod in sut.pods:
             await pod.restart()
         await sut.register()
