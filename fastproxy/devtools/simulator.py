@@ -306,27 +306,59 @@ class _PodConnection(_AppConnection):
         pod.served += 1
 
     async def _stream_tokens(self, pod: SimPod, job: _Job, model: Sse) -> None:
-        req = job.req
-        head, close = self._head(req, 200, ctype=b"text/event-stream", chunked=True,
+        """Tokens from a chain of timer callbacks (no coroutine wake-up per token: the simulator must
+        stay cheaper than what it feeds), on an absolute schedule: a late timer sends every token
+        that is due at once. Tokens are tiny, so they are written without waiting for a slow reader."""
+        head, close = self._head(job.req, 200, ctype=b"text/event-stream", chunked=True,
                                  extra=b"cache-control: no-cache\r\n")  # fmt: skip
         self._write(head)
         loop = self._loop
+        finished: asyncio.Future[bool] = loop.create_future()
         start = loop.time() + model.first_token_ms / 1000
         step = model.ms_per_token / 1000
-        for i in range(model.tokens):
-            # Absolute schedule, so a slow write does not push every later token back.
-            delay = start + i * step - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            if pod.stall_until > loop.time():
-                await pod.sit_out_stall()
-            event = b'data: {"token":%d}\n\n' % i
-            self._write(b"%x\r\n%b\r\n" % (len(event), event))
-            if self._paused or self._closing:
-                await self._drain()  # waits for the reader, or raises if the connection went
-        self._write(b"%x\r\ndata: [DONE]\n\n\r\n0\r\n\r\n" % len(b"data: [DONE]\n\n"))
+        tokens = model.tokens
+        sent = 0
+        handle: asyncio.TimerHandle | None = None
+
+        def emit() -> None:
+            nonlocal sent, handle
+            if finished.done():
+                return
+            if self._closing:
+                finished.set_result(False)
+                return
+            now = loop.time()
+            if pod.stall_until > now:
+                handle = loop.call_at(pod.stall_until, emit)
+                return
+            # (a hair of tolerance: a timer may fire a clock tick before its time)
+            due = min(tokens, int((now - start + 1e-4) / step) + 1 if step > 0 else tokens)
+            if due > sent:
+                self._write(b"".join(_token_chunk(i) for i in range(sent, due)))
+                sent = due
+            if sent >= tokens:
+                finished.set_result(True)
+            else:
+                handle = loop.call_at(start + sent * step, emit)
+
+        handle = loop.call_at(start, emit)
+        try:
+            if not await finished:
+                return  # the connection went; connection_lost released the slot's bookkeeping
+        finally:
+            if handle is not None:
+                handle.cancel()
+        self._write(_SSE_DONE)
         if close:
             self._close()
+
+
+def _token_chunk(i: int) -> bytes:
+    event = b'data: {"token":%d}\n\n' % i
+    return b"%x\r\n%b\r\n" % (len(event), event)
+
+
+_SSE_DONE: Final = b"%x\r\ndata: [DONE]\n\n\r\n0\r\n\r\n" % len(b"data: [DONE]\n\n")
 
 
 class SimulatedApp(AppServer):

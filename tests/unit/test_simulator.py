@@ -175,6 +175,19 @@ async def test_sse_streams_tokens(sims: list[PodSimulator]) -> None:
     assert events[-1] == b"data: [DONE]"
 
 
+async def test_a_stall_holds_a_token_stream(sims: list[PodSimulator]) -> None:
+    sim = await start(sims, latency={"model": "sse", "tokens": 20, "ms_per_token": 5})
+    pod = sim.pods[0]
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    answer = asyncio.create_task(request(pod))
+    await wait_for(lambda: pod.active == 1, TIMEOUT, "stream started")
+    sim.stall(pod, 250)
+    status, _, body = await answer
+    assert status == 200 and body.count(b"data: {") == 20
+    assert loop.time() - began >= 0.25  # 100 ms of tokens could not finish through a 250 ms stall
+
+
 # ---- pod life on real sockets ---------------------------------------------------------------------
 
 
