@@ -14,6 +14,7 @@ Every request ends in exactly one ``Outcome`` kind:
 
 - ``ok``                      2xx, framing complete, body equal to the expected body, id echoed
 - ``"<status>"``              an explicit error status (``"502"``, ``"503"``, ``"504"``, ...)
+- ``refused``                 the router refused the connection (it is not listening)
 - ``reset``                   the connection was reset (before or during the response)
 - ``eof``                     the connection closed before a complete response head
 - ``cut``                     the head came, the body ended short of its framing: visibly aborted
@@ -169,6 +170,8 @@ class LoadGenerator:
                     keep = await self._exchange(reader, writer, outcome)
             except TimeoutError:
                 outcome.kind = "timeout"
+            except ConnectionRefusedError:
+                outcome.kind = "refused"
             except ConnectionResetError:
                 outcome.kind = "reset"
             except (asyncio.IncompleteReadError, ConnectionError, OSError):
@@ -186,8 +189,9 @@ class LoadGenerator:
                 reader = writer = self._writers[index] = None
             pause = self.think_cycle[n % len(self.think_cycle)] if self.think_cycle else self.think
             if pause:
-                await asyncio.sleep(pause)  # the client's pace, part of the scenario
-            elif outcome.kind in ("reset", "eof") and loop.time() < deadline:
+                # The client's pace, part of the scenario (never past the end of the run).
+                await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
+            elif outcome.kind in ("refused", "reset", "eof") and loop.time() < deadline:
                 await asyncio.sleep(0.01)  # a refused/closed router: do not spin on reconnects
         if writer is not None:
             writer.close()

@@ -1,8 +1,11 @@
-"""The fault proxy's own behaviour: forwarding, delay, half-open, drip, idle close."""
+"""The fault suite's tools: the fault proxy (forwarding, delay, half-open, drip, idle close) and the
+load generator's verdict on every kind of response."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator
 
@@ -12,6 +15,7 @@ import pytest
 from fastproxy.devtools.upstream import AppServer, payload
 from tests.conftest import next_pod_address, wait_for
 from tests.faults.faultproxy import FaultProxy
+from tests.faults.loadgen import LoadGenerator, get_delay
 
 
 @pytest.fixture
@@ -100,3 +104,77 @@ async def test_records_when_the_client_closes(proxy: FaultProxy) -> None:
     await wait_for(lambda: len(proxy.client_closed_at) == 1, what="close recorded")
     assert proxy.client_closed_at[0] >= closed
     writer.close()
+
+
+# ---- the load generator's verdicts --------------------------------------------------------------
+
+
+async def canned(answer: bytes, *, reset: bool = False) -> asyncio.Server:
+    """A server that answers every connection with ``answer`` once the request head is in, then
+    closes (or resets)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        if reset:
+            writer.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )
+            writer.transport.abort()
+        else:
+            writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+@pytest.mark.parametrize(
+    ("answer", "reset", "kind"),
+    [
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-request-id: {rid}\r\n\r\nok", False, "ok"),
+        (b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n", False, "502"),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\nx-request-id: {rid}\r\n\r\nok", False, "cut"),
+        (
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nx-request-id: {rid}\r\n\r\n2\r\nok\r\n",
+            False,
+            "cut",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-request-id: {rid}\r\n\r\nko",
+            False,
+            "truncated_as_complete",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nx-request-id: {rid}\r\n\r\no",
+            False,
+            "truncated_as_complete",
+        ),  # close-delimited
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-request-id: someone-else\r\n\r\nok", False, "wrong_id"),
+        (b"HTTP/1.1 200 OK\r\ncontent-le", False, "eof"),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nok", True, "reset"),
+    ],
+)
+async def test_load_generator_classifies_every_outcome(answer: bytes, reset: bool, kind: str) -> None:
+    load = LoadGenerator([0], concurrency=1, duration=0.0, mix=[get_delay(0)], run_id="t")
+    rid = "t-0-0"
+    server = await canned(answer.replace(b"{rid}", rid.encode()), reset=reset)
+    load.ports = [server.sockets[0].getsockname()[1]]
+    load.duration = 0.05
+    load.think = 1.0  # one request is enough
+    async with server:
+        await load.run()
+    assert [(o.rid, o.kind) for o in load.outcomes] == [(rid, kind)]
+
+
+async def test_load_generator_refused_and_timeout() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, not listening: connections are refused
+        load = LoadGenerator([port], concurrency=1, duration=0.05, think=1.0)
+        await load.run()
+    assert [o.kind for o in load.outcomes] == ["refused"]
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)  # accepts, never answers
+    async with server:
+        load = LoadGenerator([server.sockets[0].getsockname()[1]], 1, 0.05, request_timeout=0.2, think=1.0)
+        await load.run()
+    assert [o.kind for o in load.outcomes] == ["timeout"]
