@@ -2,10 +2,10 @@
 
 The real run is ``python -m bench.sidecar_load`` (4 routers, 20 pods, 20 s). This one starts the
 same processes at a smaller scale (Valkey, writer, one app process, 4 sidecars, 2 routers), offers
-1.3x the capacity for 5 s and checks what must hold whatever the machine: no app call was
-double-booked (the app counts concurrency violations) and every request was answered 200 while the
-queue deadline (30 s) held. The idle-gap figures are reported, never asserted: this machine is
-shared.
+1.3x the capacity for 5 s, then flips readiness 3 times, and checks what must hold whatever the
+machine: no app call was double-booked (the app counts concurrency violations) and every request
+was answered 200 while the queue deadline (30 s) held. The idle-gap and flip figures are reported,
+never asserted: this machine is shared.
 
 """
 
@@ -23,7 +23,9 @@ from bench.sidecar_load import Options, render_markdown, run_benchmark, write_re
 
 @pytest.mark.timeout(60)
 def bench_sidecar_load_smoke(tmp_path: Path) -> None:
-    opts = Options(routers=2, pods=4, duration=5.0, warmup=0.5, queue_timeout=30.0, start_timeout=30.0)
+    opts = Options(
+        routers=2, pods=4, duration=5.0, warmup=0.5, queue_timeout=30.0, start_timeout=30.0, flips=3
+    )
     lines: list[str] = []
     results = uvloop.run(run_benchmark(opts, lines.append))
     print("\n".join(lines))
@@ -38,6 +40,11 @@ def bench_sidecar_load_smoke(tmp_path: Path) -> None:
     assert idle["count"] > 0 and math.isfinite(idle["p99"])
     assert app["work_count"] >= client["status"].get("200", 0)  # each 200 was served by the app
     assert len(results["routers"]) == 2 and "| double-booked app calls |" in markdown
+    flips = results["readiness_flips"]
+    assert flips["flips"] == 3 and all(
+        math.isfinite(flips[key]["p99"]) and flips[key]["p50"] > 0
+        for key in ("gate_closed_ms", "routers_stopped_ms", "gate_open_ms", "routers_routable_ms")
+    )
 
     # What must hold.
     assert app["violations"] == 0 and app["max_concurrent_seen"] == 1, app

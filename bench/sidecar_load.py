@@ -4,11 +4,13 @@ Usage::
 
     python -m bench.sidecar_load [--routers 4] [--pods 20] [--duration 20] [--rate R]
                                  [--work-ms 50] [--load-factor 1.3] [--busy-backoff S]
-                                 [--json PATH]
+                                 [--flips 50] [--json PATH]
 
 Goal (issue "Sidecar"): with 4 router processes and 20 CC=1 pods behind sidecars, load above
 capacity gives 0 double-booked app calls (the app counts them), 0 client errors while the queue
-deadline holds, and an idle-pod-while-requests-wait time p99 <= 10 ms.
+deadline holds, and an idle-pod-while-requests-wait time p99 <= 10 ms. And: an app that flips to
+not ready gets no new request within <= 100 ms (p99, probe interval included), and is routable
+again as fast when it flips back (``--flips``).
 
 Theory of operation
 -------------------
@@ -38,7 +40,21 @@ requests wait); gaps end being recorded when the last queued request has started
 the figures are collected: the generators' statuses and errors, the app's ``/control/stats``
 (violations, max concurrency seen, idle gaps), each router's ``/metrics`` (busy refusals, retries,
 queue rejections), and CPU time per process group over the window (this machine is shared: the
-CPU used by other processes is reported too). A markdown table is printed and everything goes to
+CPU used by other processes is reported too).
+
+Readiness flips (``--flips N``, after the load, once every queued request was served): N times,
+one pod's app (pods in turn) is flipped to not ready (``/control/ready/0``) and, once that is seen
+everywhere, back (``/control/ready/1``). From the moment the flip request is sent, this process
+polls the pod's sidecar (its admin ``/v1/pods``: the sidecar's own gate, which refuses every new
+request the moment its probe sees the app not ready) and every router's ``/v1/pods`` (the pod not
+``ready`` = no router picks it; back ``ready`` and not excluded = routable) until each shows the
+change. Polling only says *that* it changed; *when* comes from the processes' own wall clocks
+(one machine, one clock): the sidecar's record carries ``since`` (set when its gate moved) and a
+router's ``/v1/state`` its snapshot age (read right after ``/v1/pods``, so the change time derived
+from it is, if anything, late: a later delta would only make it later). Flips start at a random
+phase of the probe interval, so the probe's wait is included as it would be in production.
+Reported: p50/p99/max of flip -> gate closed at the sidecar, and flip -> the last router stopped
+picking it (and the same for flipping back); the time of one polling round is reported too. A markdown table is printed and everything goes to
 ``bench/results/sidecar-load-latest.json`` (``--json``). Every child process is stopped on exit,
 on error and on Ctrl-C / SIGTERM.
 """
@@ -93,6 +109,7 @@ class Options:
     sidecar_args: tuple[str, ...] = ()  # more flags for every sidecar
     start_timeout: float = 60.0
     log_dir: str | None = None  # child processes' stderr; a temporary directory if None
+    flips: int = 0  # readiness flips measured after the load (each: to not ready and back)
 
     @property
     def capacity(self) -> float:
@@ -164,6 +181,7 @@ class System:
             self.log_dir = Path(opts.log_dir)
             self.log_dir.mkdir(parents=True, exist_ok=True)
         self.app_addresses: list[str] = []
+        self.sidecar_admins: list[str] = []
         self.routers: list[tuple[str, str]] = []  # (proxy address, admin address)
 
     async def spawn(self, name: str, group: str, *args: str, wait_line: bool = True) -> Child:
@@ -301,7 +319,8 @@ class System:
                 *opts.router_args,
             )
 
-        await asyncio.gather(*(sidecar(i) for i in range(opts.pods)))
+        sidecars = await asyncio.gather(*(sidecar(i) for i in range(opts.pods)))
+        self.sidecar_admins = [child.words[2] for child in sidecars]
         routers = await asyncio.gather(*(router(i) for i in range(opts.routers)))
         self.routers = [(r.words[0], r.words[2]) for r in routers]
         self.say(
@@ -449,7 +468,8 @@ async def _measure(system: System, opts: Options, say: Any) -> dict[str, Any]:
     drained = time.perf_counter() - wall_end
     app = await system.app_stats()
     metrics = await system.router_metrics()
-    return _report(
+    flips = await measure_flips(system, opts, say) if opts.flips else None
+    report = _report(
         opts,
         results,
         start_stats,
@@ -463,6 +483,88 @@ async def _measure(system: System, opts: Options, say: Any) -> dict[str, Any]:
         wall_end - wall_start,
         drained,
     )
+    if flips is not None:
+        report["readiness_flips"] = flips
+        report["checks"]["flip_p99"] = flips["ok"]
+        report["ok"] = all(report["checks"].values())
+    return report
+
+
+GOAL_FLIP_P99_MS = 100.0
+
+
+async def measure_flips(system: System, opts: Options, say: Any) -> dict[str, Any]:
+    """App flip -> sidecar gate and -> every router, both ways, ``opts.flips`` times (see above)."""
+    import random
+
+    say(f"measuring {opts.flips} readiness flips (to not ready and back)")
+    samples: dict[str, list[float]] = {
+        "gate_closed": [],
+        "routers_stopped": [],
+        "gate_open": [],
+        "routers_routable": [],
+    }
+    rounds: list[float] = []
+    auth = {"authorization": f"Bearer {system.token}"}
+    async with httpx.AsyncClient(timeout=5) as client:
+
+        async def sidecar_gate(index: int) -> tuple[bool, float]:
+            """(is the gate open, when the sidecar last changed it: its own wall clock)"""
+            app = (await client.get(f"http://{system.sidecar_admins[index]}/v1/pods", headers=auth)).json()[0]
+            return app["state"] == "ready", app["since"]
+
+        async def router_view(admin: str, uid: str) -> tuple[bool, float]:
+            """(is the pod routable, when the router's snapshot last changed: its wall clock)"""
+            pods = (await client.get(f"http://{admin}/v1/pods", headers=auth)).json()
+            state = (await client.get(f"http://{admin}/v1/state", headers=auth)).json()
+            changed_at = time.time() - state["snapshot_age_seconds"]  # later than the truth, if anything
+            pod = next(p for p in pods if p["uid"] == uid)
+            return pod["state"] == "ready" and not pod["excluded"], changed_at
+
+        async def flip(index: int, ready: bool) -> tuple[float, float]:
+            await asyncio.sleep(random.uniform(0, 0.1))  # a random phase of the probe interval
+            uid = f"pod-{index:02d}"
+            started = time.time()
+            reply = await client.get(f"http://{system.app_addresses[index]}/control/ready/{int(ready)}")
+            reply.raise_for_status()
+            gate_at = math.nan
+            routers_at = [math.nan] * len(system.routers)
+            while time.time() - started < 10:
+                before = time.perf_counter()
+                views = await asyncio.gather(
+                    sidecar_gate(index), *(router_view(admin, uid) for _, admin in system.routers)
+                )
+                rounds.append(time.perf_counter() - before)
+                gate, since = views[0]
+                if gate == ready and math.isnan(gate_at):
+                    gate_at = since - started
+                for i, (routable, changed_at) in enumerate(views[1:]):
+                    if routable == ready and math.isnan(routers_at[i]):
+                        routers_at[i] = changed_at - started
+                if not math.isnan(gate_at) and not any(map(math.isnan, routers_at)):
+                    return gate_at, max(routers_at)
+            raise RuntimeError(f"{uid}: flip to {'ready' if ready else 'not ready'} not seen within 10 s")
+
+        for n in range(opts.flips):
+            index = n % opts.pods
+            closed, stopped = await flip(index, False)
+            opened, routable = await flip(index, True)
+            samples["gate_closed"].append(closed)
+            samples["routers_stopped"].append(stopped)
+            samples["gate_open"].append(opened)
+            samples["routers_routable"].append(routable)
+    out: dict[str, Any] = {"flips": opts.flips, "poll_round_ms_p50": percentile(sorted(rounds), 50) * 1000}
+    for name, values in samples.items():
+        ordered = sorted(values)
+        out[name + "_ms"] = {
+            "p50": percentile(ordered, 50) * 1000,
+            "p99": percentile(ordered, 99) * 1000,
+            "max": ordered[-1] * 1000,
+        }
+    out["ok"] = all(
+        out[k + "_ms"]["p99"] <= GOAL_FLIP_P99_MS for k in ("routers_stopped", "routers_routable")
+    )
+    return out
 
 
 def _report(
@@ -661,6 +763,25 @@ def render_markdown(results: dict[str, Any]) -> str:
             "",
         ),
     ]
+    flips = results.get("readiness_flips")
+    if flips:
+        for key, label in (
+            ("gate_closed", "app not ready -> its sidecar refuses (no new app request)"),
+            ("routers_stopped", "app not ready -> no router picks it (all routers)"),
+            ("gate_open", "app ready -> its sidecar admits"),
+            ("routers_routable", "app ready -> routable in all routers"),
+        ):
+            figures = flips[key + "_ms"]
+            goal = key.startswith("routers")
+            rows.append(
+                (
+                    f"{label}, p50 / p99 / max",
+                    f"{figures['p50']:.1f} / {figures['p99']:.1f} / {figures['max']:.1f} ms "
+                    f"({flips['flips']} flips; one poll round ~{flips['poll_round_ms_p50']:.0f} ms)",
+                    f"p99 <= {GOAL_FLIP_P99_MS:g} ms" if goal else "",
+                    mark(figures["p99"] <= GOAL_FLIP_P99_MS) if goal else "",
+                )
+            )
     lines = ["| metric | value | goal | met |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     return "\n".join(lines) + "\n"
@@ -704,6 +825,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--max-connections", type=int, default=1024, help="client connections per router")
     parser.add_argument("--log-dir", default=None, help="keep the child processes' stderr here")
+    parser.add_argument(
+        "--flips", type=int, default=50, help="readiness flips measured after the load (0: none)"
+    )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="results file")
     args = parser.parse_args(argv)
     opts = Options(
@@ -718,6 +842,7 @@ def main(argv: list[str] | None = None) -> int:
         busy_backoff=args.busy_backoff,
         max_connections=args.max_connections,
         log_dir=args.log_dir,
+        flips=args.flips,
         router_args=tuple(args.router_arg),
         sidecar_args=tuple(args.sidecar_arg),
     )
