@@ -74,13 +74,26 @@ def plot_added_vs_pods(results: dict[str, Any], path: Path) -> Path:
     ax.set_xticklabels([f"{n:,}" for n in sizes])
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("pods in the router's routing state (log scale)")
-    ax.set_ylabel("added latency vs direct (us)")
+    plotted = [y for line in ax.get_lines() for y in line.get_ydata()]
+    if plotted and max(plotted) > 5000:
+        # A noisy tail (hundreds of ms) would flatten p50/p90 into the axis: linear up to 1 ms,
+        # logarithmic above (and below zero: an added percentile can be negative).
+        ax.set_yscale("symlog", linthresh=1000, linscale=1.5)
+        top = max(plotted)
+        ticks = [t for t in (-1000, -500, 0, 250, 500, 1000, 2000, 5000, 10_000, 20_000, 50_000, 100_000,
+                             200_000, 500_000, 1_000_000, 2_000_000, 5_000_000) if t <= top * 1.5]  # fmt: skip
+        ax.yaxis.set_major_locator(FixedLocator(ticks))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _pos: f"{y:,.0f}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_ylabel("added latency vs direct (us; linear to 1 ms, log above)")
+    else:
+        ax.set_ylim(bottom=min(0.0, *plotted) if plotted else 0.0)
+        ax.set_ylabel("added latency vs direct (us)")
     ratio = summary.get("p90_ratio")
     title = "Router added latency vs pods in the state"
     if ratio:
         title += f" (p90 {ratio['sizes'][1]:,}/{ratio['sizes'][0]:,} = {ratio['added']:.2f})"
     ax.set_title(title + "\n" + _subtitle(results), fontsize=10)
-    ax.set_ylim(bottom=0)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", ncol=2)
     fig.tight_layout()
