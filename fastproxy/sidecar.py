@@ -22,8 +22,9 @@ stays below the routers' 100-continue wait (1 s), so a parked body is still the 
 elsewhere.
 
 A probe loop checks the app every ``--probe-interval`` (default 50 ms): an HTTP GET of
-``--readiness-path`` (2xx = ready) or a TCP connect, each with a short timeout, so an app that
-blocks its event loop (model loading, a GC pause) reads as not ready. Every transition is applied
+``--readiness-path`` (2xx = ready; on a kept-alive connection, renewed every second) or a TCP
+connect, each with a short timeout, so an app that blocks its event loop (model loading, a GC
+pause) reads as not ready. Every transition is applied
 to the local snapshot at once and pushed to the writer's stream as a ``ReadinessChanged`` event;
 a full ``PodDiscovered`` report is re-sent periodically as anti-entropy (Valkey restarted empty,
 a lost event).
@@ -45,6 +46,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import time
 from typing import Any
@@ -74,6 +76,8 @@ from statesync.schema import (
 log = logging.getLogger("fastproxy.sidecar")
 
 APP = "app"  # the one revision and pod of the sidecar's own snapshot
+PROBE_RECONNECT_EVERY = 20  # probes on one kept-alive connection (1 s at the default interval)
+_CONTENT_LENGTH = re.compile(rb"\ncontent-length:[ \t]*(\d+)")
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -110,28 +114,58 @@ class Sidecar:
         self.outbox_ready = asyncio.Event()
         self.draining = False
         self.bound_port = args.listen[1]
+        self._probe_conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        self._probe_uses = 0
+        self._probe_request = (
+            f"GET {args.readiness_path} HTTP/1.1\r\nHost: {args.app[0]}\r\nUser-Agent: fastproxy-sidecar\r\n\r\n"
+        ).encode()
 
     # ---- readiness ---------------------------------------------------------------------------
 
     async def probe(self) -> tuple[bool, str]:
-        host, port = self.args.app
         try:
             async with asyncio.timeout(self.args.probe_timeout):
-                reader, writer = await asyncio.open_connection(host, port)
-                try:
-                    path = self.args.readiness_path
-                    if not path:
-                        return True, "tcp connect ok"
-                    writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-                    line = await reader.readline()
-                    ok = line[9:10] == b"2"
-                    return ok, "probe ok" if ok else f"probe answered {line[9:12].decode(errors='replace')}"
-                finally:
+                if not self.args.readiness_path:
+                    _, writer = await asyncio.open_connection(*self.args.app)
                     writer.close()
+                    return True, "tcp connect ok"
+                status = await self._probe_http()
+                ok = status[:1] == b"2"
+                return ok, "probe ok" if ok else f"probe answered {status.decode(errors='replace')}"
         except TimeoutError:
+            self._close_probe()
             return False, f"probe timed out after {self.args.probe_timeout * 1000:.0f} ms (app blocked?)"
-        except OSError as exc:
-            return False, f"probe failed: {exc.strerror or exc}"
+        except (OSError, EOFError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+            self._close_probe()
+            return False, f"probe failed: {getattr(exc, 'strerror', None) or exc or type(exc).__name__}"
+
+    async def _probe_http(self) -> bytes:
+        """GET the readiness path on a kept-alive connection: 20 probes a second would otherwise cost
+        the app and the sidecar a connection each (most of an idle sidecar's CPU). A fresh
+        connection every PROBE_RECONNECT_EVERY probes still checks that the app accepts new ones."""
+        conn = self._probe_conn
+        if conn is None or conn[1].is_closing() or self._probe_uses >= PROBE_RECONNECT_EVERY:
+            self._close_probe()
+            conn = self._probe_conn = await asyncio.open_connection(*self.args.app)
+        reader, writer = conn
+        self._probe_uses += 1
+        writer.write(self._probe_request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1."):
+            raise EOFError("not an HTTP response")
+        lowered = head.lower()
+        length = _CONTENT_LENGTH.search(lowered)
+        if length is None or b"\nconnection: close" in lowered or b"\ntransfer-encoding:" in lowered:
+            self._close_probe()  # no way (or no leave) to reuse it: a fresh one next time
+        elif int(length.group(1)):
+            await reader.readexactly(int(length.group(1)))
+        return head[9:12]
+
+    def _close_probe(self) -> None:
+        if self._probe_conn is not None:
+            self._probe_conn[1].close()
+            self._probe_conn = None
+        self._probe_uses = 0
 
     def set_ready(self, ready: bool, reason: str) -> None:
         self.reason = reason

@@ -334,3 +334,14 @@ async def test_pod_answering_connection_close_is_not_sent_another_request() -> N
             conn.abort()
         router.pool.close_all()
         server.close()
+
+
+async def test_app_that_dies_reads_not_ready_although_the_probe_connection_is_kept_alive(
+    system: System,
+) -> None:
+    pod = await system.pod("pod-j")
+    pod.app.kill()  # the kept-alive probe connection ends with it; a new one is refused
+    await pod.app.wait()
+    await wait_for(
+        lambda: system.state("pod-j") is PodState.NOT_READY, timeout=5, what="dead app -> not ready"
+    )
