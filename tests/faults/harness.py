@@ -339,6 +339,7 @@ class SystemUnderTest:
         self.procs: list[Proc] = []
         self.client: avalkey.Valkey | None = None
         self._children_before: set[int] = set()
+        self.tasks_at_start: dict[str, int] = {}  # routers' asyncio tasks once routing (when reported)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -372,6 +373,7 @@ class SystemUnderTest:
                     await pod.proxy.start(pod_addresses(1)[0], 0)
             await self.register()
             await self.wait_routed()
+            self.tasks_at_start = await self.router_tasks()
         except BaseException:
             await self.close()
             raise
@@ -447,6 +449,17 @@ class SystemUnderTest:
             await poll(all_routed, timeout, "every router routing to every pod")
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{self.outputs()}") from None
+
+    async def router_tasks(self) -> dict[str, int]:
+        """Each live router's asyncio task count, where its admin API reports one (``tasks`` in
+        ``/v1/state``; routers that do not report it are left out)."""
+        out = {}
+        for router in self.routers:
+            if router.proc.alive:
+                state = await router.get("/v1/state")
+                if "tasks" in state:
+                    out[router.name] = int(state["tasks"])
+        return out
 
     async def leader(self) -> str | None:
         assert self.client is not None

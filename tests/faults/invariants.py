@@ -17,7 +17,8 @@ only then report what is still wrong: "back to where they started" is allowed to
 - client view:   no truncated body presented as complete, no wrong id, no request left hanging
                  (``loadgen.VIOLATION_KINDS``)
 - drained:       every live router's in-flight and queued counts back to 0, no client connection
-- fds:           every live router's open fds back to at most its count before the scenario
+- fds:           every live router's open fds back to at most its count before the scenario (and
+                 its asyncio tasks, when its admin API reports ``tasks`` in ``/v1/state``)
 - converged:     every live router's snapshot (epoch, version) equals Valkey's committed one and
                  its pods' states equal the stored records, which match the expected truth
 """
@@ -119,6 +120,17 @@ def fd_baseline(sut: SystemUnderTest) -> dict[str, int]:
     return {r.name: r.fds(sut.valkey.port) for r in sut.routers if r.proc.alive}
 
 
+async def tasks_back(sut: SystemUnderTest, baseline: dict[str, int], timeout: float = 10.0) -> list[str]:
+    async def check() -> list[str]:
+        out = []
+        for name, tasks in (await sut.router_tasks()).items():
+            if name in baseline and tasks > baseline[name]:
+                out.append(f"{name}: {tasks} asyncio tasks, {baseline[name]} before")
+        return out
+
+    return await _settle(check, timeout)
+
+
 async def converged(
     sut: SystemUnderTest, expected: dict[str, set[str]] | None = None, timeout: float = 20.0
 ) -> list[str]:
@@ -165,6 +177,7 @@ async def check_all(
         *executed_once(sut, loads),
         *await routers_drained(sut),
         *await fds_back(sut, baseline),
+        *await tasks_back(sut, sut.tasks_at_start),
         *await converged(sut, expected, converge_within),
     ]
 
