@@ -39,6 +39,7 @@ import math
 import re
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from fastproxy.config import RouterConfig
@@ -443,6 +444,9 @@ def run(args: argparse.Namespace) -> int:
     import uvloop
 
     try:
+        packaged = default_scenario_path(args.scenario)
+        if not Path(args.scenario).exists() and packaged.exists():
+            args.scenario = str(packaged)  # a packaged scenario by name: "default", "thousands"
         scenario = load_scenario(args.scenario)
         overrides = {"first_address": args.first_address, "port": args.pod_port}
         overrides = {key: value for key, value in overrides.items() if value}
@@ -491,7 +495,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--listen", type=parse_address, default=("127.0.0.1", 8080),
                         help="first router's HOST:PORT (the others take the next ports; port 0: any)")  # fmt: skip
     parser.add_argument("--scenario", type=str, default=str(default_scenario_path()),
-                        help="scenario YAML (pods, latency, churn, load); see fastproxy/devtools/scenarios")  # fmt: skip
+                        help="scenario YAML file, or a packaged one by name (default, thousands)")  # fmt: skip
     parser.add_argument("--first-address", default="",
                         help="first pod address (overrides the scenario's; one address per pod from there)")  # fmt: skip
     parser.add_argument("--pod-port", type=int, default=0, help="the pods' port (overrides the scenario's)")

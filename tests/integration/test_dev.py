@@ -45,7 +45,7 @@ def run_dev(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]
 def test_dev_serves_through_churn_with_no_errors_from_deaths(tmp_path: Path) -> None:
     scenario = tmp_path / "churn.yaml"
     scenario.write_text(SCENARIO)
-    result = run_dev("--scenario", str(scenario), "--duration", "6", "--json", "--routers", "2")
+    result = run_dev("--scenario", str(scenario), "--duration", "5", "--json", "--routers", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
     assert summary["pods"] == 22 and summary["routers"] == 2
@@ -87,3 +87,13 @@ def test_dev_bad_scenario_is_a_clear_error(tmp_path: Path, content: str, message
     result = run_dev("--scenario", str(scenario), "--duration", "1", "--json", timeout=30)
     assert result.returncode == 2
     assert message in result.stderr and "bad.yaml" in result.stderr
+
+
+def test_dev_thousands_of_pods_by_name() -> None:
+    result = run_dev("--scenario", "thousands", "--duration", "2", "--json", "--routers", "1", timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert summary["pods"] >= 2000 and summary["scenario"].endswith("thousands.yaml")
+    assert summary["requests"] > 100 and summary["violations"] == 0 and summary["cut_by_crash"] == 0
+    assert sum(sum(states.values()) for states in summary["pod_states"].values()) >= 2000
+    assert summary["user_errors_from_pod_deaths"] <= 0.01 * summary["requests"], summary["errors"]
