@@ -15,7 +15,9 @@ it refuses work politely with ``503`` + ``x-fastproxy-busy: 1`` before the app s
 its slots are full or it cannot serve (loading, not ready, draining), so a router speaking the
 sidecar protocol re-picks another pod and nothing is lost; and it reports every readiness change
 to the writer's event stream (``ReadinessChanged``/``DrainStarted``/``PodRemoved``/``PodDiscovered``,
-source ``sidecar``), batched into one pipeline per loop turn through ``statesync.writer.submit``.
+source ``sidecar``), batched into one pipeline per loop turn through ``statesync.writer.submit``;
+like the sidecar it re-sends every pod's full ``PodDiscovered`` every ``report_interval_s``
+(anti-entropy: a Valkey that restarted empty gets the fleet back).
 
 Work requests (anything but ``/ready`` and ``/control/*``) are answered by the revision's latency
 model: ``fixed`` (a constant), ``lognormal`` (median and sigma), or ``sse`` (token streaming: a
@@ -181,6 +183,9 @@ class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 8000
     probe_interval_s: Positive = 0.05  # how soon the (simulated) sidecar notices a dead app
     probe_timeout_s: Positive = 0.2  # a stall longer than this is reported as not ready
+    # Every pod's full report again this often (the sidecar's anti-entropy: Valkey restarted
+    # empty, an event lost); 0: never.
+    report_interval_s: NonNegative = 10.0
     seed: int = 7
 
     def __post_init__(self) -> None:
@@ -489,6 +494,8 @@ class PodSimulator:
     async def start(self, *, churn: bool = True, route: bool = True) -> None:
         """Bind every pod (loading), report them, and start the churn."""
         self._spawn(self._report_loop())
+        if self.scenario.report_interval_s > 0:
+            self._spawn(self._anti_entropy(self.scenario.report_interval_s))
         if route:
             scenario = self.scenario
             self._report(RouteChanged(at=time.time(), route=Route(
@@ -648,10 +655,8 @@ class PodSimulator:
         pod.app = app
         pod.phase = Phase.LOADING
         if new_uid:
-            self._report(PodDiscovered(uid=pod.uid, source=Source.SIDECAR, at=time.time(),
-                                       namespace=self.scenario.namespace, revision=pod.spec.name, ip=pod.ip,
-                                       port=pod.port, concurrency=pod.spec.concurrency, ready=False))  # fmt: skip
             pod.reported_ready = False
+            self._report(self._discovered(pod))
         if pod.spec.load_s > 0:
             self.loop.call_later(pod.spec.load_s, self._loaded, pod, pod.generation)
         else:
@@ -737,6 +742,19 @@ class PodSimulator:
             return
         self._outbox.append(event)
         self._outbox_ready.set()
+
+    def _discovered(self, pod: SimPod) -> PodDiscovered:
+        return PodDiscovered(uid=pod.uid, source=Source.SIDECAR, at=time.time(), namespace=self.scenario.namespace,
+                             revision=pod.spec.name, ip=pod.ip, port=pod.port, concurrency=pod.spec.concurrency,
+                             ready=bool(pod.reported_ready))  # fmt: skip
+
+    async def _anti_entropy(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            for pod in self.pods:
+                # Draining is one-way and a drained pod is gone: neither is re-announced.
+                if pod.reported_ready is not None and pod.phase is not Phase.DRAINING:
+                    self._report(self._discovered(pod))
 
     async def _report_loop(self) -> None:
         """One pipeline per batch: thousands of pods reporting at once cost a few round trips."""

@@ -373,3 +373,27 @@ async def test_two_thousand_pods_in_one_process(sims: list[PodSimulator]) -> Non
     assert await sim.kill(sim.pods[1234], "crash")
     assert await refused(sim.pods[1234])
     assert (await request(sim.pods[1235]))[0] == 200
+
+
+async def test_full_reports_again_periodically(sims: list[PodSimulator], valkey_server: Any) -> None:
+    """The sidecar's anti-entropy: a Valkey that restarted empty gets every pod back."""
+    client = connect(valkey_server.url)
+    sim = PodSimulator(decode_scenario({"first_address": f"127.21.{next(_next_block)}.1", "port": PORT,
+                                        "report_interval_s": 0.2, "revisions": [{"name": "r", "pods": 3}]}),
+                       client)  # fmt: skip
+    sims.append(sim)
+    await sim.start(churn=False, route=False)
+    await sim.wait_serving(TIMEOUT)
+    await sim.flush()
+    await client.flushall()  # Valkey "restarted empty"
+
+    async def rediscovered() -> set[str]:
+        entries = await client.xrange(Keys().events)
+        events = [decode_event(fields[b"e"]) for _, fields in entries]
+        return {e.uid for e in events if isinstance(e, PodDiscovered) and e.ready}
+
+    deadline = asyncio.get_running_loop().time() + TIMEOUT
+    while (seen := await rediscovered()) != {p.uid for p in sim.pods}:
+        assert asyncio.get_running_loop().time() < deadline, seen
+        await asyncio.sleep(0.05)  # polling Valkey: there is no event to wait on
+    await client.aclose()
