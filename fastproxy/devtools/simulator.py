@@ -694,6 +694,7 @@ class PodSimulator:
         if app is not None:
             pod.violations_before += app.violations
             pod.work_before += app.work_count
+            pod.refused += app.refused  # the app's own full-slot refusals, kept past its generation
             try:
                 async with asyncio.timeout(2.0):
                     await app.close()
