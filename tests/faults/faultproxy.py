@@ -106,7 +106,7 @@ class FaultProxy:
 
 
 class _ProxiedConnection:
-    __slots__ = ("activity", "client", "proxy", "tasks", "upstream")
+    __slots__ = ("activity", "client", "idle", "proxy", "tasks", "upstream")
 
     def __init__(self, proxy: FaultProxy, client: asyncio.StreamWriter) -> None:
         self.proxy = proxy
@@ -114,6 +114,7 @@ class _ProxiedConnection:
         self.upstream: asyncio.StreamWriter | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.activity = asyncio.Event()
+        self.idle = False  # closed by the idle timeout: forward nothing more
 
     def abort(self) -> None:
         for writer in (self.client, self.upstream):
@@ -151,6 +152,8 @@ class _ProxiedConnection:
         proxy = self.proxy
         try:
             while data := await reader.read(65536):
+                if self.idle:
+                    break
                 self.activity.set()
                 pause = proxy._pause()
                 if pause:
@@ -179,7 +182,11 @@ class _ProxiedConnection:
             try:
                 await asyncio.wait_for(self.activity.wait(), idle)
             except TimeoutError:
-                # The "pod" closes its idle keep-alive connection: FIN to both sides.
+                if self.activity.is_set():
+                    continue  # bytes came in the same loop iteration: not idle after all
+                # The "pod" closes its idle keep-alive connection: FIN to both sides. Like a real
+                # server, nothing that arrives after this decision is forwarded (or executed).
+                self.idle = True
                 self.proxy.idle_closed += 1
                 for writer in (self.client, self.upstream):
                     if writer is not None:

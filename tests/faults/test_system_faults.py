@@ -15,6 +15,7 @@ import signal
 import socket
 import struct
 import time
+from collections import Counter
 from typing import Any
 
 import httpx
@@ -339,14 +340,15 @@ async def test_pooled_connection_closed_by_pod_idle_timeout_as_post_is_sent(
         assert proxy is not None
         proxy.idle_close = 1.0
         pauses = [1.0 + d / 1000 for d in (-12, -6, -3, -1, 0, 1, 2, 4, 8, 14)]
-        load = LoadGenerator(sut.ports, concurrency=1, duration=40 if LONG else 6, mix=[post_echo(2000)],
-                             think_cycle=pauses)  # fmt: skip
+        load = LoadGenerator(sut.ports, concurrency=1, duration=40 if LONG else 6,
+                             mix=[post_echo(2000), get_size(2000)], think_cycle=pauses)  # fmt: skip
         await load.run()
         executed = set(sut.pods[0].executed_ids())
         # An error for a request the pod never saw could have been retried safely, had the router known.
-        unseen = sum(1 for o in load.outcomes if o.kind != "ok" and o.rid not in executed)
+        unseen = Counter(o.spec.method for o in load.outcomes if o.kind != "ok" and o.rid not in executed)
         await finish(sut, fault_report, "pooled conn closed by pod idle timeout", [load], baseline, expect(sut),
-                     notes=f"{proxy.idle_closed} idle closes by the pod; {unseen} errors the pod never saw")  # fmt: skip
+                     notes=f"{proxy.idle_closed} idle closes by the pod; errors the pod never saw: "
+                           f"{dict(unseen) or 0}")  # fmt: skip
 
 
 async def test_writer_sigkill_during_churn(fault_report: FaultReport) -> None:
