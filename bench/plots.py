@@ -33,6 +33,7 @@ ADDED_PNG = "scale-added-latency.png"
 CDF_PNG = "scale-latency-cdf.png"
 PERCENTILE_STYLE = {"p50": "tab:blue", "p90": "tab:orange", "p99": "tab:red"}
 REFERENCE_STYLE = {"nginx": "tab:green", "haproxy": "tab:purple"}
+ROUTER_COLOURS = ("tab:blue", "tab:orange", "tab:red", "tab:brown", "tab:pink", "tab:cyan")
 
 
 def _subtitle(results: dict[str, Any]) -> str:
@@ -85,6 +86,7 @@ def plot_added_vs_pods(results: dict[str, Any], path: Path) -> Path:
         ax.yaxis.set_major_locator(FixedLocator(ticks))
         ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _pos: f"{y:,.0f}"))
         ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_ylim(min(0.0, *plotted) * 1.2, top * 2)
         ax.set_ylabel("added latency vs direct (us; linear to 1 ms, log above)")
     else:
         ax.set_ylim(bottom=min(0.0, *plotted) if plotted else 0.0)
@@ -95,7 +97,7 @@ def plot_added_vs_pods(results: dict[str, Any], path: Path) -> Path:
         title += f" (p90 {ratio['sizes'][1]:,}/{ratio['sizes'][0]:,} = {ratio['added']:.2f})"
     ax.set_title(title + "\n" + _subtitle(results), fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", ncol=2)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4, frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -110,7 +112,6 @@ def _tail(q: float) -> float:
 def plot_cdfs(results: dict[str, Any], path: Path) -> Path:
     targets = results["summary"]["targets"]
     fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
-    cmap = plt.get_cmap("viridis")
     sizes = list(dict.fromkeys(n.removesuffix("+churn") for n in targets if n.startswith("router@")))
     for name, entry in targets.items():
         points = [(us, q) for q, us in entry["cdf_us"] if q < 100 and us > 0 and not math.isnan(us)]
@@ -118,8 +119,7 @@ def plot_cdfs(results: dict[str, Any], path: Path) -> Path:
             continue
         churned = name.endswith("+churn")
         if name.startswith("router@"):
-            size = sizes.index(name.removesuffix("+churn"))
-            colour = cmap(size / max(1, len(sizes) - 1) * 0.85)
+            colour = ROUTER_COLOURS[sizes.index(name.removesuffix("+churn")) % len(ROUTER_COLOURS)]
         else:
             colour = {"direct": "black", "direct+churn": "black", **REFERENCE_STYLE}.get(name, "grey")
         ax.plot(

@@ -857,6 +857,14 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"| {churn['versions'] if churn else '-'} | {e['sent']} | {e['errors']} |"
         )
     lines += ["", "## Verdicts", ""]
+    disturbed = sum(1 for r in runs if r["disturbed"])
+    if runs and disturbed > 0.2 * len(runs):
+        lines += [
+            f"**Not reliable: {disturbed} of {len(runs)} kept runs ran while other sessions used more than "
+            f"{opts['max_foreign_cpu']:g} vCPU of this 2-vCPU machine (median {_f(_median(foreign), 2)} vCPU); "
+            "a starved router queues, so its percentiles then measure the machine, not the router.**",
+            "",
+        ]
     ratio = summary.get("p90_ratio")
     if ratio:
         small, large = ratio["sizes"]
