@@ -43,9 +43,10 @@ async def finish(
     notes: str = "",
     extra: list[str] | None = None,
     converge_within: float = 20.0,
+    requests: int | None = None,
 ) -> None:
     problems = [*(extra or []), *await check_all(sut, loads, baseline, expected, converge_within)]
-    requests = sum(len(load.outcomes) for load in loads)
+    requests = requests if requests is not None else sum(len(load.outcomes) for load in loads)
     report.add(scenario, requests, errors=error_kinds(*loads), violations=len(problems), notes=notes)
     assert not problems, "\n".join(problems[:30]) + "\n" + sut.outputs()
 
@@ -260,7 +261,7 @@ async def test_client_abort_mid_stream_frees_upstream_and_slot(fault_report: Fau
                 f"mid-stream abort: upstream closed after {pod_s:.3f}s, slot seen free after {router_s:.3f}s"
             )
         await finish(sut, fault_report, "client aborts mid-stream", [], baseline, expect(sut),
-                     notes=f"upstream closed {pod_s * 1e3:.1f} ms, slot seen free {router_s * 1e3:.0f} ms", extra=extra)  # fmt: skip
+                     notes=f"upstream closed {pod_s * 1e3:.1f} ms, slot seen free {router_s * 1e3:.0f} ms", extra=extra, requests=1)  # fmt: skip
 
 
 async def test_client_abort_before_response_head_frees_upstream_and_slot(fault_report: FaultReport) -> None:
@@ -271,7 +272,7 @@ async def test_client_abort_before_response_head_frees_upstream_and_slot(fault_r
         if pod_s > 0.1 or router_s > 2:
             extra.append(f"abort before head: upstream closed after {pod_s:.3f}s, slot after {router_s:.3f}s")
         await finish(sut, fault_report, "client aborts before response head", [], baseline, expect(sut),
-                     notes=f"upstream closed {pod_s * 1e3:.1f} ms, slot seen free {router_s * 1e3:.0f} ms", extra=extra)  # fmt: skip
+                     notes=f"upstream closed {pod_s * 1e3:.1f} ms, slot seen free {router_s * 1e3:.0f} ms", extra=extra, requests=1)  # fmt: skip
 
 
 async def test_every_pod_of_a_revision_down(fault_report: FaultReport) -> None:
