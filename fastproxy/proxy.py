@@ -83,6 +83,8 @@ BUSY_HEADER = b"x-fastproxy-busy"
 # this long, so its error response is not destroyed by a RST.
 LINGER_BYTES = 256 * 1024
 LINGER_SECONDS = 1.0
+# How a pod's kernel says it discarded bytes of ours unread (see Exchange.on_upstream_lost).
+_UNREAD_BY_PEER = frozenset({ConnectionResetError, BrokenPipeError})
 # Sidecar protocol: a request that has already waited (in this router's queue, or refused as busy
 # once) carries this header; a sidecar whose pod is full then parks it (bounded count and time)
 # instead of refusing, and hands it the slot the moment the app finishes: no idle gap spent on a
@@ -399,6 +401,7 @@ class Exchange:
         "queue_deadline",
         "release",
         "replay",
+        "replay_bytes",
         "request_complete",
         "request_sent",
         "request_side",
@@ -430,7 +433,8 @@ class Exchange:
         self.attempts = 0
         self.queue_deadline = 0.0  # loop time; set at the first wait or busy refusal
         self.busy_refused = False
-        self.replay: list[bytes] | None = None
+        self.replay: list[bytes] | None = None  # a copy of the body, to send it again (bounded)
+        self.replay_bytes = 0
         self.continue_sent = False
         self.status = 0
         self.t_head = time.perf_counter()
@@ -596,6 +600,15 @@ class Exchange:
                     )
                 )
                 return
+        elif failure.kind == "stale_connection":
+            if self._continue_timer is not None:
+                self._continue_timer.cancel()
+                self._continue_timer = None
+            if self.replay is not None:  # else the body is still held (AWAIT_CONTINUE) or none
+                self.hold = list(self.replay)
+                self.hold_bytes = sum(map(len, self.hold))
+            self.replay = None
+            self._give_back_slot()
         else:
             router.exclude_pod(pod, failure.kind, failure.reason)
             self._give_back_slot()
@@ -624,6 +637,11 @@ class Exchange:
         if hold_back and self.request_complete and self.hold_bytes <= REPLAY_LIMIT:
             hold_back = False
             self.replay = list(self.hold)
+        elif not hold_back and conn.used > 1 and self.hold_bytes <= REPLAY_LIMIT:
+            # A reused connection: the pod may reset it unread (on_upstream_lost); keep the body
+            # (bounded) to send it again then.
+            self.replay = list(self.hold)
+            self.replay_bytes = self.hold_bytes
         extra = self.client.forwarding_headers(head)
         if self.queue_deadline and router.config.sidecar_protocol:
             extra.append(PARK_FIELD)  # this request has waited: a full sidecar may park it
@@ -676,6 +694,12 @@ class Exchange:
 
     def request_body(self, data: bytes) -> None:
         if self.stage is Stage.SENT:
+            if self.replay is not None:
+                self.replay_bytes += len(data)
+                if self.replay_bytes <= REPLAY_LIMIT:
+                    self.replay.append(data)
+                else:
+                    self.replay = None  # too big to keep: this request cannot be sent again
             transport = self.upstream.transport  # type: ignore[union-attr]
             if self.head.chunked:
                 transport.writelines(chunk(data))  # type: ignore[union-attr]
@@ -803,6 +827,23 @@ class Exchange:
     def on_upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
         self.upstream = None
         pod = self.pod
+        if (
+            type(exc) in _UNREAD_BY_PEER
+            and conn.used > 1
+            and conn.parser.state is Parse.IDLE
+            and self.request_complete
+            and (self.replay is not None or not self.head.has_body or self.stage is Stage.AWAIT_CONTINUE)
+            and not self.busy_refused
+        ):
+            # A reused connection reset before one byte of the response: the pod's kernel threw
+            # away bytes of ours that its app never read (a socket closed with unread data sends
+            # a RST; one closed after reading everything sends a FIN). The pod closed the idle
+            # connection just as we reused it -- its keep-alive timeout, or its death between
+            # requests. Send the request again; the pod is not at fault, so no exclusion.
+            self._unavailable(
+                UpstreamUnavailable(f"pod reset a reused connection unread: {exc}", "stale_connection")
+            )
+            return
         self._give_back_slot()
         if self.busy_refused:  # lost while the busy refusal was being read
             self.busy_refused = False

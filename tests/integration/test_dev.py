@@ -56,14 +56,10 @@ def test_dev_serves_through_churn_with_no_errors_from_deaths(tmp_path: Path) -> 
     assert summary["snapshot_version"] > 30  # the routers followed the writer through the churn
     assert summary["cut_by_crash"] == 0  # idle deaths never cut a request the app had started
     assert summary["violations"] == 0
-    # The one error deaths still cause: the router writes a request on a pooled connection at the
-    # instant the pod closes it; the app never read it, but the router answers 502 instead of
-    # re-picking (a router fix, see the simulator's report). Nothing else may fail, and even that
-    # stays rare; the default scenario's rates show 0.
-    race = "502 pod <uid> closed the connection before answering"
-    assert set(summary["errors"]) <= {race}, summary["errors"]
-    assert summary["user_errors_from_pod_deaths"] == summary["requests"] - summary["ok"]
-    assert summary["user_errors_from_pod_deaths"] <= 0.01 * summary["requests"], summary["errors"]
+    # Pods die between requests, close pooled connections as routers reuse them, drain, flap: no
+    # client ever sees an error for it (a request the app never read is sent again).
+    assert summary["errors"] == {} and summary["user_errors_from_pod_deaths"] == 0, summary["errors"]
+    assert summary["ok"] == summary["requests"]
     assert set(summary["pod_states"]) == {"chat-v1", "chat-v2"}
 
 
@@ -74,7 +70,7 @@ def test_dev_default_scenario_prints_how_to_curl_and_a_summary() -> None:
     summary = json.loads(result.stdout.rsplit("summary: ", 1)[1])
     assert summary["requests"] > 100 and summary["pods"] == 50
     assert summary["violations"] == 0 and summary["cut_by_crash"] == 0
-    assert summary["user_errors_from_pod_deaths"] <= 0.01 * summary["requests"], summary["errors"]
+    assert summary["user_errors_from_pod_deaths"] == 0 and summary["errors"] == {}, summary["errors"]
 
 
 @pytest.mark.parametrize(("content", "message"), [
@@ -96,4 +92,4 @@ def test_dev_thousands_of_pods_by_name() -> None:
     assert summary["pods"] >= 2000 and summary["scenario"].endswith("thousands.yaml")
     assert summary["requests"] > 100 and summary["violations"] == 0 and summary["cut_by_crash"] == 0
     assert sum(sum(states.values()) for states in summary["pod_states"].values()) >= 2000
-    assert summary["user_errors_from_pod_deaths"] <= 0.01 * summary["requests"], summary["errors"]
+    assert summary["user_errors_from_pod_deaths"] == 0 and summary["errors"] == {}, summary["errors"]

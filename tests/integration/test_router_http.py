@@ -533,6 +533,43 @@ async def test_pooled_connection_closed_by_pod_just_before_reuse_is_not_used(
     pod.listener.close()
 
 
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_reused_connection_reset_with_the_request_unread_is_sent_again(
+    harness: RouterHarness, method: str
+) -> None:
+    """The FIN-crossing-our-request race: the router has already written the request on a pooled
+    connection when the pod closes that connection with the request still unread in its socket.
+    The pod's kernel answers with a RST (a socket closed after reading everything sends a FIN), so
+    the app cannot have seen it: the router sends it again, and the client sees no error."""
+    pod = RawPod()
+    router, port = await harness.router([pod_record("p1", pod.address)])
+    request = (
+        b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+        if method == "GET"
+        else b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello"
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    first = asyncio.create_task(pod.serve_one())
+    writer.write(request)
+    await asyncio.wait_for(reader.readuntil(b"ok"), 5)
+    pod_side = await first
+    await wait_for(lambda: router.pool.idle_count == 1, what="connection back in the pool")
+    (client,) = router.connections
+    second = asyncio.create_task(pod.serve_one())
+    await asyncio.sleep(0)
+    client.data_received(request)  # written at once on the pooled connection...
+    pod_side.close()  # ...which the pod closes with it unread: RST
+    response = await asyncio.wait_for(reader.readuntil(b"ok"), 5)
+    assert response.startswith(b"HTTP/1.1 200"), response
+    await asyncio.wait_for(second, 5)
+    assert [r.split(b" ", 1)[0] for r in pod.requests] == [method.encode()] * 2  # the app read each once
+    assert router.stats.retries == {"stale_connection": 1}
+    assert router.stats.local_exclusions == 0 and not router.reports
+    assert router.slots.pods["p1"].inflight == 0
+    writer.close()
+    pod.listener.close()
+
+
 async def test_pod_that_read_the_request_then_closed_is_502_not_resent(harness: RouterHarness) -> None:
     """The counterpart: the pod reads the request and closes (FIN, no RST): it may have acted on
     it, so the router must not send it again."""
