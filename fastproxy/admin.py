@@ -181,6 +181,8 @@ class AdminConnection(asyncio.Protocol):
                         "snapshot_age_seconds": time.time() - router.snapshot_changed_at,
                         "pods": len(snapshot.pods),
                         "connections": len(router.connections),
+                        # Leak checks (the fault suite): asyncio tasks of this process right now.
+                        "tasks": len(asyncio.all_tasks()),
                         "requests": router.stats.requests,
                         "added_latency_p50": router.stats.added_latency.quantile(0.5),
                         "added_latency_p90": router.stats.added_latency.quantile(0.9),
