@@ -35,8 +35,8 @@ bench: $(VENV)
 		--benchmark-sort=name --benchmark-min-time=0.0002 \
 		--benchmark-json=bench/results/latest.json -q $(BENCH_ARGS)
 	$(PY) -m bench.report bench/results/latest.json
-	$(PY) -m bench.scale --pods 1000,10000,50000 --churn 500 --rate 2000 --duration 3 --repeats 3 \
-		--nginx --haproxy $(SCALE_ARGS)
+	$(PY) -m bench.scale --pods 1000,10000,50000 --churn 500 --rate 1000 --duration 3 --repeats 4 \
+		--nginx --haproxy --max-foreign-cpu 0.4 --retries 2 --quiet-wait 12 $(SCALE_ARGS)
 	$(PY) -m bench.e2e --duration 5 --repeats 3 --nginx --haproxy $(E2E_ARGS)
 
 lint: $(VENV)
