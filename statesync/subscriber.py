@@ -42,6 +42,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+from collections import deque
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -50,8 +51,10 @@ from valkey.exceptions import NoPermissionError
 
 from fastproxy.snapshot import SnapshotBuilder, VersionGap
 from statesync.keys import DELTA_PREFIX, HEARTBEAT_PREFIX, Keys
+from statesync.pubsub import SubscriberProtocol, subscribe
 from statesync.schema import (
     Delta,
+    Heartbeat,
     SchemaError,
     decode_delta,
     decode_heartbeat,
@@ -133,46 +136,17 @@ class StateFollower:
 
         self.sessions += 1
         client = connect(self.url, socket_timeout=self.heartbeat_timeout)
-        pubsub = client.pubsub()
+        session = _Session(self, asyncio.get_running_loop())
+        subscription: SubscriberProtocol | None = None
         try:
-            await pubsub.subscribe(self.keys.channel)
-            loop = asyncio.get_running_loop()
-            last_beat = loop.time()
-            subscribed = False
-            while not self._stop:
-                message = await pubsub.get_message(timeout=0.25)
-                now = loop.time()
-                if message is None:
-                    if now - last_beat > self.heartbeat_timeout:
-                        raise SessionEnded(f"no heartbeat for {now - last_beat:.1f}s")
-                    continue
-                kind = message["type"]
-                if kind == "subscribe":
-                    if subscribed:
-                        raise SessionEnded("resubscribed: messages may have been lost")
-                    subscribed = True
-                    await self.resync(client)
-                    last_beat = loop.time()
-                    continue
-                if kind != "message":
-                    continue
-                data: bytes = message["data"]
-                if data.startswith(DELTA_PREFIX):
-                    await self.on_delta(client, decode_delta(data[1:]))
-                elif data.startswith(HEARTBEAT_PREFIX):
-                    last_beat = now
-                    beat = decode_heartbeat(data[1:])
-                    snapshot = self.router.snapshot
-                    if beat.epoch > snapshot.epoch:
-                        await self.resync(client)
-                    elif beat.epoch == snapshot.epoch and beat.version > snapshot.version:
-                        await self.catch_up(client)
-                    snapshot = self.router.snapshot
-                    if self.router.stale and (snapshot.epoch, snapshot.version) >= (beat.epoch, beat.version):
-                        self.router.stale = False
+            subscription = await subscribe(
+                client, self.keys.channel, session, connect_timeout=self.heartbeat_timeout
+            )
+            session.subscription = subscription
+            await session.run(client)
         finally:
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()
+            if subscription is not None:
+                subscription.close()
             with contextlib.suppress(Exception):
                 await client.aclose()
 
@@ -271,6 +245,16 @@ class StateFollower:
             return
         await self.catch_up(client)
 
+    async def on_heartbeat(self, client: avalkey.Valkey, beat: Heartbeat) -> None:
+        snapshot = self.router.snapshot
+        if beat.epoch > snapshot.epoch:
+            await self.resync(client)
+        elif beat.epoch == snapshot.epoch and beat.version > snapshot.version:
+            await self.catch_up(client)
+        snapshot = self.router.snapshot
+        if self.router.stale and (snapshot.epoch, snapshot.version) >= (beat.epoch, beat.version):
+            self.router.stale = False
+
     async def catch_up(self, client: avalkey.Valkey) -> None:
         """Fill a gap from the change log; re-read everything if the log no longer reaches back."""
         self.gap_fills += 1
@@ -295,6 +279,158 @@ class StateFollower:
                     return
             if len(entries) < 1000:
                 return
+
+
+_SUBSCRIBED: Any = object()  # in a session's backlog: the subscription is confirmed, read the whole state
+BACKLOG_PAUSE = 2_000  # messages waiting for the session task: stop reading the socket ...
+BACKLOG_RESUME = 200  # ... until it has worked the backlog down to this
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+class _Session:
+    """One subscription: the pub/sub protocol's sink, and the task side that does what must await.
+
+    ``message`` runs inside the protocol's ``data_received``. The steady state -- the next delta
+    of the snapshot's epoch, an old one, a heartbeat that asks for nothing -- is handled right
+    there, synchronously. Anything that needs Valkey (a full read, a gap fill) is appended to
+    ``backlog`` and the session task is woken; from then until the task has emptied the backlog
+    (``busy``), every message goes to the backlog too, so messages are handled strictly in the
+    order received, as if read one by one. ``busy`` starts true: nothing is applied before the
+    subscription is confirmed and the whole state read."""
+
+    __slots__ = (
+        "backlog",
+        "busy",
+        "confirmed",
+        "error",
+        "follower",
+        "last_beat",
+        "last_heard",
+        "loop",
+        "paused",
+        "router",
+        "subscription",
+        "waiter",
+    )  # fmt: skip
+
+    def __init__(self, follower: StateFollower, loop: asyncio.AbstractEventLoop) -> None:
+        self.follower = follower
+        self.router = follower.router
+        self.loop = loop
+        self.subscription: SubscriberProtocol | None = None
+        self.backlog: deque[Any] = deque()  # payloads (bytes), and _SUBSCRIBED
+        self.busy = True
+        self.confirmed = False
+        self.last_beat = self.last_heard = loop.time()
+        self.error: BaseException | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.paused = False
+
+    # ---- the protocol's sink (called from data_received) ----------------------------------------
+
+    def subscribed(self, count: int) -> None:
+        if self.confirmed:
+            raise SessionEnded("resubscribed: messages may have been lost")
+        self.confirmed = True
+        self._defer(_SUBSCRIBED)
+
+    def message(self, payload: bytes) -> None:
+        self.last_heard = now = self.loop.time()
+        if payload.startswith(HEARTBEAT_PREFIX):
+            self.last_beat = now
+            if self.busy:
+                self._defer(payload)
+                return
+            beat = decode_heartbeat(payload[1:])
+            snapshot = self.router.snapshot
+            if beat.epoch > snapshot.epoch or (
+                beat.epoch == snapshot.epoch and beat.version > snapshot.version
+            ):
+                self._defer(payload)  # behind: a gap fill or a full read
+            elif self.router.stale:
+                self.router.stale = False  # (snapshot.epoch, version) >= the beat's
+            return
+        if self.busy:
+            self._defer(payload)
+            return
+        if payload.startswith(DELTA_PREFIX):
+            delta = decode_delta(payload[1:])
+            snapshot = self.router.snapshot
+            if delta.epoch == snapshot.epoch:
+                if delta.version == snapshot.version + 1:
+                    self.router.apply_delta(delta)
+                    return
+                if delta.version <= snapshot.version:
+                    return  # already have it (or older)
+            elif delta.epoch < snapshot.epoch:
+                return  # a deposed leader's (fenced: it cannot have committed it)
+            self._defer(payload)  # a gap, or a new term
+
+    def lost(self, exc: BaseException | None) -> None:
+        if self.error is None:
+            self.error = exc or SessionEnded("pub/sub subscription closed")
+        if self.waiter is not None:
+            _wake(self.waiter)
+
+    def _defer(self, payload: Any) -> None:
+        self.backlog.append(payload)
+        self.busy = True
+        if len(self.backlog) >= BACKLOG_PAUSE and not self.paused and self.subscription is not None:
+            self.paused = True
+            self.subscription.pause_reading()
+        if self.waiter is not None:
+            _wake(self.waiter)
+
+    # ---- the session task ------------------------------------------------------------------------
+
+    async def run(self, client: avalkey.Valkey) -> None:
+        follower = self.follower
+        loop = self.loop
+        timeout = follower.heartbeat_timeout
+        poll = min(0.25, timeout / 4)
+        while not follower._stop:
+            if self.error is not None:
+                raise self.error
+            if self.backlog:
+                await self._work_backlog(client)
+                continue
+            now = loop.time()
+            if now - self.last_beat > timeout and now - self.last_heard >= poll:
+                if not self.confirmed:
+                    raise SessionEnded(f"no subscribe confirmation within {now - self.last_beat:.1f}s")
+                raise SessionEnded(f"no heartbeat for {now - self.last_beat:.1f}s")
+            # One future per wait (woken by a deferred message, the end of the subscription, or the
+            # poll timer), never one per message.
+            self.waiter = waiter = loop.create_future()
+            timer = loop.call_later(poll, _wake, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self.waiter = None
+
+    async def _work_backlog(self, client: avalkey.Valkey) -> None:
+        follower = self.follower
+        backlog = self.backlog
+        while backlog:
+            if self.error is not None:
+                raise self.error
+            payload = backlog.popleft()
+            if payload is _SUBSCRIBED:
+                await follower.resync(client)
+                self.last_beat = self.loop.time()
+            elif payload.startswith(DELTA_PREFIX):
+                await follower.on_delta(client, decode_delta(payload[1:]))
+            elif payload.startswith(HEARTBEAT_PREFIX):
+                await follower.on_heartbeat(client, decode_heartbeat(payload[1:]))
+            if self.paused and len(backlog) <= BACKLOG_RESUME and self.subscription is not None:
+                self.paused = False
+                self.subscription.resume_reading()
+        self.busy = False  # (no await since the last check: nothing can have slipped in between)
 
 
 class ReportForwarder:
