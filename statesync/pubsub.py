@@ -11,7 +11,7 @@ pub/sub push arrays straight out of the received bytes and calls ``sink.message(
 ``message`` array -- no task, future, timer or dict per message.
 
 The connection parameters come from a valkey-py client (``statesync.connect.connect(url)``), so
-every URL form it accepts works the same here: ``valkey://`` (TCP or unix socket), ACL
+every URL form it accepts works the same here: ``valkey://``, ACL
 ``user:password@`` (AUTH), db (SELECT, sent only when not 0, as valkey-py does: the role ACLs grant
 no SELECT), ``valkeys://`` (the client's own SSL context, built from the URL's ssl options), and
 ``valkey+sentinel://`` (the master's address asked from the sentinels at subscribe time).
@@ -148,7 +148,7 @@ class SubscriberProtocol(asyncio.Protocol):
             if data.startswith(_MESSAGE_HEAD, pos):
                 # *3 $7 message $<n> channel $<n> payload: the only frame of the steady state
                 at = self._skip_bulk(data, pos + len(_MESSAGE_HEAD) - 1, pos)
-                if at < 0:
+                if at < 0 or at >= end:
                     return pos
                 if data[at : at + 1] != b"$":
                     raise PubSubProtocolError(f"unexpected pub/sub message element {data[at : at + 16]!r}")
