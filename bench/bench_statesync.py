@@ -20,13 +20,16 @@ functions (cumulative and own time).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import cProfile
 import gc
 import io
 import os
 import pstats
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -375,6 +378,160 @@ def bench_follower_resync_50k(benchmark, runner: asyncio.Runner, valkey_server: 
     benchmark.extra_info["router_cpu_ms_median"] = round(sorted(cpu_ms)[len(cpu_ms) // 2], 1)
     print(f"\nresync of {BIG} pods: median {benchmark.extra_info['median_ms']} ms; one pass split: {parts}")
     runner.run(client.aclose())
+
+
+# ---- d. receiving deltas: valkey-py PubSub (before) vs statesync.pubsub (after) ------------------
+
+PUBLISHER = r"""
+import sys, time
+import msgspec, valkey
+from bench.conftest import make_pods
+from statesync.keys import DELTA_PREFIX
+from statesync.schema import Delta, PodState, encode
+url, channel, first, n, rate = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+pod = make_pods(1_000)[333]
+blobs = []
+for version in range(first, first + n):
+    state = PodState.NOT_READY if version % 2 else PodState.READY
+    record = msgspec.structs.replace(pod, state=state, generation=3 + version)
+    blobs.append(DELTA_PREFIX + encode(Delta(epoch=1, version=version, pods=(record,))))
+client = valkey.Valkey.from_url(url)
+print(len(blobs[0]), flush=True)
+sys.stdin.readline()
+start = time.perf_counter()
+for i, blob in enumerate(blobs):
+    if rate:
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)  # pacing: one delta per read on the receiving side, as under churn
+    client.publish(channel, blob)
+"""
+RECEIVE_PODS = 1_000  # (delta decode + apply is flat in the pod count: see bench b)
+
+
+class ReceiveBench:
+    """One router on this loop; deltas published by a child process (so its CPU is not counted);
+    CPU of this thread measured from the first to the last delta applied."""
+
+    def __init__(self, runner: asyncio.Runner, server: EmbeddedValkey) -> None:
+        self.runner = runner
+        self.server = server
+        self.keys = Keys("bench-receive")
+        self.router = Router(RouterConfig(), runner.get_loop())
+        self.router.install(RoutingSnapshot.build(1, 0, make_pods(RECEIVE_PODS), make_routes()))
+        self.marks: list[float] = []
+        self.last = 0
+        self.done: asyncio.Event | None = None
+        apply = self.router.apply_delta
+
+        def timed_apply(delta: Delta) -> None:
+            apply(delta)
+            if delta.version == self.last - self.expected + 1 or delta.version == self.last:
+                self.marks.append(time.thread_time())
+                if delta.version == self.last and self.done is not None:
+                    self.done.set()
+
+        self.expected = 0
+        self.router.apply_delta = timed_apply  # type: ignore[method-assign]
+
+    async def _valkey_py_receiver(self, ready: asyncio.Event) -> None:
+        """The receive loop the router had before statesync.pubsub (StateFollower._session's)."""
+        client = connect(self.server.url, socket_timeout=3.0)
+        pubsub = client.pubsub()
+        await pubsub.subscribe(self.keys.channel)
+        try:
+            while True:
+                message = await pubsub.get_message(timeout=0.25)
+                if message is None:
+                    continue
+                if message["type"] == "subscribe":
+                    ready.set()
+                    continue
+                data: bytes = message["data"]
+                if message["type"] == "message" and data.startswith(DELTA_PREFIX):
+                    delta = decode_delta(data[1:])
+                    if (
+                        delta.epoch == self.router.snapshot.epoch
+                        and delta.version == self.router.snapshot.version + 1
+                    ):
+                        self.router.apply_delta(delta)
+        finally:
+            await pubsub.aclose()
+            await client.aclose()
+
+    async def round(self, path: str, n: int, rate: float) -> float:
+        """CPU µs of this thread per delta received and applied, over ``n`` deltas."""
+        self.marks.clear()
+        self.done = asyncio.Event()
+        first = self.router.snapshot.version + 1
+        self.expected, self.last = n, first + n - 1
+        if path == "valkey-py":
+            ready = asyncio.Event()
+            task = asyncio.create_task(self._valkey_py_receiver(ready))
+            await asyncio.wait_for(ready.wait(), 10)
+            follower = None
+        else:
+            follower = StateFollower(self.router, self.server.url, keys=self.keys, heartbeat_timeout=60)
+            task = asyncio.create_task(follower.run())
+            await asyncio.wait_for(follower.synced.wait(), 10)  # (no state in Valkey: keeps ours)
+        publisher = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", PUBLISHER, self.server.url, self.keys.channel, str(first), str(n), str(rate),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=str(Path(__file__).parent.parent),
+        )  # fmt: skip
+        assert publisher.stdin is not None and publisher.stdout is not None
+        await publisher.stdout.readline()
+        publisher.stdin.write(b"go\n")
+        await publisher.stdin.drain()
+        try:
+            await asyncio.wait_for(self.done.wait(), 60)
+        finally:
+            await publisher.wait()
+            if follower is not None:
+                follower.stop()
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        assert self.router.snapshot.version == self.last, (path, self.router.snapshot.version, self.last)
+        assert self.router.snapshot.pods[make_pods(1_000)[333].uid].generation == 3 + self.last
+        start, end = self.marks
+        return (end - start) / (n - 1) * 1e6
+
+
+@pytest.mark.benchmark(group="statesync-receive")
+def bench_router_receive_delta(benchmark, runner: asyncio.Runner, valkey_server: EmbeddedValkey) -> None:
+    """CPU per one-pod delta received by a router, valkey-py PubSub (the old receive loop) against
+    StateFollower on statesync.pubsub, alternated in one run: paced at 500/s (one delta per read,
+    as under churn) and in a burst (several per read). Medians of ``rounds`` each."""
+    bench = ReceiveBench(runner, valkey_server)
+    if not benchmark.enabled:
+        # --benchmark-disable: both paths receive and apply a short burst, checked.
+        def check() -> None:
+            for path in ("valkey-py", "pubsub"):
+                runner.run(bench.round(path, 100, 0))
+
+        benchmark.pedantic(check, rounds=1)
+        return
+    rounds = 3
+    results: dict[str, list[float]] = {}
+
+    def run() -> None:
+        for _ in range(rounds):
+            for mode, n, rate in (("paced500", 500, 500.0), ("burst", 3_000, 0.0)):
+                for path in ("valkey-py", "pubsub"):
+                    results.setdefault(f"{path}_{mode}", []).append(runner.run(bench.round(path, n, rate)))
+
+    benchmark.pedantic(run, rounds=1)
+    medians = {key: round(sorted(v)[len(v) // 2], 1) for key, v in results.items()}
+    for mode in ("paced500", "burst"):
+        medians[f"ratio_{mode}"] = round(medians[f"valkey-py_{mode}"] / medians[f"pubsub_{mode}"], 2)
+    benchmark.extra_info.update(
+        {f"{k}_cpu_us_per_delta" if "ratio" not in k else k: v for k, v in medians.items()}
+    )
+    print(f"\nCPU µs per delta received (median of {rounds}, this thread only):")
+    for mode in ("paced500", "burst"):
+        print(f"  {mode:9s} valkey-py PubSub {medians[f'valkey-py_{mode}']:7.1f}   statesync.pubsub "
+              f"{medians[f'pubsub_{mode}']:7.1f}   ratio {medians[f'ratio_{mode}']:.2f}x  "
+              f"(all rounds: {results[f'valkey-py_{mode}']} vs {results[f'pubsub_{mode}']})")  # fmt: skip
 
 
 # ---- propagation smoke -------------------------------------------------------------------------
