@@ -7,6 +7,13 @@ router stale (it keeps serving its last snapshot), and after a short backoff a n
 on a *fresh* connection. A session:
 
 1. subscribes to the delta channel first (so nothing published after the read below is missed),
+   on its own connection through ``statesync.pubsub`` (a thin asyncio Protocol; the valkey-py
+   client of the session does the full read and the gap fills). Messages are handled inside the
+   protocol's ``data_received``: the steady state (the next delta, an old one, a heartbeat that
+   asks for nothing) applies right there, without a task, future or timer per message. Anything
+   that must await Valkey goes to the session's backlog, and every message after it too until the
+   session task has worked through it, so messages are always handled in the order received
+   (``_Session``). Nothing is applied before the subscription is confirmed and the state read.
 2. reads the whole state in one MULTI/EXEC (version, epoch, pod-chunks, routes) and installs it,
    unless it is older than what the router has or empty (Valkey restarted without state: keep
    serving). The pods come packed (``statesync.keys``: a few thousand chunks, one decoder call
@@ -28,9 +35,11 @@ on a *fresh* connection. A session:
    adopted only through a full, consistent read. State is ordered by (epoch, version) and never
    goes backwards; a newer term's read with no pods while we have some is not adopted (the writer
    is still rebuilding from its sources) -- the router keeps serving, flagged stale.
-4. expects a heartbeat {epoch, version} every second; three missed means the connection is silent
-   or frozen (pub/sub gives no error then), so the session ends and the next one resyncs. A
-   heartbeat ahead of the snapshot triggers gap filling; a new epoch triggers a full re-read.
+4. expects a heartbeat {epoch, version} every second; three missed (and nothing at all received
+   for a poll interval) means the connection is silent or frozen (pub/sub gives no error then), so
+   the session ends and the next one resyncs; a subscription not confirmed within that time ends it
+   too. A heartbeat ahead of the snapshot triggers gap filling; a new epoch triggers a full re-read.
+   A lost connection, an error reply (AUTH, NOPERM) or an undecodable message ends the session.
 
 ``ReportForwarder`` drains the router's local exclusions into the writer's event stream; while
 Valkey is unreachable they wait in the router's bounded deque (oldest dropped and counted).
