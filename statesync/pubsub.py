@@ -84,7 +84,7 @@ class SubscriberProtocol(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transport.write(self._handshake)
+        transport.write(self._handshake)  # type: ignore[attr-defined]  # a Transport: it writes
 
     def data_received(self, data: bytes) -> None:
         if self._done:
