@@ -12,6 +12,7 @@ import socket
 import httpx
 import pytest
 
+from fastproxy.router import Router
 from tests.conftest import (
     RouterHarness,
     chat_route,
@@ -494,21 +495,20 @@ def find_header_value(head: bytes, name: bytes) -> bytes | None:
     return None
 
 
-@pytest.mark.parametrize("method", ["GET", "POST"])
-async def test_pooled_connection_closed_by_pod_just_before_reuse_is_not_used(
-    harness: RouterHarness, method: str
-) -> None:
-    """The pod closes an idle keep-alive connection at the instant the router would reuse it: the
-    pod's FIN is already in the router's socket, not yet seen by the loop, when the next request
-    comes. Sent there, the request would meet a closed socket (never read, but unprovably so: a 502
-    for nothing). The router checks the connection's TCP state first and opens a new one."""
+REQUESTS = {
+    "GET": b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+    "POST": b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello",
+}
+
+
+async def race_on_a_pooled_connection(
+    harness: RouterHarness, request: bytes, *, pod_closes_first: bool
+) -> tuple[RawPod, Router, bytes]:
+    """One request through a router to a RawPod (its connection goes back to the pool), then, in one
+    synchronous step before the loop can poll, the pod closes that idle connection and the router
+    gets the same request again -- in one order or the other. Returns the second response."""
     pod = RawPod()
     router, port = await harness.router([pod_record("p1", pod.address)])
-    request = (
-        b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
-        if method == "GET"
-        else b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello"
-    )
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     first = asyncio.create_task(pod.serve_one())
     writer.write(request)
@@ -518,19 +518,34 @@ async def test_pooled_connection_closed_by_pod_just_before_reuse_is_not_used(
     (client,) = router.connections
     second = asyncio.create_task(pod.serve_one())
     await asyncio.sleep(0)  # the second accept is waiting
-    # In one synchronous step, before the loop can poll: the pod closes the idle connection (its
-    # FIN reaches the router's socket at once on loopback), then the router gets the next request,
-    # as when both events come in the same loop iteration.
-    pod_side.close()
-    client.data_received(request)
+    if pod_closes_first:
+        pod_side.close()  # its FIN reaches the router's socket at once on loopback
+        client.data_received(request)
+    else:
+        client.data_received(request)  # written at once on the pooled connection...
+        pod_side.close()  # ...which the pod closes with it unread: RST
     response = await asyncio.wait_for(reader.readuntil(b"ok"), 5)
-    assert response.startswith(b"HTTP/1.1 200"), response
     await asyncio.wait_for(second, 5)
+    writer.close()
+    pod.listener.close()
+    return pod, router, response
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_pooled_connection_closed_by_pod_just_before_reuse_is_not_used(
+    harness: RouterHarness, method: str
+) -> None:
+    """The pod closes an idle keep-alive connection at the instant the router would reuse it: the
+    pod's FIN is already in the router's socket, not yet seen by the loop, when the next request
+    comes. Sent there, the request would meet a closed socket (never read, but unprovably so: a 502
+    for nothing). The router checks the connection's TCP state first and opens a new one."""
+    pod, router, response = await race_on_a_pooled_connection(
+        harness, REQUESTS[method], pod_closes_first=True
+    )
+    assert response.startswith(b"HTTP/1.1 200"), response
     assert [r.split(b" ", 1)[0] for r in pod.requests] == [method.encode()] * 2  # each request once
     assert router.stats.retries == {} and router.stats.local_exclusions == 0 and not router.reports
     assert router.slots.pods["p1"].inflight == 0
-    writer.close()
-    pod.listener.close()
 
 
 @pytest.mark.parametrize("method", ["GET", "POST"])
@@ -541,33 +556,14 @@ async def test_reused_connection_reset_with_the_request_unread_is_sent_again(
     connection when the pod closes that connection with the request still unread in its socket.
     The pod's kernel answers with a RST (a socket closed after reading everything sends a FIN), so
     the app cannot have seen it: the router sends it again, and the client sees no error."""
-    pod = RawPod()
-    router, port = await harness.router([pod_record("p1", pod.address)])
-    request = (
-        b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
-        if method == "GET"
-        else b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello"
+    pod, router, response = await race_on_a_pooled_connection(
+        harness, REQUESTS[method], pod_closes_first=False
     )
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    first = asyncio.create_task(pod.serve_one())
-    writer.write(request)
-    await asyncio.wait_for(reader.readuntil(b"ok"), 5)
-    pod_side = await first
-    await wait_for(lambda: router.pool.idle_count == 1, what="connection back in the pool")
-    (client,) = router.connections
-    second = asyncio.create_task(pod.serve_one())
-    await asyncio.sleep(0)
-    client.data_received(request)  # written at once on the pooled connection...
-    pod_side.close()  # ...which the pod closes with it unread: RST
-    response = await asyncio.wait_for(reader.readuntil(b"ok"), 5)
     assert response.startswith(b"HTTP/1.1 200"), response
-    await asyncio.wait_for(second, 5)
     assert [r.split(b" ", 1)[0] for r in pod.requests] == [method.encode()] * 2  # the app read each once
     assert router.stats.retries == {"stale_connection": 1}
     assert router.stats.local_exclusions == 0 and not router.reports
     assert router.slots.pods["p1"].inflight == 0
-    writer.close()
-    pod.listener.close()
 
 
 async def test_pod_that_read_the_request_then_closed_is_502_not_resent(harness: RouterHarness) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import os
 import random
 import signal
 import sys
@@ -44,6 +43,7 @@ from statesync.schema import (
     decode_pod,
 )
 from statesync.writer import submit
+from tests.procs import START, Proc
 
 FASTPROXY = [sys.executable, "-m", "fastproxy.cli"]
 UPSTREAM = [sys.executable, "-m", "fastproxy.devtools.upstream"]
@@ -51,85 +51,7 @@ KEYS = Keys()
 T = TypeVar("T")
 
 # Generous deadlines: the machine is small and shared; these bound a wait, they assert no timing.
-START = 30.0  # a Python process starting up (imports) on a loaded machine
 TAKEOVER = 15.0  # lease ttl 1 s + standby poll (ttl/3) + load
-
-
-class Proc:
-    """A child process; stdout and stderr are drained into ``lines`` so a full pipe never blocks it."""
-
-    def __init__(self, name: str, process: asyncio.subprocess.Process) -> None:
-        self.name = name
-        self.process = process
-        self.lines: list[str] = []
-        self._changed = asyncio.Event()
-        assert process.stdout is not None and process.stderr is not None
-        self._drains = [asyncio.create_task(self._drain(s)) for s in (process.stdout, process.stderr)]
-
-    @classmethod
-    async def start(cls, name: str, *argv: str) -> Proc:
-        process = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        return cls(name, process)
-
-    async def _drain(self, stream: asyncio.StreamReader) -> None:
-        while line := await stream.readline():
-            self.lines.append(line.decode(errors="replace").rstrip())
-            self._changed.set()
-        self._changed.set()  # EOF
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines[-60:])
-
-    async def wait_line(self, predicate: Callable[[str], bool], timeout: float, what: str) -> str:
-        seen = 0
-        try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    for line in self.lines[seen:]:
-                        if predicate(line):
-                            return line
-                    seen = len(self.lines)
-                    if all(d.done() for d in self._drains):
-                        raise AssertionError(f"{self.name} closed its output before {what}:\n{self.output}")
-                    self._changed.clear()
-                    await self._changed.wait()
-        except TimeoutError:
-            raise AssertionError(f"{self.name}: {what} not seen within {timeout}s:\n{self.output}") from None
-
-    async def listening(self, timeout: float = START) -> list[str]:
-        """The ``listening HOST:PORT [admin HOST:PORT]`` line, split into words."""
-        line = await self.wait_line(lambda s: s.startswith("listening "), timeout, "its 'listening' line")
-        return line.split()
-
-    def signal(self, sig: signal.Signals) -> None:
-        if self.process.returncode is None:
-            os.kill(self.process.pid, sig)
-
-    async def kill(self) -> None:
-        """SIGKILL (after SIGCONT, in case it is stopped) and reap."""
-        if self.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.process.pid, signal.SIGCONT)
-                self.process.kill()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.process.wait(), 10)
-
-    async def close(self) -> None:
-        await self.kill()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*self._drains, return_exceptions=True), 5)
-        for drain in self._drains:
-            drain.cancel()
 
 
 class Procs:
