@@ -464,17 +464,15 @@ class Exchange:
             self.fail(NotFound(f"no route for host {head.host!r} path {head.path!r}"))
             return
         self.revision = route.choose_revision(random.random())
-        self._acquire(snapshot.has_prospects)
+        self._acquire()
 
-    def _acquire(self, has_prospects: Callable[[str], bool] | None = None) -> None:
+    def _acquire(self) -> None:
         router = self.router
         lease = router.slots.pick(self.revision)
         if lease is not None:
             self._on_lease(lease)
             return
-        if has_prospects is None:
-            has_prospects = router.snapshot.has_prospects
-        if not has_prospects(self.revision):
+        if not router.slots.has_prospects(self.revision):
             self.fail(ServiceUnavailable(f"revision {self.revision} has no pods", retry_after=5))
             return
         if router.config.refuse_when_full and self.head.header(PARK_HEADER) is None:

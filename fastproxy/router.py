@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from fastproxy.config import ConfigError, RouterConfig, load_routes_file
@@ -78,9 +79,16 @@ class Router:
 
     # ---- the state path ---------------------------------------------------------------------
 
-    def install(self, snapshot: RoutingSnapshot) -> None:
-        """Adopt a whole state (bootstrap, resync, static file)."""
-        self.slots.replace_all(snapshot.pods.values())
+    def install(
+        self, snapshot: RoutingSnapshot, by_revision: Mapping[str, list[PodRecord]] | None = None
+    ) -> None:
+        """Adopt a whole state (bootstrap, resync, static file). ``by_revision``: the same pods
+        grouped per revision (``SnapshotBuilder.by_revision``, handed over), which a router that
+        has no pods yet takes as they are instead of grouping them again."""
+        if by_revision is not None and not self.slots.pods and not self.slots.revisions:
+            self.slots.adopt(by_revision)
+        else:
+            self.slots.replace_all(snapshot.pods.values())
         self.snapshot = snapshot
         self.snapshot_changed_at = time.time()
 

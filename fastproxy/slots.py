@@ -21,6 +21,14 @@ skipped.
 ``update(records)`` reconciles only the pods a delta changed; ``exclude(uid)`` takes a pod out of
 rotation at once after a transport failure, until the writer's view of that pod moves past the
 generation the failure was seen at, or ``readmit`` is called.
+
+A whole state installed into an empty table (a router's bootstrap) is only grouped per revision:
+each revision keeps its records ``pending`` until its first request finds no free pod in its (empty)
+levels, and only then gets its ``PodSlots`` (``_materialize``, O(pods of that revision)). Deltas
+for a pending revision just update its records. So a router that starts on 50k pods pays per pod a
+dict insertion, not an object and its level bookkeeping, and a revision nobody asks for costs
+nothing more. The hot path is unchanged: the check for ``pending`` happens only when the policy
+found no pod.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Final
 
 from statesync.schema import PodRecord, PodState
@@ -104,15 +112,33 @@ class PodSlots:
 class RevisionSlots:
     """The pods of one revision that this router knows, plus its FIFO of waiting requests."""
 
-    __slots__ = ("levels", "members", "name", "queued", "queued_bytes", "waiters")
+    __slots__ = ("levels", "members", "name", "pending", "queued", "queued_bytes", "waiters")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.levels: list[dict[PodSlots, None]] = [{}]
         self.members: dict[str, PodSlots] = {}
+        # The revision's records while it has no PodSlots yet (filled by a bootstrap, not yet asked
+        # for): a list as the bootstrap grouped them, a dict by uid once a delta touched one; None
+        # once materialized. Never both: members is empty while this is not None.
+        self.pending: list[PodRecord] | dict[str, PodRecord] | None = None
+
         self.waiters: collections.deque[asyncio.Future[Lease]] = collections.deque()
         self.queued = 0  # live (not cancelled) waiters
         self.queued_bytes = 0
+
+    def pending_records(self) -> Iterable[PodRecord]:
+        pending = self.pending
+        if pending is None:
+            return ()
+        return pending.values() if isinstance(pending, dict) else pending
+
+    def pending_by_uid(self) -> dict[str, PodRecord]:
+        """The pending records as a dict (converted once, for updates)."""
+        pending = self.pending
+        if not isinstance(pending, dict):
+            pending = self.pending = {r.uid: r for r in pending or ()}
+        return pending
 
     def hand_over(self, pod: PodSlots) -> bool:
         """Give one slot of ``pod`` to the oldest live waiter. The caller has checked ``queued``."""
@@ -133,11 +159,20 @@ class RevisionSlots:
 
     @property
     def free_slots(self) -> int:
+        if self.pending is not None:
+            return sum(r.concurrency for r in self.pending_records() if r.state is PodState.READY)
         return sum(
             p.concurrency - p.inflight
             for p in self.members.values()
             if p.routable and p.inflight < p.concurrency
         )
+
+    def has_prospects(self) -> bool:
+        """Is any pod servable now or possibly soon (not draining; removed ones are gone)?"""
+        draining = PodState.DRAINING
+        if self.pending is not None:
+            return any(r.state is not draining for r in self.pending_records())
+        return any(p.record.state is not draining for p in self.members.values())
 
 
 def least_inflight(revision: RevisionSlots) -> Lease | None:
@@ -189,7 +224,16 @@ class SlotTable:
         slots = self.revisions.get(revision)
         if slots is None:
             return None
-        return self.policy(slots)
+        lease = self.policy(slots)
+        if lease is None and slots.pending is not None:
+            self._materialize(slots)
+            lease = self.policy(slots)
+        return lease
+
+    def has_prospects(self, revision: str) -> bool:
+        """May a request for ``revision`` wait for a pod (any pod that is not draining)?"""
+        slots = self.revisions.get(revision)
+        return slots is not None and slots.has_prospects()
 
     def enqueue(
         self, revision: str, body_bytes: int, loop: asyncio.AbstractEventLoop, front: bool = False
@@ -198,6 +242,8 @@ class SlotTable:
         slots = self.revisions.get(revision)
         if slots is None:
             slots = self.revisions[revision] = RevisionSlots(revision)
+        elif slots.pending is not None:
+            self._materialize(slots)  # (so that its pods' free slots are handed to waiters)
         if slots.queued >= self.max_queued:
             raise QueueFull(f"revision {revision}: {slots.queued} requests already waiting")
         if slots.queued_bytes + body_bytes > self.max_queue_bytes:
@@ -232,12 +278,16 @@ class SlotTable:
         entering: list[PodSlots] = []
         for record in records:
             pod = self.pods.get(record.uid)
+            if pod is None:
+                revision = self.revisions.get(record.revision)
+                if revision is not None and revision.pending is not None:
+                    self._update_pending(revision, record)
+                    continue
             if record.state is PodState.REMOVED:
                 if pod is not None:
                     self._forget(pod)
                 continue
             if pod is None:
-                revision = self.revisions.get(record.revision)
                 if revision is None:
                     revision = self.revisions[record.revision] = RevisionSlots(record.revision)
                 pod = self.pods[record.uid] = PodSlots(record, revision)
@@ -259,61 +309,96 @@ class SlotTable:
 
     def replace_all(self, records: Iterable[PodRecord]) -> None:
         """Reconcile with a whole state (resync): pods not in it are forgotten."""
-        records = list(records)
-        if not self.pods:
+        if not self.pods and not self.revisions:
             self._fill(records)
             return
+        records = list(records)
         keep = {r.uid for r in records}
         for uid in [uid for uid in self.pods if uid not in keep]:
             self._forget(self.pods[uid])
+        for revision in list(self.revisions.values()):
+            if revision.pending is not None:
+                pending = revision.pending_by_uid()
+                for uid in [uid for uid in pending if uid not in keep]:
+                    del pending[uid]
+                self._drop_if_unused(revision)
         self.update(records)
 
-    def _fill(self, records: list[PodRecord]) -> None:
-        """``update`` for a table that knows no pod yet (bootstrap), in one pass.
-
-        Instead of one shuffle of every entering pod (a third of the cost at 50k pods), each
-        revision's Ready pods enter rotated by a random offset: routers still start on different
-        pods, and, picking in the same cyclic order, tend to stay apart."""
-        pods = self.pods
+    def adopt(self, by_revision: Mapping[str, list[PodRecord]]) -> None:
+        """Install a whole state already grouped per revision (``SnapshotBuilder.by_revision``)
+        into a table that knows no pod yet; the dicts become the revisions' pending records as
+        they are (the caller hands them over)."""
+        if self.pods or self.revisions:
+            raise RuntimeError("adopt() is for an empty slot table; use replace_all()")
         revisions = self.revisions
-        entering: dict[RevisionSlots, list[PodSlots]] = {}
-        ready = PodState.READY
+        for name, members in by_revision.items():
+            if members:
+                revision = revisions[name] = RevisionSlots(name)
+                revision.pending = members
+
+    def _fill(self, records: Iterable[PodRecord]) -> None:
+        """``update`` for a table that knows no pod yet (bootstrap): group the records per revision,
+        pending until each revision is first asked for."""
+        revisions = self.revisions
         removed = PodState.REMOVED
         for record in records:
-            state = record.state
-            if state is removed:
+            if record.state is removed:
                 continue
             revision = revisions.get(record.revision)
             if revision is None:
                 revision = revisions[record.revision] = RevisionSlots(record.revision)
-            pod = PodSlots(record, revision)
-            pods[record.uid] = revision.members[record.uid] = pod
-            if state is ready:
-                members = entering.get(revision)
-                if members is None:
-                    entering[revision] = [pod]
-                else:
-                    members.append(pod)
-        randrange = self._random.randrange
-        for revision, members in entering.items():
-            if len(members) > 1:
-                cut = randrange(len(members))
-                members = members[cut:] + members[:cut]
-            if revision.queued:
-                for pod in members:
-                    pod._enter()
-                continue
-            # (no waiters: straight into level 0, the levels grown once for the largest pod)
-            levels = revision.levels
-            level = levels[0]
-            for pod in members:
-                pod.routable = True
-                level[pod] = None
-                while len(levels) < pod.concurrency:
-                    levels.append({})
+                revision.pending = {record.uid: record}
+            else:
+                revision.pending_by_uid()[record.uid] = record
+
+    def _materialize(self, revision: RevisionSlots) -> None:
+        """Give a pending revision its PodSlots, its Ready pods into rotation.
+
+        Instead of one shuffle of the entering pods, they enter rotated by a random offset: routers
+        still start on different pods, and, picking in the same cyclic order, tend to stay apart."""
+        if revision.pending is None:
+            return
+        records = revision.pending_records()
+        revision.pending = None
+        pods = self.pods
+        members = revision.members
+        entering: list[PodSlots] = []
+        ready = PodState.READY
+        for record in records:
+            pod = pods[record.uid] = members[record.uid] = PodSlots(record, revision)
+            if record.state is ready:
+                entering.append(pod)
+        if len(entering) > 1:
+            cut = self._random.randrange(len(entering))
+            entering = entering[cut:] + entering[:cut]
+        if revision.queued:
+            for pod in entering:
+                pod._enter()
+            return
+        # (no waiters: straight into level 0, the levels grown once for the largest pod)
+        levels = revision.levels
+        level = levels[0]
+        for pod in entering:
+            pod.routable = True
+            level[pod] = None
+            while len(levels) < pod.concurrency:
+                levels.append({})
+
+    def _update_pending(self, revision: RevisionSlots, record: PodRecord) -> None:
+        pending = revision.pending_by_uid()
+        if record.state is PodState.REMOVED:
+            pending.pop(record.uid, None)
+            self._drop_if_unused(revision)
+        else:
+            pending[record.uid] = record
+
+    def _drop_if_unused(self, revision: RevisionSlots) -> None:
+        if not revision.members and not revision.pending and not revision.queued:
+            self.revisions.pop(revision.name, None)
 
     def exclude(self, uid: str) -> bool:
-        """Take a pod out of rotation after a transport failure seen at its current generation."""
+        """Take a pod out of rotation after a transport failure seen at its current generation.
+        (A pod of a pending revision was never picked, so nothing can have failed on it.)"""
         pod = self.pods.get(uid)
         if pod is None:
             return False
@@ -337,5 +422,4 @@ class SlotTable:
         del self.pods[pod.uid]
         revision = pod.revision
         revision.members.pop(pod.uid, None)
-        if not revision.members and not revision.queued:
-            del self.revisions[revision.name]
+        self._drop_if_unused(revision)

@@ -7,33 +7,38 @@ snapshot and replaces it with one assignment; a request reads that reference onc
 object it got, so it never sees half of a change.
 
 Deltas from the writer are applied with ``apply(delta)``, which returns a *new* snapshot that shares
-structure with the old one: pods live in an ``immutables.Map`` (a HAMT), so one changed pod costs
-O(log32 n) new nodes, not a copy. Pods are also grouped per revision in small per-revision Maps, and
-only the revisions a delta touched are rebuilt. Routes change rarely; the compiled ``RouteTable``
-is rebuilt only when a delta carries route changes.
+structure with the old one. Pods live in a ``PodTable``: the writer's own packing of pods into
+``POD_CHUNKS`` chunks (``statesync.keys.pod_chunk``), as two levels of 64-entry lists over small
+per-chunk dicts. One changed pod costs a copy of its chunk's dict (about a dozen pods) and of the
+two short lists above it, not a copy of the table; and a whole state read from ``{ns}:pod-chunks``
+becomes a table with one dict per chunk and no per-pod hashing or tree insertion (the point: a
+router bootstraps 50k pods in tens of milliseconds). Routes change rarely; the compiled
+``RouteTable`` is rebuilt only when a delta carries route changes.
+
+The snapshot keeps no per-revision index: the router's ``SlotTable`` groups pods per revision for
+the request path (lazily, per revision), and ``revisions`` builds the grouping on first use for
+views (admin, dashboard).
 
 A delta applies only on top of the version just before it (``version == self.version + 1``);
 anything else raises ``VersionGap`` and the caller (the subscriber) fills the gap or resyncs.
 REMOVED records are tombstones in the writer; the snapshot simply forgets those pods.
 
-A whole state (bootstrap, resync) is assembled by a ``SnapshotBuilder`` in one pass over the
-records: the pod Map is filled through its mutation API (in place, no intermediate dict), the
-per-revision groups are plain dicts frozen into Maps once at the end. The records can be added in
-slices, so the caller may yield to its event loop between them.
+A whole state (bootstrap, resync) is assembled by a ``SnapshotBuilder`` from chunks (or records)
+added in slices, so the caller may yield to its event loop between them.
 """
 
 from __future__ import annotations
 
 import bisect
+import collections
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Final
 
 import immutables
 
+from statesync.keys import POD_CHUNKS, pod_chunk
 from statesync.schema import Delta, PodRecord, PodState, Route
-
-EMPTY_MAP: Final[immutables.Map[str, PodRecord]] = immutables.Map()
 
 
 class VersionGap(Exception):
@@ -126,67 +131,206 @@ def _first_prefix(candidates: tuple[ServiceRoute, ...], path: str) -> ServiceRou
     return None
 
 
-class SnapshotBuilder:
-    """A whole state assembled from records added in any number of slices, then ``finish``."""
+class PodTable:
+    """uid -> PodRecord, immutable, stored the way the writer packs pods (``statesync.keys``).
 
-    __slots__ = ("_by_revision", "_pods")
+    Two levels of plain lists over the writer's ``POD_CHUNKS`` chunks (64 x 64), each chunk the
+    short list of its records (about 12 at 50k pods), found by a scan. A whole state is assembled
+    from the chunks as they are read and decoded -- the decoder's lists are the chunks, with no
+    per-pod hashing or insertion; ``with_changes`` copies only the chunks a delta touched and the
+    two 64-entry lists above them. Nothing in a published table is ever mutated: a copy is made
+    before any write."""
 
-    def __init__(self) -> None:
-        self._pods: immutables.MapMutation[str, PodRecord] = EMPTY_MAP.mutate()
-        self._by_revision: dict[str, dict[str, PodRecord]] = {}
+    __slots__ = ("_count", "_outer")
 
-    def add(self, records: Iterable[PodRecord]) -> None:
-        pods = self._pods
-        by_revision = self._by_revision
-        for record in records:
-            if record.state is PodState.REMOVED:
-                continue
-            uid = record.uid
-            pods[uid] = record
-            members = by_revision.get(record.revision)
-            if members is None:
-                by_revision[record.revision] = {uid: record}
-            else:
-                members[uid] = record
+    def __init__(self, outer: list[list[list[PodRecord]]], count: int) -> None:
+        self._outer = outer
+        self._count = count
+
+    @classmethod
+    def empty(cls) -> PodTable:
+        return cls([_EMPTY_INNER] * _FANOUT, 0)
 
     def __len__(self) -> int:
-        return len(self._pods)
+        return self._count
+
+    def __bool__(self) -> bool:
+        return self._count > 0
+
+    def get(self, uid: str, default: PodRecord | None = None) -> PodRecord | None:
+        chunk = pod_chunk(uid)
+        for record in self._outer[chunk >> _SHIFT][chunk & _MASK]:
+            if record.uid == uid:
+                return record
+        return default
+
+    def __getitem__(self, uid: str) -> PodRecord:
+        record = self.get(uid)
+        if record is None:
+            raise KeyError(uid)
+        return record
+
+    def __contains__(self, uid: object) -> bool:
+        return isinstance(uid, str) and self.get(uid) is not None
+
+    def values(self) -> Iterator[PodRecord]:
+        for inner in self._outer:
+            if inner is not _EMPTY_INNER:
+                for leaf in inner:
+                    yield from leaf
+
+    def keys(self) -> Iterator[str]:
+        for record in self.values():
+            yield record.uid
+
+    __iter__ = keys
+
+    def items(self) -> Iterator[tuple[str, PodRecord]]:
+        for record in self.values():
+            yield record.uid, record
+
+    def with_changes(self, records: Iterable[PodRecord]) -> PodTable:
+        """A new table with ``records`` set (REMOVED ones forgotten); shares every untouched chunk."""
+        outer = list(self._outer)
+        copied: dict[int, list[PodRecord]] = {}
+        inners: set[int] = set()
+        count = self._count
+        removed = PodState.REMOVED
+        for record in records:
+            uid = record.uid
+            chunk = pod_chunk(uid)
+            leaf = copied.get(chunk)
+            if leaf is None:
+                high = chunk >> _SHIFT
+                if high not in inners:
+                    inners.add(high)
+                    outer[high] = list(outer[high])
+                inner = outer[high]
+                leaf = copied[chunk] = inner[chunk & _MASK] = list(inner[chunk & _MASK])
+            for at, old in enumerate(leaf):
+                if old.uid == uid:
+                    if record.state is removed:
+                        del leaf[at]
+                        count -= 1
+                    else:
+                        leaf[at] = record
+                    break
+            else:
+                if record.state is not removed:
+                    leaf.append(record)
+                    count += 1
+        return PodTable(outer, count)
+
+
+_SHIFT: Final = 6
+_FANOUT: Final = POD_CHUNKS >> _SHIFT
+_MASK: Final = (1 << _SHIFT) - 1
+assert _FANOUT << _SHIFT == POD_CHUNKS and _FANOUT == 64
+_EMPTY_LEAF: Final[list[PodRecord]] = []  # shared; never written (writes copy first)
+_EMPTY_INNER: Final[list[list[PodRecord]]] = [_EMPTY_LEAF] * _FANOUT
+
+
+class SnapshotBuilder:
+    """A whole state assembled from records added in any number of slices, then ``finish``.
+
+    ``add_chunk`` takes a chunk of ``{ns}:pod-chunks`` as decoded: the decoder's list becomes the
+    table's chunk as it is (the writer keeps only live records there, and the records already
+    belong to that chunk). ``add`` takes records from anywhere. Both also group the records per
+    revision into ``by_revision`` (fresh lists the builder hands over: ``Router.install`` gives
+    them to its ``SlotTable`` as they are) while the records are still in the CPU's caches -- a
+    second pass over 50k records scattered in memory costs several times as much. (Lists, not
+    dicts: inserting into a dict hashes each uid, one more cache miss per pod.)"""
+
+    __slots__ = ("_count", "_outer", "by_revision")
+
+    def __init__(self) -> None:
+        self._outer: list[list[list[PodRecord]]] = [[_EMPTY_LEAF] * _FANOUT for _ in range(_FANOUT)]
+        self._count = 0
+        self.by_revision: collections.defaultdict[str, list[PodRecord]] = collections.defaultdict(list)
+
+    def add_chunk(self, chunk: int, records: list[PodRecord]) -> None:
+        """Take the decoded chunk ``chunk`` (the list is handed over, not copied)."""
+        if not 0 <= chunk < POD_CHUNKS:
+            raise ValueError(f"pod chunk {chunk} outside 0..{POD_CHUNKS - 1}")
+        inner = self._outer[chunk >> _SHIFT]
+        if inner[chunk & _MASK]:
+            self.add(records)  # (the chunk came twice: take the general path)
+            return
+        by_revision = self.by_revision
+        removed = PodState.REMOVED
+        kept = records
+        for record in records:
+            if record.state is removed:  # (the writer keeps none there; should one be, skip it)
+                kept = []
+                continue
+            by_revision[record.revision].append(record)
+        if kept is not records:
+            kept = [r for r in records if r.state is not removed]
+        inner[chunk & _MASK] = kept
+        self._count += len(kept)
+
+    def add(self, records: Iterable[PodRecord]) -> None:
+        """Records in any order and chunk; a later record of a uid replaces the earlier one."""
+        outer = self._outer
+        replaced = False
+        for record in records:
+            uid = record.uid
+            chunk = pod_chunk(uid)
+            inner = outer[chunk >> _SHIFT]
+            leaf = inner[chunk & _MASK]
+            if leaf is _EMPTY_LEAF:
+                leaf = inner[chunk & _MASK] = []
+            for at, old in enumerate(leaf):
+                if old.uid == uid:
+                    del leaf[at]
+                    self._count -= 1
+                    replaced = True
+                    break
+            if record.state is not PodState.REMOVED:
+                leaf.append(record)
+                self._count += 1
+                self.by_revision[record.revision].append(record)
+        if replaced:  # (rare: regroup so that by_revision holds only the records kept)
+            self.by_revision.clear()
+            for inner in outer:
+                for leaf in inner:
+                    for record in leaf:
+                        self.by_revision[record.revision].append(record)
+
+    def __len__(self) -> int:
+        return self._count
 
     def finish(self, epoch: int, version: int, routes: Iterable[Route] = ()) -> RoutingSnapshot:
-        revisions = immutables.Map(
-            {rev: immutables.Map(members) for rev, members in self._by_revision.items()}
-        )
+        outer = [inner if any(inner) else _EMPTY_INNER for inner in self._outer]
         return RoutingSnapshot(
             epoch,
             version,
-            self._pods.finish(),
-            revisions,
+            PodTable(outer, self._count),
             immutables.Map({r.service: r for r in routes if not r.removed}),
         )
 
 
 class RoutingSnapshot:
-    __slots__ = ("epoch", "pods", "revisions", "route_table", "routes", "version")
+    __slots__ = ("_revisions", "epoch", "pods", "route_table", "routes", "version")
 
     def __init__(
         self,
         epoch: int,
         version: int,
-        pods: immutables.Map[str, PodRecord],
-        revisions: immutables.Map[str, immutables.Map[str, PodRecord]],
+        pods: PodTable,
         routes: immutables.Map[str, Route],
         route_table: RouteTable | None = None,
     ) -> None:
         self.epoch = epoch
         self.version = version
         self.pods = pods
-        self.revisions = revisions
         self.routes = routes
         self.route_table = route_table if route_table is not None else RouteTable(routes.values())
+        self._revisions: dict[str, dict[str, PodRecord]] | None = None
 
     @classmethod
     def empty(cls) -> RoutingSnapshot:
-        return cls(0, 0, immutables.Map(), immutables.Map(), immutables.Map())
+        return cls(0, 0, PodTable.empty(), immutables.Map())
 
     @classmethod
     def build(
@@ -201,26 +345,7 @@ class RoutingSnapshot:
         """A new snapshot with ``delta`` applied; costs O(changed pods)."""
         if delta.version != self.version + 1 or delta.epoch < self.epoch:
             raise VersionGap((self.epoch, self.version), (delta.epoch, delta.version))
-        pods = self.pods
-        revisions = self.revisions
-        if delta.pods:
-            pods_mutation = pods.mutate()
-            revisions_mutation = revisions.mutate()
-            for record in delta.pods:
-                members = revisions_mutation.get(record.revision, EMPTY_MAP)
-                if record.state is PodState.REMOVED:
-                    pods_mutation.pop(record.uid, None)
-                    if record.uid in members:
-                        members = members.delete(record.uid)
-                        if members:
-                            revisions_mutation[record.revision] = members
-                        else:
-                            del revisions_mutation[record.revision]
-                else:
-                    pods_mutation[record.uid] = record
-                    revisions_mutation[record.revision] = members.set(record.uid, record)
-            pods = pods_mutation.finish()
-            revisions = revisions_mutation.finish()
+        pods = self.pods.with_changes(delta.pods) if delta.pods else self.pods
         routes = self.routes
         route_table: RouteTable | None = self.route_table
         if delta.routes:
@@ -232,11 +357,33 @@ class RoutingSnapshot:
                     routes_mutation[route.service] = route
             routes = routes_mutation.finish()
             route_table = None  # recompiled by the constructor
-        return RoutingSnapshot(delta.epoch, delta.version, pods, revisions, routes, route_table)
+        return RoutingSnapshot(delta.epoch, delta.version, pods, routes, route_table)
 
-    def revision_pods(self, revision: str) -> immutables.Map[str, PodRecord]:
-        return self.revisions.get(revision, EMPTY_MAP)
+    @property
+    def revisions(self) -> Mapping[str, Mapping[str, PodRecord]]:
+        """The pods grouped per revision: built on first use, O(pods), for views (admin, dev, tests).
+
+        The request path never needs it: the router's ``SlotTable`` keeps its own per-revision
+        view, so a bootstrap or a delta never pays for this grouping."""
+        revisions = self._revisions
+        if revisions is None:
+            revisions = {}
+            for uid, record in self.pods.items():
+                members = revisions.get(record.revision)
+                if members is None:
+                    revisions[record.revision] = {uid: record}
+                else:
+                    members[uid] = record
+            self._revisions = revisions
+        return revisions
+
+    def revision_pods(self, revision: str) -> Mapping[str, PodRecord]:
+        return self.revisions.get(revision, _NO_PODS)
 
     def has_prospects(self, revision: str) -> bool:
-        """Is any pod of the revision servable now or possibly soon (not draining/removed)?"""
+        """Is any pod of the revision servable now or possibly soon (not draining/removed)?
+        (O(pods) the first time per snapshot; the router asks its ``SlotTable`` instead.)"""
         return any(p.state is not PodState.DRAINING for p in self.revision_pods(revision).values())
+
+
+_NO_PODS: Final[Mapping[str, PodRecord]] = immutables.Map()

@@ -64,6 +64,10 @@ Generation = Annotated[int, msgspec.Meta(ge=0)]
 Weight = Annotated[int, msgspec.Meta(ge=0, le=1_000_000)]
 Timestamp = Annotated[float, msgspec.Meta(ge=0)]
 IPAddress = Annotated[str, msgspec.Meta(min_length=2, max_length=45, pattern=r"^[0-9A-Fa-f:.]+$")]
+# A record's address was validated as an ``IPAddress`` when its event came in; records are written
+# only by the writer, so reading them back checks the length alone. (The pattern is a regular
+# expression run per record: at 50k pods it was 40% of a router's bootstrap decode.)
+RecordAddress = Annotated[str, msgspec.Meta(min_length=2, max_length=45)]
 
 
 class PodRecord(msgspec.Struct, frozen=True, kw_only=True, array_like=False, gc=False):
@@ -75,7 +79,7 @@ class PodRecord(msgspec.Struct, frozen=True, kw_only=True, array_like=False, gc=
     uid: Name
     namespace: Name
     revision: Name
-    ip: IPAddress
+    ip: RecordAddress
     port: Port
     concurrency: Concurrency = 1
     state: PodState = PodState.PENDING

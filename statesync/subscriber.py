@@ -17,7 +17,9 @@ on a *fresh* connection. A session:
 2. reads the whole state in one MULTI/EXEC (version, epoch, pod-chunks, routes) and installs it,
    unless it is older than what the router has or empty (Valkey restarted without state: keep
    serving). The pods come packed (``statesync.keys``: a few thousand chunks, one decoder call
-   each), and are decoded and assembled in slices of about ``SLICE_RECORDS`` records with a yield
+   each), and each decoded chunk becomes the same chunk of the snapshot's ``PodTable`` as it is
+   (``SnapshotBuilder.add_chunk``); the slot table only groups them per revision
+   (``SlotTable._fill``). This is done in slices of about ``SLICE_RECORDS`` records with a yield
    to the event loop between slices, so requests keep flowing on the old snapshot meanwhile; the
    new snapshot is installed in one step at the end. The cyclic garbage collector is paused from
    the first decoded chunk to the install: a whole state allocates a few hundred thousand tracked
@@ -162,7 +164,7 @@ class StateFollower:
     async def resync(self, client: avalkey.Valkey) -> None:
         """Read the whole state consistently and adopt it if it is not older or empty."""
         keys = self.keys
-        chunks: list[bytes] | None = None
+        chunks: dict[bytes, bytes] | None = None
         pods_raw: list[bytes] = []
         if self._chunks_readable:
             try:
@@ -170,7 +172,7 @@ class StateFollower:
                     pipe.get(keys.version)
                     pipe.get(keys.state_epoch)
                     pipe.get(keys.chunks_version)
-                    pipe.hvals(keys.pod_chunks)
+                    pipe.hgetall(keys.pod_chunks)  # (chunk number -> its packed records)
                     pipe.hgetall(keys.routes)
                     version_raw, epoch_raw, chunks_at, chunks, routes_raw = await pipe.execute()
             except avalkey.ResponseError as exc:
@@ -207,9 +209,9 @@ class StateFollower:
         added = 0
         with gc_paused():
             if chunks is not None:
-                for chunk in chunks:
+                for number, chunk in chunks.items():
                     records = decode_pods(chunk)
-                    builder.add(records)
+                    builder.add_chunk(int(number), records)
                     added += len(records)
                     if added >= SLICE_RECORDS:
                         added = 0
@@ -221,7 +223,7 @@ class StateFollower:
             if self._not_newer(epoch, version, len(builder)):
                 self.synced.set()
                 return
-            self.router.install(builder.finish(epoch, version, routes))
+            self.router.install(builder.finish(epoch, version, routes), builder.by_revision)
         self.router.stale = False
         self.synced.set()
         log.info("routing state read whole: epoch %d version %d, %d pods", epoch, version, len(builder))

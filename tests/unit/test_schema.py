@@ -390,8 +390,8 @@ def test_port_bounds_are_inclusive(port: int) -> None:
         ("since", -0.5),
         ("uid", ""),
         ("namespace", "x" * 254),
-        ("ip", "10.0.0.1; rm -rf"),
         ("ip", "1"),
+        ("ip", "1" * 46),
     ],
 )
 def test_constraint_violations_name_the_field(field: str, value: Any) -> None:
@@ -399,6 +399,19 @@ def test_constraint_violations_name_the_field(field: str, value: Any) -> None:
     with pytest.raises(SchemaError) as info:
         decode_pod(pack(bad))
     assert f"`$.{field}`" in str(info.value)
+
+
+def test_an_address_is_checked_where_it_enters_not_on_every_record_read() -> None:
+    """The writer builds records from events; an event's address must look like an IP address.
+    Records (written only by the writer) are read back with the length check alone: the pattern
+    ran per record and was most of a router's bootstrap decode at 50k pods."""
+    event = {"kind": "discovered", "uid": "u", "source": "sidecar", "namespace": "n", "revision": "r",
+             "ip": "10.0.0.1; rm -rf", "port": 80}  # fmt: skip
+    with pytest.raises(SchemaError) as info:
+        decode_event(msgspec.msgpack.encode(event))
+    assert "`$.ip`" in str(info.value)
+    record = as_dict(make_pod()) | {"ip": "10.0.0.9"}
+    assert decode_pod(pack(record)).ip == "10.0.0.9"
 
 
 @pytest.mark.parametrize("field", ["uid", "namespace", "revision", "ip", "port"])

@@ -191,3 +191,90 @@ async def test_bootstrap_fill_serves_waiters_and_levels_like_update() -> None:
     # A second whole state reconciles (pods forgotten, states changed) as before.
     fresh.replace_all([pod("a0", cc=2, state=PodState.NOT_READY, gen=2)])
     assert set(fresh.pods) == {"a0"} and not fresh.pods["a0"].routable
+
+
+# ---- a bootstrap: revisions pending until first asked for --------------------------------------
+
+
+def bootstrapped(records: list[PodRecord], seed: int = 0) -> SlotTable:
+    by_revision: dict[str, list[PodRecord]] = {}
+    for record in records:
+        by_revision.setdefault(record.revision, []).append(record)
+    table = SlotTable(seed=seed)
+    table.adopt(by_revision)
+    return table
+
+
+def test_bootstrapped_revisions_stay_pending_until_first_pick() -> None:
+    table = bootstrapped([pod("a", 2, rev="r1"), pod("b", rev="r1"), pod("c", rev="r2"), pod("d", rev="r3")])
+    assert table.pods == {} and set(table.revisions) == {"r1", "r2", "r3"}
+    assert table.revisions["r1"].free_slots == 3 and table.revisions["r1"].inflight == 0
+    leases = [table.pick("r1") for _ in range(3)]
+    assert sorted(lease[1].uid for lease in leases if lease) == ["a", "a", "b"]
+    assert table.pick("r1") is None  # full, and never over capacity
+    assert set(table.pods) == {"a", "b"} and table.revisions["r2"].pending is not None  # r2 untouched
+    for lease in leases:
+        assert lease is not None
+        lease[0]()
+    assert table.revisions["r1"].free_slots == 3
+
+
+def test_a_delta_for_a_pending_revision_updates_its_records() -> None:
+    table = bootstrapped([pod("a", rev="r1"), pod("b", rev="r1"), pod("c", rev="r2")])
+    table.update([pod("a", state=PodState.NOT_READY, gen=2, rev="r1"), pod("b", state=PodState.REMOVED, gen=2, rev="r1"),
+                  pod("n", rev="r1")])  # fmt: skip
+    table.update([pod("c", state=PodState.REMOVED, gen=2, rev="r2")])
+    assert "r2" not in table.revisions  # its last pod went: the revision is forgotten
+    lease = table.pick("r1")
+    assert lease is not None and lease[1].uid == "n"
+    assert table.pick("r1") is None  # a is not ready, b is gone
+    assert set(table.revisions["r1"].members) == {"a", "n"}
+
+
+def test_has_prospects_for_pending_and_materialized_revisions() -> None:
+    table = bootstrapped(
+        [pod("a", state=PodState.PENDING, rev="r1"), pod("b", state=PodState.DRAINING, rev="r2")]
+    )
+    assert table.has_prospects("r1") and not table.has_prospects("r2") and not table.has_prospects("nope")
+    assert table.pick("r1") is None and table.pick("r2") is None  # (materializes both)
+    assert table.revisions["r1"].pending is None
+    assert table.has_prospects("r1") and not table.has_prospects("r2")
+
+
+def test_waiters_get_the_slots_of_a_revision_materialized_under_them() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        table = bootstrapped([pod("a", state=PodState.NOT_READY, rev="r1")])
+        waiter = table.enqueue("r1", 0, loop)
+        assert table.revisions["r1"].pending is None  # enqueue materialized it
+        table.update([pod("a", state=PodState.READY, gen=2, rev="r1")])
+        assert waiter.done() and waiter.result()[1].uid == "a"
+    finally:
+        loop.close()
+
+
+def test_replace_all_reconciles_pending_revisions_too() -> None:
+    table = bootstrapped([pod("a", rev="r1"), pod("b", rev="r1"), pod("c", rev="r2")])
+    assert table.pick("r2") is not None  # r2 materialized, r1 still pending
+    table.replace_all([pod("a", rev="r1"), pod("d", rev="r3")])
+    assert set(table.revisions) == {"r1", "r3"} and "c" not in table.pods  # (c's release stays harmless)
+    lease = table.pick("r1")
+    assert lease is not None and lease[1].uid == "a" and table.pick("r1") is None
+    assert table.pick("r3") is not None
+
+
+def test_adopt_needs_an_empty_table() -> None:
+    table = SlotTable()
+    table.update([pod("a")])
+    with pytest.raises(RuntimeError, match="empty"):
+        table.adopt({"r": [pod("b")]})
+
+
+def test_bootstrapped_routers_start_on_different_pods() -> None:
+    records = [pod(f"p{i}", rev="r") for i in range(50)]
+    firsts = set()
+    for seed in range(20):
+        lease = bootstrapped(records, seed=seed).pick("r")
+        assert lease is not None
+        firsts.add(lease[1].uid)
+    assert len(firsts) > 5

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from fastproxy.snapshot import RouteTable, RoutingSnapshot, SnapshotBuilder, VersionGap
+from statesync.keys import POD_CHUNKS, pod_chunk
 from statesync.schema import Delta, PodRecord, PodState, Route, WeightedRevision
 
 
@@ -33,11 +36,78 @@ def test_apply_returns_new_snapshot_and_leaves_old_untouched() -> None:
     assert base.revision_pods("llama-v1")["a"].state is PodState.READY
 
 
-def test_untouched_revisions_are_shared_not_copied() -> None:
-    base = RoutingSnapshot.build(1, 1, [pod("a", "r1"), pod("b", "r2")])
-    after = base.apply(Delta(epoch=1, version=2, pods=(pod("a", "r1", PodState.NOT_READY, 2),)))
-    assert after.revisions["r2"] is base.revisions["r2"]
+def test_untouched_chunks_are_shared_not_copied() -> None:
+    records = [pod(f"p{i}", f"r{i % 7}") for i in range(2_000)]
+    base = RoutingSnapshot.build(1, 1, records)
+    changed = pod("p5", "r5", PodState.NOT_READY, 2)
+    after = base.apply(Delta(epoch=1, version=2, pods=(changed,)))
+    old_chunks = [leaf for inner in base.pods._outer for leaf in inner]
+    new_chunks = [leaf for inner in after.pods._outer for leaf in inner]
+    copied = [i for i, (a, b) in enumerate(zip(old_chunks, new_chunks, strict=True)) if a is not b]
+    assert copied == [pod_chunk("p5")]
+    assert sum(a is not b for a, b in zip(base.pods._outer, after.pods._outer, strict=True)) == 1
     assert after.route_table is base.route_table
+    assert base.pods["p5"].state is PodState.READY and after.pods["p5"] is changed
+
+
+def test_pod_table_behaves_like_a_dict_under_changes() -> None:
+    """Random sets, replacements and removals, checked against a plain dict after every delta."""
+    rng = random.Random(7)
+    model: dict[str, PodRecord] = {}
+    snap = RoutingSnapshot.empty()
+    for version in range(1, 200):
+        changes = []
+        for _ in range(rng.randrange(1, 30)):
+            uid = f"u{rng.randrange(300)}"
+            state = rng.choice([PodState.READY, PodState.NOT_READY, PodState.REMOVED])
+            record = pod(
+                uid, f"r{rng.randrange(5)}" if uid not in model else model[uid].revision, state, version
+            )
+            changes.append(record)
+        previous = dict(snap.pods.items())
+        before = snap
+        snap = snap.apply(Delta(epoch=1, version=version, pods=tuple(changes)))
+        for record in changes:
+            if record.state is PodState.REMOVED:
+                model.pop(record.uid, None)
+            else:
+                model[record.uid] = record
+        assert dict(snap.pods.items()) == model and len(snap.pods) == len(model)
+        assert dict(before.pods.items()) == previous  # the old snapshot never changes
+        for uid in ("u1", "u299", "nope"):
+            assert snap.pods.get(uid) == model.get(uid) and (uid in snap.pods) == (uid in model)
+        grouped: dict[str, dict[str, PodRecord]] = {}
+        for uid, record in model.items():
+            grouped.setdefault(record.revision, {})[uid] = record
+        assert {r: dict(m) for r, m in snap.revisions.items()} == grouped
+    with pytest.raises(KeyError):
+        snap.pods["nope"]
+
+
+def test_chunks_as_the_writer_packs_them_become_the_table_and_the_revision_groups() -> None:
+    records = [pod(f"p{i}", f"r{i % 3}") for i in range(100)]
+    by_chunk: dict[int, list[PodRecord]] = {}
+    for record in records:
+        by_chunk.setdefault(pod_chunk(record.uid), []).append(record)
+    builder = SnapshotBuilder()
+    for number, chunk in by_chunk.items():
+        builder.add_chunk(number, chunk)
+    snap = builder.finish(1, 4)
+    assert dict(snap.pods.items()) == {r.uid: r for r in records}
+    assert {r: sorted(p.uid for p in members) for r, members in builder.by_revision.items()} == {
+        f"r{k}": sorted(f"p{i}" for i in range(100) if i % 3 == k) for k in range(3)
+    }
+    # a chunk holding a tombstone (not what the writer stores) or sent twice: still consistent
+    odd = SnapshotBuilder()
+    first = next(iter(by_chunk))
+    odd.add_chunk(first, [*by_chunk[first], pod("zz", "r0", PodState.REMOVED)])
+    odd.add_chunk(first, [pod(by_chunk[first][0].uid, "r0", PodState.NOT_READY, 9)])
+    table = odd.finish(1, 1).pods
+    assert len(table) == len(by_chunk[first]) and "zz" not in table
+    assert table[by_chunk[first][0].uid].generation == 9
+    assert sum(len(m) for m in odd.by_revision.values()) == len(table)
+    with pytest.raises(ValueError, match="outside"):
+        odd.add_chunk(POD_CHUNKS, [])
 
 
 @pytest.mark.parametrize(("epoch", "version"), [(1, 5), (1, 7), (1, 3), (0, 6)])
