@@ -249,6 +249,10 @@ def bench_router_decode_apply_delta_50k(benchmark, runner: asyncio.Runner) -> No
     router = Router(RouterConfig(), runner.get_loop())
     pods = big_pods()
     router.install(RoutingSnapshot.build(1, 1, pods, make_routes()))
+    for revision in list(router.slots.revisions):  # (a router that has served every revision once)
+        lease = router.slots.pick(revision)
+        assert lease is not None
+        lease[0]()
     target = pods[BIG // 3]
     flip = {PodState.READY: PodState.NOT_READY, PodState.NOT_READY: PodState.READY}
 

@@ -24,8 +24,9 @@ generation the failure was seen at, or ``readmit`` is called.
 
 A whole state installed into an empty table (a router's bootstrap) is only grouped per revision:
 each revision keeps its records ``pending`` until its first request finds no free pod in its (empty)
-levels, and only then gets its ``PodSlots`` (``_materialize``, O(pods of that revision)). Deltas
-for a pending revision just update its records. So a router that starts on 50k pods pays per pod a
+levels, and only then gets its ``PodSlots`` (``_materialize``, O(pods of that revision)), or when
+the router warms up after installing (``materialize_pending``, a slice at a time between other
+work). Deltas for a pending revision just update its records. So a router that starts on 50k pods pays per pod a
 dict insertion, not an object and its level bookkeeping, and a revision nobody asks for costs
 nothing more. The hot path is unchanged: the check for ``pending`` happens only when the policy
 found no pod.
@@ -350,6 +351,19 @@ class SlotTable:
                 revision.pending = {record.uid: record}
             else:
                 revision.pending_by_uid()[record.uid] = record
+
+    def materialize_pending(self, budget: int) -> int:
+        """Materialize pending revisions until about ``budget`` pods got slots (a bootstrapped
+        router warms up between requests, so first requests rarely pay for it); returns how many
+        pods were done, 0 when nothing is pending any more. One revision is never split."""
+        done = 0
+        for revision in self.revisions.values():
+            if revision.pending is not None:
+                done += len(revision.pending)
+                self._materialize(revision)
+                if done >= budget:
+                    break
+        return done
 
     def _materialize(self, revision: RevisionSlots) -> None:
         """Give a pending revision its PodSlots, its Ready pods into rotation.

@@ -13,7 +13,7 @@ from fastproxy.config import RouterConfig
 from fastproxy.router import Router
 from statesync.connect import connect
 from statesync.embedded import EmbeddedValkey
-from statesync.keys import Keys, stream_id_key
+from statesync.keys import Keys, pod_chunk, stream_id_key
 from statesync.schema import (
     ConnectFailed,
     ConnectFailureKind,
@@ -332,6 +332,11 @@ async def test_pod_chunks_mirror_live_records_and_stale_chunks_are_never_used(
     router = Router(RouterConfig(), asyncio.get_running_loop())
     await StateFollower(router, valkey_server.url).resync(client)
     assert dict(router.snapshot.pods.items()) == live
+    # every chunk became the snapshot's chunk of the same number; the slot table warms up after
+    assert all(router.snapshot.pods._outer[pod_chunk(uid) >> 6][pod_chunk(uid) & 63] for uid in live)
+    await wait_for(lambda: len(router.slots.pods) == 38, what="every revision's slots after the bootstrap")
+    assert all(r.pending is None for r in router.slots.revisions.values())
+    assert router.slots.pick(live["p0"].revision) is not None
 
     # Chunks behind the version (as a writer that predates them leaves them): a router reads the
     # per-pod hash instead, and the next leader repacks them at takeover.

@@ -278,3 +278,14 @@ def test_bootstrapped_routers_start_on_different_pods() -> None:
         assert lease is not None
         firsts.add(lease[1].uid)
     assert len(firsts) > 5
+
+
+def test_materialize_pending_works_in_slices_until_nothing_is_pending() -> None:
+    records = [pod(f"p{i}", rev=f"r{i % 10}") for i in range(100)]
+    table = bootstrapped(records)
+    assert table.materialize_pending(25) == 30  # whole revisions of 10 pods until >= 25
+    assert sum(r.pending is None for r in table.revisions.values()) == 3
+    while table.materialize_pending(25):
+        pass
+    assert len(table.pods) == 100 and all(r.pending is None for r in table.revisions.values())
+    assert all(table.pick(f"r{k}") is not None for k in range(10))
