@@ -39,11 +39,11 @@ import random
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 import valkey.asyncio as avalkey
-from valkey.exceptions import NoPermissionError, ResponseError
+from valkey.exceptions import NoPermissionError, NoScriptError, ResponseError
 
 from statesync.keys import (
     APPLIED_CAP,
@@ -79,57 +79,59 @@ from statesync.schema import (
 
 log = logging.getLogger("fastproxy.writer")
 
-# One fenced, atomic step per batch. ARGV: 1 token, 2 expected version, 3 new version, 4 epoch,
-# 5 channel, 6 message to publish, 7 delta (change log), 8 change log cap, 9 applied-ids cap,
-# 10 consumer group, 11 records, 12 routes, 13 chunks (-1: this writer does not keep pod-chunks, and
-# passes no KEYS[9], KEYS[10]: its ACL user may not have them), 14 applied ids, 15 entries to ack,
-# 16 the payload: one msgpack array of strings (``lua_strings``) holding (uid, record) pairs,
-# (service, route or '' to delete) pairs, (chunk, packed records or '' to delete) pairs, the applied
-# ids and the entry ids to acknowledge. One argument, not thousands: valkey-py packs each argument
-# of a command in Python, which cost more than everything else the writer does in a batch.
+# One fenced, atomic step per batch. KEYS: 1 lease, 2 version, 3 state-epoch, 4 applied, 5 pods,
+# 6 routes, 7 changes, 8 events, and 9 pod-chunks, 10 chunks-version unless this writer does not keep
+# pod-chunks (its ACL user may not have them). ARGV: 1 token, 2 expected version, 3 new version,
+# 4 epoch ('' once this term wrote it: it changes only with the term), 5 channel, 6 message to
+# publish, 7 delta (change log), 8 change log cap, 9 applied-ids cap ('' while the set is below it:
+# nothing to trim), 10 consumer group, 11 records, 12 routes, 13 chunks to write (-1: no pod-chunks),
+# 14 chunks to delete, 15 applied ids, 16 entries to ack, 17 the payload: one msgpack array of
+# strings (``lua_strings``) holding (uid, record) pairs, (service, route or '' to delete) pairs,
+# (chunk, packed records) pairs, emptied chunks, (score, id) pairs of the applied ids and the entry
+# ids to acknowledge. One argument, not thousands: packing each argument of a command in Python
+# cost more than everything else the writer does in a batch. Each kind of write is one command for
+# up to 1000 arguments (``each``; unpack has a stack limit): a Lua redis.call costs microseconds
+# whatever its size, so a 1000-event batch makes a few dozen calls, not thousands.
 # Every applied entry id goes into a capped sorted set (score: the id's millisecond part), in the
 # same step as the state it produced: a replayed or late-claimed entry is recognised by id. The
 # entries are acknowledged in the same step too, so no crash can leave a committed batch unacked.
 COMMIT_SCRIPT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('FENCED lease lost') end
-local n, r, c = tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13])
-local a, k = tonumber(ARGV[14]), tonumber(ARGV[15])
-local P = cmsgpack.unpack(ARGV[16])
+local n, r, c, d = tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
+local a, k = tonumber(ARGV[15]), tonumber(ARGV[16])
+local P = cmsgpack.unpack(ARGV[17])
 local i = 1
+local function each(command, key, count, extra)
+  while count > 0 do
+    local m = math.min(count, 1000)
+    if extra then redis.call(command, key, extra, unpack(P, i, i + m - 1))
+    else redis.call(command, key, unpack(P, i, i + m - 1)) end
+    i, count = i + m, count - m
+  end
+end
 if n + r > 0 then
   local current = tonumber(redis.call('GET', KEYS[2]) or '0')
   if current ~= tonumber(ARGV[2]) then
     return redis.error_reply('VERSION expected ' .. ARGV[2] .. ' found ' .. tostring(current))
   end
   redis.call('SET', KEYS[2], ARGV[3])
-  redis.call('SET', KEYS[3], ARGV[4])
-  for _ = 1, n do
-    redis.call('HSET', KEYS[5], P[i], P[i + 1])
-    i = i + 2
-  end
+  if ARGV[4] ~= '' then redis.call('SET', KEYS[3], ARGV[4]) end
+  each('HSET', KEYS[5], 2 * n)
   for _ = 1, r do
     if P[i + 1] == '' then redis.call('HDEL', KEYS[6], P[i]) else redis.call('HSET', KEYS[6], P[i], P[i + 1]) end
     i = i + 2
   end
-  for _ = 1, c do
-    if P[i + 1] == '' then redis.call('HDEL', KEYS[9], P[i]) else redis.call('HSET', KEYS[9], P[i], P[i + 1]) end
-    i = i + 2
+  if c >= 0 then
+    each('HSET', KEYS[9], 2 * c)
+    each('HDEL', KEYS[9], d)
+    redis.call('SET', KEYS[10], ARGV[3])
   end
-  if c >= 0 then redis.call('SET', KEYS[10], ARGV[3]) end
   redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[8], ARGV[3] .. '-0', 'd', ARGV[7])
   redis.call('PUBLISH', ARGV[5], ARGV[6])
 end
-for _ = 1, a do
-  local id = P[i]
-  redis.call('ZADD', KEYS[4], tonumber(string.match(id, '^(%d+)')), id)
-  i = i + 1
-end
-if a > 0 then redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -tonumber(ARGV[9]) - 1) end
-while k > 0 do  -- (unpack has a stack limit: acknowledge a claimed backlog 1000 at a time)
-  local m = math.min(k, 1000)
-  redis.call('XACK', KEYS[8], ARGV[10], unpack(P, i, i + m - 1))
-  i, k = i + m, k - m
-end
+each('ZADD', KEYS[4], 2 * a)
+if a > 0 and ARGV[9] ~= '' then redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -tonumber(ARGV[9]) - 1) end
+each('XACK', KEYS[8], k, ARGV[10])
 return ARGV[3]
 """
 
@@ -168,6 +170,85 @@ def lua_strings(items: list[bytes]) -> bytes:
             append(b"\xdb" + size.to_bytes(4, "big"))
         append(item)
     return b"".join(parts)
+
+
+_CHANGES_CAP = b"%d" % CHANGES_CAP
+_APPLIED_CAP = b"%d" % APPLIED_CAP
+_GROUP = EVENTS_GROUP.encode()
+READ_BLOCK_MS = 200  # a leader's blocked read returns this often to look at its stop flag and timers
+
+
+def resp(args: list[bytes]) -> bytes:
+    """One command in the Valkey protocol (RESP), from arguments that are already bytes."""
+    return b"*%d\r\n" % len(args) + b"".join([b"$%d\r\n%b\r\n" % (len(arg), arg) for arg in args])
+
+
+def stream_entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes] | None]]:
+    """XREADGROUP's raw reply for one stream as (entry id, fields) pairs, as valkey-py gives them."""
+    if not reply:
+        return []
+    entries = next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]  # RESP3 / RESP2
+    return [(entry_id, dict(zip(fields[::2], fields[1::2], strict=True)) if fields else None)
+            for entry_id, fields in entries]  # fmt: skip
+
+
+class _Commit:
+    """One batch ready to commit: the script's arguments and what to do once it succeeded."""
+
+    __slots__ = ("applied", "args", "changes", "count", "recovery", "version")
+
+    def __init__(self, version: int, changes: bool, applied: list[str], count: int, args: list[bytes],
+                 recovery: list[tuple[str, bool, int]]) -> None:  # fmt: skip
+        self.version = version
+        self.changes = changes
+        self.applied = applied
+        self.count = count
+        self.args = args
+        self.recovery = recovery
+
+
+class Link:
+    """The leader's own connection for its serialized path: read a batch, commit it, read the next.
+
+    Why not the client's commands: valkey-py spends ~100 us of CPU on each (a retry wrapper, a pool
+    checkout that probes the socket, a task per write for the socket timeout, a timer per read),
+    and the leader runs two per batch -- at one event per batch, most of its CPU. Here a command is
+    packed once (``resp``), written, and its reply read under one timer. It also lets the commit and
+    the next XREADGROUP leave in one write: Valkey runs them in order, so the read still comes after
+    the commit. The connection is made by the client's pool (TLS, ACL user, Sentinel discovery, the
+    handshake) but never returned to it; one that owes replies when its owner gives up is closed."""
+
+    __slots__ = ("conn", "owed", "timeout")
+
+    def __init__(self, conn: Any, timeout: float | None) -> None:
+        self.conn = conn
+        self.owed = 0  # replies sent for and not yet read
+        self.timeout = timeout
+
+    @classmethod
+    async def open(cls, client: avalkey.Valkey) -> Link:
+        conn = client.connection_pool.make_connection()
+        timeout = conn.socket_timeout
+        conn.socket_timeout = None  # no per-write task and per-read timer: ``read`` times whole replies
+        await conn.connect()
+        return cls(conn, timeout)
+
+    async def send(self, packed: bytes, replies: int = 1) -> None:
+        await self.conn.send_packed_command(packed, check_health=False)
+        self.owed += replies
+
+    async def read(self, block: float = 0.0) -> Any:
+        """The next reply (a ResponseError for an error reply). ``block``: how long the command may
+        legitimately take in Valkey (a blocking read), on top of the socket timeout."""
+        self.owed -= 1  # read, or the connection is closed (valkey-py closes it on any failure)
+        if self.timeout is None:
+            return await self.conn.read_response()
+        async with asyncio.timeout(self.timeout + block):
+            return await self.conn.read_response()
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.conn.disconnect()
 
 
 class Fenced(Exception):
@@ -263,9 +344,9 @@ class WriterState:
             if len(self._applied_order) > APPLIED_CAP:
                 self.applied_ids.discard(self._applied_order.popleft())
 
-    def pack(self, records: list[tuple[PodRecord, bytes]]) -> list[bytes]:
-        """Put encoded records into their chunks; (chunk, packed records or b"" if it emptied) pairs
-        for every chunk they touched."""
+    def pack(self, records: list[tuple[PodRecord, bytes]]) -> tuple[list[bytes], list[bytes]]:
+        """Put encoded records into their chunks; (chunk, packed records) pairs for every chunk they
+        touched that still has members, and the chunks they emptied."""
         chunks = self.chunks
         touched: set[int] = set()
         for record, blob in records:
@@ -280,14 +361,15 @@ class WriterState:
             else:
                 members[record.uid] = blob
         pairs: list[bytes] = []
+        emptied: list[bytes] = []
         for chunk in touched:
             members = chunks.get(chunk)
             if members:
                 pairs += (b"%d" % chunk, pack_array(list(members.values())))
             else:
                 chunks.pop(chunk, None)
-                pairs += (b"%d" % chunk, b"")
-        return pairs
+                emptied.append(b"%d" % chunk)
+        return pairs, emptied
 
     @property
     def applied(self) -> str:
@@ -323,6 +405,9 @@ class Writer:
         self.stats: dict[str, int] = {"applied": 0, "commits": 0, "rejected": 0, "dropped": 0, "bad": 0}
         # Keep pod-chunks (routers' fast bootstrap)? Off only when our ACL user may not write them.
         self.packing = True
+        self._token = b""
+        self._epoch_written = False  # state-epoch holds this term's epoch (written by its first commit)
+        self._channel = self.keys.channel.encode()
         self._commit = client.register_script(COMMIT_SCRIPT)
         self._repack = client.register_script(REPACK_SCRIPT)
         self._renew = client.register_script(RENEW_SCRIPT)
@@ -349,6 +434,8 @@ class Writer:
             return False
         self.epoch = epoch
         self.token = token
+        self._token = token.encode()
+        self._epoch_written = False
         await self._load_state()
         await self._sync_chunks()
         self.leader = True
@@ -448,7 +535,7 @@ class Writer:
                 raise
 
     async def read_batch(
-        self, block_ms: int = 200, pending_first: bool = False
+        self, block_ms: int = READ_BLOCK_MS, pending_first: bool = False
     ) -> list[tuple[bytes, dict[bytes, bytes]]]:
         streams = {self.keys.events: "0" if pending_first else ">"}
         reply = await self.client.xreadgroup(
@@ -490,10 +577,17 @@ class Writer:
         if floor:
             await self.client.xtrim(self.keys.events, minid=floor, approximate=True)
 
-    async def process(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> int:
+    async def process(self, entries: Sequence[tuple[bytes, dict[bytes, bytes] | None]]) -> int:
         """Apply a batch, commit it fenced, then acknowledge it. Returns the records changed."""
         if not entries:
             return 0
+        commit = self._prepare(entries)
+        await self._run(commit)
+        self._committed(commit)
+        return commit.count
+
+    def _prepare(self, entries: Sequence[tuple[bytes, dict[bytes, bytes] | None]]) -> _Commit:
+        """The pure part of a batch: apply its events to the in-memory state; the commit to run."""
         state = self.state
         changed: dict[str, PodRecord] = {}
         route_changes: dict[str, Route] = {}
@@ -517,16 +611,8 @@ class Writer:
                 continue
             self._apply_event(event, changed, route_changes, recovery)
         # Also with nothing applied (all replays): the commit acknowledges the entries, fenced.
-        await self._write(tuple(changed.values()), tuple(route_changes.values()), applied=applied,
-                          acknowledge=[e[0] for e in entries])  # fmt: skip
-        for uid, start, generation in recovery:
-            if start:
-                self._start_check(uid, generation)
-            else:
-                task = self._checks.pop(uid, None)
-                if task is not None:
-                    task.cancel()
-        return len(changed) + len(route_changes)
+        return self._build(tuple(changed.values()), tuple(route_changes.values()), applied=applied,
+                           acknowledge=[e[0] for e in entries], recovery=recovery)  # fmt: skip
 
     def _apply_event(
         self,
@@ -583,51 +669,93 @@ class Writer:
         """One fenced, atomic step: the records (and their pod-chunks), the version, the change log,
         the publish, the ids of the entries applied and their acknowledgement. With no records it
         only records the ids and acknowledges (still fenced)."""
+        commit = self._build(pods, routes, applied=applied, acknowledge=acknowledge, new_version=new_version)
+        await self._run(commit)
+        self._committed(commit)
+
+    def _build(
+        self,
+        pods: tuple[PodRecord, ...],
+        routes: tuple[Route, ...],
+        *,
+        applied: list[str] | None = None,
+        acknowledge: list[bytes] | None = None,
+        new_version: int = 0,
+        recovery: list[tuple[str, bool, int]] | None = None,
+    ) -> _Commit:
+        """The commit script's arguments for a batch (see ``COMMIT_SCRIPT``), all bytes."""
         state = self.state
-        keys = self.keys
         applied = applied or []
         acknowledge = acknowledge or []
         changes = bool(pods or routes)
         version = (new_version or state.version + 1) if changes else state.version
         blob = encode(Delta(epoch=self.epoch, version=version, pods=pods, routes=routes)) if changes else b""
         encoded = [(pod, encode(pod)) for pod in pods]
-        chunk_pairs = state.pack(encoded) if self.packing else []
+        chunk_pairs, emptied = state.pack(encoded) if self.packing else ([], [])
         payload: list[bytes] = []
         for pod, pod_blob in encoded:
             payload += (pod.uid.encode(), pod_blob)
         for route in routes:
             payload += (route.service.encode(), b"" if route.removed else encode(route))
         payload += chunk_pairs
-        payload += (entry_id.encode() for entry_id in applied)
+        payload += emptied
+        for entry_id in applied:
+            payload += (entry_id.partition("-")[0].encode(), entry_id.encode())
         payload += acknowledge
-        args: list[Any] = [
-            self.token, state.version, version, self.epoch, keys.channel, DELTA_PREFIX + blob, blob,
-            CHANGES_CAP, APPLIED_CAP, EVENTS_GROUP, len(pods), len(routes),
-            len(chunk_pairs) // 2 if self.packing else -1, len(applied), len(acknowledge), lua_strings(payload),
+        # The applied-ids set is trimmed only once it can exceed its cap (our memory mirrors it).
+        trim = len(state.applied_ids) + len(applied) > APPLIED_CAP
+        args = [
+            self._token, b"%d" % state.version, b"%d" % version, b"" if self._epoch_written else b"%d" % self.epoch,
+            self._channel, DELTA_PREFIX + blob, blob, _CHANGES_CAP, _APPLIED_CAP if trim else b"", _GROUP,
+            b"%d" % len(pods), b"%d" % len(routes), b"%d" % (len(chunk_pairs) // 2) if self.packing else b"-1",
+            b"%d" % len(emptied), b"%d" % len(applied), b"%d" % len(acknowledge), lua_strings(payload),
         ]  # fmt: skip
+        return _Commit(version, changes, applied, len(pods) + len(routes), args, recovery or [])
+
+    async def _run(self, commit: _Commit) -> None:
+        """Run a commit through the client (valkey-py's script call: loads the script if needed)."""
+        try:
+            await self._commit(keys=self._script_keys(), args=commit.args)
+        except ResponseError as exc:
+            self._refused(exc)
+
+    def _script_keys(self) -> list[str]:
+        keys = self.keys
         script_keys = [keys.lease, keys.version, keys.state_epoch, keys.applied, keys.pods, keys.routes,
                        keys.changes, keys.events]  # fmt: skip
         if self.packing:
             script_keys += (keys.pod_chunks, keys.chunks_version)
-        try:
-            await self._commit(keys=script_keys, args=args)
-        except ResponseError as exc:
-            text = str(exc)
-            if "FENCED" in text:
-                self.step_down("commit fenced: lease lost")
-                raise Fenced(text) from None
-            if "VERSION" in text:
-                self.step_down(f"version mismatch ({text})")
-                raise Fenced(text) from None
-            if isinstance(exc, NoPermissionError) and self.packing:
-                # pod-chunks became forbidden under us: the next term finds out and stops keeping them
-                self.step_down(f"commit refused: {text}")
-            raise
-        state.version = version
-        for entry_id in applied:
+        return script_keys
+
+    def _refused(self, exc: ResponseError) -> NoReturn:
+        text = str(exc)
+        if "FENCED" in text:
+            self.step_down("commit fenced: lease lost")
+            raise Fenced(text) from None
+        if "VERSION" in text:
+            self.step_down(f"version mismatch ({text})")
+            raise Fenced(text) from None
+        if isinstance(exc, NoPermissionError) and self.packing:
+            # pod-chunks became forbidden under us: the next term finds out and stops keeping them
+            self.step_down(f"commit refused: {text}")
+        raise exc
+
+    def _committed(self, commit: _Commit) -> None:
+        """After the commit script succeeded: our memory follows, recovery checks start or stop."""
+        state = self.state
+        state.version = commit.version
+        for entry_id in commit.applied:
             state.remember(entry_id)
-        if changes:
+        if commit.changes:
             self.stats["commits"] += 1
+            self._epoch_written = True
+        for uid, start, generation in commit.recovery:
+            if start:
+                self._start_check(uid, generation)
+            else:
+                task = self._checks.pop(uid, None)
+                if task is not None:
+                    task.cancel()
 
     # ---- recovery checks ---------------------------------------------------------------------
 
@@ -706,17 +834,48 @@ class Writer:
         await self.process(await self.read_batch(pending_first=True))
         await self.process(await self.claim_pending())
         tasks = [asyncio.create_task(self._keep_lease()), asyncio.create_task(self._heartbeat())]
-        next_claim = asyncio.get_running_loop().time() + self.lease_ttl
+        loop = asyncio.get_running_loop()
+        next_claim = loop.time() + self.lease_ttl
+        link: Link | None = None
         try:
+            # The steady state runs on a connection of its own (``Link``): per batch one write (this
+            # batch's commit + the next blocking read) and two replies, nothing else.
+            link = await Link.open(self.client)
+            sha = (await self.client.script_load(COMMIT_SCRIPT)).encode()  # EVALSHA on the link needs it
+            keys = [key.encode() for key in self._script_keys()]
+            read = resp([b"XREADGROUP", b"GROUP", _GROUP, self.id.encode(), b"COUNT", b"%d" % self.batch,
+                         b"BLOCK", b"%d" % READ_BLOCK_MS, b"STREAMS", self.keys.events.encode(), b">"])  # fmt: skip
             while self.leader and not self._stop.is_set():
-                await self.process(await self.read_batch())
-                if asyncio.get_running_loop().time() >= next_claim:
+                if not link.owed:
+                    await link.send(read)
+                entries = stream_entries(await link.read(block=READ_BLOCK_MS / 1000))
+                due = loop.time() >= next_claim
+                if entries:
+                    commit = self._prepare(entries)
+                    # the next read rides with the commit, unless something else comes first
+                    pipelined = not due and self.leader and not self._stop.is_set()
+                    evalsha = resp([b"EVALSHA", sha, b"%d" % len(keys), *keys, *commit.args])
+                    await link.send(evalsha + read if pipelined else evalsha, 2 if pipelined else 1)
+                    try:
+                        await link.read()
+                    except NoScriptError:  # flushed under us: the client's script call loads it again
+                        await self._run(commit)
+                    except ResponseError as exc:
+                        self._refused(exc)
+                    self._committed(commit)
+                if due:
                     await self.trim_events()
                     # A deposed leader's blocked read may have taken entries after we took over;
                     # they sit unacknowledged in its consumer: take them over too.
-                    next_claim = asyncio.get_running_loop().time() + self.lease_ttl
+                    next_claim = loop.time() + self.lease_ttl
                     await self.process(await self.claim_pending(min_idle_ms=int(self.lease_ttl * 2000)))
+            if link.owed and self.leader:
+                # stopping: the read that went out with the last commit may hold entries; apply them
+                # now rather than leave them pending for the next leader's claim
+                await self.process(stream_entries(await link.read(block=READ_BLOCK_MS / 1000)))
         finally:
+            if link is not None:
+                await link.close()
             for task in tasks:
                 task.cancel()
             self.step_down("stopped" if self._stop.is_set() else "lost leadership")
