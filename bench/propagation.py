@@ -110,8 +110,8 @@ async def _follower(args: argparse.Namespace) -> int:
                 if record.uid in pending:
                     observe(record.uid, record.generation, at)
 
-        def install(self, snapshot: RoutingSnapshot) -> None:
-            super().install(snapshot)
+        def install(self, snapshot: RoutingSnapshot, *args: Any, **kwargs: Any) -> None:
+            super().install(snapshot, *args, **kwargs)  # (whatever else Router.install takes)
             at = time.time()
             pods = snapshot.pods
             for uid in list(pending):
@@ -134,6 +134,13 @@ async def _follower(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(f"synced {len(router.snapshot.pods)} {router.snapshot.version}\n")
         sys.stdout.flush()
+    if task.done() and not task.cancelled() and task.exception() is not None:
+        # the follower died (e.g. the Router API changed under this bench): say why, in the log
+        # the parent shows, rather than hang until its timeout
+        import traceback
+
+        traceback.print_exception(task.exception())
+        return 1
     await stop.wait()
     follower.stop()
     task.cancel()
