@@ -29,6 +29,7 @@ class RoutingState:
         self.snapshot = RoutingSnapshot.build(1, 1, self.pods, make_routes())
         self.slots = SlotTable(seed=7)
         self.slots.replace_all(self.pods)
+        self.slots.materialize_pending(n_pods)  # (a router that has served every revision)
 
 
 _states: dict[int, RoutingState] = {}
@@ -103,6 +104,7 @@ def bench_memory_per_pod(benchmark, n_pods: int) -> None:
     after_snapshot = tracemalloc.get_traced_memory()[0]
     slots = SlotTable()
     slots.replace_all(pods)
+    slots.materialize_pending(n_pods)
     after_slots = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
     assert len(snapshot.pods) == n_pods and len(slots.pods) == n_pods
