@@ -833,7 +833,8 @@ class Writer:
         await self.ensure_group()
         await self.process(await self.read_batch(pending_first=True))
         await self.process(await self.claim_pending())
-        tasks = [asyncio.create_task(self._keep_lease()), asyncio.create_task(self._heartbeat())]
+        tasks = [asyncio.create_task(self._keep_lease()), asyncio.create_task(self._heartbeat()),
+                 asyncio.create_task(self._keep_trimmed())]  # fmt: skip
         loop = asyncio.get_running_loop()
         next_claim = loop.time() + self.lease_ttl
         link: Link | None = None
@@ -841,7 +842,8 @@ class Writer:
             # The steady state runs on a connection of its own (``Link``): per batch one write (this
             # batch's commit + the next blocking read) and two replies, nothing else.
             link = await Link.open(self.client)
-            sha = (await self.client.script_load(COMMIT_SCRIPT)).encode()  # EVALSHA on the link needs it
+            await self.client.script_load(COMMIT_SCRIPT)  # EVALSHA on the link needs it in Valkey
+            sha = self._commit.sha.encode()
             keys = [key.encode() for key in self._script_keys()]
             read = resp([b"XREADGROUP", b"GROUP", _GROUP, self.id.encode(), b"COUNT", b"%d" % self.batch,
                          b"BLOCK", b"%d" % READ_BLOCK_MS, b"STREAMS", self.keys.events.encode(), b">"])  # fmt: skip
@@ -864,7 +866,6 @@ class Writer:
                         self._refused(exc)
                     self._committed(commit)
                 if due:
-                    await self.trim_events()
                     # A deposed leader's blocked read may have taken entries after we took over;
                     # they sit unacknowledged in its consumer: take them over too.
                     next_claim = loop.time() + self.lease_ttl
@@ -889,6 +890,18 @@ class Writer:
                     return
             except (OSError, avalkey.ConnectionError, avalkey.TimeoutError) as exc:
                 log.warning("lease renewal failed: %s", exc)
+
+    async def _keep_trimmed(self) -> None:
+        """Trim the events stream once a lease term, beside the serialized path rather than in it
+        (three round trips that would hold up the batch behind them). Safe alongside it: the trim
+        stops below the oldest entry still pending or not yet delivered, and later entries only
+        come after that."""
+        while self.leader:
+            await asyncio.sleep(self.lease_ttl)
+            try:
+                await self.trim_events()
+            except (OSError, avalkey.ConnectionError, avalkey.TimeoutError, ResponseError) as exc:
+                log.warning("trimming the events stream failed: %s", exc)  # next term, or next time
 
     async def _heartbeat(self) -> None:
         while self.leader:
