@@ -5,7 +5,8 @@ same processes at a smaller scale (Valkey, writer, one app process, 4 sidecars, 
 1.3x the capacity for 5 s, then flips readiness 3 times, and checks what must hold whatever the
 machine: no app call was double-booked (the app counts concurrency violations) and every request
 was answered 200 while the queue deadline (30 s) held. The idle-gap and flip figures are reported,
-never asserted: this machine is shared.
+never asserted: this machine is shared. The flip's stages are checked for coherence only (each
+present, in causal order, the routers' change times known to within a poll's round trip).
 
 """
 
@@ -45,6 +46,14 @@ def bench_sidecar_load_smoke(tmp_path: Path) -> None:
         math.isfinite(flips[key]["p99"]) and flips[key]["p50"] > 0
         for key in ("gate_closed_ms", "routers_stopped_ms", "gate_open_ms", "routers_routable_ms")
     )
+
+    # Where a flip's time goes (sidecar -> Valkey -> writer's delta -> routers): every stage is
+    # there, in causal order, and a router's change time is known to within the poll's round trip.
+    for suffix in ("", "_open"):
+        event, delta = flips[f"stage_event_in_valkey{suffix}_ms"], flips[f"stage_delta_published{suffix}_ms"]
+        assert math.isfinite(flips[f"stage_routers_after_delta{suffix}_ms"]["p50"])
+        assert 0 < event["p50"] <= delta["p50"], (event, delta)
+    assert 0 < flips["state_round_trip_ms"]["p50"] < flips["routers_stopped_ms"]["p50"]
 
     # What must hold.
     assert app["violations"] == 0 and app["max_concurrent_seen"] == 1, app

@@ -51,11 +51,19 @@ request the moment its probe sees the app not ready) and every router's ``/v1/po
 change. Polling only says *that* it changed; *when* comes from the processes' own wall clocks
 (one machine, one clock): the sidecar's record carries ``since`` (set when its gate moved) and a
 router's ``/v1/state`` its snapshot age (read right after ``/v1/pods``, so the change time derived
-from it is, if anything, late: a later delta would only make it later). Flips start at a random
+from it is, if anything, late: a later delta would only make it later). The age is turned into a
+time with the moment its reply was *received*, so the figure is late by up to that request's round
+trip: the polls are raw GETs on kept-alive connections, one at a time (``AdminPoller``; sub-ms),
+and the round trips are reported. (They were httpx requests, all at once: their replies were
+parsed one after the other in this process, ~10 ms late each at p50 and up to a poll round, ~30
+ms, in the tail -- the bench's own delay, charged to the routers.) Flips start at a random
 phase of the probe interval, so the probe's wait is included as it would be in production.
 Polling starts 100 ms after the flip and pauses 20 ms between rounds, so that
 it takes little CPU from the processes it times. Reported: p50/p99/max of flip -> gate closed at
-the sidecar, and flip -> the last router stopped picking it (and the same for flipping back). A markdown table is printed and everything goes to
+the sidecar, and flip -> the last router stopped picking it (and the same for flipping back); and
+where the time between goes (``StageTracer``): the sidecar's event arriving in Valkey (its stream
+id is Valkey's clock), the writer's delta as a subscriber here receives it, the routers after that
+delta. A markdown table is printed and everything goes to
 ``bench/results/sidecar-load-latest.json`` (``--json``). Every child process is stopped on exit,
 on error and on Ctrl-C / SIGTERM.
 """
@@ -368,6 +376,17 @@ class System:
                 out.append({"router": f"router-{i}", **parse_metrics(text)})
         return out
 
+    async def sidecar_metrics(self) -> dict[str, int]:
+        """Summed over the sidecars: requests admitted, parked ones that got the app, refusals."""
+        out = {"requests": 0, "parked_served": 0, "refused_busy": 0}
+        async with httpx.AsyncClient(timeout=10) as client:
+            for admin in self.sidecar_admins:
+                figures = parse_metrics((await self.admin_get(client, admin, "/metrics")).text)
+                out["requests"] += figures["requests"]
+                out["parked_served"] += figures["queue_waited"]
+                out["refused_busy"] += figures["queue_rejections"]
+        return out
+
     def cpu(self) -> dict[str, float]:
         groups: dict[str, float] = {"bench (load generators)": _proc_cpu(os.getpid())}
         for child in self.children:
@@ -399,7 +418,14 @@ _METRIC = re.compile(r"^(fastproxy_[a-z_]+)(\{[^}]*\})? ([0-9.eE+-]+|NaN)$")
 
 def parse_metrics(text: str) -> dict[str, Any]:
     """The few router counters this benchmark reports, from Prometheus text."""
-    out: dict[str, Any] = {"busy_refusals": 0, "retries": {}, "queue_rejections": 0, "responses": {}}
+    out: dict[str, Any] = {
+        "busy_refusals": 0,
+        "retries": {},
+        "queue_rejections": 0,
+        "responses": {},
+        "requests": 0,
+        "queue_waited": 0,
+    }
     for line in text.splitlines():
         match = _METRIC.match(line)
         if match is None:
@@ -409,6 +435,10 @@ def parse_metrics(text: str) -> dict[str, Any]:
             out["busy_refusals"] = int(value)
         elif name == "fastproxy_queue_rejections_total":
             out["queue_rejections"] = int(value)
+        elif name == "fastproxy_requests_total":
+            out["requests"] += int(value)
+        elif name == "fastproxy_queue_wait_seconds_count":
+            out["queue_waited"] = int(value)
         elif name == "fastproxy_retries_total":
             kind = re.search(r'kind="([^"]*)"', labels)
             out["retries"][kind.group(1) if kind else "?"] = int(value)
@@ -469,6 +499,7 @@ async def _measure(system: System, opts: Options, say: Any) -> dict[str, Any]:
     drained = time.perf_counter() - wall_end
     app = await system.app_stats()
     metrics = await system.router_metrics()
+    sidecars = await system.sidecar_metrics()
     flips = await measure_flips(system, opts, say) if opts.flips else None
     report = _report(
         opts,
@@ -484,11 +515,100 @@ async def _measure(system: System, opts: Options, say: Any) -> dict[str, Any]:
         wall_end - wall_start,
         drained,
     )
+    # App requests that started from a park (the slot handed over inside the sidecar: no round
+    # trip through a router) against all the sidecars admitted; and their refusals.
+    report["sidecars"] = sidecars
     if flips is not None:
         report["readiness_flips"] = flips
         report["checks"]["flip_p99"] = flips["ok"]
         report["ok"] = all(report["checks"].values())
     return report
+
+
+class AdminPoller:
+    """GETs on one kept-alive connection to an admin port, with the wall-clock times of send and
+    receive: a few hundred microseconds per request on an idle loopback (httpx costs milliseconds
+    of this process's time per reply, which made every router look that much later)."""
+
+    def __init__(self, address: str, token: str) -> None:
+        self.host, _, port = address.rpartition(":")
+        self.port = int(port)
+        self.auth = f"Authorization: Bearer {token}\r\n".encode()
+        self.conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def get(self, path: str) -> tuple[float, float, bytes]:
+        if self.conn is None:
+            self.conn = await asyncio.open_connection(self.host, self.port)
+        reader, writer = self.conn
+        sent = time.time()
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: admin\r\n".encode() + self.auth + b"\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        match = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+        if not head.startswith(b"HTTP/1.1 200") or match is None:
+            raise RuntimeError(f"admin {self.host}:{self.port}{path}: {head[:200]!r}")
+        body = await asyncio.wait_for(reader.readexactly(int(match.group(1))), 5)
+        return sent, time.time(), body
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            self.conn[1].close()
+            self.conn = None
+
+
+class StageTracer:
+    """Watches Valkey during the flips: when each sidecar readiness event arrived there (its stream
+    id is Valkey's millisecond clock) and when this process received the writer's delta for it."""
+
+    def __init__(self, url: str) -> None:
+        from statesync.connect import connect
+
+        self.client = connect(url, socket_timeout=None)
+        self.events: dict[tuple[str, bool], float] = {}  # (uid, ready) -> arrival (wall clock)
+        self.deltas: dict[tuple[str, bool], float] = {}  # (uid, ready) -> received (wall clock)
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        from statesync.keys import Keys
+
+        keys = Keys("fastproxy")
+        self.pubsub = self.client.pubsub()
+        await self.pubsub.subscribe(keys.channel)
+        self.tasks = [
+            asyncio.create_task(self._events(keys.events)),
+            asyncio.create_task(self._deltas()),
+        ]
+
+    async def _events(self, stream: str) -> None:
+        from statesync.schema import ReadinessChanged, decode_event
+
+        last = "$"
+        while True:
+            reply = await self.client.xread({stream: last}, block=0)
+            for _, entries in reply:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    event = decode_event(fields[b"e"])
+                    if isinstance(event, ReadinessChanged):
+                        self.events[(event.uid, event.ready)] = int(entry_id.split(b"-")[0]) / 1000
+
+    async def _deltas(self) -> None:
+        from statesync.keys import DELTA_PREFIX
+        from statesync.schema import PodState, decode_delta
+
+        async for message in self.pubsub.listen():
+            now = time.time()
+            data = message.get("data")
+            if message.get("type") != "message" or not data.startswith(DELTA_PREFIX):
+                continue
+            for pod in decode_delta(data[len(DELTA_PREFIX) :]).pods:
+                self.deltas[(pod.uid, pod.state is PodState.READY)] = now
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.pubsub.aclose()
+        await self.client.aclose()
 
 
 GOAL_FLIP_P99_MS = 100.0
@@ -508,25 +628,52 @@ async def measure_flips(system: System, opts: Options, say: Any) -> dict[str, An
         "routers_routable": [],
     }
     rounds: list[float] = []
-    auth = {"authorization": f"Bearer {system.token}"}
-    async with httpx.AsyncClient(timeout=5) as client:
+    round_trips: list[float] = []  # /v1/state requests: the uncertainty of a router's change time
+    # Where the time goes between the sidecar's gate and the routers (per flip, from the flip):
+    # the event's arrival in Valkey (its stream id is Valkey's clock) and the writer's delta as a
+    # subscriber in this process receives it (as the routers' subscriptions do).
+    stages: dict[str, list[float]] = {
+        f"{stage}{suffix}": []
+        for suffix in ("", "_open")
+        for stage in ("event_in_valkey", "delta_published", "routers_after_delta")
+    }
+    tracer = StageTracer(system.valkey.url)
+    await tracer.start()
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(tracer.close)
+        client = await stack.enter_async_context(httpx.AsyncClient(timeout=5))
+
+        pollers: dict[str, AdminPoller] = {}
+
+        def poller(admin: str) -> AdminPoller:
+            if admin not in pollers:
+                pollers[admin] = AdminPoller(admin, system.token)
+                stack.push_async_callback(pollers[admin].close)
+            return pollers[admin]
 
         async def sidecar_gate(index: int) -> tuple[bool, float]:
             """(is the gate open, when the sidecar last changed it: its own wall clock)"""
-            app = (await client.get(f"http://{system.sidecar_admins[index]}/v1/pods", headers=auth)).json()[0]
+            _, _, body = await poller(system.sidecar_admins[index]).get("/v1/pods")
+            app = json.loads(body)[0]
             return app["state"] == "ready", app["since"]
 
         async def router_view(admin: str, uid: str) -> tuple[bool, float]:
             """(is the pod routable, when the router's snapshot last changed: its wall clock)"""
-            pods = (await client.get(f"http://{admin}/v1/pods", headers=auth)).json()
-            state = (await client.get(f"http://{admin}/v1/state", headers=auth)).json()
-            changed_at = time.time() - state["snapshot_age_seconds"]  # later than the truth, if anything
-            pod = next(p for p in pods if p["uid"] == uid)
+            _, _, body = await poller(admin).get("/v1/pods")
+            sent, received, state = await poller(admin).get("/v1/state")
+            # The router computed the age between our send and receive: the change was at least
+            # ``sent - age`` and at most ``received - age`` (taken: late, if anything; and a later
+            # delta would only make it later). The round trip is the measurement's uncertainty.
+            round_trips.append(received - sent)
+            changed_at = received - json.loads(state)["snapshot_age_seconds"]
+            pod = next(p for p in json.loads(body) if p["uid"] == uid)
             return pod["state"] == "ready" and not pod["excluded"], changed_at
 
         async def flip(index: int, ready: bool) -> tuple[float, float]:
             await asyncio.sleep(random.uniform(0, 0.1))  # a random phase of the probe interval
             uid = f"pod-{index:02d}"
+            tracer.events.pop((uid, ready), None)
+            tracer.deltas.pop((uid, ready), None)
             started = time.time()
             reply = await client.get(f"http://{system.app_addresses[index]}/control/ready/{int(ready)}")
             reply.raise_for_status()
@@ -538,9 +685,10 @@ async def measure_flips(system: System, opts: Options, say: Any) -> dict[str, An
             while time.time() - started < 10:
                 await asyncio.sleep(FLIP_POLL_PAUSE)
                 before = time.perf_counter()
-                views = await asyncio.gather(
-                    sidecar_gate(index), *(router_view(admin, uid) for _, admin in system.routers)
-                )
+                # One at a time: each reply is read at once, so a round trip stays short.
+                views = [await sidecar_gate(index)]
+                for _, admin in system.routers:
+                    views.append(await router_view(admin, uid))
                 rounds.append(time.perf_counter() - before)
                 gate, since = views[0]
                 if gate == ready and math.isnan(gate_at):
@@ -549,6 +697,12 @@ async def measure_flips(system: System, opts: Options, say: Any) -> dict[str, An
                     if routable == ready and math.isnan(routers_at[i]):
                         routers_at[i] = changed_at - started
                 if not math.isnan(gate_at) and not any(map(math.isnan, routers_at)):
+                    suffix = "" if not ready else "_open"
+                    event_at = tracer.events.pop((uid, ready), math.nan) - started
+                    delta_at = tracer.deltas.pop((uid, ready), math.nan) - started
+                    stages["event_in_valkey" + suffix].append(event_at)
+                    stages["delta_published" + suffix].append(delta_at)
+                    stages["routers_after_delta" + suffix].append(max(routers_at) - delta_at)
                     return gate_at, max(routers_at)
             raise RuntimeError(f"{uid}: flip to {'ready' if ready else 'not ready'} not seen within 10 s")
 
@@ -560,9 +714,19 @@ async def measure_flips(system: System, opts: Options, say: Any) -> dict[str, An
             samples["routers_stopped"].append(stopped)
             samples["gate_open"].append(opened)
             samples["routers_routable"].append(routable)
-    out: dict[str, Any] = {"flips": opts.flips, "poll_round_ms_p50": percentile(sorted(rounds), 50) * 1000}
-    for name, values in samples.items():
-        ordered = sorted(values)
+    out: dict[str, Any] = {
+        "flips": opts.flips,
+        "poll_round_ms_p50": percentile(sorted(rounds), 50) * 1000,
+        "state_round_trip_ms": {
+            "p50": percentile(sorted(round_trips), 50) * 1000,
+            "p99": percentile(sorted(round_trips), 99) * 1000,
+            "max": max(round_trips, default=math.nan) * 1000,
+        },
+    }
+    for name, values in (samples | {"stage_" + k: v for k, v in stages.items()}).items():
+        ordered = sorted(v for v in values if not math.isnan(v))
+        if not ordered:
+            continue
         out[name + "_ms"] = {
             "p50": percentile(ordered, 50) * 1000,
             "p99": percentile(ordered, 99) * 1000,
@@ -750,6 +914,12 @@ def render_markdown(results: dict[str, Any]) -> str:
         ("idle gaps per bucket (ms)", " ".join(f"{k}: {v}" for k, v in idle["histogram"].items()), "", ""),
         ("busy refusals (per router)", f"{results['busy_refusals']} ({refusals})", "", ""),
         (
+            "sidecars: admitted, of them parked first",
+            f"{results['sidecars']['requests']}, {results['sidecars']['parked_served']}",
+            "",
+            "",
+        ),
+        (
             "throughput (app, in window)",
             f"{app['throughput']:.0f} req/s = {app['utilisation'] * 100:.1f}% of capacity",
             "",
@@ -787,6 +957,24 @@ def render_markdown(results: dict[str, Any]) -> str:
                     f"({flips['flips']} flips; one poll round ~{flips['poll_round_ms_p50']:.0f} ms)",
                     f"p99 <= {GOAL_FLIP_P99_MS:g} ms" if goal else "",
                     mark(figures["p99"] <= GOAL_FLIP_P99_MS) if goal else "",
+                )
+            )
+    if flips and "stage_event_in_valkey_ms" in flips:
+        for suffix, label in (("", "not ready"), ("_open", "ready")):
+
+            def stage(name: str, suffix: str = suffix) -> str:
+                figures = flips[f"stage_{name}{suffix}_ms"]
+                return f"{figures['p50']:.1f} / {figures['p99']:.1f}"
+
+            rows.append(
+                (
+                    f"flip to {label}: event in Valkey, writer's delta out (from the flip); "
+                    "routers after the delta, p50 / p99",
+                    f"{stage('event_in_valkey')}; {stage('delta_published')}; "
+                    f"{stage('routers_after_delta')} ms (a router's time is late by at most the "
+                    f"poll round trip, p99 {flips['state_round_trip_ms']['p99']:.1f} ms)",
+                    "",
+                    "",
                 )
             )
     lines = ["| metric | value | goal | met |", "|---|---|---|---|"]

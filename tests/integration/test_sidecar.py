@@ -271,6 +271,33 @@ async def test_full_sidecar_parks_a_request_that_waited_and_refuses_a_fresh_one(
     assert stats["violations"] == 0 and stats["max_concurrent_seen"] == 1
 
 
+async def test_full_sidecar_parks_three_requests_that_waited_by_default_and_refuses_a_fourth(
+    system: System,
+) -> None:
+    """Three parked by default: each of 4 routers counts one request per free slot in its own view,
+    so a CC=1 pod can be sent 4 at once; with fewer parking places every retry of a full pod is
+    refused (the load benchmark: 19k refusals in 20 s with one place, ~100 with three), and the
+    CPU those refusals cost the routers and sidecars lengthened the idle gaps."""
+    pod = await system.pod("pod-k", 1, "--park-timeout", "0.9")
+    hog = asyncio.create_task(
+        pod.to_sidecar(b"GET /delay/500 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    )
+    await wait_for_app_busy(pod)
+    park = b"GET /%d HTTP/1.1\r\nHost: a\r\nx-fastproxy-park: 1\r\nConnection: close\r\n\r\n"
+    parked = [asyncio.create_task(pod.to_sidecar(park % i)) for i in range(3)]
+
+    async def all_parked() -> int:
+        return int(await pod.parked() == 3)
+
+    await wait_for_async(all_parked, what="three requests parked")
+    fourth = await pod.to_sidecar(park % 3)
+    assert status_of(fourth) == 503 and b"x-fastproxy-busy: 1" in fourth.lower()  # refused at once
+    assert status_of(await hog) == 200
+    assert [status_of(await answer) for answer in parked] == [200, 200, 200]  # served in turn
+    stats = await pod.stats()
+    assert stats["violations"] == 0 and stats["max_concurrent_seen"] == 1 and stats["work_count"] == 4
+
+
 async def test_parked_request_is_refused_at_its_deadline_or_when_the_app_turns_not_ready(
     system: System,
 ) -> None:
