@@ -2,17 +2,45 @@
 
 For ``fastproxy dev`` and for tests that must stop, freeze or restart the server: start, SIGSTOP,
 SIGCONT, kill, and restart empty on the same port. No persistence: a restart is an empty server.
+
+The server dies with the process that started it (Linux ``PR_SET_PDEATHSIG``), so a test run or a
+``fastproxy dev`` that is killed, or times out, leaves no valkey-server behind. (Only when started
+from the main thread: the signal follows the *thread* that forked, and a worker thread may end long
+before the process does.)
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _death_signal_setter() -> Callable[[], None] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # (looked up here: nothing to load after fork)
+    except (OSError, AttributeError):
+        return None
+
+    def die_with_parent() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+
+    return die_with_parent
+
+
+_DIE_WITH_PARENT = _death_signal_setter()
 
 
 def valkey_binary() -> Path:
@@ -49,7 +77,11 @@ class EmbeddedValkey:
         ]  # fmt: skip
         if self.password:
             args += ["--requirepass", self.password]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        on_main_thread = threading.current_thread() is threading.main_thread()
+        self.process = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            preexec_fn=_DIE_WITH_PARENT if on_main_thread else None,
+        )  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
