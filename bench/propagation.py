@@ -288,7 +288,7 @@ async def measure(
     tmpdir = tempfile.TemporaryDirectory(prefix="fastproxy-propagation-")
     tmp = Path(tmpdir.name)
     client = connect(server.url)
-    probe_task: asyncio.Task[None] | None = None
+    probe_protocol: Any = None
     timings: dict[str, float] = {}
     try:
         # 1. the writer, and the seed state
@@ -361,31 +361,29 @@ async def measure(
             raise RuntimeError(f"followers not synced: {[f.name for f in late]}\n{late[0].tail()}")
         timings["followers_start_and_bootstrap_s"] = round(time.perf_counter() - t0, 3)
 
-        # the probe: when was each delta published (as seen by one more subscriber)
+        # the probe: when was each delta published (as seen by one more subscriber). It receives
+        # the way a router does (``statesync.pubsub``: a plain protocol, one callback per message)
+        # and only stamps the arrival; decoding waits until the end. It shares the 2 CPUs with
+        # everything it measures, so it must cost them as little as possible.
         published: dict[tuple[str, int], float] = {}
+        arrivals: list[tuple[float, bytes]] = []
         if probe:
-            probe_client = connect(server.url, socket_timeout=None)
-            pubsub = probe_client.pubsub()
-            await pubsub.subscribe(keys.channel)
+            from statesync.pubsub import subscribe
 
-            async def follow_channel() -> None:
-                try:
-                    while True:
-                        message = await pubsub.get_message(timeout=1.0)
-                        if (
-                            message
-                            and message["type"] == "message"
-                            and message["data"].startswith(DELTA_PREFIX)
-                        ):
-                            at = time.time()
-                            for record in decode_delta(message["data"][1:]).pods:
-                                published.setdefault((record.uid, record.generation), at)
-                finally:
-                    with contextlib.suppress(Exception):
-                        await pubsub.aclose()
-                        await probe_client.aclose()
+            probe_subscribed = asyncio.Event()
 
-            probe_task = asyncio.create_task(follow_channel())
+            class ProbeSink:
+                def message(self, payload: bytes) -> None:
+                    arrivals.append((time.time(), payload))
+
+                def subscribed(self, count: int) -> None:
+                    probe_subscribed.set()
+
+                def lost(self, exc: BaseException | None) -> None:
+                    pass
+
+            probe_protocol = await subscribe(client, keys.channel, ProbeSink())
+            await asyncio.wait_for(probe_subscribed.wait(), 10)
         await asyncio.sleep(0.3)  # let the followers' first heartbeats and any GC settle
 
         # 3. the flips, on a fixed schedule
@@ -421,10 +419,8 @@ async def measure(
                 )
             reports[child.name] = json.loads(out.read_text())
     finally:
-        if probe_task is not None:
-            probe_task.cancel()
-            with contextlib.suppress(BaseException):
-                await probe_task
+        if probe_protocol is not None:
+            probe_protocol.close()
         await _stop(children)
         with contextlib.suppress(Exception):
             await client.aclose()
@@ -432,6 +428,10 @@ async def measure(
         tmpdir.cleanup()
 
     # 5. figures
+    for at, payload in arrivals:
+        if payload.startswith(DELTA_PREFIX):
+            for record in decode_delta(payload[1:]).pods:
+                published.setdefault((record.uid, record.generation), at)
     seen = {name: {(uid, gen): at for uid, gen, at in r["seen"]} for name, r in reports.items()}
     worst: list[float] = []
     to_publish: list[float] = []
