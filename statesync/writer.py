@@ -8,10 +8,17 @@ commits the batch's changed records in one Lua script that first checks the leas
 fencing epoch) and the expected previous version. The script sets the version, writes the records
 (and the pod-chunks they fall in, see ``statesync.keys``), appends the delta to the capped change log
 (stream id = version), PUBLISHes it, records the ids of the entries it applied and acknowledges the
-entries, all in that one step (one round trip per batch). An entry delivered twice anyway (claimed
-from a consumer that did commit it) is recognised by its id and skipped: nothing is applied twice.
-Entries a deposed leader read after losing its lease are claimed (XAUTOCLAIM) by the new leader at
-takeover and periodically after, so none is lost.
+entries, all in that one step. An entry delivered twice anyway (claimed from a consumer that did
+commit it) is recognised by its id and skipped: nothing is applied twice. Entries a deposed leader
+read after losing its lease are claimed (XAUTOCLAIM) by the new leader at takeover and periodically
+after, so none is lost.
+
+The leader's steady state is one write and two replies per batch, on a connection of its own
+(``Link``): the batch's commit (EVALSHA) goes out together with the blocking XREADGROUP for the next
+batch, which Valkey runs after the commit. At one event per batch (a quiet fleet: every readiness
+change its own batch) the per-batch fixed cost is the propagation latency, so it is kept to that
+write, the pure apply and the script; trimming the events stream runs beside it (its own task), and
+only the claim of a deposed leader's entries (once a lease term) interrupts it.
 
 Leadership is a lease key (SET NX PX) holding ``<writer id>:<epoch>``; the epoch comes from INCR
 and never goes backwards. A standby polls for the lease; on taking it, it loads the committed state
