@@ -84,6 +84,7 @@ log = logging.getLogger("fastproxy.statesync")
 
 _VALKEY_ERRORS = (OSError, avalkey.ConnectionError, avalkey.TimeoutError)
 SLICE_RECORDS = 5_000  # records decoded and added to the new snapshot between two yields (~5 ms)
+WARM_SLICE_PODS = 1_000  # pods given their slots between two yields after a bootstrap (~2-3 ms)
 
 
 class SessionEnded(Exception):
@@ -150,8 +151,13 @@ class StateFollower:
     async def _warm_slots(self) -> None:
         """After a bootstrap: give every revision its slots a slice at a time, between requests and
         deltas (a revision nobody asked for yet would otherwise make its first request pay)."""
-        while self.router.slots.materialize_pending(SLICE_RECORDS):
+        while self.router.slots.materialize_pending(WARM_SLICE_PODS):
             await asyncio.sleep(0)
+
+    async def warmed(self) -> None:
+        """Wait until the warm-up after the last bootstrap is done (for tests and benchmarks)."""
+        if self._warming is not None:
+            await self._warming
 
     async def _session(self) -> None:
         from statesync.connect import connect
