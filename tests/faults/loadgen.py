@@ -189,8 +189,14 @@ class LoadGenerator:
                 reader = writer = self._writers[index] = None
             pause = self.think_cycle[n % len(self.think_cycle)] if self.think_cycle else self.think
             if pause:
-                # The client's pace, part of the scenario (never past the end of the run).
-                await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
+                # The client's pace, part of the scenario (never past the end of the run). A pause
+                # that reaches the end ends the client: the loop's timers may fire a little early,
+                # and a request started "at" the deadline would be one more than the run allows.
+                remaining = deadline - loop.time()
+                if pause >= remaining:
+                    await asyncio.sleep(max(0.0, remaining))
+                    break
+                await asyncio.sleep(pause)
             elif outcome.kind in ("refused", "reset", "eof") and loop.time() < deadline:
                 await asyncio.sleep(0.01)  # a refused/closed router: do not spin on reconnects
         if writer is not None:
