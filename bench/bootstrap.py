@@ -119,6 +119,7 @@ def run(pods: int = 50_000, rounds: int = 7, json_path: Path | None = DEFAULT_JS
         "wall_ms": _summary([s["wall_ms"] for s in samples]),
         "cpu_ms": _summary([s["cpu_ms"] for s in samples]),
         "warm_up_cpu_ms": _summary([s["warm_up_cpu_ms"] for s in samples]),
+        "rounds_wall_ms": [round(s["wall_ms"], 1) for s in samples],
     }
     result["goal_met"] = result["wall_ms"]["median"] <= result["goal_ms"]
     if json_path is not None:
