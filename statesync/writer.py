@@ -81,6 +81,7 @@ from statesync.schema import (
     decode_pod,
     decode_route,
     encode,
+    is_map_form,
     pack_array,
 )
 
@@ -340,6 +341,8 @@ class WriterState:
         self.version = 0
         # pod-chunks as committed: chunk -> uid -> the live record's encoding (what ``pods`` stores)
         self.chunks: dict[int, dict[str, bytes]] = {}
+        # Records loaded in the earlier map form (an older writer's state): their chunks need repacking.
+        self.map_form_records = 0
         # Ids of the entries applied most recently (mirrors the capped set in Valkey).
         self.applied_ids: set[str] = set()
         self._applied_order: deque[str] = deque()
@@ -472,6 +475,9 @@ class Writer:
         chunks = state.chunks
         for raw in pods.values():
             record = decode_pod(raw)
+            if is_map_form(raw):
+                raw = encode(record)  # (pod-chunks hold the current form; ``pods`` catches up per change)
+                state.map_form_records += 1
             state.pods[record.uid] = record
             state.counts.account(None, record)
             if record.state is not PodState.REMOVED:
@@ -488,9 +494,13 @@ class Writer:
         keys = self.keys
         try:
             at = await self.client.get(keys.chunks_version)
-            if at is not None and int(at) == self.state.version:
+            if at is not None and int(at) == self.state.version and not self.state.map_form_records:
                 self.packing = True
                 return
+            if self.state.map_form_records:
+                log.warning("%s: %d pod records are in the earlier map form (an older writer's); "
+                            "repacking pod-chunks in the current form", self.id,
+                            self.state.map_form_records)  # fmt: skip
             pairs: list[Any] = []
             for chunk, members in self.state.chunks.items():
                 pairs += (chunk, pack_array(list(members.values())))

@@ -7,6 +7,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
+import msgspec
 import pytest
 
 from fastproxy.config import RouterConfig
@@ -28,6 +29,8 @@ from statesync.schema import (
     WeightedRevision,
     decode_delta,
     decode_pods,
+    is_map_form,
+    pack_array,
 )
 from statesync.subscriber import StateFollower
 from statesync.writer import Fenced, Writer, submit
@@ -350,3 +353,60 @@ async def test_pod_chunks_mirror_live_records_and_stale_chunks_are_never_used(
     assert await successor.try_acquire()
     assert await chunked() == live
     assert int(await client.get(keys.chunks_version)) == successor.state.version
+
+
+async def test_a_state_left_in_the_earlier_map_form_is_read_and_repacked(
+    valkey_server: EmbeddedValkey,
+) -> None:
+    """Records were msgpack maps before they became arrays. A router reads a state an older writer
+    left (per-pod hash and chunks of maps); a new leader taking over repacks every chunk in the
+    array form, even though the chunks are at the state's version, and carries on from there."""
+    client = connect(valkey_server.url)
+    keys = Keys()
+    writer = Writer(connect(valkey_server.url), writer_id="w1")
+    await writer.ensure_group()
+    assert await writer.try_acquire()
+    await submit(client, [discovered(f"p{i}", ip=f"127.0.9.{i + 1}") for i in range(30)])
+    while entries := await writer.read_batch(block_ms=50):
+        await writer.process(entries)
+    live = dict(writer.state.pods)
+
+    def map_form(record: PodRecord) -> bytes:
+        return msgspec.msgpack.encode(msgspec.structs.asdict(record))
+
+    # What a writer of the earlier form leaves: every stored record a map.
+    await client.hset(keys.pods, mapping={uid: map_form(r) for uid, r in live.items()})
+    chunks: dict[int, list[bytes]] = {}
+    for record in live.values():
+        chunks.setdefault(pod_chunk(record.uid), []).append(map_form(record))
+    await client.delete(keys.pod_chunks)
+    await client.hset(keys.pod_chunks, mapping={n: pack_array(members) for n, members in chunks.items()})
+    assert int(await client.get(keys.chunks_version)) == writer.state.version
+    writer.leader = False
+    await client.delete(keys.lease)
+
+    router = Router(RouterConfig(), asyncio.get_running_loop())
+    await StateFollower(router, valkey_server.url).resync(client)
+    assert dict(router.snapshot.pods.items()) == live
+
+    successor = Writer(connect(valkey_server.url), writer_id="w2")
+    assert await successor.try_acquire()
+    assert successor.state.pods == live
+    for blob in (await client.hgetall(keys.pod_chunks)).values():
+        assert all(isinstance(record, list) for record in msgspec.msgpack.decode(blob))
+    assert {p.uid: p for blob in await client.hvals(keys.pod_chunks) for p in decode_pods(blob)} == live
+
+    # The new leader's commits (array form) land beside the remaining map-form records.
+    await submit(client, [ReadinessChanged(uid="p4", source=Source.SIDECAR, ready=False, at=time.time())])
+    while entries := await successor.read_batch(block_ms=50):
+        await successor.process(entries)
+    await StateFollower(router, valkey_server.url).catch_up(client)
+    assert router.snapshot.pods["p4"].state is PodState.NOT_READY
+    assert router.snapshot.version == successor.state.version
+    stored = await client.hgetall(keys.pods)
+    assert not is_map_form(stored[b"p4"]) and is_map_form(stored[b"p5"])
+    fresh = Router(RouterConfig(), asyncio.get_running_loop())
+    follower = StateFollower(fresh, valkey_server.url)
+    follower._chunks_readable = False  # the per-pod hash, mixed forms
+    await follower.resync(client)
+    assert dict(fresh.snapshot.pods.items()) == successor.state.pods

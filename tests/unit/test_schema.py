@@ -18,7 +18,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from statesync.schema import (
@@ -43,8 +43,11 @@ from statesync.schema import (
     decode_event,
     decode_heartbeat,
     decode_pod,
+    decode_pods,
     decode_route,
     encode,
+    is_map_form,
+    pack_array,
 )
 
 # ---- fixtures / builders --------------------------------------------------------------------
@@ -93,6 +96,28 @@ def as_dict(obj: Any) -> dict[str, Any]:
 def pack(obj: Any) -> bytes:
     """msgpack-encode arbitrary builtins, bypassing the schema (to make bad messages)."""
     return msgspec.msgpack.encode(obj)
+
+
+POD_FIELDS = PodRecord.__struct_fields__
+# A record is an array of its values (the current form) or, written by an earlier writer, a map of
+# them; both are read, and bad input is named by field in both.
+FORMS = ["array", "map"]
+
+
+def pod_fields(pod: PodRecord) -> dict[str, Any]:
+    return {field: msgspec.to_builtins(getattr(pod, field)) for field in POD_FIELDS}
+
+
+def pack_pod(fields: dict[str, Any], form: str) -> bytes:
+    if form == "map":
+        return pack(fields)
+    return pack([fields[field] for field in POD_FIELDS])
+
+
+def field_path(field: str, form: str, prefix: str = "$") -> str:
+    if form == "map":
+        return f"`{prefix}.{field}`"
+    return f"`{prefix}[{POD_FIELDS.index(field)}]` ({field})"
 
 
 UID = "3f2a9c1e-0000-4000-8000-000000000001"
@@ -298,6 +323,8 @@ def test_truncated_event_and_delta_rejected() -> None:
 
 @settings(max_examples=200)
 @given(st.binary(max_size=64))
+@example(b"\x95\xa4\x00\x00\x00\x80")  # a string that is not UTF-8 (msgspec raised UnicodeDecodeError)
+@example(b"\x81\xa4kind\xa1\x80")
 def test_decoders_raise_only_schema_error(data: bytes) -> None:
     """Whatever the bytes, a decoder returns a record of its type or raises SchemaError."""
     event_types = {type(e) for e in ALL_EVENTS}
@@ -323,48 +350,52 @@ def test_schema_error_is_a_value_error() -> None:
 # ---- rejection: well-formed msgpack, wrong shape --------------------------------------------------
 
 
-def test_wrong_type_names_the_field() -> None:
-    bad = as_dict(make_pod()) | {"port": "8080"}
+@pytest.mark.parametrize("form", FORMS)
+def test_wrong_type_names_the_field(form: str) -> None:
+    bad = pod_fields(make_pod()) | {"port": "8080"}
     with pytest.raises(SchemaError) as info:
-        decode_pod(pack(bad))
+        decode_pod(pack_pod(bad, form))
     message = str(info.value)
-    assert "`$.port`" in message
+    assert field_path("port", form) in message
     assert "Expected `int`, got `str`" in message
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize(
-    ("field", "value", "path"),
+    ("field", "value"),
     [
-        ("ready", "yes", "$.ready"),
-        ("generation", 1.5, "$.generation"),
-        ("since", "now", "$.since"),
-        ("state", "exploded", "$.state"),
-        ("source", "somebody", "$.source"),
-        ("readiness_source", 3, "$.readiness_source"),
-        ("uid", 42, "$.uid"),
+        ("ready", "yes"),
+        ("generation", 1.5),
+        ("since", "now"),
+        ("state", "exploded"),
+        ("source", "somebody"),
+        ("readiness_source", 3),
+        ("uid", 42),
     ],
 )
-def test_wrong_value_for_pod_field_names_it(field: str, value: Any, path: str) -> None:
-    bad = as_dict(make_pod()) | {field: value}
-    with pytest.raises(SchemaError, match=r"invalid pod record: .* - at `\$\." + field + "`") as info:
-        decode_pod(pack(bad))
-    assert f"`{path}`" in str(info.value)
+def test_wrong_value_for_pod_field_names_it(field: str, value: Any, form: str) -> None:
+    bad = pod_fields(make_pod()) | {field: value}
+    with pytest.raises(SchemaError, match=r"^invalid pod record: ") as info:
+        decode_pod(pack_pod(bad, form))
+    assert str(info.value).endswith(field_path(field, form))
 
 
-def test_wrong_type_in_nested_record_names_the_path() -> None:
-    delta = as_dict(Delta(epoch=1, version=1, pods=(make_pod(), make_pod(uid="second"))))
-    delta["pods"][1]["port"] = "80"
+@pytest.mark.parametrize("form", FORMS)
+def test_wrong_type_in_nested_record_names_the_path(form: str) -> None:
+    pods = [pod_fields(make_pod()), pod_fields(make_pod(uid="second")) | {"port": "80"}]
+    as_sent = [p if form == "map" else list(p.values()) for p in pods]
     with pytest.raises(SchemaError) as info:
-        decode_delta(pack(delta))
-    assert "`$.pods[1].port`" in str(info.value)
+        decode_delta(pack({"epoch": 1, "version": 1, "pods": as_sent}))
+    assert field_path("port", form, prefix="$.pods[1]") in str(info.value)
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("port", [0, 70000, -1, 65536])
-def test_out_of_range_port_rejected(port: int) -> None:
-    bad = as_dict(make_pod()) | {"port": port}
+def test_out_of_range_port_rejected(port: int, form: str) -> None:
+    bad = pod_fields(make_pod()) | {"port": port}
     with pytest.raises(SchemaError) as info:
-        decode_pod(pack(bad))
-    assert "`$.port`" in str(info.value)
+        decode_pod(pack_pod(bad, form))
+    assert field_path("port", form) in str(info.value)
 
 
 @pytest.mark.parametrize("port", [0, 70000])
@@ -381,6 +412,7 @@ def test_port_bounds_are_inclusive(port: int) -> None:
     assert decode_pod(encode(pod)).port == port
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize(
     ("field", "value"),
     [
@@ -394,11 +426,11 @@ def test_port_bounds_are_inclusive(port: int) -> None:
         ("ip", "1" * 46),
     ],
 )
-def test_constraint_violations_name_the_field(field: str, value: Any) -> None:
-    bad = as_dict(make_pod()) | {field: value}
+def test_constraint_violations_name_the_field(field: str, value: Any, form: str) -> None:
+    bad = pod_fields(make_pod()) | {field: value}
     with pytest.raises(SchemaError) as info:
-        decode_pod(pack(bad))
-    assert f"`$.{field}`" in str(info.value)
+        decode_pod(pack_pod(bad, form))
+    assert field_path(field, form) in str(info.value)
 
 
 def test_an_address_is_checked_where_it_enters_not_on_every_record_read() -> None:
@@ -410,16 +442,67 @@ def test_an_address_is_checked_where_it_enters_not_on_every_record_read() -> Non
     with pytest.raises(SchemaError) as info:
         decode_event(msgspec.msgpack.encode(event))
     assert "`$.ip`" in str(info.value)
-    record = as_dict(make_pod()) | {"ip": "10.0.0.9"}
-    assert decode_pod(pack(record)).ip == "10.0.0.9"
+    record = pod_fields(make_pod()) | {"ip": "10.0.0.9"}
+    assert decode_pod(pack_pod(record, "array")).ip == "10.0.0.9"
 
 
 @pytest.mark.parametrize("field", ["uid", "namespace", "revision", "ip", "port"])
 def test_missing_required_pod_field_is_named(field: str) -> None:
-    bad = as_dict(make_pod())
+    """In the earlier map form a field can be missing by name; in the array form, by a record
+    cut short before it (every required field comes first)."""
+    bad = pod_fields(make_pod())
     del bad[field]
     with pytest.raises(SchemaError, match=f"missing required field `{field}`"):
         decode_pod(pack(bad))
+    short = list(pod_fields(make_pod()).values())[: POD_FIELDS.index(field)]
+    with pytest.raises(SchemaError, match="Expected `array` of at least length 5"):
+        decode_pod(pack(short))
+
+
+# ---- the record's array form: order fixed, fields only appended, the map form still read ----------
+
+# The wire order of a record's fields. Appending a field (with a default) is the only allowed change:
+# a reordering or a removal would make every stored record and every other version misread.
+RECORD_FIELDS_IN_WIRE_ORDER = (
+    "uid", "namespace", "revision", "ip", "port", "concurrency", "state", "reason", "source", "since",
+    "generation", "ready", "readiness_source", "readiness_at",
+)  # fmt: skip
+
+
+def test_a_record_is_an_array_of_its_values_in_a_fixed_order() -> None:
+    assert POD_FIELDS[: len(RECORD_FIELDS_IN_WIRE_ORDER)] == RECORD_FIELDS_IN_WIRE_ORDER
+    pod = make_pod()
+    assert msgspec.msgpack.decode(encode(pod)) == list(pod_fields(pod).values())
+    required = len(POD_FIELDS) - len(PodRecord.__struct_defaults__)
+    assert required == 5, "a new field must come last and have a default"
+
+
+def test_records_of_newer_and_older_writers_read() -> None:
+    pod = make_pod()
+    values = list(pod_fields(pod).values())
+    newer = pack([*values, "a field a later version appended", 17])
+    assert decode_pod(newer) == pod
+    older = pack(values[:5])  # a writer that knew only the required fields
+    assert decode_pod(older) == PodRecord(uid=pod.uid, namespace=pod.namespace, revision=pod.revision,
+                                          ip=pod.ip, port=pod.port)  # fmt: skip
+
+
+def test_records_in_the_earlier_map_form_still_read() -> None:
+    """A state, chunk or change log written by a writer of the earlier map form: a new writer or
+    router reads it as it is (records come out as ``PodRecord``, equal to the array-form ones)."""
+    pods = [make_pod(), make_pod(uid="other", ip="10.9.9.9", state=PodState.READY, readiness_source=None)]
+    maps = [pack(pod_fields(p)) for p in pods]
+    assert all(is_map_form(raw) for raw in maps)
+    assert not any(is_map_form(encode(p)) for p in pods)
+    single = decode_pod(maps[0])
+    assert type(single) is PodRecord and single == pods[0]
+    chunk = decode_pods(pack_array(maps))
+    assert chunk == pods and all(type(p) is PodRecord for p in chunk)
+    delta = decode_delta(
+        pack({"epoch": 2, "version": 9, "pods": [pod_fields(p) for p in pods], "routes": []})
+    )
+    assert delta == Delta(epoch=2, version=9, pods=tuple(pods))
+    assert all(type(p) is PodRecord for p in delta.pods)
 
 
 @pytest.mark.parametrize(
