@@ -80,17 +80,30 @@ class Router:
     # ---- the state path ---------------------------------------------------------------------
 
     def install(
-        self, snapshot: RoutingSnapshot, by_revision: Mapping[str, list[PodRecord]] | None = None
+        self,
+        snapshot: RoutingSnapshot,
+        by_revision: Mapping[str, list[PodRecord]] | None = None,
+        *,
+        revision_chunks: Mapping[str, list[int]] | None = None,
     ) -> None:
         """Adopt a whole state (bootstrap, resync, static file). ``by_revision``: the same pods
         grouped per revision (``SnapshotBuilder.by_revision``, handed over), which a router that
-        has no pods yet takes as they are instead of grouping them again."""
-        if by_revision is not None and not self.slots.pods and not self.slots.revisions:
+        has no pods yet takes as they are instead of grouping them again. ``revision_chunks``: the
+        writer's revision index, for a snapshot whose chunks are still packed (a ``fresh`` router):
+        each revision's records are read from the current snapshot when first needed."""
+        if revision_chunks is not None and self.fresh:
+            self.slots.adopt_unread(revision_chunks, lambda: self.snapshot.pods)
+        elif by_revision is not None and self.fresh:
             self.slots.adopt(by_revision)
         else:
             self.slots.replace_all(snapshot.pods.values())
         self.snapshot = snapshot
         self.snapshot_changed_at = time.time()
+
+    @property
+    def fresh(self) -> bool:
+        """No pod known yet (nothing installed, or only empty states)."""
+        return not self.slots.pods and not self.slots.revisions
 
     def apply_delta(self, delta: Delta) -> None:
         """Adopt one committed change; raises ``VersionGap`` if it does not follow."""

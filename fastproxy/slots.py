@@ -28,8 +28,10 @@ levels, and only then gets its ``PodSlots`` (``_materialize``, O(pods of that re
 the router warms up after installing (``materialize_pending``, a slice at a time between other
 work). Deltas for a pending revision just update its records. So a router that starts on 50k pods pays per pod a
 dict insertion, not an object and its level bookkeeping, and a revision nobody asks for costs
-nothing more. The hot path is unchanged: the check for ``pending`` happens only when the policy
-found no pod.
+nothing more. A router that starts from the writer's revision index (``adopt_unread``) does not
+even have the records yet: a revision's pending records are ``UnreadRecords`` -- the chunks that
+hold them -- read from the router's current snapshot (decoding those chunks) when first needed.
+The hot path is unchanged: the check for ``pending`` happens only when the policy found no pod.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import asyncio
 import collections
 import random
 from collections.abc import Callable, Iterable, Mapping
-from typing import Final
+from typing import Final, Protocol
 
 from statesync.schema import PodRecord, PodState
 
@@ -110,6 +112,31 @@ class PodSlots:
             self.revision.levels[self.inflight].pop(self, None)
 
 
+class UnreadRecords:
+    """A revision's records not read yet: the writer's chunks that hold them (its revision index)
+    and where the current pod table is. Read from the table of the moment, a revision always gets
+    its current records; a delta that touches the revision reads them first and applies on top."""
+
+    __slots__ = ("chunks", "name", "table")
+
+    def __init__(self, name: str, chunks: list[int], table: Callable[[], PodTableLike]) -> None:
+        self.name = name
+        self.chunks = chunks
+        self.table = table
+
+    def __len__(self) -> int:
+        return len(self.chunks)  # (an estimate of the pods, for warm-up slices)
+
+    def read(self) -> list[PodRecord]:
+        table = self.table()
+        name = self.name
+        return [record for chunk in self.chunks for record in table.chunk(chunk) if record.revision == name]
+
+
+class PodTableLike(Protocol):
+    def chunk(self, chunk: int) -> list[PodRecord]: ...
+
+
 class RevisionSlots:
     """The pods of one revision that this router knows, plus its FIFO of waiting requests."""
 
@@ -120,9 +147,9 @@ class RevisionSlots:
         self.levels: list[dict[PodSlots, None]] = [{}]
         self.members: dict[str, PodSlots] = {}
         # The revision's records while it has no PodSlots yet (filled by a bootstrap, not yet asked
-        # for): a list as the bootstrap grouped them, a dict by uid once a delta touched one; None
-        # once materialized. Never both: members is empty while this is not None.
-        self.pending: list[PodRecord] | dict[str, PodRecord] | None = None
+        # for): a list as the bootstrap grouped them (or where to read them), a dict by uid once a
+        # delta touched one; None once materialized. Never both: members is empty while this is not None.
+        self.pending: list[PodRecord] | dict[str, PodRecord] | UnreadRecords | None = None
 
         self.waiters: collections.deque[asyncio.Future[Lease]] = collections.deque()
         self.queued = 0  # live (not cancelled) waiters
@@ -132,11 +159,15 @@ class RevisionSlots:
         pending = self.pending
         if pending is None:
             return ()
+        if isinstance(pending, UnreadRecords):
+            pending = self.pending = pending.read()
         return pending.values() if isinstance(pending, dict) else pending
 
     def pending_by_uid(self) -> dict[str, PodRecord]:
         """The pending records as a dict (converted once, for updates)."""
         pending = self.pending
+        if isinstance(pending, UnreadRecords):
+            pending = pending.read()
         if not isinstance(pending, dict):
             pending = self.pending = {r.uid: r for r in pending or ()}
         return pending
@@ -336,6 +367,20 @@ class SlotTable:
             if members:
                 revision = revisions[name] = RevisionSlots(name)
                 revision.pending = members
+
+    def adopt_unread(
+        self, revision_chunks: Mapping[str, list[int]], table: Callable[[], PodTableLike]
+    ) -> None:
+        """Install a whole state that is not decoded yet into a table that knows no pod yet: per
+        revision, the chunks holding its pods (the writer's index) and ``table``, the router's
+        current pod table, to read them from when the revision is first needed."""
+        if self.pods or self.revisions:
+            raise RuntimeError("adopt_unread() is for an empty slot table; use replace_all()")
+        revisions = self.revisions
+        for name, chunks in revision_chunks.items():
+            if chunks:
+                revision = revisions[name] = RevisionSlots(name)
+                revision.pending = UnreadRecords(name, chunks, table)
 
     def _fill(self, records: Iterable[PodRecord]) -> None:
         """``update`` for a table that knows no pod yet (bootstrap): group the records per revision,

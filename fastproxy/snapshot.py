@@ -24,7 +24,11 @@ anything else raises ``VersionGap`` and the caller (the subscriber) fills the ga
 REMOVED records are tombstones in the writer; the snapshot simply forgets those pods.
 
 A whole state (bootstrap, resync) is assembled by a ``SnapshotBuilder`` from chunks (or records)
-added in slices, so the caller may yield to its event loop between them.
+added in slices, so the caller may yield to its event loop between them. A starting router may
+also give it the chunks *as read* (``add_packed_chunk``): a chunk then stays the bytes the writer
+packed until something reads it (a lookup, a delta, a revision's first use, the background warm-up),
+and is decoded then, once, in place -- the decoded list replaces the bytes in the table (and in any
+snapshot sharing that part of it): the same records either way, so no reader can tell.
 """
 
 from __future__ import annotations
@@ -32,13 +36,45 @@ from __future__ import annotations
 import bisect
 import collections
 import itertools
+import logging
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Final
 
 import immutables
 
 from statesync.keys import POD_CHUNKS, pod_chunk
-from statesync.schema import Delta, PodRecord, PodState, Route
+from statesync.schema import Delta, PodRecord, PodState, Route, SchemaError, decode_pods
+
+log = logging.getLogger("fastproxy.snapshot")
+Leaf = list[PodRecord] | bytes  # a chunk: its records, or still as the writer packed them
+
+
+def _read_leaf(raw: bytes) -> list[PodRecord]:
+    """Decode a chunk kept packed since the bootstrap. The bytes were read in one consistent read
+    of the writer's state; should they not decode, the chunk's pods are left out (and said so)
+    rather than failing whatever request or delta got here first."""
+    try:
+        records = decode_pods(raw)
+    except SchemaError as exc:
+        log.error("a pod chunk read at bootstrap does not decode (%s): its pods are left out until "
+                  "the next full read", exc)  # fmt: skip
+        return []
+    removed = PodState.REMOVED
+    if any(r.state is removed for r in records):  # (the writer keeps none there)
+        records = [r for r in records if r.state is not removed]
+    return records
+
+
+def packed_length(raw: bytes) -> int:
+    """The number of records in a packed chunk, from its msgpack array header alone."""
+    first = raw[0] if raw else 0
+    if 0x90 <= first <= 0x9F:
+        return first & 0x0F
+    if first == 0xDC and len(raw) >= 3:
+        return int.from_bytes(raw[1:3], "big")
+    if first == 0xDD and len(raw) >= 5:
+        return int.from_bytes(raw[1:5], "big")
+    raise SchemaError(f"a pod chunk is not a msgpack array (starts with {raw[:1]!r})")
 
 
 class VersionGap(Exception):
@@ -143,7 +179,7 @@ class PodTable:
 
     __slots__ = ("_count", "_outer")
 
-    def __init__(self, outer: list[list[list[PodRecord]]], count: int) -> None:
+    def __init__(self, outer: list[list[Leaf]], count: int) -> None:
         self._outer = outer
         self._count = count
 
@@ -157,9 +193,16 @@ class PodTable:
     def __bool__(self) -> bool:
         return self._count > 0
 
+    def chunk(self, chunk: int) -> list[PodRecord]:
+        """The records of one of the writer's chunks (decoded now if still packed)."""
+        inner = self._outer[chunk >> _SHIFT]
+        leaf = inner[chunk & _MASK]
+        if type(leaf) is bytes:
+            leaf = inner[chunk & _MASK] = _read_leaf(leaf)
+        return leaf  # type: ignore[return-value]
+
     def get(self, uid: str, default: PodRecord | None = None) -> PodRecord | None:
-        chunk = pod_chunk(uid)
-        for record in self._outer[chunk >> _SHIFT][chunk & _MASK]:
+        for record in self.chunk(pod_chunk(uid)):
             if record.uid == uid:
                 return record
         return default
@@ -176,8 +219,10 @@ class PodTable:
     def values(self) -> Iterator[PodRecord]:
         for inner in self._outer:
             if inner is not _EMPTY_INNER:
-                for leaf in inner:
-                    yield from leaf
+                for at, leaf in enumerate(inner):
+                    if type(leaf) is bytes:
+                        leaf = inner[at] = _read_leaf(leaf)
+                    yield from leaf  # type: ignore[misc]
 
     def keys(self) -> Iterator[str]:
         for record in self.values():
@@ -206,7 +251,10 @@ class PodTable:
                     inners.add(high)
                     outer[high] = list(outer[high])
                 inner = outer[high]
-                leaf = copied[chunk] = inner[chunk & _MASK] = list(inner[chunk & _MASK])
+                was = inner[chunk & _MASK]
+                leaf = copied[chunk] = inner[chunk & _MASK] = list(
+                    _read_leaf(was) if type(was) is bytes else was  # type: ignore[arg-type]
+                )
             for at, old in enumerate(leaf):
                 if old.uid == uid:
                     if record.state is removed:
@@ -227,7 +275,7 @@ _FANOUT: Final = POD_CHUNKS >> _SHIFT
 _MASK: Final = (1 << _SHIFT) - 1
 assert _FANOUT << _SHIFT == POD_CHUNKS and _FANOUT == 64
 _EMPTY_LEAF: Final[list[PodRecord]] = []  # shared; never written (writes copy first)
-_EMPTY_INNER: Final[list[list[PodRecord]]] = [_EMPTY_LEAF] * _FANOUT
+_EMPTY_INNER: Final[list[Leaf]] = [_EMPTY_LEAF] * _FANOUT
 
 
 class SnapshotBuilder:
@@ -244,7 +292,7 @@ class SnapshotBuilder:
     __slots__ = ("_count", "_outer", "by_revision")
 
     def __init__(self) -> None:
-        self._outer: list[list[list[PodRecord]]] = [[_EMPTY_LEAF] * _FANOUT for _ in range(_FANOUT)]
+        self._outer: list[list[Leaf]] = [[_EMPTY_LEAF] * _FANOUT for _ in range(_FANOUT)]
         self._count = 0
         self.by_revision: collections.defaultdict[str, list[PodRecord]] = collections.defaultdict(list)
 
@@ -269,6 +317,19 @@ class SnapshotBuilder:
         inner[chunk & _MASK] = kept
         self._count += len(kept)
 
+    def add_packed_chunk(self, chunk: int, raw: bytes) -> None:
+        """Take chunk ``chunk`` as the writer packed it, undecoded (decoded on first use; not
+        grouped into ``by_revision``: the caller has the writer's revision index instead)."""
+        if not 0 <= chunk < POD_CHUNKS:
+            raise ValueError(f"pod chunk {chunk} outside 0..{POD_CHUNKS - 1}")
+        count = packed_length(raw)
+        inner = self._outer[chunk >> _SHIFT]
+        if inner[chunk & _MASK]:
+            self.add(decode_pods(raw))  # (the chunk came twice: take the general path)
+            return
+        inner[chunk & _MASK] = raw
+        self._count += count
+
     def add(self, records: Iterable[PodRecord]) -> None:
         """Records in any order and chunk; a later record of a uid replaces the earlier one."""
         outer = self._outer
@@ -280,6 +341,9 @@ class SnapshotBuilder:
             leaf = inner[chunk & _MASK]
             if leaf is _EMPTY_LEAF:
                 leaf = inner[chunk & _MASK] = []
+            elif type(leaf) is bytes:
+                leaf = inner[chunk & _MASK] = _read_leaf(leaf)
+            assert type(leaf) is list
             for at, old in enumerate(leaf):
                 if old.uid == uid:
                     del leaf[at]
@@ -293,7 +357,9 @@ class SnapshotBuilder:
         if replaced:  # (rare: regroup so that by_revision holds only the records kept)
             self.by_revision.clear()
             for inner in outer:
-                for leaf in inner:
+                for at, leaf in enumerate(inner):
+                    if isinstance(leaf, bytes):
+                        leaf = inner[at] = _read_leaf(leaf)
                     for record in leaf:
                         self.by_revision[record.revision].append(record)
 

@@ -19,7 +19,9 @@ key                           type       written by                             
 ``{ns}:pods``                 hash       writer (commit script): uid -> PodRecord  routers, writers
 ``{ns}:routes``               hash       writer (commit script): service -> Route  routers, writers
 ``{ns}:pod-chunks``           hash       writer (commit script): chunk number ->   routers (bootstrap)
-                                         msgpack array of the chunk's live records
+                                         msgpack array of the chunk's live records;
+                                         ``r:``revision -> array of its chunks;
+                                         ``@index`` -> the version of that index
 ``{ns}:chunks-version``       int        writer (commit script, repack): the       routers (bootstrap)
                                          version pod-chunks is at
 ``{ns}:changes``              stream     writer (commit script): id = version-0,   routers (gap fill)
@@ -43,6 +45,15 @@ re-encodes), and deletes a chunk that became empty. ``chunks-version`` is set to
 same step; a router uses the chunks only when it equals ``version`` (otherwise, e.g. after a writer
 that predates the chunks committed, it reads ``pods``), and a new leader repacks every chunk,
 fenced, when it finds them behind.
+
+The same hash holds a revision index: field ``r:<revision>`` lists the chunks that hold the
+revision's live pods, and ``@index`` names the version the index is at (every commit that changes
+anything sets it, and rewrites a revision's field only when its set of chunks changed -- a pod
+joining or leaving, not a readiness flip). With it, a starting router keeps the chunks as read,
+undecoded, and decodes a revision's chunks when the revision is first used (or when its background
+warm-up gets there): it routes from the moment the read is done. A router uses the index only when
+``@index`` equals ``version`` (a writer that predates it would leave it behind), and decodes every
+chunk otherwise.
 """
 
 from __future__ import annotations
@@ -56,6 +67,25 @@ APPLIED_CAP = 100_000  # applied entry ids remembered, to recognise replays and 
 # Pod chunks: ~12 records (3 kB) each at 50k pods. Fewer would mean less to read at bootstrap but
 # more bytes rewritten per commit (a chunk is rewritten whole when one of its pods changes).
 POD_CHUNKS = 4096
+# Beside the chunks, in the same hash: per revision, the chunks holding its live pods (a msgpack array
+# of chunk numbers), and the version that index is at (a writer that predates it leaves it behind).
+REVISION_FIELD_PREFIX = b"r:"
+INDEX_MARKER_FIELD = b"@index"
+
+
+def chunk_fields(fields: dict[bytes, bytes]) -> dict[int, bytes]:
+    """The chunks of a ``pod-chunks`` hash as read (number -> packed records), without the index."""
+    return {int(field): value for field, value in fields.items() if field.isdigit()}
+
+
+def revision_index_fields(fields: dict[bytes, bytes]) -> dict[str, bytes]:
+    """The revision index of a ``pod-chunks`` hash as read (revision -> packed chunk numbers)."""
+    skip = len(REVISION_FIELD_PREFIX)
+    return {
+        field[skip:].decode(): value
+        for field, value in fields.items()
+        if field.startswith(REVISION_FIELD_PREFIX)
+    }
 
 
 def pod_chunk(uid: str) -> int:

@@ -22,6 +22,8 @@ from typing import Annotated, Any, Final
 
 import msgspec
 
+from statesync.keys import POD_CHUNKS
+
 
 class SchemaError(ValueError):
     """A message did not match its schema; the text names the field and what was wrong."""
@@ -69,6 +71,7 @@ IPAddress = Annotated[str, msgspec.Meta(min_length=2, max_length=45, pattern=r"^
 # only by the writer, so reading them back checks the length alone. (The pattern is a regular
 # expression run per record: at 50k pods it was 40% of a router's bootstrap decode.)
 RecordAddress = Annotated[str, msgspec.Meta(min_length=2, max_length=45)]
+ChunkNumber = Annotated[int, msgspec.Meta(ge=0, lt=POD_CHUNKS)]
 
 
 class PodRecord(msgspec.Struct, frozen=True, kw_only=True, array_like=True, gc=False):
@@ -253,7 +256,7 @@ _delta_decoder: Final = msgspec.msgpack.Decoder(Delta)
 
 
 class _MapDelta(Delta, frozen=True, kw_only=True):
-    pods: tuple[_MapPodRecord, ...] = ()  # type: ignore[assignment]
+    pods: tuple[_MapPodRecord, ...] = ()
 
 
 # Readers of the earlier, map-form records (a state or change log left by an older writer). Tried
@@ -265,6 +268,7 @@ _NOT_AN_ARRAY = "Expected `array`, got `object`"
 _FIELD_AT_END: Final = re.compile(r"\[(\d+)\]`$")
 _heartbeat_decoder: Final = msgspec.msgpack.Decoder(Heartbeat)
 _route_decoder: Final = msgspec.msgpack.Decoder(Route)
+_chunk_numbers_decoder: Final = msgspec.msgpack.Decoder(list[ChunkNumber])
 
 encode: Final = _encoder.encode
 
@@ -339,6 +343,12 @@ def decode_delta(data: bytes) -> Delta:
 
 def decode_heartbeat(data: bytes) -> Heartbeat:
     result: Heartbeat = _decode(_heartbeat_decoder, data, "heartbeat")
+    return result
+
+
+def decode_chunk_numbers(data: bytes) -> list[int]:
+    """A revision's field of the writer's revision index: the chunks that hold its pods."""
+    result: list[int] = _decode(_chunk_numbers_decoder, data, "revision index entry")
     return result
 
 

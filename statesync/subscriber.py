@@ -63,12 +63,13 @@ import valkey.asyncio as avalkey
 from valkey.exceptions import NoPermissionError
 
 from fastproxy.snapshot import SnapshotBuilder, VersionGap
-from statesync.keys import DELTA_PREFIX, HEARTBEAT_PREFIX, Keys
+from statesync.keys import DELTA_PREFIX, HEARTBEAT_PREFIX, INDEX_MARKER_FIELD, REVISION_FIELD_PREFIX, Keys
 from statesync.pubsub import SubscriberProtocol, subscribe
 from statesync.schema import (
     Delta,
     Heartbeat,
     SchemaError,
+    decode_chunk_numbers,
     decode_delta,
     decode_heartbeat,
     decode_pod,
@@ -223,24 +224,42 @@ class StateFollower:
             return  # never go backwards
         routes = [decode_route(raw) for raw in routes_raw.values()]
         builder = SnapshotBuilder()
-        added = 0
-        with gc_paused():
-            if chunks is not None:
+        revision_chunks = None
+        if chunks is not None:
+            indexed_at = chunks.pop(INDEX_MARKER_FIELD, None)
+            index_fields = [field for field in chunks if field.startswith(REVISION_FIELD_PREFIX)]
+            index = {field: chunks.pop(field) for field in index_fields}
+            if indexed_at == version_raw and self.router.fresh:
+                # A starting router: keep the chunks packed, give each revision its chunks.
+                skip = len(REVISION_FIELD_PREFIX)
+                revision_chunks = {
+                    field[skip:].decode(): decode_chunk_numbers(raw) for field, raw in index.items()
+                }
                 for number, chunk in chunks.items():
-                    records = decode_pods(chunk)
-                    builder.add_chunk(int(number), records)
-                    added += len(records)
-                    if added >= SLICE_RECORDS:
-                        added = 0
+                    builder.add_packed_chunk(int(number), chunk)
+                if self._not_newer(epoch, version, len(builder)):
+                    self.synced.set()
+                    return
+                self.router.install(builder.finish(epoch, version, routes), revision_chunks=revision_chunks)
+        if revision_chunks is None:
+            added = 0
+            with gc_paused():
+                if chunks is not None:
+                    for number, chunk in chunks.items():
+                        records = decode_pods(chunk)
+                        builder.add_chunk(int(number), records)
+                        added += len(records)
+                        if added >= SLICE_RECORDS:
+                            added = 0
+                            await asyncio.sleep(0)
+                else:
+                    for start in range(0, len(pods_raw), SLICE_RECORDS):
+                        builder.add([decode_pod(raw) for raw in pods_raw[start : start + SLICE_RECORDS]])
                         await asyncio.sleep(0)
-            else:
-                for start in range(0, len(pods_raw), SLICE_RECORDS):
-                    builder.add([decode_pod(raw) for raw in pods_raw[start : start + SLICE_RECORDS]])
-                    await asyncio.sleep(0)
-            if self._not_newer(epoch, version, len(builder)):
-                self.synced.set()
-                return
-            self.router.install(builder.finish(epoch, version, routes), builder.by_revision)
+                if self._not_newer(epoch, version, len(builder)):
+                    self.synced.set()
+                    return
+                self.router.install(builder.finish(epoch, version, routes), builder.by_revision)
         if self._warming is None or self._warming.done():
             self._warming = asyncio.get_running_loop().create_task(self._warm_slots())
         self.router.stale = False

@@ -58,6 +58,8 @@ from statesync.keys import (
     DELTA_PREFIX,
     EVENTS_GROUP,
     HEARTBEAT_PREFIX,
+    INDEX_MARKER_FIELD,
+    REVISION_FIELD_PREFIX,
     Keys,
     pod_chunk,
     stream_id_key,
@@ -343,6 +345,10 @@ class WriterState:
         self.chunks: dict[int, dict[str, bytes]] = {}
         # Records loaded in the earlier map form (an older writer's state): their chunks need repacking.
         self.map_form_records = 0
+        # The revision index packed beside the chunks: revision -> chunk -> live members there, and
+        # each live pod's revision (a pod's old revision must be known when it leaves a chunk).
+        self.revision_chunks: dict[str, dict[int, int]] = {}
+        self.live_revision: dict[str, str] = {}
         # Ids of the entries applied most recently (mirrors the capped set in Valkey).
         self.applied_ids: set[str] = set()
         self._applied_order: deque[str] = deque()
@@ -354,22 +360,35 @@ class WriterState:
             if len(self._applied_order) > APPLIED_CAP:
                 self.applied_ids.discard(self._applied_order.popleft())
 
-    def pack(self, records: list[tuple[PodRecord, bytes]]) -> tuple[list[bytes], list[bytes]]:
-        """Put encoded records into their chunks; (chunk, packed records) pairs for every chunk they
-        touched that still has members, and the chunks they emptied."""
+    def pack(self, records: list[tuple[PodRecord, bytes]], version: int) -> tuple[list[bytes], list[bytes]]:
+        """Put encoded records into their chunks; (field, value) pairs for every chunk they touched
+        that still has members and for every revision whose set of chunks changed, plus the index
+        marker at ``version``; and the fields they emptied (see ``statesync.keys``)."""
         chunks = self.chunks
         touched: set[int] = set()
+        reindexed: set[str] = set()
         for record, blob in records:
-            chunk = pod_chunk(record.uid)
+            uid = record.uid
+            chunk = pod_chunk(uid)
             touched.add(chunk)
             members = chunks.get(chunk)
+            was = self.live_revision.get(uid)
             if record.state is PodState.REMOVED:
                 if members is not None:
-                    members.pop(record.uid, None)
-            elif members is None:
-                chunks[chunk] = {record.uid: blob}
+                    members.pop(uid, None)
+                if was is not None:
+                    del self.live_revision[uid]
+                    self._unindex(was, chunk, reindexed)
+                continue
+            if members is None:
+                chunks[chunk] = {uid: blob}
             else:
-                members[record.uid] = blob
+                members[uid] = blob
+            if was != record.revision:
+                if was is not None:
+                    self._unindex(was, chunk, reindexed)
+                self.live_revision[uid] = record.revision
+                self._index(record.revision, chunk, reindexed)
         pairs: list[bytes] = []
         emptied: list[bytes] = []
         for chunk in touched:
@@ -379,7 +398,41 @@ class WriterState:
             else:
                 chunks.pop(chunk, None)
                 emptied.append(b"%d" % chunk)
+        for revision in reindexed:
+            field = REVISION_FIELD_PREFIX + revision.encode()
+            if revision in self.revision_chunks:
+                pairs += (field, encode(sorted(self.revision_chunks[revision])))
+            else:
+                emptied.append(field)
+        pairs += (INDEX_MARKER_FIELD, b"%d" % version)
         return pairs, emptied
+
+    def _index(self, revision: str, chunk: int, reindexed: set[str]) -> None:
+        counts = self.revision_chunks.get(revision)
+        if counts is None:
+            counts = self.revision_chunks[revision] = {}
+        held = counts.get(chunk, 0)
+        counts[chunk] = held + 1
+        if not held:
+            reindexed.add(revision)
+
+    def _unindex(self, revision: str, chunk: int, reindexed: set[str]) -> None:
+        counts = self.revision_chunks[revision]
+        held = counts[chunk] - 1
+        if held:
+            counts[chunk] = held
+            return
+        del counts[chunk]
+        if not counts:
+            del self.revision_chunks[revision]
+        reindexed.add(revision)
+
+    def index_pairs(self) -> list[bytes]:
+        """Every revision's field of the index (a repack writes them all)."""
+        pairs: list[bytes] = []
+        for revision, counts in self.revision_chunks.items():
+            pairs += (REVISION_FIELD_PREFIX + revision.encode(), encode(sorted(counts)))
+        return pairs
 
     @property
     def applied(self) -> str:
@@ -481,7 +534,11 @@ class Writer:
             state.pods[record.uid] = record
             state.counts.account(None, record)
             if record.state is not PodState.REMOVED:
-                chunks.setdefault(pod_chunk(record.uid), {})[record.uid] = raw
+                chunk = pod_chunk(record.uid)
+                chunks.setdefault(chunk, {})[record.uid] = raw
+                state.live_revision[record.uid] = record.revision
+                counts = state.revision_chunks.setdefault(record.revision, {})
+                counts[chunk] = counts.get(chunk, 0) + 1
         state.routes = {}
         for raw in routes.values():
             route = decode_route(raw)
@@ -493,17 +550,25 @@ class Writer:
         predates them led), or stop keeping them if our ACL user may not touch them."""
         keys = self.keys
         try:
-            at = await self.client.get(keys.chunks_version)
-            if at is not None and int(at) == self.state.version and not self.state.map_form_records:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.get(keys.chunks_version)
+                pipe.hget(keys.pod_chunks, INDEX_MARKER_FIELD.decode())
+                at, indexed_at = await pipe.execute()
+            current = str(self.state.version).encode()
+            if at == current and indexed_at == current and not self.state.map_form_records:
                 self.packing = True
                 return
             if self.state.map_form_records:
                 log.warning("%s: %d pod records are in the earlier map form (an older writer's); "
                             "repacking pod-chunks in the current form", self.id,
                             self.state.map_form_records)  # fmt: skip
+            elif at == current:
+                log.info("%s: pod-chunks carry no revision index at version %s: repacking", self.id, current)
             pairs: list[Any] = []
             for chunk, members in self.state.chunks.items():
                 pairs += (chunk, pack_array(list(members.values())))
+            pairs += self.state.index_pairs()
+            pairs += (INDEX_MARKER_FIELD, current)
             await self._repack(keys=[keys.lease, keys.version, keys.pod_chunks, keys.chunks_version],
                                args=[self.token, self.state.version, *pairs])  # fmt: skip
             self.packing = True
@@ -525,6 +590,8 @@ class Writer:
             pipe.set(keys.version, 0)
             await pipe.execute()
         self.state.version = 0
+        # Everything is written anew: every chunk and every revision's index field, as for new pods.
+        self.state.chunks, self.state.revision_chunks, self.state.live_revision = {}, {}, {}
         pods = tuple(self.state.pods.values())
         routes = tuple(self.state.routes.values())
         await self._write(pods, routes, new_version=previous + 1)
@@ -708,7 +775,7 @@ class Writer:
         version = (new_version or state.version + 1) if changes else state.version
         blob = encode(Delta(epoch=self.epoch, version=version, pods=pods, routes=routes)) if changes else b""
         encoded = [(pod, encode(pod)) for pod in pods]
-        chunk_pairs, emptied = state.pack(encoded) if self.packing else ([], [])
+        chunk_pairs, emptied = state.pack(encoded, version) if self.packing and changes else ([], [])
         payload: list[bytes] = []
         for pod, pod_blob in encoded:
             payload += (pod.uid.encode(), pod_blob)

@@ -14,7 +14,7 @@ from fastproxy.config import RouterConfig
 from fastproxy.router import Router
 from statesync.connect import connect
 from statesync.embedded import EmbeddedValkey
-from statesync.keys import Keys, pod_chunk, stream_id_key
+from statesync.keys import Keys, chunk_fields, pod_chunk, stream_id_key
 from statesync.schema import (
     ConnectFailed,
     ConnectFailureKind,
@@ -326,7 +326,8 @@ async def test_pod_chunks_mirror_live_records_and_stale_chunks_are_never_used(
         await writer.process(entries)
 
     async def chunked() -> dict[str, PodRecord]:
-        return {p.uid: p for blob in await client.hvals(keys.pod_chunks) for p in decode_pods(blob)}
+        stored = chunk_fields(await client.hgetall(keys.pod_chunks))
+        return {p.uid: p for blob in stored.values() for p in decode_pods(blob)}
 
     live = {uid: r for uid, r in writer.state.pods.items() if r.state is not PodState.REMOVED}
     assert len(live) == 38 and await chunked() == live
@@ -392,9 +393,10 @@ async def test_a_state_left_in_the_earlier_map_form_is_read_and_repacked(
     successor = Writer(connect(valkey_server.url), writer_id="w2")
     assert await successor.try_acquire()
     assert successor.state.pods == live
-    for blob in (await client.hgetall(keys.pod_chunks)).values():
+    repacked = chunk_fields(await client.hgetall(keys.pod_chunks))
+    for blob in repacked.values():
         assert all(isinstance(record, list) for record in msgspec.msgpack.decode(blob))
-    assert {p.uid: p for blob in await client.hvals(keys.pod_chunks) for p in decode_pods(blob)} == live
+    assert {p.uid: p for blob in repacked.values() for p in decode_pods(blob)} == live
 
     # The new leader's commits (array form) land beside the remaining map-form records.
     await submit(client, [ReadinessChanged(uid="p4", source=Source.SIDECAR, ready=False, at=time.time())])

@@ -16,13 +16,22 @@ import pytest
 
 from statesync.connect import connect
 from statesync.embedded import EmbeddedValkey
-from statesync.keys import EVENTS_GROUP, Keys, pod_chunk, stream_id_key
+from statesync.keys import (
+    EVENTS_GROUP,
+    INDEX_MARKER_FIELD,
+    Keys,
+    chunk_fields,
+    pod_chunk,
+    revision_index_fields,
+    stream_id_key,
+)
 from statesync.schema import (
     PodDiscovered,
     PodRemoved,
     PodState,
     ReadinessChanged,
     Source,
+    decode_chunk_numbers,
     decode_delta,
     decode_pod,
     decode_pods,
@@ -70,10 +79,20 @@ async def assert_valkey_mirrors(writer: Writer) -> None:
     stored = {uid.decode(): decode_pod(raw) for uid, raw in (await client.hgetall(keys.pods)).items()}
     assert stored == state.pods
     live = {uid: p for uid, p in state.pods.items() if p.state is not PodState.REMOVED}
-    chunks = await client.hgetall(keys.pod_chunks)
+    stored_hash = await client.hgetall(keys.pod_chunks)
+    chunks = chunk_fields(stored_hash)
     # one field per chunk that has live pods (emptied chunks deleted), each holding exactly them
-    assert {int(c) for c in chunks} == {pod_chunk(uid) for uid in live}
+    assert set(chunks) == {pod_chunk(uid) for uid in live}
     assert {p.uid: p for blob in chunks.values() for p in decode_pods(blob)} == live
+    # the revision index: per revision with live pods, exactly the chunks holding them, at the version
+    index = {
+        revision: decode_chunk_numbers(raw) for revision, raw in revision_index_fields(stored_hash).items()
+    }
+    expected: dict[str, set[int]] = {}
+    for uid, pod in live.items():
+        expected.setdefault(pod.revision, set()).add(pod_chunk(uid))
+    assert index == {revision: sorted(numbers) for revision, numbers in expected.items()}
+    assert stored_hash[INDEX_MARKER_FIELD] == b"%d" % state.version
     assert int(await client.get(keys.version)) == state.version
     assert int(await client.get(keys.chunks_version)) == state.version
     assert int(await client.get(keys.state_epoch)) == writer.epoch
