@@ -12,9 +12,17 @@ import pytest
 
 from fastproxy.config import RouterConfig
 from fastproxy.router import Router
+from fastproxy.slots import UnreadRecords
 from statesync.connect import connect
 from statesync.embedded import EmbeddedValkey
-from statesync.keys import Keys, chunk_fields, pod_chunk, stream_id_key
+from statesync.keys import (
+    INDEX_MARKER_FIELD,
+    Keys,
+    chunk_fields,
+    pod_chunk,
+    revision_index_fields,
+    stream_id_key,
+)
 from statesync.schema import (
     ConnectFailed,
     ConnectFailureKind,
@@ -27,6 +35,7 @@ from statesync.schema import (
     RouteChanged,
     Source,
     WeightedRevision,
+    decode_chunk_numbers,
     decode_delta,
     decode_pods,
     is_map_form,
@@ -225,6 +234,14 @@ async def test_valkey_restarted_empty_never_moves_routers_backwards(cluster: Clu
     for router, old in zip(cluster.routers, before, strict=True):
         assert (router.snapshot.epoch, router.snapshot.version) > old  # a new term: ordered first by epoch
         assert set(router.snapshot.pods.keys()) == {"a", "b"}
+    # The writer re-committed everything, its revision index too: a router starting now uses it.
+    starting = Router(RouterConfig(), asyncio.get_running_loop())
+    client = connect(cluster.server.url)
+    await StateFollower(starting, cluster.server.url).resync(client)
+    assert isinstance(starting.slots.revisions["chat-v1"].pending, UnreadRecords)
+    assert set(starting.snapshot.pods.keys()) == {"a", "b"}
+    assert starting.slots.pick("chat-v1") is not None
+    await client.aclose()
 
 
 async def test_replayed_entries_are_not_applied_twice(valkey_server: EmbeddedValkey) -> None:
@@ -412,3 +429,43 @@ async def test_a_state_left_in_the_earlier_map_form_is_read_and_repacked(
     follower._chunks_readable = False  # the per-pod hash, mixed forms
     await follower.resync(client)
     assert dict(fresh.snapshot.pods.items()) == successor.state.pods
+
+
+async def test_without_a_current_revision_index_a_starting_router_decodes_everything(
+    valkey_server: EmbeddedValkey,
+) -> None:
+    """A writer that predates the revision index keeps the chunks but not the index (its ``@index``
+    stays behind): a starting router then decodes every chunk, and the next leader rewrites the
+    index at takeover."""
+    client = connect(valkey_server.url)
+    keys = Keys()
+    writer = Writer(connect(valkey_server.url), writer_id="w1")
+    await writer.ensure_group()
+    assert await writer.try_acquire()
+    await submit(
+        client, [discovered(f"p{i}", revision=f"rev-{i % 3}", ip=f"127.0.9.{i + 1}") for i in range(30)]
+    )
+    while entries := await writer.read_batch(block_ms=50):
+        await writer.process(entries)
+    live = dict(writer.state.pods)
+    index_fields = [f for f in await client.hkeys(keys.pod_chunks) if not f.isdigit()]
+    assert INDEX_MARKER_FIELD in index_fields and len(index_fields) == 4
+    await client.hdel(keys.pod_chunks, *index_fields)
+    writer.leader = False
+    await client.delete(keys.lease)
+
+    router = Router(RouterConfig(), asyncio.get_running_loop())
+    await StateFollower(router, valkey_server.url).resync(client)
+    assert dict(router.snapshot.pods.items()) == live
+    assert all(isinstance(r.pending, list) for r in router.slots.revisions.values())  # decoded
+
+    successor = Writer(connect(valkey_server.url), writer_id="w2")
+    assert await successor.try_acquire()
+    stored = await client.hgetall(keys.pod_chunks)
+    assert stored[INDEX_MARKER_FIELD] == b"%d" % successor.state.version
+    index = {rev: decode_chunk_numbers(raw) for rev, raw in revision_index_fields(stored).items()}
+    assert index == {f"rev-{k}": sorted({pod_chunk(f"p{i}") for i in range(k, 30, 3)}) for k in range(3)}
+    starting = Router(RouterConfig(), asyncio.get_running_loop())
+    await StateFollower(starting, valkey_server.url).resync(client)
+    assert all(isinstance(r.pending, UnreadRecords) for r in starting.slots.revisions.values())
+    assert dict(starting.snapshot.pods.items()) == live
