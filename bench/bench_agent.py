@@ -272,8 +272,8 @@ def bench_refused_connect_to_router_snapshot(benchmark, storm_agent: tuple[Agent
             apply_delta(delta)  # type: ignore[arg-type]
             changed.set()
 
-        def on_install(snapshot: object, *grouped: object) -> None:
-            install(snapshot, *grouped)  # type: ignore[arg-type]
+        def on_install(snapshot: object, *grouped: object, **index: object) -> None:
+            install(snapshot, *grouped, **index)  # type: ignore[arg-type]
             changed.set()
 
         router.apply_delta, router.install = on_delta, on_install  # type: ignore[method-assign]

@@ -40,6 +40,7 @@ from bench import propagation
 from bench.conftest import REVISIONS, make_pods, make_routes
 from fastproxy.config import RouterConfig
 from fastproxy.router import Router
+from fastproxy.slots import UnreadRecords
 from fastproxy.snapshot import RoutingSnapshot, SnapshotBuilder
 from statesync.connect import connect
 from statesync.embedded import EmbeddedValkey
@@ -287,12 +288,21 @@ def bench_router_decode_apply_delta_50k(benchmark, runner: asyncio.Runner) -> No
 
 
 @pytest.mark.benchmark(group="statesync-bootstrap")
-def bench_follower_resync_50k(benchmark, runner: asyncio.Runner, valkey_server: EmbeddedValkey) -> None:
+@pytest.mark.parametrize("router_kind", ["starting", "running"])
+def bench_follower_resync_50k(
+    benchmark, runner: asyncio.Runner, valkey_server: EmbeddedValkey, router_kind: str
+) -> None:
     """A router reading the whole state (MULTI: version, epoch, chunks version, HGETALL pod-chunks,
-    HGETALL routes), decoding and assembling it in slices, and installing it.
+    HGETALL routes) and installing it.
+
+    ``starting``: a router that has no pods yet keeps the chunks packed and gives each revision its
+    chunks from the writer's index (decoded on first use or by the background warm-up).
+    ``running``: a router that already follows the state re-reads it (a reconnect, a new term):
+    every chunk decoded in slices, reconciled with the slots it has. Between rounds the writer
+    commits one change, so every read is of a newer version.
 
     The state is committed by a real leader writer (one commit of every pod and route)."""
-    keys = Keys("bench-boot")
+    keys = Keys(f"bench-boot-{router_kind}")
     pods = big_pods()
     routes = make_routes()
     client = runner.run(WriterBench._connect(valkey_server.url))
@@ -302,6 +312,7 @@ def bench_follower_resync_50k(benchmark, runner: asyncio.Runner, valkey_server: 
         assert await writer.try_acquire()
         await writer._write(tuple(pods), tuple(routes))
         assert int(await client.get(keys.chunks_version)) == writer.state.version == 1
+        # (a starting router must take the packed path, a running one the decoding path)
 
     runner.run(store())
 
@@ -317,10 +328,21 @@ def bench_follower_resync_50k(benchmark, runner: asyncio.Runner, valkey_server: 
             runner.run(previous.pop().warmed())
             warm_cpu_ms.append((time.process_time() - cpu) * 1e3)
         router = Router(RouterConfig(), runner.get_loop())
-        gc.collect()
         follower = StateFollower(router, valkey_server.url, keys=keys)
+        if router_kind == "running":
+            runner.run(follower.resync(client))  # (it follows the state already ...)
+            runner.run(follower.warmed())
+            runner.run(writer._write((flipped(),), ()))  # (... and the next read is of a newer one)
+        gc.collect()
         previous.append(follower)
         return (follower,), {}
+
+    flips = [0]
+
+    def flipped() -> PodRecord:
+        flips[0] += 1
+        state = PodState.NOT_READY if flips[0] % 2 else PodState.READY
+        return msgspec.structs.replace(pods[0], state=state, generation=pods[0].generation + flips[0])
 
     def resync(follower: StateFollower) -> None:
         cpu = time.process_time()
@@ -329,8 +351,10 @@ def bench_follower_resync_50k(benchmark, runner: asyncio.Runner, valkey_server: 
 
     def check(follower: StateFollower) -> None:
         snapshot = follower.router.snapshot
-        assert (snapshot.epoch, snapshot.version) == (writer.epoch, 1)
+        assert (snapshot.epoch, snapshot.version) == (writer.epoch, writer.state.version)
         slots = follower.router.slots
+        unread = sum(isinstance(r.pending, UnreadRecords) for r in slots.revisions.values())
+        assert unread > REVISIONS // 2 if router_kind == "starting" else unread == 0, unread
         assert len(snapshot.pods) == BIG
         assert sum(len(list(r.pending_records())) + len(r.members) for r in slots.revisions.values()) == BIG
         assert snapshot.pods[pods[12_345].uid] == pods[12_345]
@@ -392,12 +416,12 @@ def bench_follower_resync_50k(benchmark, runner: asyncio.Runner, valkey_server: 
     fresh()  # (finishes the last round's warm-up, so that it does not run inside the breakdown)
     with gc_paused():  # (as in the resync itself)
         parts = runner.run(breakdown())
-    benchmark.extra_info.update({"pods": BIG, "goal_ms": 100, **parts})
+    benchmark.extra_info.update({"pods": BIG, "goal_ms": 100, "router": router_kind, **parts})
     benchmark.extra_info["median_ms"] = round(benchmark.stats.stats.median * 1e3, 1)
     benchmark.extra_info["router_cpu_ms_median"] = round(sorted(cpu_ms)[len(cpu_ms) // 2], 1)
     benchmark.extra_info["warm_up_cpu_ms_median"] = round(sorted(warm_cpu_ms)[len(warm_cpu_ms) // 2], 1)
     print(
-        f"\nresync of {BIG} pods: median {benchmark.extra_info['median_ms']} ms; one pass split: {parts}; "
+        f"\n{router_kind} router, resync of {BIG} pods: median {benchmark.extra_info['median_ms']} ms; one pass split: {parts}; "
         f"slot warm-up after it (background, in slices): {benchmark.extra_info['warm_up_cpu_ms_median']} ms CPU"
     )
     runner.run(client.aclose())

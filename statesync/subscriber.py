@@ -16,13 +16,17 @@ on a *fresh* connection. A session:
    (``_Session``). Nothing is applied before the subscription is confirmed and the state read.
 2. reads the whole state in one MULTI/EXEC (version, epoch, pod-chunks, routes) and installs it,
    unless it is older than what the router has or empty (Valkey restarted without state: keep
-   serving). The pods come packed (``statesync.keys``: a few thousand chunks, one decoder call
-   each), and each decoded chunk becomes the same chunk of the snapshot's ``PodTable`` as it is
-   (``SnapshotBuilder.add_chunk``), grouped per revision on the way for the slot table, which
-   gives a revision its per-pod slots only when it is first asked for (``SlotTable.adopt``) or
-   when a background task gets to it (``_warm_slots``, slices between other work, right after).
-   At 50k pods the read-to-installed path is about 75 ms of CPU: the Valkey read ~15, msgpack
-   decode ~40, grouping ~17; the warm-up after it ~40 more, in slices.
+   serving). The pods come packed (``statesync.keys``: a few thousand chunks, each one msgpack
+   array of records), beside the writer's revision index (per revision, the chunks holding its
+   pods). A *starting* router (no pods yet) keeps every chunk packed: the table counts its records
+   from the array header, each revision gets its chunks from the index (``SlotTable.adopt_unread``),
+   and the router routes from there -- a revision's chunks are decoded when it is first used, or
+   when the background warm-up gets to it (``_warm_slots``, slices between other work, right
+   after). At 50k pods that install is the Valkey read (~15-20 ms) and a few ms more; the decode
+   (~40 ms of CPU) moves to first uses and the warm-up. A *running* router (a reconnect, a new
+   term), or a state whose index is not at the state's version (a writer that predates it),
+   decodes every chunk (``SnapshotBuilder.add_chunk``: each decoded chunk becomes the snapshot's
+   chunk as it is, grouped per revision on the way) and reconciles its slots with it.
    This is done in slices of about ``SLICE_RECORDS`` records with a yield to the event loop
    between slices, so requests keep flowing on the old snapshot meanwhile; the new snapshot is
    installed in one step at the end. The cyclic garbage collector is paused from the first
@@ -227,8 +231,11 @@ class StateFollower:
         revision_chunks = None
         if chunks is not None:
             indexed_at = chunks.pop(INDEX_MARKER_FIELD, None)
-            index_fields = [field for field in chunks if field.startswith(REVISION_FIELD_PREFIX)]
-            index = {field: chunks.pop(field) for field in index_fields}
+            index = {}
+            for field in [field for field in chunks if not field.isdigit()]:
+                value = chunks.pop(field)  # (the index; any field a later writer adds is ignored)
+                if field.startswith(REVISION_FIELD_PREFIX):
+                    index[field] = value
             if indexed_at == version_raw and self.router.fresh:
                 # A starting router: keep the chunks packed, give each revision its chunks.
                 skip = len(REVISION_FIELD_PREFIX)

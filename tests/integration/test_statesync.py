@@ -451,6 +451,7 @@ async def test_without_a_current_revision_index_a_starting_router_decodes_everyt
     index_fields = [f for f in await client.hkeys(keys.pod_chunks) if not f.isdigit()]
     assert INDEX_MARKER_FIELD in index_fields and len(index_fields) == 4
     await client.hdel(keys.pod_chunks, *index_fields)
+    await client.hset(keys.pod_chunks, "a-field-of-a-later-version", b"\x07")  # (ignored by readers)
     writer.leader = False
     await client.delete(keys.lease)
 
@@ -465,6 +466,7 @@ async def test_without_a_current_revision_index_a_starting_router_decodes_everyt
     assert stored[INDEX_MARKER_FIELD] == b"%d" % successor.state.version
     index = {rev: decode_chunk_numbers(raw) for rev, raw in revision_index_fields(stored).items()}
     assert index == {f"rev-{k}": sorted({pod_chunk(f"p{i}") for i in range(k, 30, 3)}) for k in range(3)}
+    await client.hset(keys.pod_chunks, "a-field-of-a-later-version", b"\x07")
     starting = Router(RouterConfig(), asyncio.get_running_loop())
     await StateFollower(starting, valkey_server.url).resync(client)
     assert all(isinstance(r.pending, UnreadRecords) for r in starting.slots.revisions.values())
