@@ -201,6 +201,22 @@ class PodTable:
             leaf = inner[chunk & _MASK] = _read_leaf(leaf)
         return leaf  # type: ignore[return-value]
 
+    def decode_packed(self, start: int, budget: int) -> int:
+        """Decode up to ``budget`` chunks still packed, from chunk ``start`` on; the chunk to go on
+        from, or -1 when none is left packed (a background warm-up, a slice at a time)."""
+        outer = self._outer
+        for chunk in range(start, POD_CHUNKS):
+            inner = outer[chunk >> _SHIFT]
+            if inner is _EMPTY_INNER:
+                continue
+            leaf = inner[chunk & _MASK]
+            if type(leaf) is bytes:
+                if budget <= 0:
+                    return chunk
+                inner[chunk & _MASK] = _read_leaf(leaf)
+                budget -= 1
+        return -1
+
     def get(self, uid: str, default: PodRecord | None = None) -> PodRecord | None:
         for record in self.chunk(pod_chunk(uid)):
             if record.uid == uid:

@@ -145,6 +145,21 @@ def test_packed_and_decoded_bootstraps_agree_under_any_deltas(loop: asyncio.Abst
     }
 
 
+def test_the_warm_up_decodes_packed_chunks_a_slice_at_a_time(loop: asyncio.AbstractEventLoop) -> None:
+    records = [pod(f"p{i}", f"r{i % 10}") for i in range(400)]
+    router = started_from_packed(loop, records)
+    table = router.snapshot.pods
+    packed_chunks = len({pod_chunk(r.uid) for r in records})
+    start, slices = 0, 0
+    while (start := table.decode_packed(start, 25)) >= 0:
+        slices += 1
+        assert len(decoded_chunks(router)) == 25 * slices
+    assert decoded_chunks(router) == {pod_chunk(r.uid) for r in records}
+    assert slices == (packed_chunks - 1) // 25
+    assert sorted(table.values(), key=lambda r: r.uid) == sorted(records, key=lambda r: r.uid)
+    assert table.decode_packed(0, 25) == -1
+
+
 def test_a_chunk_that_does_not_decode_is_left_out_and_logged(
     loop: asyncio.AbstractEventLoop, caplog: pytest.LogCaptureFixture
 ) -> None:
