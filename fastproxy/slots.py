@@ -346,8 +346,12 @@ class SlotTable:
             return
         records = list(records)
         keep = {r.uid for r in records}
-        for uid in [uid for uid in self.pods if uid not in keep]:
-            self._forget(self.pods[uid])
+        pods = self.pods
+        for uid in [uid for uid in pods if uid not in keep]:
+            self._forget(pods[uid])
+        # A resync re-reads every pod and nearly all are as we have them: reconcile only the others
+        # (a record compare is a fraction of an update; at 50k pods this was a 100 ms stall).
+        records = [r for r in records if (pod := pods.get(r.uid)) is None or pod.record != r]
         for revision in list(self.revisions.values()):
             if revision.pending is not None:
                 pending = revision.pending_by_uid()

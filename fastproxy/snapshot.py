@@ -305,11 +305,14 @@ class SnapshotBuilder:
     second pass over 50k records scattered in memory costs several times as much. (Lists, not
     dicts: inserting into a dict hashes each uid, one more cache miss per pod.)"""
 
-    __slots__ = ("_count", "_outer", "by_revision")
+    __slots__ = ("_count", "_group", "_outer", "by_revision")
 
-    def __init__(self) -> None:
+    def __init__(self, *, group: bool = True) -> None:
+        """``group=False``: do not group per revision (a running router reconciles its slots with
+        the snapshot's pods instead, and the grouping was a fifth of a resync)."""
         self._outer: list[list[Leaf]] = [[_EMPTY_LEAF] * _FANOUT for _ in range(_FANOUT)]
         self._count = 0
+        self._group = group
         self.by_revision: collections.defaultdict[str, list[PodRecord]] = collections.defaultdict(list)
 
     def add_chunk(self, chunk: int, records: list[PodRecord]) -> None:
@@ -323,11 +326,15 @@ class SnapshotBuilder:
         by_revision = self.by_revision
         removed = PodState.REMOVED
         kept = records
-        for record in records:
-            if record.state is removed:  # (the writer keeps none there; should one be, skip it)
-                kept = []
-                continue
-            by_revision[record.revision].append(record)
+        if not self._group:
+            if any(record.state is removed for record in records):
+                kept = []  # (the writer keeps none there; should one be, skip it)
+        else:
+            for record in records:
+                if record.state is removed:
+                    kept = []
+                    continue
+                by_revision[record.revision].append(record)
         if kept is not records:
             kept = [r for r in records if r.state is not removed]
         inner[chunk & _MASK] = kept
@@ -369,8 +376,9 @@ class SnapshotBuilder:
             if record.state is not PodState.REMOVED:
                 leaf.append(record)
                 self._count += 1
-                self.by_revision[record.revision].append(record)
-        if replaced:  # (rare: regroup so that by_revision holds only the records kept)
+                if self._group:
+                    self.by_revision[record.revision].append(record)
+        if replaced and self._group:  # (rare: regroup so that by_revision holds only the records kept)
             self.by_revision.clear()
             for inner in outer:
                 for at, leaf in enumerate(inner):

@@ -233,7 +233,7 @@ class StateFollower:
             self.synced.set()
             return  # never go backwards
         routes = [decode_route(raw) for raw in routes_raw.values()]
-        builder = SnapshotBuilder()
+        builder = SnapshotBuilder(group=self.router.fresh)  # (a running router reconciles instead)
         revision_chunks = None
         if chunks is not None:
             indexed_at = chunks.pop(INDEX_MARKER_FIELD, None)
