@@ -31,7 +31,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastproxy.config import ConfigError, RouterConfig, load_routes_file
@@ -85,13 +85,19 @@ class Router:
         by_revision: Mapping[str, list[PodRecord]] | None = None,
         *,
         revision_chunks: Mapping[str, list[int]] | None = None,
+        changed: Sequence[PodRecord] | None = None,
     ) -> None:
         """Adopt a whole state (bootstrap, resync, static file). ``by_revision``: the same pods
         grouped per revision (``SnapshotBuilder.by_revision``, handed over), which a router that
         has no pods yet takes as they are instead of grouping them again. ``revision_chunks``: the
         writer's revision index, for a snapshot whose chunks are still packed (a ``fresh`` router):
-        each revision's records are read from the current snapshot when first needed."""
-        if revision_chunks is not None and self.fresh:
+        each revision's records are read from the current snapshot when first needed. ``changed``:
+        the records that differ from the current snapshot's (new or changed ones, and REMOVED ones
+        for pods it no longer holds), when the caller has worked them out (a running router's
+        resync): only those are reconciled, as a delta's would be."""
+        if changed is not None and not self.fresh:
+            self._reconcile(changed)
+        elif revision_chunks is not None and self.fresh:
             self.slots.adopt_unread(revision_chunks, lambda: self.snapshot.pods)
         elif by_revision is not None and self.fresh:
             self.slots.adopt(by_revision)
@@ -99,6 +105,13 @@ class Router:
             self.slots.replace_all(snapshot.pods.values())
         self.snapshot = snapshot
         self.snapshot_changed_at = time.time()
+
+    def _reconcile(self, records: Sequence[PodRecord]) -> None:
+        self.slots.update(records)
+        for record in records:
+            if record.state is PodState.REMOVED:
+                self.pool.drop_pod(record.uid)
+                self._excluded_until.pop(record.uid, None)
 
     @property
     def fresh(self) -> bool:
@@ -108,11 +121,7 @@ class Router:
     def apply_delta(self, delta: Delta) -> None:
         """Adopt one committed change; raises ``VersionGap`` if it does not follow."""
         snapshot = self.snapshot.apply(delta)
-        self.slots.update(delta.pods)
-        for record in delta.pods:
-            if record.state is PodState.REMOVED:
-                self.pool.drop_pod(record.uid)
-                self._excluded_until.pop(record.uid, None)
+        self._reconcile(delta.pods)
         self.snapshot = snapshot
         self.snapshot_changed_at = time.time()
 

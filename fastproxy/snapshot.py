@@ -49,6 +49,18 @@ log = logging.getLogger("fastproxy.snapshot")
 Leaf = list[PodRecord] | bytes  # a chunk: its records, or still as the writer packed them
 
 
+class ReadChunk(list[PodRecord]):
+    """A chunk's records as decoded from a full read, with the bytes they were decoded from. A later
+    full read that finds the same bytes for the chunk keeps this very list (no decode, nothing to
+    reconcile); a delta replaces the chunk with a plain list, so ``raw`` never outlives its truth."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, records: list[PodRecord], raw: bytes) -> None:
+        super().__init__(records)
+        self.raw = raw
+
+
 def _read_leaf(raw: bytes) -> list[PodRecord]:
     """Decode a chunk kept packed since the bootstrap. The bytes were read in one consistent read
     of the writer's state; should they not decode, the chunk's pods are left out (and said so)
@@ -62,7 +74,7 @@ def _read_leaf(raw: bytes) -> list[PodRecord]:
     removed = PodState.REMOVED
     if any(r.state is removed for r in records):  # (the writer keeps none there)
         records = [r for r in records if r.state is not removed]
-    return records
+    return ReadChunk(records, raw)
 
 
 def packed_length(raw: bytes) -> int:
@@ -201,6 +213,24 @@ class PodTable:
             leaf = inner[chunk & _MASK] = _read_leaf(leaf)
         return leaf  # type: ignore[return-value]
 
+    def same_as_read(self, chunk: int, raw: bytes) -> Leaf | None:
+        """This table's chunk if it holds exactly what ``raw`` packs (it was read as these very
+        bytes and no delta touched it since), else None."""
+        leaf = self._outer[chunk >> _SHIFT][chunk & _MASK]
+        if type(leaf) is bytes:
+            return leaf if leaf == raw else None
+        if type(leaf) is ReadChunk and leaf.raw == raw:
+            return leaf
+        return None
+
+    def occupied_chunks(self) -> Iterator[int]:
+        """The numbers of the chunks that hold pods (or are still packed)."""
+        for high, inner in enumerate(self._outer):
+            if inner is not _EMPTY_INNER:
+                for low, leaf in enumerate(inner):
+                    if leaf:
+                        yield high << _SHIFT | low
+
     def decode_packed(self, start: int, budget: int) -> int:
         """Decode up to ``budget`` chunks still packed, from chunk ``start`` on; the chunk to go on
         from, or -1 when none is left packed (a background warm-up, a slice at a time)."""
@@ -315,8 +345,17 @@ class SnapshotBuilder:
         self._group = group
         self.by_revision: collections.defaultdict[str, list[PodRecord]] = collections.defaultdict(list)
 
-    def add_chunk(self, chunk: int, records: list[PodRecord]) -> None:
-        """Take the decoded chunk ``chunk`` (the list is handed over, not copied)."""
+    def add_unchanged(self, chunk: int, leaf: Leaf) -> None:
+        """Take a chunk of the current table as it is (``PodTable.same_as_read`` found it unchanged)."""
+        inner = self._outer[chunk >> _SHIFT]
+        if inner[chunk & _MASK]:
+            raise ValueError(f"pod chunk {chunk} added twice")
+        inner[chunk & _MASK] = leaf
+        self._count += packed_length(leaf) if type(leaf) is bytes else len(leaf)
+
+    def add_chunk(self, chunk: int, records: list[PodRecord], raw: bytes | None = None) -> None:
+        """Take the decoded chunk ``chunk`` (the list is handed over, not copied); ``raw``, the bytes
+        it was decoded from, lets a later full read recognise it unchanged."""
         if not 0 <= chunk < POD_CHUNKS:
             raise ValueError(f"pod chunk {chunk} outside 0..{POD_CHUNKS - 1}")
         inner = self._outer[chunk >> _SHIFT]
@@ -337,6 +376,8 @@ class SnapshotBuilder:
                 by_revision[record.revision].append(record)
         if kept is not records:
             kept = [r for r in records if r.state is not removed]
+        elif raw is not None:
+            kept = ReadChunk(records, raw)
         inner[chunk & _MASK] = kept
         self._count += len(kept)
 

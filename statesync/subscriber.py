@@ -63,6 +63,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import valkey.asyncio as avalkey
 from valkey.exceptions import NoPermissionError
 
@@ -72,6 +73,9 @@ from statesync.pubsub import SubscriberProtocol, subscribe
 from statesync.schema import (
     Delta,
     Heartbeat,
+    PodRecord,
+    PodState,
+    Route,
     SchemaError,
     decode_chunk_numbers,
     decode_delta,
@@ -233,51 +237,118 @@ class StateFollower:
             self.synced.set()
             return  # never go backwards
         routes = [decode_route(raw) for raw in routes_raw.values()]
-        builder = SnapshotBuilder(group=self.router.fresh)  # (a running router reconciles instead)
-        revision_chunks = None
-        if chunks is not None:
+        if chunks is None:
+            pods = await self._install_decoded(epoch, version, None, pods_raw, routes)
+        else:
             indexed_at = chunks.pop(INDEX_MARKER_FIELD, None)
             index = {}
             for field in [field for field in chunks if not field.isdigit()]:
                 value = chunks.pop(field)  # (the index; any field a later writer adds is ignored)
                 if field.startswith(REVISION_FIELD_PREFIX):
                     index[field] = value
-            if indexed_at == version_raw and self.router.fresh:
-                # A starting router: keep the chunks packed, give each revision its chunks.
-                skip = len(REVISION_FIELD_PREFIX)
-                revision_chunks = {
-                    field[skip:].decode(): decode_chunk_numbers(raw) for field, raw in index.items()
-                }
-                for number, chunk in chunks.items():
-                    builder.add_packed_chunk(int(number), chunk)
-                if self._not_newer(epoch, version, len(builder)):
-                    self.synced.set()
-                    return
-                self.router.install(builder.finish(epoch, version, routes), revision_chunks=revision_chunks)
-        if revision_chunks is None:
-            added = 0
-            with gc_paused():
-                if chunks is not None:
-                    for number, chunk in chunks.items():
-                        records = decode_pods(chunk)
-                        builder.add_chunk(int(number), records)
-                        added += len(records)
-                        if added >= SLICE_RECORDS:
-                            added = 0
-                            await asyncio.sleep(0)
-                else:
-                    for start in range(0, len(pods_raw), SLICE_RECORDS):
-                        builder.add([decode_pod(raw) for raw in pods_raw[start : start + SLICE_RECORDS]])
-                        await asyncio.sleep(0)
-                if self._not_newer(epoch, version, len(builder)):
-                    self.synced.set()
-                    return
-                self.router.install(builder.finish(epoch, version, routes), builder.by_revision)
+            if not self.router.fresh:
+                pods = await self._reread(epoch, version, chunks, routes)
+            elif indexed_at == version_raw:
+                pods = self._install_packed(epoch, version, chunks, index, routes)
+            else:
+                pods = await self._install_decoded(epoch, version, chunks, [], routes)
+        if pods is None:  # (not adopted: older than ours, or a new term still empty)
+            self.synced.set()
+            return
         if self._warming is None or self._warming.done():
             self._warming = asyncio.get_running_loop().create_task(self._warm_slots())
         self.router.stale = False
         self.synced.set()
-        log.info("routing state read whole: epoch %d version %d, %d pods", epoch, version, len(builder))
+        log.info("routing state read whole: epoch %d version %d, %d pods", epoch, version, pods)
+
+    def _install_packed(
+        self,
+        epoch: int,
+        version: int,
+        chunks: dict[bytes, bytes],
+        index: dict[bytes, bytes],
+        routes: list[Route],
+    ) -> int | None:
+        """A starting router: keep the chunks packed, give each revision its chunks (the index)."""
+        skip = len(REVISION_FIELD_PREFIX)
+        revision_chunks = {field[skip:].decode(): decode_chunk_numbers(raw) for field, raw in index.items()}
+        builder = SnapshotBuilder(group=False)
+        for number, chunk in chunks.items():
+            builder.add_packed_chunk(int(number), chunk)
+        if self._not_newer(epoch, version, len(builder)):
+            return None
+        self.router.install(builder.finish(epoch, version, routes), revision_chunks=revision_chunks)
+        return len(builder)
+
+    async def _install_decoded(
+        self,
+        epoch: int,
+        version: int,
+        chunks: dict[bytes, bytes] | None,
+        pods_raw: list[bytes],
+        routes: list[Route],
+    ) -> int | None:
+        """Decode every chunk (or every record of the per-pod hash), in slices, grouped per revision."""
+        builder = SnapshotBuilder(group=self.router.fresh)
+        added = 0
+        with gc_paused():
+            if chunks is not None:
+                for number, chunk in chunks.items():
+                    records = decode_pods(chunk)
+                    builder.add_chunk(int(number), records)
+                    added += len(records)
+                    if added >= SLICE_RECORDS:
+                        added = 0
+                        await asyncio.sleep(0)
+            else:
+                for start in range(0, len(pods_raw), SLICE_RECORDS):
+                    builder.add([decode_pod(raw) for raw in pods_raw[start : start + SLICE_RECORDS]])
+                    await asyncio.sleep(0)
+            if self._not_newer(epoch, version, len(builder)):
+                return None
+            self.router.install(builder.finish(epoch, version, routes), builder.by_revision)
+        return len(builder)
+
+    async def _reread(
+        self, epoch: int, version: int, chunks: dict[bytes, bytes], routes: list[Route]
+    ) -> int | None:
+        """A running router's full read: a chunk whose bytes are those it was read (or kept) as,
+        untouched since, is taken as it is; only the others are decoded, and only the pods that
+        differ are reconciled (``Router.install(changed=...)``), instead of 50k."""
+        current = self.router.snapshot.pods
+        builder = SnapshotBuilder(group=False)
+        changed: list[PodRecord] = []
+        seen: set[int] = set()
+        decoded = 0
+        with gc_paused():
+            for field, raw in chunks.items():
+                number = int(field)
+                seen.add(number)
+                leaf = current.same_as_read(number, raw)
+                if leaf is not None:
+                    builder.add_unchanged(number, leaf)
+                    continue
+                records = decode_pods(raw)
+                builder.add_chunk(number, records, raw)
+                before = {r.uid: r for r in current.chunk(number)}
+                for record in records:
+                    if before.pop(record.uid, None) != record:
+                        changed.append(record)
+                changed += [msgspec.structs.replace(r, state=PodState.REMOVED) for r in before.values()]
+                decoded += len(records)
+                if decoded >= SLICE_RECORDS:
+                    decoded = 0
+                    await asyncio.sleep(0)
+            for number in current.occupied_chunks():
+                if number not in seen:  # (a chunk the writer emptied)
+                    changed += [
+                        msgspec.structs.replace(r, state=PodState.REMOVED) for r in current.chunk(number)
+                    ]
+            if self._not_newer(epoch, version, len(builder)):
+                return None
+            self.router.install(builder.finish(epoch, version, routes), changed=changed)
+        log.debug("re-read the routing state: %d of %d pods changed", len(changed), len(builder))
+        return len(builder)
 
     def _not_newer(self, epoch: int, version: int, pods: int) -> bool:
         """Is a whole state read at (epoch, version) with ``pods`` pods not to be adopted?"""

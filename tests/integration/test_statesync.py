@@ -471,3 +471,69 @@ async def test_without_a_current_revision_index_a_starting_router_decodes_everyt
     await StateFollower(starting, valkey_server.url).resync(client)
     assert all(isinstance(r.pending, UnreadRecords) for r in starting.slots.revisions.values())
     assert dict(starting.snapshot.pods.items()) == live
+
+
+async def test_a_running_routers_full_read_reconciles_only_what_changed(
+    valkey_server: EmbeddedValkey,
+) -> None:
+    """A router that follows the state and reads it whole again (a reconnect) keeps every chunk
+    whose bytes did not change as it is, decodes the others, and reconciles only the pods that
+    differ: the pods it has in flight keep their counts, removed ones go, new ones come."""
+    client = connect(valkey_server.url)
+    writer = Writer(connect(valkey_server.url), writer_id="w1")
+    await writer.ensure_group()
+    assert await writer.try_acquire()
+
+    async def committed(events: list[object]) -> None:
+        await submit(client, events)  # type: ignore[arg-type]
+        while entries := await writer.read_batch(block_ms=50):
+            await writer.process(entries)
+
+    await committed([discovered(f"p{i}", revision=f"rev-{i % 3}", ip=f"127.0.{9 + i // 250}.{1 + i % 250}")
+                     for i in range(600)])  # fmt: skip
+    by_chunk: dict[int, list[str]] = {}
+    for i in range(600):
+        by_chunk.setdefault(pod_chunk(f"p{i}"), []).append(f"p{i}")
+    shares = next(uids[0] for uids in by_chunk.values() if len(uids) > 1 and "p1" not in uids)
+    alone = next(uids[0] for uids in by_chunk.values() if len(uids) == 1 and uids[0] != "p1")
+    router = Router(RouterConfig(), asyncio.get_running_loop())
+    follower = StateFollower(router, valkey_server.url)
+    await follower.resync(client)
+    await follower.warmed()
+    lease = router.slots.pick("rev-0")
+    assert lease is not None
+    held = lease[1].uid
+    before = router.snapshot.pods
+    # Changes the router does not hear of (no subscription here), then a full read.
+    await committed([
+        ReadinessChanged(uid="p1", source=Source.SIDECAR, ready=False, at=time.time()),
+        PodRemoved(uid=shares, source=Source.INFORMER),  # (its chunk keeps other pods)
+        PodRemoved(uid=alone, source=Source.INFORMER),  # (its chunk is emptied)
+        discovered("p700", revision="rev-1", ip="127.0.20.1"),
+        discovered("p701", revision="rev-new", ip="127.0.20.2"),
+    ])  # fmt: skip
+    await follower.resync(client)
+    after = router.snapshot.pods
+    live = {uid: r for uid, r in writer.state.pods.items() if r.state is not PodState.REMOVED}
+    assert dict(after.items()) == live and router.snapshot.version == writer.state.version
+    touched = {pod_chunk(uid) for uid in ("p1", shares, alone, "p700", "p701")}
+    for number in before.occupied_chunks():
+        if number not in touched:
+            assert after._outer[number >> 6][number & 63] is before._outer[number >> 6][number & 63]
+    slots = router.slots
+    assert slots.pods[held].inflight == 1  # (the same PodSlots: reconciled, not rebuilt)
+    assert shares not in slots.pods and alone not in slots.pods and not slots.pods["p1"].routable
+    assert slots.pods["p700"].routable and slots.pick("rev-new") is not None
+    # The same state read by a starting router gives the same routable pods.
+    other = Router(RouterConfig(), asyncio.get_running_loop())
+    other_follower = StateFollower(other, valkey_server.url)
+    await other_follower.resync(client)
+    await other_follower.warmed()
+    lease[0]()
+
+    def routable(r: Router) -> set[str]:
+        return {uid for uid, p in r.slots.pods.items() if p.routable}
+
+    assert (
+        routable(router) == routable(other) == {uid for uid, r in live.items() if r.state is PodState.READY}
+    )
