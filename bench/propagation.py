@@ -132,6 +132,8 @@ async def _follower(args: argparse.Namespace) -> int:
             break
         await asyncio.sleep(0.01)  # polling our own state; bounded by the parent's timeout
     else:
+        # (the steady state is measured: the slot warm-up that follows a bootstrap is done first)
+        await follower.warmed()
         sys.stdout.write(f"synced {len(router.snapshot.pods)} {router.snapshot.version}\n")
         sys.stdout.flush()
     if task.done() and not task.cancelled() and task.exception() is not None:

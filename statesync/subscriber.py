@@ -22,12 +22,15 @@ on a *fresh* connection. A session:
    from the array header, each revision gets its chunks from the index (``SlotTable.adopt_unread``),
    and the router routes from there -- a revision's chunks are decoded when it is first used, or
    when the background warm-up gets to it (``_warm_slots``, slices between other work, right
-   after). At 50k pods that install is the Valkey read (~15-20 ms) and a few ms more; the decode
+   after). At 50k pods that install is the Valkey read (~10-20 ms) and a few ms more; the decode
    (~40 ms of CPU) moves to first uses and the warm-up. A *running* router (a reconnect, a new
-   term), or a state whose index is not at the state's version (a writer that predates it),
-   decodes every chunk (``SnapshotBuilder.add_chunk``: each decoded chunk becomes the snapshot's
-   chunk as it is, grouped per revision on the way) and reconciles its slots with it.
-   This is done in slices of about ``SLICE_RECORDS`` records with a yield to the event loop
+   term) keeps every chunk whose bytes are the ones it read (or kept packed) and no delta touched
+   since (``PodTable.same_as_read``), decodes the others, and reconciles only the pods that differ
+   (``Router.install(changed=...)``): the slots of unchanged pods, in-flight counts included, stay
+   as they are. A starting router without a current index (a writer that predates it) decodes
+   every chunk (``SnapshotBuilder.add_chunk``: each decoded chunk becomes the snapshot's chunk as
+   it is, grouped per revision on the way).
+   Decoding is done in slices of about ``SLICE_RECORDS`` records with a yield to the event loop
    between slices, so requests keep flowing on the old snapshot meanwhile; the new snapshot is
    installed in one step at the end. The cyclic garbage collector is paused from the first
    decoded chunk to the install: nothing built forms cycles worth collecting early, and a
