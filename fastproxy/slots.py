@@ -360,10 +360,10 @@ class SlotTable:
                 self._drop_if_unused(revision)
         self.update(records)
 
-    def adopt(self, by_revision: Mapping[str, list[PodRecord]]) -> None:
-        """Install a whole state already grouped per revision (``SnapshotBuilder.by_revision``)
-        into a table that knows no pod yet; the dicts become the revisions' pending records as
-        they are (the caller hands them over)."""
+    def adopt(self, by_revision: Mapping[str, list[PodRecord] | UnreadRecords]) -> None:
+        """Install a whole state already grouped per revision (``SnapshotBuilder.by_revision``, or
+        where to read each revision's records) into a table that knows no pod yet; they become the
+        revisions' pending records as they are (the caller hands them over)."""
         if self.pods or self.revisions:
             raise RuntimeError("adopt() is for an empty slot table; use replace_all()")
         revisions = self.revisions
@@ -375,16 +375,9 @@ class SlotTable:
     def adopt_unread(
         self, revision_chunks: Mapping[str, list[int]], table: Callable[[], PodTableLike]
     ) -> None:
-        """Install a whole state that is not decoded yet into a table that knows no pod yet: per
-        revision, the chunks holding its pods (the writer's index) and ``table``, the router's
-        current pod table, to read them from when the revision is first needed."""
-        if self.pods or self.revisions:
-            raise RuntimeError("adopt_unread() is for an empty slot table; use replace_all()")
-        revisions = self.revisions
-        for name, chunks in revision_chunks.items():
-            if chunks:
-                revision = revisions[name] = RevisionSlots(name)
-                revision.pending = UnreadRecords(name, chunks, table)
+        """``adopt`` a state not decoded yet: per revision, the chunks holding its pods (the
+        writer's index), read from ``table`` (the router's current pod table) when first needed."""
+        self.adopt({name: UnreadRecords(name, chunks, table) for name, chunks in revision_chunks.items()})
 
     def _fill(self, records: Iterable[PodRecord]) -> None:
         """``update`` for a table that knows no pod yet (bootstrap): group the records per revision,

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import msgspec
 import pytest
@@ -327,20 +328,28 @@ async def test_acknowledged_events_are_trimmed_from_the_stream(valkey_server: Em
     assert any(e[0] == entries[0][0] for e in await client.xrange(Keys().events))
 
 
+async def leading_writer(url: str, writer_id: str = "w1") -> Writer:
+    writer = Writer(connect(url), writer_id=writer_id)
+    await writer.ensure_group()
+    assert await writer.try_acquire()
+    return writer
+
+
+async def committed(writer: Writer, events: list[Any]) -> None:
+    """Submit ``events`` and have ``writer`` apply and commit all of them."""
+    await submit(writer.client, events)
+    while entries := await writer.read_batch(block_ms=50):
+        await writer.process(entries)
+
+
 async def test_pod_chunks_mirror_live_records_and_stale_chunks_are_never_used(
     valkey_server: EmbeddedValkey,
 ) -> None:
     client = connect(valkey_server.url)
     keys = Keys()
-    writer = Writer(connect(valkey_server.url), writer_id="w1")
-    await writer.ensure_group()
-    assert await writer.try_acquire()
-    await submit(client, [discovered(f"p{i}", ip=f"127.0.9.{i + 1}") for i in range(40)])
-    await submit(
-        client, [PodRemoved(uid="p3", source=Source.INFORMER), PodRemoved(uid="p7", source=Source.INFORMER)]
-    )
-    while entries := await writer.read_batch(block_ms=50):
-        await writer.process(entries)
+    writer = await leading_writer(valkey_server.url)
+    await committed(writer, [discovered(f"p{i}", ip=f"127.0.9.{i + 1}") for i in range(40)]
+                    + [PodRemoved(uid="p3", source=Source.INFORMER), PodRemoved(uid="p7", source=Source.INFORMER)])  # fmt: skip
 
     async def chunked() -> dict[str, PodRecord]:
         stored = chunk_fields(await client.hgetall(keys.pod_chunks))
@@ -381,12 +390,8 @@ async def test_a_state_left_in_the_earlier_map_form_is_read_and_repacked(
     array form, even though the chunks are at the state's version, and carries on from there."""
     client = connect(valkey_server.url)
     keys = Keys()
-    writer = Writer(connect(valkey_server.url), writer_id="w1")
-    await writer.ensure_group()
-    assert await writer.try_acquire()
-    await submit(client, [discovered(f"p{i}", ip=f"127.0.9.{i + 1}") for i in range(30)])
-    while entries := await writer.read_batch(block_ms=50):
-        await writer.process(entries)
+    writer = await leading_writer(valkey_server.url)
+    await committed(writer, [discovered(f"p{i}", ip=f"127.0.9.{i + 1}") for i in range(30)])
     live = dict(writer.state.pods)
 
     def map_form(record: PodRecord) -> bytes:
@@ -416,9 +421,9 @@ async def test_a_state_left_in_the_earlier_map_form_is_read_and_repacked(
     assert {p.uid: p for blob in repacked.values() for p in decode_pods(blob)} == live
 
     # The new leader's commits (array form) land beside the remaining map-form records.
-    await submit(client, [ReadinessChanged(uid="p4", source=Source.SIDECAR, ready=False, at=time.time())])
-    while entries := await successor.read_batch(block_ms=50):
-        await successor.process(entries)
+    await committed(
+        successor, [ReadinessChanged(uid="p4", source=Source.SIDECAR, ready=False, at=time.time())]
+    )
     await StateFollower(router, valkey_server.url).catch_up(client)
     assert router.snapshot.pods["p4"].state is PodState.NOT_READY
     assert router.snapshot.version == successor.state.version
@@ -439,14 +444,10 @@ async def test_without_a_current_revision_index_a_starting_router_decodes_everyt
     index at takeover."""
     client = connect(valkey_server.url)
     keys = Keys()
-    writer = Writer(connect(valkey_server.url), writer_id="w1")
-    await writer.ensure_group()
-    assert await writer.try_acquire()
-    await submit(
-        client, [discovered(f"p{i}", revision=f"rev-{i % 3}", ip=f"127.0.9.{i + 1}") for i in range(30)]
+    writer = await leading_writer(valkey_server.url)
+    await committed(
+        writer, [discovered(f"p{i}", revision=f"rev-{i % 3}", ip=f"127.0.9.{i + 1}") for i in range(30)]
     )
-    while entries := await writer.read_batch(block_ms=50):
-        await writer.process(entries)
     live = dict(writer.state.pods)
     index_fields = [f for f in await client.hkeys(keys.pod_chunks) if not f.isdigit()]
     assert INDEX_MARKER_FIELD in index_fields and len(index_fields) == 4
@@ -480,16 +481,8 @@ async def test_a_running_routers_full_read_reconciles_only_what_changed(
     whose bytes did not change as it is, decodes the others, and reconciles only the pods that
     differ: the pods it has in flight keep their counts, removed ones go, new ones come."""
     client = connect(valkey_server.url)
-    writer = Writer(connect(valkey_server.url), writer_id="w1")
-    await writer.ensure_group()
-    assert await writer.try_acquire()
-
-    async def committed(events: list[object]) -> None:
-        await submit(client, events)  # type: ignore[arg-type]
-        while entries := await writer.read_batch(block_ms=50):
-            await writer.process(entries)
-
-    await committed([discovered(f"p{i}", revision=f"rev-{i % 3}", ip=f"127.0.{9 + i // 250}.{1 + i % 250}")
+    writer = await leading_writer(valkey_server.url)
+    await committed(writer, [discovered(f"p{i}", revision=f"rev-{i % 3}", ip=f"127.0.{9 + i // 250}.{1 + i % 250}")
                      for i in range(600)])  # fmt: skip
     by_chunk: dict[int, list[str]] = {}
     for i in range(600):
@@ -505,7 +498,7 @@ async def test_a_running_routers_full_read_reconciles_only_what_changed(
     held = lease[1].uid
     before = router.snapshot.pods
     # Changes the router does not hear of (no subscription here), then a full read.
-    await committed([
+    await committed(writer, [
         ReadinessChanged(uid="p1", source=Source.SIDECAR, ready=False, at=time.time()),
         PodRemoved(uid=shares, source=Source.INFORMER),  # (its chunk keeps other pods)
         PodRemoved(uid=alone, source=Source.INFORMER),  # (its chunk is emptied)
