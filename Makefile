@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench faults lint clean ebpf
+.PHONY: run test bench faults lint clean ebpf instructions memory
 
 # The venv is (re)installed whenever the project's own dependency list changes.
 $(STAMP): pyproject.toml
@@ -38,6 +38,15 @@ bench: $(VENV)
 	$(PY) -m bench.scale --pods 1000,10000,50000 --churn 500 --rate 1000 --duration 3 --repeats 4 \
 		--nginx --haproxy --max-foreign-cpu 0.4 --retries 2 --quiet-wait 12 $(SCALE_ARGS)
 	$(PY) -m bench.e2e --duration 5 --repeats 3 --nginx --haproxy $(E2E_ARGS)
+	$(MAKE) --no-print-directory instructions memory
+
+# Instructions per in-memory exchange under callgrind (repeatable on a noisy machine), with where
+# they go; and the router's RSS holding 1 / 50k pods (routes file, Valkey bootstrap).
+instructions: $(VENV)
+	$(PY) -m bench.instructions --annotate 25 --calls 30 $(INSTRUCTIONS_ARGS)
+
+memory: $(VENV)
+	$(PY) -m bench.memory --tracemalloc 12 $(MEMORY_ARGS)
 
 lint: $(VENV)
 	$(VENV)/bin/ruff check .
