@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench faults lint clean ebpf instructions memory
+.PHONY: run test test-pure bench faults lint clean ebpf compiled instructions memory
 
 # The venv is (re)installed whenever the project's own dependency list changes.
 $(STAMP): pyproject.toml
@@ -15,7 +15,11 @@ $(STAMP): pyproject.toml
 
 $(VENV): $(STAMP)
 
-run: $(VENV)
+# The hot modules compiled by Cython from their own .py (+ .pxd); FASTPROXY_PURE=1 runs the .py.
+compiled: $(VENV)
+	$(PY) scripts/build_compiled.py
+
+run: $(VENV) compiled
 	$(VENV)/bin/fastproxy dev $(RUN_ARGS)
 
 # When root, prepare eBPF first (apt packages, header links, tracefs); never fatal by itself.
@@ -23,14 +27,23 @@ ebpf:
 	@if [ "$$(id -u)" = 0 ]; then ./scripts/prepare-ebpf.sh; else echo "not root: eBPF tests will skip"; fi
 
 # pytest exits 5 when it collected nothing: that is a failure here, as any non-zero exit is.
-test: $(VENV) ebpf
-	$(PY) -m pytest tests bench --benchmark-disable -q $(TEST_ARGS)
+# The whole suite runs in the compiled form; then the tests of the data path run again in the pure
+# form (FASTPROXY_PURE=1), so the fallback stays a working, tested one. `make test-pure` runs all
+# of it pure (what `make test` would take twice as long to do).
+PURE_TESTS ?= tests/unit tests/integration/test_router_http.py tests/integration/test_sidecar.py \
+	tests/faults/test_bad_input.py bench/bench_exchange.py
+test: $(VENV) compiled ebpf
+	FASTPROXY_EXPECT_FORM=compiled $(PY) -m pytest tests bench --benchmark-disable -q $(TEST_ARGS)
+	FASTPROXY_PURE=1 FASTPROXY_EXPECT_FORM=pure $(PY) -m pytest $(PURE_TESTS) --benchmark-disable -q $(TEST_ARGS)
+
+test-pure: $(VENV) ebpf
+	FASTPROXY_PURE=1 FASTPROXY_EXPECT_FORM=pure $(PY) -m pytest tests bench --benchmark-disable -q $(TEST_ARGS)
 
 # The long fault suite: every scenario at full length, ending with the scenario table.
-faults: $(VENV) ebpf
+faults: $(VENV) compiled ebpf
 	FAULTS_LONG=1 $(PY) -m pytest tests/faults -q --timeout=900 $(TEST_ARGS)
 
-bench: $(VENV)
+bench: $(VENV) compiled
 	$(PY) -m pytest bench --benchmark-only --benchmark-columns=min,median,mean,max,rounds \
 		--benchmark-sort=name --benchmark-min-time=0.0002 \
 		--benchmark-json=bench/results/latest.json -q $(BENCH_ARGS)
@@ -54,4 +67,5 @@ lint: $(VENV)
 	$(VENV)/bin/mypy statesync fastproxy/snapshot.py fastproxy/slots.py
 
 clean:
+	-$(PY) scripts/build_compiled.py --clean
 	rm -rf $(VENV) .pytest_cache .benchmarks .mypy_cache .ruff_cache .hypothesis

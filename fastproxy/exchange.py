@@ -137,6 +137,10 @@ _REQUEST_SPECIAL: Final[dict[bytes, int]] = {
 
 # Connection options that name no forwarded field (hop-by-hop ones are dropped anyway).
 _CONNECTION_OPTIONS: Final = HOP_BY_HOP | {b"close"}
+# Connection values as clients and apps commonly send them, which name no field: skip the split.
+_PLAIN_CONNECTION: Final = frozenset(
+    {b"keep-alive", b"Keep-Alive", b"close", b"Close", b"keep-alive, close", b"Keep-Alive, Close"}
+)
 
 _RESPONSE_SPECIAL: Final[dict[bytes, int]] = {
     **dict.fromkeys(HOP_BY_HOP, _FIELD_HOP_BY_HOP),
@@ -231,18 +235,35 @@ class RequestParser:
         "_head",
         "_head_bytes",
         "_head_raw",
+        "_host_authority",
+        "_host_name",
+        "_host_raw",
         "_hosts",
         "_limits",
+        "_max_body_bytes",
+        "_max_chunk_overhead_bytes",
+        "_max_header_bytes",
+        "_max_headers",
+        "_max_url_bytes",
         "_parser",
         "_raw_headers",
         "_te",
         "_url",
+        "_url_pieces",
+        "_version_hint",
+        "_whole_feed",
         "state",
     )
 
     def __init__(self, events: list[object], limits: Limits = DEFAULT_LIMITS) -> None:
         self._events = events
         self._limits = limits
+        # The limits as plain ints: read per feed and per field (C ints once compiled).
+        self._max_url_bytes = limits.max_url_bytes
+        self._max_header_bytes = limits.max_header_bytes
+        self._max_headers = limits.max_headers
+        self._max_body_bytes = limits.max_body_bytes
+        self._max_chunk_overhead_bytes = limits.max_chunk_overhead_bytes
         self._parser = httptools.HttpRequestParser(self)
         self.state = Parse.IDLE
         self._feed_consumed = 0
@@ -250,17 +271,27 @@ class RequestParser:
         self._feed_chunked = False
         self._feed_messages = 0
         self._begin_offset = 0
+        self._whole_feed: bytes | None = None
+        # The last Host value validated on this connection and what it gave: a keep-alive client
+        # sends the same one every time, so the check runs once per connection, not per request.
+        self._host_raw: bytes | None = None
+        self._host_authority = b""
+        self._host_name = ""
         self._reset()
 
     def _reset(self) -> None:
         self._head = RequestHead()
-        self._url = bytearray()
+        self._url = b""
+        self._url_pieces: list[bytes] | None = None  # a target split across reads (rare)
+        self._version_hint: str | None = None
         self._raw_headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0  # exact: URL and header fields seen so far
         self._head_raw = 0  # raw bytes fed while the head was incomplete (llhttp's own buffer)
-        self._hosts: list[bytes] = []
-        self._te: list[bytes] = []
-        self._connection_tokens: list[bytes] = []
+        # Created only when such a field comes (most requests have neither TE nor a Connection
+        # naming other fields): no empty lists allocated per request.
+        self._hosts: list[bytes] | None = None
+        self._te: list[bytes] | None = None
+        self._connection_tokens: list[bytes] | None = None
         self._body_bytes = 0
         self._framing_budget = 0
 
@@ -279,8 +310,10 @@ class RequestParser:
         self._feed_body = 0
         self._feed_messages = 0
         self._feed_chunked = self.state is Parse.BODY and self._head.chunked
+        self._whole_feed = data if state_before is Parse.IDLE else None
         try:
             self._parser.feed_data(data)
+            self._whole_feed = None
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             if isinstance(cause, ProxyError):
@@ -301,10 +334,10 @@ class RequestParser:
                 self._head_raw += len(data)
             else:
                 self._head_raw = len(data) - self._begin_offset
-            if self._head_raw > 2 * self._limits.max_header_bytes:
-                raise HeadersTooLarge(f"request head exceeds {self._limits.max_header_bytes} bytes")
-            if len(self._raw_headers) > self._limits.max_headers:
-                raise HeadersTooLarge(f"more than {self._limits.max_headers} header fields")
+            if self._head_raw > 2 * self._max_header_bytes:
+                raise HeadersTooLarge(f"request head exceeds {self._max_header_bytes} bytes")
+            if len(self._raw_headers) > self._max_headers:
+                raise HeadersTooLarge(f"more than {self._max_headers} header fields")
         elif self.state is Parse.BODY and self._head.chunked:
             self._framing_budget -= len(data)
             if self._framing_budget + 8 * self._body_bytes < 0:
@@ -313,7 +346,7 @@ class RequestParser:
             # A chunked message ended inside this read: bound its framing by what the read held
             # beyond its fields and body (an over-estimate when several messages share a read).
             framing = len(data) - self._feed_consumed - 64 * self._feed_messages
-            if framing > self._limits.max_chunk_overhead_bytes + 8 * self._feed_body:
+            if framing > self._max_chunk_overhead_bytes + 8 * self._feed_body:
                 raise BadRequest("chunk framing overhead (extensions, trailers) exceeds its limit")
 
     # ---- httptools callbacks ----------------------------------------------------------------
@@ -322,12 +355,28 @@ class RequestParser:
         self._move(ParseEvent.BEGIN)
         self._begin_offset = self._feed_consumed
         self._feed_messages += 1
+        data = self._whole_feed
+        if data is not None and self._feed_messages == 1:
+            # This message starts this read. httptools' get_http_version() formats a str per call
+            # (~5k instructions); its request line, which llhttp validates anyway, says it when it
+            # ends in " HTTP/1.1" (leading empty lines or another version: ask llhttp).
+            end = data.find(b"\r\n")
+            if end > 0 and data.endswith(b" HTTP/1.1", 0, end):
+                self._version_hint = "1.1"
 
     def on_url(self, url: bytes) -> None:
         self._feed_consumed += len(url) + 16
-        self._url += url
-        if len(self._url) > self._limits.max_url_bytes:
-            raise URITooLong(f"request target longer than {self._limits.max_url_bytes} bytes")
+        if not self._url:
+            self._url = url
+            size = len(url)
+        else:
+            pieces = self._url_pieces
+            if pieces is None:
+                pieces = self._url_pieces = [self._url]
+            pieces.append(url)
+            size = sum(map(len, pieces))
+        if size > self._max_url_bytes:
+            raise URITooLong(f"request target longer than {self._max_url_bytes} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # Called once per field: only collect. Limits are checked after each feed (``feed``: a
@@ -339,7 +388,7 @@ class RequestParser:
     def on_headers_complete(self) -> None:
         head = self._head
         parser = self._parser
-        version = parser.get_http_version()
+        version = self._version_hint or parser.get_http_version()
         if version not in ("1.1", "1.0"):
             if version.startswith("0."):
                 raise BadRequest("HTTP/0.9 requests are not supported")
@@ -349,10 +398,10 @@ class RequestParser:
         if head.method == b"CONNECT":
             raise MethodNotAllowed("CONNECT is not supported by this proxy")
         self._analyse_headers(head)
-        self._analyse_target(head, bytes(self._url))
+        self._analyse_target(head, self._url if self._url_pieces is None else b"".join(self._url_pieces))
         head.keep_alive = parser.should_keep_alive()
         self._move(ParseEvent.HEAD_DONE)
-        self._framing_budget = self._limits.max_chunk_overhead_bytes
+        self._framing_budget = self._max_chunk_overhead_bytes
         self._feed_chunked = self._feed_chunked or head.chunked
         self._events.append(head)
 
@@ -360,8 +409,8 @@ class RequestParser:
         self._feed_consumed += len(body) + 8
         self._feed_body += len(body)
         self._body_bytes += len(body)
-        if self._body_bytes > self._limits.max_body_bytes:
-            raise PayloadTooLarge(f"request body exceeds {self._limits.max_body_bytes} bytes")
+        if self._body_bytes > self._max_body_bytes:
+            raise PayloadTooLarge(f"request body exceeds {self._max_body_bytes} bytes")
         self._framing_budget += len(body)
         self._events.append(body)
 
@@ -373,10 +422,9 @@ class RequestParser:
     # ---- validation ---------------------------------------------------------------------------
 
     def _analyse_headers(self, head: RequestHead) -> None:
-        limits = self._limits
         raw_headers = self._raw_headers
-        if len(raw_headers) > limits.max_headers:
-            raise HeadersTooLarge(f"more than {limits.max_headers} header fields")
+        if len(raw_headers) > self._max_headers:
+            raise HeadersTooLarge(f"more than {self._max_headers} header fields")
         kept: list[tuple[bytes, bytes]] = []
         keep = kept.append
         special = _REQUEST_SPECIAL.get
@@ -388,11 +436,19 @@ class RequestParser:
             if kind is None:  # the common case: one dict lookup per field
                 keep((name, value))
             elif kind == _FIELD_HOST:
-                self._hosts.append(value)
+                if self._hosts is None:
+                    self._hosts = [value]
+                else:
+                    self._hosts.append(value)
             elif kind == _FIELD_TRANSFER_ENCODING:
+                if self._te is None:
+                    self._te = []
                 self._te.extend(_split_tokens(value))
             elif kind == _FIELD_CONNECTION:
-                self._connection_tokens.extend(_split_tokens(value))
+                if value not in _PLAIN_CONNECTION:  # "keep-alive" / "close" name no field
+                    if self._connection_tokens is None:
+                        self._connection_tokens = []
+                    self._connection_tokens.extend(_split_tokens(value))
             elif kind == _FIELD_CONTENT_LENGTH:
                 head.content_length = int(value)  # llhttp has checked digits and duplicates
             elif kind == _FIELD_EXPECT:
@@ -406,8 +462,8 @@ class RequestParser:
                 keep((name, value))
             # else _FIELD_HOP_BY_HOP: dropped
         size += 4 * len(raw_headers)
-        if size > limits.max_header_bytes:
-            raise HeadersTooLarge(f"header section exceeds {limits.max_header_bytes} bytes")
+        if size > self._max_header_bytes:
+            raise HeadersTooLarge(f"header section exceeds {self._max_header_bytes} bytes")
         self._head_bytes = size
         self._feed_consumed += size
         if self._connection_tokens:
@@ -425,21 +481,28 @@ class RequestParser:
             if head.version == b"1.0":
                 raise BadRequest("chunked transfer coding on an HTTP/1.0 request")
             head.chunked = True
-        if head.content_length is not None and head.content_length > limits.max_body_bytes:
-            raise PayloadTooLarge(f"Content-Length {head.content_length} exceeds {limits.max_body_bytes}")
+        if head.content_length is not None and head.content_length > self._max_body_bytes:
+            raise PayloadTooLarge(f"Content-Length {head.content_length} exceeds {self._max_body_bytes}")
 
-        if len(self._hosts) > 1:
-            raise BadRequest("more than one Host header")
-        if not self._hosts:
+        hosts = self._hosts
+        if hosts is None:
             if head.version == b"1.1":
                 raise BadRequest("missing Host header")
+        elif len(hosts) > 1:
+            raise BadRequest("more than one Host header")
+        elif hosts[0] == self._host_raw:
+            head.authority = self._host_authority
+            head.host = self._host_name
         else:
-            host = self._hosts[0].strip()
+            host = hosts[0].strip()
             match = _HOST_RE.match(host)
             if match is None or (match.group(1) is not None and int(match.group(1)) > 65535):
                 raise BadRequest(f"invalid Host header {host[:64]!r}")
             head.authority = host
             head.host = _strip_port(host).decode("ascii").lower()
+            self._host_raw = hosts[0]
+            self._host_authority = head.authority
+            self._host_name = head.host
 
     def _analyse_target(self, head: RequestHead, target: bytes) -> None:
         if target.startswith(b"/"):
@@ -498,35 +561,45 @@ class ResponseParser:
         "_head",
         "_head_bytes",
         "_limits",
+        "_max_header_bytes",
+        "_max_headers",
         "_no_body",
         "_parser",
         "_raw_headers",
         "_te",
+        "_version_hint",
+        "_whole_feed",
         "state",
     )
 
     def __init__(self, events: list[object], limits: Limits = DEFAULT_LIMITS) -> None:
         self._events = events
         self._limits = limits
+        self._max_header_bytes = limits.max_header_bytes
+        self._max_headers = limits.max_headers
         self._parser = httptools.HttpResponseParser(self)
         self.state = Parse.IDLE
         self._no_body = False
+        self._whole_feed: bytes | None = None
         self._reset()
 
     def _reset(self) -> None:
         self._head = ResponseHead()
         self._raw_headers: list[tuple[bytes, bytes]] = []
-        self._te: list[bytes] = []
-        self._connection_tokens: list[bytes] = []
+        self._te: list[bytes] | None = None  # created when such a field comes (see RequestParser)
+        self._connection_tokens: list[bytes] | None = None
         self._head_bytes = 0
+        self._version_hint: str | None = None
 
     def expect_no_body(self) -> None:
         """The next response answers HEAD: it ends with its head whatever its framing says."""
         self._no_body = True
 
     def feed(self, data: bytes) -> None:
+        self._whole_feed = data if self.state is Parse.IDLE else None
         try:
             self._parser.feed_data(data)
+            self._whole_feed = None
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             if isinstance(cause, ProxyError):
@@ -538,9 +611,9 @@ class ResponseParser:
             raise BadGateway(f"malformed response from pod: {exc}") from None
         if self.state is Parse.HEAD:
             self._head_bytes += len(data)
-            if self._head_bytes > 2 * self._limits.max_header_bytes:
+            if self._head_bytes > 2 * self._max_header_bytes:
                 raise BadGateway("response head from pod too large")
-        if len(self._raw_headers) > 4 * self._limits.max_headers:  # a head, or endless trailers
+        if len(self._raw_headers) > 4 * self._max_headers:  # a head, or endless trailers
             raise BadGateway("response head or trailers from pod too large")
 
     def feed_eof(self) -> bool:
@@ -553,6 +626,12 @@ class ResponseParser:
 
     def on_message_begin(self) -> None:
         self.state = PARSE_TRANSITIONS[(self.state, ParseEvent.BEGIN)]
+        data = self._whole_feed
+        if data is not None:
+            # The first response of this read starts it (as in RequestParser.on_message_begin).
+            self._whole_feed = None
+            if data.startswith(b"HTTP/1.1 "):
+                self._version_hint = "1.1"
 
     def on_status(self, reason: bytes) -> None:
         self._head.reason += reason
@@ -566,12 +645,12 @@ class ResponseParser:
         head = self._head
         parser = self._parser
         head.status = parser.get_status_code()
-        version = parser.get_http_version()
+        version = self._version_hint or parser.get_http_version()
         if version not in ("1.1", "1.0"):
             raise BadGateway(f"pod answered with HTTP/{version}")
         head.version = version.encode()
         raw_headers = self._raw_headers
-        if len(raw_headers) > 4 * self._limits.max_headers:
+        if len(raw_headers) > 4 * self._max_headers:
             raise BadGateway("response head from pod too large")
         kept: list[tuple[bytes, bytes]] = []
         keep = kept.append
@@ -584,13 +663,18 @@ class ResponseParser:
             if kind is None:
                 keep((name, value))
             elif kind == _FIELD_TRANSFER_ENCODING:
+                if self._te is None:
+                    self._te = []
                 self._te.extend(_split_tokens(value))
             elif kind == _FIELD_CONNECTION:
-                self._connection_tokens.extend(_split_tokens(value))
+                if value not in _PLAIN_CONNECTION:
+                    if self._connection_tokens is None:
+                        self._connection_tokens = []
+                    self._connection_tokens.extend(_split_tokens(value))
             elif kind == _FIELD_CONTENT_LENGTH:
                 head.content_length = int(value)
             # else _FIELD_HOP_BY_HOP: dropped
-        if size > self._limits.max_header_bytes:
+        if size > self._max_header_bytes:
             raise BadGateway("response head from pod too large")
         if self._connection_tokens:
             # "keep-alive" / "close" name no field we kept: only other names cost a filtering pass.
@@ -642,6 +726,17 @@ def _status_line(status: int, reason: bytes) -> bytes:
     return line
 
 
+def _append_fields(parts: list[bytes], fields: list[tuple[bytes, bytes]]) -> None:
+    # Four appends, not ``parts += (name, b": ", value, _CRLF)``: compiled, each is a C call and
+    # no tuple is built per field.
+    append = parts.append
+    for name, value in fields:
+        append(name)
+        append(b": ")
+        append(value)
+        append(_CRLF)
+
+
 def build_request_head(
     head: RequestHead,
     extra: list[tuple[bytes, bytes]],
@@ -650,10 +745,8 @@ def build_request_head(
 ) -> bytes:
     """The request head sent to a pod: HTTP/1.1, keep-alive, framing re-derived."""
     parts = [head.method, b" ", head.target, b" HTTP/1.1\r\nhost: ", head.authority, _CRLF]
-    for name, value in head.headers:
-        parts += (name, b": ", value, _CRLF)
-    for name, value in extra:
-        parts += (name, b": ", value, _CRLF)
+    _append_fields(parts, head.headers)
+    _append_fields(parts, extra)
     if head.chunked:
         parts.append(b"transfer-encoding: chunked\r\n")
     elif head.content_length is not None:
@@ -669,8 +762,7 @@ def build_response_head(
 ) -> bytes:
     """The response head sent to the client. ``chunked``: we re-frame the body as chunks."""
     parts = [_status_line(head.status, head.reason)]
-    for name, value in head.headers:
-        parts += (name, b": ", value, _CRLF)
+    _append_fields(parts, head.headers)
     if chunked:
         parts.append(b"transfer-encoding: chunked\r\n")
     elif head.content_length is not None:

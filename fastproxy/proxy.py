@@ -139,7 +139,7 @@ class Deadline:
 # ---- upstream -----------------------------------------------------------------------------------
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection:  # an asyncio.Protocol (duck-typed: compiled, it is an extension type)
     """One connection to one pod; serves one exchange at a time, then goes back to the pool."""
 
     __slots__ = (
@@ -925,7 +925,7 @@ class Exchange:
 # ---- the client side ----------------------------------------------------------------------------
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection:  # an asyncio.Protocol (duck-typed, as UpstreamConnection)
     __slots__ = (
         "_events",
         "_out",

@@ -1,0 +1,129 @@
+# Cython declarations for proxy.py (pure-Python mode): the same source, compiled with these types
+# by scripts/build_compiled.py. Attributes are public (Python reads and writes them as in the pure
+# form). Keep in step with the .py: an attribute added there must be declared here, or the compiled
+# form raises AttributeError; a method called from inside the module is cpdef (a C call there).
+cimport cython
+from fastproxy.exchange cimport RequestHead, RequestParser, ResponseHead, ResponseParser
+
+cdef class Deadline:
+    cdef public object _callback
+    cdef public object _handle
+    cdef public object _loop
+    cdef public object _when
+    cpdef set(self, double when)
+    cpdef clear(self)
+    cpdef cancel(self)
+
+cdef class UpstreamConnection:
+    cdef public list _events
+    cdef public int _paused
+    cdef public bint closed
+    cdef public Deadline deadline
+    cdef public Exchange exchange
+    cdef public Py_ssize_t idle_cap
+    cdef public ResponseParser parser
+    cdef public str pod_uid
+    cdef public UpstreamPool pool
+    cdef public bint reusable
+    cdef public object socket
+    cdef public object transport
+    cdef public Py_ssize_t used
+    cpdef pause_reading(self, int reason)
+    cpdef resume_reading(self, int reason)
+    cpdef bint peer_closed(self)
+    cpdef close(self)
+    cpdef abort(self)
+
+cdef class UpstreamPool:
+    cdef public dict _idle_since
+    cdef public object _sweeper
+    cdef public dict idle
+    cdef public double idle_timeout
+    cdef public object limits
+    cdef public object loop
+    cdef public Py_ssize_t max_idle_per_pod
+    cpdef UpstreamConnection checkout(self, str uid)
+    cpdef checkin(self, UpstreamConnection conn)
+    cpdef forget(self, UpstreamConnection conn)
+
+cdef class Exchange:
+    cdef public object _continue_timer
+    cdef public object _waiter
+    cdef public object _waiter_timer
+    cdef public Py_ssize_t attempts
+    cdef public bint busy_refused
+    cdef public ClientConnection client
+    cdef public bint continue_sent
+    cdef public RequestHead head
+    cdef public list hold
+    cdef public Py_ssize_t hold_bytes
+    cdef public bint out_chunked
+    cdef public object pod
+    cdef public double queue_deadline
+    cdef public object release
+    cdef public list replay
+    cdef public Py_ssize_t replay_bytes
+    cdef public bint request_complete
+    cdef public bint request_sent
+    cdef public double request_side
+    cdef public bint response_close
+    cdef public str revision
+    cdef public object router
+    cdef public object stage
+    cdef public int status
+    cdef public double t_head
+    cdef public double t_response
+    cdef public UpstreamConnection upstream
+    cpdef start(self)
+    cpdef _acquire(self)
+    cpdef _leave_queue(self)
+    cpdef _on_lease(self, tuple lease)
+    cpdef _unavailable(self, object failure)
+    cpdef _send(self, UpstreamConnection conn)
+    cpdef _flush_hold(self, object transport, object head_bytes)
+    cpdef _send_body(self)
+    cpdef _request_fully_sent(self)
+    cpdef request_body(self, bytes data)
+    cpdef request_end(self)
+    cpdef on_response_head(self, ResponseHead response)
+    cpdef on_response_body(self, bytes data)
+    cpdef on_response_end(self, UpstreamConnection conn)
+    cpdef on_upstream_error(self, object exc)
+    cpdef on_upstream_lost(self, UpstreamConnection conn, object exc)
+    cpdef on_first_byte_timeout(self, UpstreamConnection conn)
+    cpdef _give_back_slot(self)
+    cpdef fail(self, object exc)
+    cpdef _finish(self)
+    cpdef client_gone(self)
+
+cdef class ClientConnection:
+    cdef public list _events
+    cdef public list _out
+    cdef public int _paused
+    cdef public bint closing
+    cdef public Exchange exchange
+    cdef public double head_since
+    cdef public Py_ssize_t linger_budget
+    cdef public double linger_since
+    cdef public RequestParser parser
+    cdef public str peer
+    cdef public bytes peer_bytes
+    cdef public object router
+    cdef public object transport
+    cdef public bint trusted
+    cdef public double waiting_since
+    cpdef _process_events(self)
+    cpdef _reject(self, object exc)
+    cpdef _linger(self)
+    cpdef exchange_finished(self, Exchange exchange)
+    cpdef check_timeouts(self, double now)
+    cpdef pause_reading(self, int reason)
+    cpdef resume_reading(self, int reason)
+    cpdef queue(self, bytes data)
+    cpdef queue_many(self, list data)
+    cpdef flush(self)
+    cpdef write(self, bytes data)
+    cpdef writelines(self, list data)
+    cpdef abort(self)
+    cpdef list forwarding_headers(self, RequestHead head)
+    cpdef shutdown(self)
