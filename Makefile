@@ -55,10 +55,10 @@ bench: $(VENV) compiled
 
 # Instructions per in-memory exchange under callgrind (repeatable on a noisy machine), with where
 # they go; and the router's RSS holding 1 / 50k pods (routes file, Valkey bootstrap).
-instructions: $(VENV)
+instructions: $(VENV) compiled
 	$(PY) -m bench.instructions --annotate 25 --calls 30 $(INSTRUCTIONS_ARGS)
 
-memory: $(VENV)
+memory: $(VENV) compiled
 	$(PY) -m bench.memory --tracemalloc 12 $(MEMORY_ARGS)
 
 lint: $(VENV)
