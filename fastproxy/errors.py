@@ -73,6 +73,14 @@ class NotImplementedCoding(ProxyError):
     close = True
 
 
+class ExpectationFailed(ProxyError):
+    """An Expect other than 100-continue (RFC 9110 section 10.1.1)."""
+
+    status = 417
+    reason_phrase = "Expectation Failed"
+    close = True
+
+
 class VersionNotSupported(ProxyError):
     status = 505
     reason_phrase = "HTTP Version Not Supported"

@@ -35,6 +35,7 @@ import msgspec
 from fastproxy.errors import (
     BadGateway,
     BadRequest,
+    ExpectationFailed,
     HeadersTooLarge,
     MethodNotAllowed,
     NotImplementedCoding,
@@ -265,6 +266,9 @@ class RequestParser:
         self._max_body_bytes = limits.max_body_bytes
         self._max_chunk_overhead_bytes = limits.max_chunk_overhead_bytes
         self._parser = httptools.HttpRequestParser(self)
+        # llhttp refuses HTTP/1.2 and the like; RFC 9110 (2.5, 6.2) says a recipient accepts a
+        # higher minor version and answers as 1.1. Versions are then judged here (on_headers_complete).
+        self._parser.set_dangerous_leniencies(lenient_version=True)
         self.state = Parse.IDLE
         self._feed_consumed = 0
         self._feed_body = 0
@@ -392,7 +396,9 @@ class RequestParser:
         if version not in ("1.1", "1.0"):
             if version.startswith("0."):
                 raise BadRequest("HTTP/0.9 requests are not supported")
-            raise VersionNotSupported(f"HTTP/{version} on an HTTP/1 connection")
+            if not version.startswith("1."):
+                raise VersionNotSupported(f"HTTP/{version} on an HTTP/1 connection")
+            version = "1.1"  # HTTP/1.2 and up: handled, forwarded and answered as 1.1
         head.version = version.encode()
         head.method = parser.get_method()
         if head.method == b"CONNECT":
@@ -453,7 +459,7 @@ class RequestParser:
                 head.content_length = int(value)  # llhttp has checked digits and duplicates
             elif kind == _FIELD_EXPECT:
                 if value.strip().lower() != b"100-continue":
-                    raise BadRequest(f"unsupported Expect: {value[:64]!r}")
+                    raise ExpectationFailed(f"unsupported Expect: {value[:64]!r} (only 100-continue)")
                 head.expect_continue = True
             elif kind == _FIELD_FORWARDING:
                 head.forwarded.append((name, value))

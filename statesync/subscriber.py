@@ -132,6 +132,7 @@ class StateFollower:
         self.heartbeat_timeout = heartbeat_timeout
         self.retry_delay = retry_delay
         self.resyncs = 0
+        self._told_waiting = False  # "no state yet" said once, not on every read until it comes
         self.gap_fills = 0
         self.sessions = 0
         self.synced = asyncio.Event()  # set after each successful full read
@@ -229,8 +230,14 @@ class StateFollower:
         self.resyncs += 1
         current = self.router.snapshot
         if version_raw is None:
-            log.warning("Valkey holds no routing state; keeping version %d until the writer rebuilds it",
-                        current.version)  # fmt: skip
+            if current.version > 0:
+                # The state was there and is gone (Valkey restarted empty): worth a warning.
+                log.warning("Valkey holds no routing state; keeping version %d until the writer rebuilds it",
+                            current.version)  # fmt: skip
+            elif not self._told_waiting:
+                # A fresh start: the writer has not committed yet. Normal, and said once.
+                self._told_waiting = True
+                log.info("no routing state in Valkey yet: waiting for the writer's first commit")
             self.router.stale = current.version > 0
             self.synced.set()
             return

@@ -213,7 +213,12 @@ BAD_REQUESTS = {
         + b"\r\nx\r\n0\r\n\r\n",
         400,
     ),
-    "unsupported-expect": (b"GET / HTTP/1.1\r\nHost: a\r\nExpect: magic\r\n\r\n", 400),
+    "unsupported-expect": (b"GET / HTTP/1.1\r\nHost: a\r\nExpect: magic\r\n\r\n", 417),
+    "expect-on-a-body": (
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nExpect: 200-ok\r\n\r\nabc",
+        417,
+    ),
+    "http3-line": (b"GET / HTTP/3.1\r\nHost: a\r\n\r\n", 505),
 }
 
 
@@ -227,6 +232,18 @@ async def test_bad_request_rejected_and_never_forwarded(harness: RouterHarness, 
     assert status_of(response) == status, response[:200]
     assert b"connection: close" in response.lower()
     assert app.requests == [] and all(len(raw) == 0 for raw in app.raw.values())
+
+
+@pytest.mark.parametrize("version", [b"1.2", b"1.9"])
+async def test_a_higher_minor_version_is_served_as_http11(harness: RouterHarness, version: bytes) -> None:
+    """RFC 9110 2.5 / 6.2: a recipient accepts HTTP/1.x for x > 1 and answers as 1.1."""
+    app, port = await one_pod(harness)
+    response = await exchange(port, b"GET /v HTTP/" + version + b"\r\nHost: a\r\nConnection: close\r\n\r\n")
+    assert response.startswith(b"HTTP/1.1 200 "), response[:200]
+    (request,) = app.requests
+    assert request.target == b"/v"
+    raw = bytes(next(iter(app.raw.values())))
+    assert raw.startswith(b"GET /v HTTP/1.1\r\n")
 
 
 async def test_trailers_are_not_merged_into_headers(harness: RouterHarness) -> None:

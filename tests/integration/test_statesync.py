@@ -245,6 +245,24 @@ async def test_valkey_restarted_empty_never_moves_routers_backwards(cluster: Clu
     await client.aclose()
 
 
+async def test_an_empty_valkey_at_start_is_one_info_line_not_a_warning(
+    valkey_server: EmbeddedValkey, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fresh start (no writer commit yet) is normal: said once at INFO, however often it is read."""
+    router = Router(RouterConfig(), asyncio.get_running_loop())
+    follower = StateFollower(router, valkey_server.url)
+    client = connect(valkey_server.url)
+    with caplog.at_level("INFO", logger="fastproxy.statesync"):
+        for _ in range(3):
+            await follower.resync(client)
+    await client.aclose()
+    said = [r for r in caplog.records if "routing state" in r.getMessage()]
+    assert [(r.levelname, r.getMessage()) for r in said] == [
+        ("INFO", "no routing state in Valkey yet: waiting for the writer's first commit")
+    ]
+    assert not router.stale and router.snapshot.version == 0
+
+
 async def test_replayed_entries_are_not_applied_twice(valkey_server: EmbeddedValkey) -> None:
     client = connect(valkey_server.url)
     writer = Writer(connect(valkey_server.url), writer_id="w1")
