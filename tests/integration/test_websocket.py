@@ -473,3 +473,62 @@ async def test_sessions_counted_in_metrics_and_v1_revisions(
             assert revision["websocket"]["open"] == 0 and revision["websocket"]["ended"] == 1
     finally:
         admin.close()
+
+
+async def test_pod_process_killed_mid_session(harness: RouterHarness) -> None:
+    """The app process (the stand-in app, serving a token stream) is SIGKILLed mid-session: the
+    client sees the connection close, and the pod's slot is free within a second."""
+    import signal
+
+    from tests.integration.test_sidecar import spawn
+
+    proc, address, _ = await spawn(
+        "-m", "fastproxy.devtools.upstream", "--listen", f"{next_pod_address()}:0", "--concurrency", "1"
+    )
+    try:
+        host, _, app_port = address.rpartition(":")
+        router, port = await harness.router([pod_record("killed", (host, int(app_port)))])
+        async with connect(uri(port, "/ws/tokens/100000/5"), compression=None) as ws:
+            assert (await ws.recv()).startswith("token ")
+            assert inflight(router) == 1
+            proc.send_signal(signal.SIGKILL)
+            loop = asyncio.get_running_loop()
+            killed_at = loop.time()
+            with pytest.raises(ConnectionClosed):
+                async with asyncio.timeout(1.0):
+                    while True:
+                        await ws.recv()  # tokens already in flight, then the close
+            await wait_for(lambda: inflight(router) == 0, 1.0, "slot freed within 1 s of the kill")
+            assert loop.time() - killed_at < 1.0
+        assert not router.tunnels.open
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+
+
+@pytest.mark.parametrize("session_ends_first", [True, False])
+async def test_router_drain_waits_for_open_sessions_within_the_grace_period(
+    harness: RouterHarness, ws_pods: list[WsPod], session_ends_first: bool
+) -> None:
+    router, port, _ = await ws_router(harness, ws_pods)
+    loop = asyncio.get_running_loop()
+    async with connect(uri(port), compression=None, ping_interval=None) as ws:
+        await ws.send("a")
+        assert await ws.recv() == "a"
+        started = loop.time()
+        drain = asyncio.create_task(router.drain(grace=1.0 if session_ends_first else 0.5))
+        await ws.send("during the drain")
+        assert await ws.recv() == "during the drain"
+        assert not drain.done()
+        if session_ends_first:
+            await ws.close()
+            await asyncio.wait_for(drain, 1.0)
+            assert loop.time() - started < 1.0  # the drain did not wait out its grace period
+        else:
+            with pytest.raises(ConnectionClosed):
+                async with asyncio.timeout(3):
+                    await ws.recv()  # closed by the router at the end of the grace period
+            assert loop.time() - started >= 0.5
+            await asyncio.wait_for(drain, 3)
+    assert inflight(router) == 0 and not router.tunnels.open
