@@ -114,6 +114,8 @@ class _Side(asyncio.Protocol):
         self.peer_transport.write(data)
 
     def eof_received(self) -> bool:
+        if self.eof:
+            return True  # reading resumed after the EOF (a peer's resume_writing): told once
         self.eof = True
         if self.peer.eof:
             self.tunnel.end()  # both directions are done
@@ -132,12 +134,12 @@ class _Side(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         peer_transport = self.peer_transport
-        if not peer_transport.is_closing():
+        if not self.peer.eof and not peer_transport.is_closing():
             peer_transport.pause_reading()
 
     def resume_writing(self) -> None:
         peer_transport = self.peer_transport
-        if not peer_transport.is_closing():
+        if not self.peer.eof and not peer_transport.is_closing():
             peer_transport.resume_reading()
 
 

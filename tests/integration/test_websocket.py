@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import socket
 import struct
 import time
@@ -532,3 +533,77 @@ async def test_router_drain_waits_for_open_sessions_within_the_grace_period(
             assert loop.time() - started >= 0.5
             await asyncio.wait_for(drain, 3)
     assert inflight(router) == 0 and not router.tunnels.open
+
+
+async def test_slow_client_pauses_the_pod_side_memory_stays_bounded(harness: RouterHarness) -> None:
+    """A pod that streams as fast as it may into a session whose client does not read: the router's
+    write buffer toward the client fills, reading from the pod pauses, the pod's own transport
+    pushes back. What the router holds stays bounded; nothing is lost once the client reads."""
+    loop = asyncio.get_running_loop()
+    piece = bytes(range(256)) * 256  # 64 KiB
+    total = 64 * 1024 * 1024
+    state = {"sent": 0, "paused": 0}
+    resumed = asyncio.Event()
+
+    class FloodApp(asyncio.Protocol):
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+            self.switched = False
+            self.paused = False
+
+        def data_received(self, data: bytes) -> None:
+            if not self.switched and b"\r\n\r\n" in data:
+                self.switched = True
+                self.transport.write(
+                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+                )
+                self.pump()
+
+        def pump(self) -> None:
+            while not self.paused and state["sent"] < total:
+                self.transport.write(piece)
+                state["sent"] += len(piece)
+            if state["sent"] >= total:
+                self.transport.write_eof()
+
+        def pause_writing(self) -> None:
+            self.paused = True
+            state["paused"] += 1
+
+        def resume_writing(self) -> None:
+            self.paused = False
+            resumed.set()
+            self.pump()
+
+    address = next_pod_address()
+    server = await loop.create_server(FloodApp, address, 0)
+    try:
+        router, port = await harness.router([pod_record("p1", (address, server.sockets[0].getsockname()[1]))])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1024)
+        writer.write(b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 101")
+        await wait_for(lambda: state["paused"] >= 1, 5, "the pod's writes pushed back")
+        await wait_for(lambda: len(router.tunnels.open) == 1, 5, "session open")
+        (tunnel,) = router.tunnels.open
+        # The client reads nothing: whatever it waits, the router's buffer toward it stays small
+        # and the pod stays paused, far from the 64 MiB it wants to send.
+        for _ in range(20):
+            await asyncio.sleep(0.01)  # time passing while nobody reads; no condition to wait for
+            assert tunnel.client.transport.get_write_buffer_size() <= 1024 * 1024
+        assert state["sent"] < 24 * 1024 * 1024, state
+        received = 0
+        digest = hashlib.sha256()
+        async with asyncio.timeout(60):
+            while chunk := await reader.read(1 << 20):
+                digest.update(chunk)
+                received += len(chunk)
+        assert received == total
+        expected = hashlib.sha256()
+        for _ in range(total // len(piece)):
+            expected.update(piece)
+        assert digest.digest() == expected.digest()  # every byte, in order
+        writer.close()
+        await wait_for(lambda: not router.tunnels.open, 5, "session ended")
+    finally:
+        server.close()
