@@ -335,6 +335,7 @@ class RequestParser:
                 raise cause from None
             raise
         except httptools.HttpParserUpgrade as exc:
+            self._whole_feed = None
             self._on_upgrade(data, exc.args[0] if exc.args else len(data))
             return
         except httptools.HttpParserInvalidMethodError as exc:
@@ -692,6 +693,7 @@ class ResponseParser:
             raise
         except httptools.HttpParserUpgrade as exc:
             # The 101 head is in the events; the exchange refuses it unless it asked for it.
+            self._whole_feed = None
             self.upgraded = True
             offset = exc.args[0] if exc.args else len(data)
             self.upgraded_tail = data[offset:]
