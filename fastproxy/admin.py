@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from fastproxy.errors import ProxyError
 from fastproxy.exchange import END, RequestHead, RequestParser, error_response
 from fastproxy.metrics import RouterCollector
+from fastproxy.tunnel import SessionView
 
 if TYPE_CHECKING:
     from fastproxy.router import Router
@@ -47,9 +48,10 @@ class PodView(msgspec.Struct):
 class RevisionView(msgspec.Struct):
     revision: str
     pods: dict[str, int]
-    inflight: int
+    inflight: int  # WebSocket sessions included: each holds its pod's slot
     queued: int
     free_slots: int
+    websocket: SessionView = msgspec.field(default_factory=SessionView)
 
 
 def pods_view(router: Router) -> list[PodView]:
@@ -89,6 +91,7 @@ def revisions_view(router: Router) -> list[RevisionView]:
                 inflight=slots.inflight if slots else 0,
                 queued=slots.queued if slots else 0,
                 free_slots=slots.free_slots if slots else 0,
+                websocket=router.tunnels.view(name),
             )
         )
     return out

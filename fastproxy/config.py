@@ -42,7 +42,10 @@ class RouterConfig(msgspec.Struct, kw_only=True):
     # x-fastproxy-busy before reading the body, so the router re-picks another pod.
     refuse_when_full: bool = False
     trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-* we keep (and extend)
-    grace_period: float = 30.0  # SIGTERM: time for in-flight requests to finish
+    grace_period: float = 30.0  # SIGTERM: time for in-flight requests (and WebSocket sessions) to finish
+    # A WebSocket session in which no byte moved either way for this long is closed (its pod's slot
+    # is held meanwhile). Generous: a realtime voice session may be silent for minutes.
+    websocket_idle_timeout: float = 600.0
     instance: str = "router"
 
     def trusted_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:

@@ -22,6 +22,7 @@ cdef class RequestHead:
     cdef public bint expect_continue
     cdef public list forwarded
     cdef public object request_id
+    cdef public bint upgrade
     cpdef object header(self, bytes name)
 
 cdef class RequestParser:
@@ -55,6 +56,7 @@ cdef class RequestParser:
     cdef str _host_name
     cdef list _url_pieces
     cdef object _version_hint
+    cdef public object _upgrade
     cpdef _reset(self)
     cpdef _move(self, object event)
     cpdef feed(self, bytes data)
@@ -69,9 +71,15 @@ cdef class ResponseHead:
     cdef public object content_length
     cdef public bint chunked
     cdef public bint keep_alive
+    cdef public bytes upgrade
     cpdef object header(self, bytes name)
 
+cdef class _Upgraded:
+    cdef public list _events
+
 cdef class ResponseParser:
+    cdef public bint upgraded
+    cdef public bytes upgraded_tail
     cdef public object state
     cdef object _parser
     cdef list _events

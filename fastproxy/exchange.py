@@ -10,9 +10,17 @@ so tests drive them byte by byte.
 llhttp enforces framing (CL+TE, duplicate or malformed Content-Length, bare CR/LF, obs-fold,
 chunk syntax) but not what an intermediary must also refuse (see the project notes): non-final or
 unknown transfer codings, chunked on HTTP/1.0, HTTP/0.9 and HTTP/2 request lines, CONNECT and
-Upgrade (a smuggled request hides behind it), missing/duplicate/invalid Host, oversized URL,
-header section and header count, unbounded chunk extensions and trailers. Those checks live here,
-each raising the ``ProxyError`` whose status says what went wrong.
+every Upgrade but a WebSocket handshake (a smuggled request hides behind h2c), missing/duplicate/
+invalid Host, oversized URL, header section and header count, unbounded chunk extensions and
+trailers. Those checks live here, each raising the ``ProxyError`` whose status says what went wrong.
+
+The one upgrade passed on is RFC 6455's opening handshake: an HTTP/1.1 GET without a body carrying
+``Connection: upgrade`` and ``Upgrade: websocket`` (``_analyse_upgrade``). Its head is marked
+``upgrade`` and ``keep_alive = False`` (whatever the pod answers, no further HTTP request is read on
+that connection), keeps both fields for the pod, and the parser stops parsing: bytes after the
+head are handed on raw (``_Upgraded``), for the tunnel to relay once the pod has answered ``101``.
+A ``ResponseParser`` that meets a ``101`` upgrade likewise records it and the bytes after the head
+(``upgraded``, ``upgraded_tail``); whether it was asked for is the exchange's to decide.
 
 The parse side of a message moves through one table, ``PARSE_TRANSITIONS``: a message begins,
 its head completes, its body ends. Any other order is a bug in the parser wrapper and raises.
@@ -27,7 +35,7 @@ from __future__ import annotations
 
 import enum
 import re
-from typing import Final
+from typing import Any, Final
 
 import httptools
 import msgspec
@@ -114,7 +122,8 @@ HOP_BY_HOP: Final = frozenset(
     _FIELD_FORWARDING,  # X-Forwarded-For/-Proto, Forwarded: kept only from a trusted hop
     _FIELD_REQUEST_ID,
     _FIELD_HOP_BY_HOP,
-) = range(1, 9)
+    _FIELD_UPGRADE,  # hop-by-hop, but read: a WebSocket handshake is forwarded (_analyse_upgrade)
+) = range(1, 10)
 
 _REQUEST_SPECIAL: Final[dict[bytes, int]] = {
     **dict.fromkeys(HOP_BY_HOP, _FIELD_HOP_BY_HOP),
@@ -134,6 +143,7 @@ _REQUEST_SPECIAL: Final[dict[bytes, int]] = {
     b"true-client-ip": _FIELD_FORWARDING,
     b"forwarded": _FIELD_FORWARDING,
     b"x-request-id": _FIELD_REQUEST_ID,
+    b"upgrade": _FIELD_UPGRADE,
 }
 
 # Connection options that name no forwarded field (hop-by-hop ones are dropped anyway).
@@ -148,6 +158,7 @@ _RESPONSE_SPECIAL: Final[dict[bytes, int]] = {
     b"transfer-encoding": _FIELD_TRANSFER_ENCODING,
     b"connection": _FIELD_CONNECTION,
     b"content-length": _FIELD_CONTENT_LENGTH,
+    b"upgrade": _FIELD_UPGRADE,
 }
 
 # Re-derived or set by the router itself, never copied from the client.
@@ -190,6 +201,7 @@ class RequestHead:
         "path",
         "request_id",
         "target",
+        "upgrade",
         "version",
     )
 
@@ -207,6 +219,7 @@ class RequestHead:
         self.expect_continue = False
         self.forwarded: list[tuple[bytes, bytes]] = []  # client's X-Forwarded-*/Forwarded
         self.request_id: bytes | None = None
+        self.upgrade = False  # a WebSocket opening handshake (RFC 6455), checked by _analyse_upgrade
 
     @property
     def has_body(self) -> bool:
@@ -249,6 +262,7 @@ class RequestParser:
         "_parser",
         "_raw_headers",
         "_te",
+        "_upgrade",
         "_url",
         "_url_pieces",
         "_version_hint",
@@ -265,7 +279,7 @@ class RequestParser:
         self._max_headers = limits.max_headers
         self._max_body_bytes = limits.max_body_bytes
         self._max_chunk_overhead_bytes = limits.max_chunk_overhead_bytes
-        self._parser = httptools.HttpRequestParser(self)
+        self._parser: Any = httptools.HttpRequestParser(self)
         # llhttp refuses HTTP/1.2 and the like; RFC 9110 (2.5, 6.2) says a recipient accepts a
         # higher minor version and answers as 1.1. Versions are then judged here (on_headers_complete).
         self._parser.set_dangerous_leniencies(lenient_version=True)
@@ -296,6 +310,7 @@ class RequestParser:
         self._hosts: list[bytes] | None = None
         self._te: list[bytes] | None = None
         self._connection_tokens: list[bytes] | None = None
+        self._upgrade: bytes | None = None  # the Upgrade field's value(s), when there is one
         self._body_bytes = 0
         self._framing_budget = 0
 
@@ -323,10 +338,10 @@ class RequestParser:
             if isinstance(cause, ProxyError):
                 raise cause from None
             raise
-        except httptools.HttpParserUpgrade:
-            if self._head.method == b"CONNECT":
-                raise MethodNotAllowed("CONNECT is not supported by this proxy") from None
-            raise BadRequest("protocol upgrade (Upgrade/h2c/websocket) is not supported") from None
+        except httptools.HttpParserUpgrade as exc:
+            self._whole_feed = None
+            self._on_upgrade(data, exc.args[0] if exc.args else len(data))
+            return
         except httptools.HttpParserInvalidMethodError as exc:
             raise BadRequest(f"invalid method: {exc}") from None
         except httptools.HttpParserError as exc:
@@ -403,9 +418,9 @@ class RequestParser:
         head.method = parser.get_method()
         if head.method == b"CONNECT":
             raise MethodNotAllowed("CONNECT is not supported by this proxy")
+        head.keep_alive = parser.should_keep_alive()  # before the analysis: an upgrade clears it
         self._analyse_headers(head)
         self._analyse_target(head, self._url if self._url_pieces is None else b"".join(self._url_pieces))
-        head.keep_alive = parser.should_keep_alive()
         self._move(ParseEvent.HEAD_DONE)
         self._framing_budget = self._max_chunk_overhead_bytes
         self._feed_chunked = self._feed_chunked or head.chunked
@@ -466,6 +481,8 @@ class RequestParser:
             elif kind == _FIELD_REQUEST_ID:
                 head.request_id = value
                 keep((name, value))
+            elif kind == _FIELD_UPGRADE:
+                self._upgrade = value if self._upgrade is None else self._upgrade + b"," + value
             # else _FIELD_HOP_BY_HOP: dropped
         size += 4 * len(raw_headers)
         if size > self._max_header_bytes:
@@ -509,6 +526,44 @@ class RequestParser:
             self._host_raw = hosts[0]
             self._host_authority = head.authority
             self._host_name = head.host
+        if self._upgrade is not None:
+            self._analyse_upgrade(head)
+
+    def _analyse_upgrade(self, head: RequestHead) -> None:
+        """An Upgrade field: without ``Connection: upgrade`` it asks for nothing (and is dropped as
+        hop-by-hop); with it, only a WebSocket handshake is accepted (RFC 6455 section 4.1), and
+        anything else is refused before a byte of it reaches a pod."""
+        tokens = self._connection_tokens
+        if tokens is None or b"upgrade" not in tokens:
+            return
+        assert self._upgrade is not None
+        protocols = _split_tokens(self._upgrade)
+        if protocols != [b"websocket"]:
+            shown = b", ".join(protocols).decode("latin-1")[:64]
+            if any(p.startswith(b"h2c") for p in protocols):
+                raise BadRequest(f"h2c upgrade (HTTP/2 over cleartext) is not supported (Upgrade: {shown})")
+            raise BadRequest(f"Upgrade to {shown!r} is not supported; only websocket is")
+        if head.method != b"GET":
+            raise BadRequest(f"a WebSocket handshake must be a GET, not {head.method.decode('latin-1')}")
+        if head.version != b"1.1":
+            raise BadRequest("a WebSocket handshake needs HTTP/1.1")
+        if head.chunked or head.content_length:
+            raise BadRequest("Upgrade on a request with a body is not supported")
+        head.upgrade = True
+        head.keep_alive = False  # whatever the pod answers, no further request is read here
+        # Hop-by-hop fields, so dropped above; the pod needs both to switch protocols.
+        head.headers += _UPGRADE_FIELDS
+
+    def _on_upgrade(self, data: bytes, offset: int) -> None:
+        """llhttp stopped after an upgrade request's head (it has emitted head and END). Only an
+        accepted WebSocket handshake gets here (every other one raised at its head); from now on
+        the connection's bytes are not HTTP: they are handed on as they come."""
+        events = self._events
+        if not any(type(e) is RequestHead and e.upgrade for e in events):  # pragma: no cover - defensive
+            raise BadRequest("protocol upgrade is not supported")
+        self._parser = _Upgraded(events)
+        if offset < len(data):
+            events.append(data[offset:])
 
     def _analyse_target(self, head: RequestHead, target: bytes) -> None:
         if target.startswith(b"/"):
@@ -532,6 +587,23 @@ class RequestParser:
         head.path = path.decode("latin-1")
 
 
+_UPGRADE_FIELDS: Final = ((b"connection", b"upgrade"), (b"upgrade", b"websocket"))
+
+
+class _Upgraded:
+    """Stands in for llhttp after a WebSocket handshake: every read is one raw ``bytes`` event
+    (the client should wait for the 101, RFC 6455 section 4.1; what it sends early is kept, and
+    the connection's reading pauses behind the pending request, as for a pipelined one)."""
+
+    __slots__ = ("_events",)
+
+    def __init__(self, events: list[object]) -> None:
+        self._events = events
+
+    def feed_data(self, data: bytes) -> None:
+        self._events.append(data)
+
+
 def _strip_port(host: bytes) -> bytes:
     if host.startswith(b"["):
         return host[: host.index(b"]") + 1]
@@ -543,7 +615,16 @@ def _strip_port(host: bytes) -> bytes:
 
 
 class ResponseHead:
-    __slots__ = ("chunked", "content_length", "headers", "keep_alive", "reason", "status", "version")
+    __slots__ = (
+        "chunked",
+        "content_length",
+        "headers",
+        "keep_alive",
+        "reason",
+        "status",
+        "upgrade",
+        "version",
+    )
 
     def __init__(self) -> None:
         self.status = 0
@@ -553,6 +634,7 @@ class ResponseHead:
         self.content_length: int | None = None
         self.chunked = False
         self.keep_alive = True
+        self.upgrade = b""  # the Upgrade field of a 101 (hop-by-hop: not in ``headers``)
 
     def header(self, name: bytes) -> bytes | None:
         return find_header(self.headers, name)
@@ -576,6 +658,8 @@ class ResponseParser:
         "_version_hint",
         "_whole_feed",
         "state",
+        "upgraded",
+        "upgraded_tail",
     )
 
     def __init__(self, events: list[object], limits: Limits = DEFAULT_LIMITS) -> None:
@@ -587,6 +671,8 @@ class ResponseParser:
         self.state = Parse.IDLE
         self._no_body = False
         self._whole_feed: bytes | None = None
+        self.upgraded = False  # the pod switched protocols (a 101 with Upgrade): no longer HTTP
+        self.upgraded_tail = b""  # bytes the pod sent after its 101 head, in the same read
         self._reset()
 
     def _reset(self) -> None:
@@ -611,8 +697,13 @@ class ResponseParser:
             if isinstance(cause, ProxyError):
                 raise cause from None
             raise
-        except httptools.HttpParserUpgrade:
-            raise BadGateway("pod switched protocols (101) unasked") from None
+        except httptools.HttpParserUpgrade as exc:
+            # The 101 head is in the events; the exchange refuses it unless it asked for it.
+            self._whole_feed = None
+            self.upgraded = True
+            offset = exc.args[0] if exc.args else len(data)
+            self.upgraded_tail = data[offset:]
+            return
         except httptools.HttpParserError as exc:
             raise BadGateway(f"malformed response from pod: {exc}") from None
         if self.state is Parse.HEAD:
@@ -679,6 +770,8 @@ class ResponseParser:
                     self._connection_tokens.extend(_split_tokens(value))
             elif kind == _FIELD_CONTENT_LENGTH:
                 head.content_length = int(value)
+            elif kind == _FIELD_UPGRADE:
+                head.upgrade = value.strip().lower()
             # else _FIELD_HOP_BY_HOP: dropped
         if size > self._max_header_bytes:
             raise BadGateway("response head from pod too large")

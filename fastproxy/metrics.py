@@ -5,7 +5,8 @@ Theory of operation
 The data path only increments ints in dicts and bumps a fixed-bucket histogram (one bisect); it
 never touches prometheus_client objects, whose label lookups cost microseconds. A custom collector
 turns these plain numbers, plus what the slot table and snapshot know (queue depth, in-flight per
-revision, snapshot version and age), into Prometheus metric families when /metrics is scraped.
+revision, snapshot version and age, WebSocket sessions per revision from ``router.tunnels``), into
+Prometheus metric families when /metrics is scraped.
 """
 
 from __future__ import annotations
@@ -162,6 +163,7 @@ class RouterCollector(Collector):
         yield inflight
         yield queued
         yield demand
+        yield from self._websocket_families()
         snapshot = router.snapshot
         yield GaugeMetricFamily("fastproxy_snapshot_version", "Routing state version", value=snapshot.version)
         yield GaugeMetricFamily(
@@ -177,3 +179,37 @@ class RouterCollector(Collector):
         up = GaugeMetricFamily("fastproxy_router_up", "1 while this router serves", labels=["instance"])
         up.add_metric([instance], 1)
         yield up
+
+    def _websocket_families(self) -> Iterator[Any]:
+        tunnels = self.router.tunnels
+        sessions = GaugeMetricFamily(
+            "fastproxy_websocket_sessions", "Open WebSocket sessions per revision (each holds a pod slot)",
+            labels=["revision"],
+        )  # fmt: skip
+        opened = CounterMetricFamily(
+            "fastproxy_websocket_sessions_opened", "WebSocket sessions opened (pod answered 101)",
+            labels=["revision"],
+        )  # fmt: skip
+        moved = CounterMetricFamily(
+            "fastproxy_websocket_bytes", "Bytes relayed by WebSocket sessions, open ones included",
+            labels=["revision", "direction"],
+        )  # fmt: skip
+        durations = HistogramMetricFamily(
+            "fastproxy_websocket_session_seconds", "Durations of ended WebSocket sessions",
+            labels=["revision"],
+        )  # fmt: skip
+        for name, stats in tunnels.items():
+            sessions.add_metric([name], stats.open)
+            opened.add_metric([name], stats.opened)
+            inbound, outbound = tunnels.running_bytes(name)
+            moved.add_metric([name, "client_to_pod"], inbound)
+            moved.add_metric([name, "pod_to_client"], outbound)
+            durations.add_metric([name], stats.durations.cumulative(), stats.durations.sum)
+        yield sessions
+        yield opened
+        yield moved
+        yield durations
+        yield CounterMetricFamily(
+            "fastproxy_websocket_idle_closes", "WebSocket sessions closed by the idle timeout",
+            value=tunnels.idle_closes,
+        )  # fmt: skip

@@ -23,6 +23,10 @@ from the client pauses, and when the client's socket cannot take more, reading f
 pauses. Pause and resume are idempotent and keyed by reason. Nothing is accumulated beyond one
 socket read plus the bounded pre-connect hold, so SSE and hour-long responses stream through.
 
+WebSocket: a handshake is an exchange like any other until the pod answers; a ``101`` to it turns
+the two connections into a session of ``fastproxy.tunnel`` (``Exchange._switching_protocols``,
+``ClientConnection.hand_over``), which holds the pod's slot until the session ends.
+
 Timers: each connection owns one ``Deadline`` whose ``TimerHandle`` is rescheduled lazily, so
 per-request deadlines do not create and cancel a timer per request.
 """
@@ -729,6 +733,8 @@ class Exchange:
                 if self._continue_timer is not None:
                     self._continue_timer.cancel()
                 self._send_body()
+            elif status == 101:
+                self._switching_protocols(response)
             return  # other interim responses are not forwarded
         conn = self.upstream
         assert conn is not None
@@ -777,6 +783,35 @@ class Exchange:
             )
         )
         self.router.stats.added_latency.observe(self.request_side + time.perf_counter() - self.t_response)
+
+    def _switching_protocols(self, response: ResponseHead) -> None:
+        """A 101. With ``Upgrade: websocket`` in answer to a WebSocket handshake, the exchange ends
+        here and its two connections (and the pod's slot) become a session (fastproxy.tunnel)."""
+        conn = self.upstream
+        assert conn is not None
+        if not conn.parser.upgraded:
+            return  # a 101 that switches nothing: an interim response like any other
+        if not self.head.upgrade or response.upgrade != b"websocket" or self.stage is not Stage.SENT:
+            what = response.upgrade.decode("latin-1")[:32] or "?"
+            self.on_upstream_error(
+                BadGateway(f"pod switched protocols (101, Upgrade: {what}) unasked")
+                if not self.head.upgrade
+                else BadGateway(f"pod switched to {what!r} in answer to a WebSocket handshake")
+            )
+            return
+        self.t_response = time.perf_counter()
+        conn.deadline.cancel()
+        conn.exchange = None
+        conn.reusable = False  # never back to the pool: it carries the session
+        self.upstream = None
+        self.stage = Stage.DONE
+        self.status = 101
+        release = self.release
+        self.release = None  # the session holds the slot now
+        router = self.router
+        router.stats.responses[101] = router.stats.responses.get(101, 0) + 1
+        router.tunnels.open_session(self, self.client, conn, response, release)
+        router.stats.added_latency.observe(self.request_side + time.perf_counter() - self.t_response)
 
     def on_response_body(self, data: bytes) -> None:
         if self.stage is not Stage.RESPONDING:
@@ -1172,6 +1207,18 @@ class ClientConnection:  # an asyncio.Protocol (duck-typed, as UpstreamConnectio
 
     def forwarding_headers(self, head: RequestHead) -> list[tuple[bytes, bytes]]:
         return self.router.forwarding_headers(self.peer_bytes, self.trusted, head)
+
+    def hand_over(self) -> list[bytes]:
+        """This connection becomes one side of a WebSocket session (fastproxy.tunnel takes its
+        transport): what the client sent after its handshake, and this protocol out of the
+        router's connections (their timeouts and drain no longer apply to it)."""
+        self.flush()
+        early = [event for event in self._events if type(event) is bytes]
+        self._events.clear()
+        self.exchange = None
+        self._paused = 0
+        self.router.connections.discard(self)
+        return early
 
     def shutdown(self) -> None:
         """SIGTERM: idle connections close now; busy ones after their current response."""

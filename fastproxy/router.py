@@ -13,8 +13,12 @@ queued for the writer (bounded; the oldest is dropped and counted when nobody dr
 exclusion lifts when the writer's view of the pod moves past the failure, or after
 ``exclusion_seconds`` so a router without state sync recovers on its own.
 
+WebSocket sessions (``fastproxy.tunnel``) live in ``tunnels`` once the pod has switched protocols;
+each holds its pod's slot until it ends.
+
 ``serve`` runs listeners until SIGTERM/SIGINT, then drains: stop accepting, close idle keep-alive
-connections, let in-flight requests finish within the grace period, abort the rest.
+connections, let in-flight requests and open WebSocket sessions finish within the grace period,
+then abort the requests and close the sessions.
 ``--workers N`` starts N such processes sharing the port with SO_REUSEPORT.
 """
 
@@ -40,6 +44,7 @@ from fastproxy.metrics import RouterStats
 from fastproxy.proxy import ClientConnection, UpstreamPool
 from fastproxy.slots import SlotTable
 from fastproxy.snapshot import RoutingSnapshot
+from fastproxy.tunnel import ABORT_AFTER_CLOSE, Tunnels
 from statesync.schema import ConnectFailed, ConnectFailureKind, Delta, PodRecord, PodState, Source
 
 log = logging.getLogger("fastproxy.router")
@@ -64,6 +69,7 @@ class Router:
         )
         self.stats = RouterStats()
         self.connections: set[ClientConnection] = set()
+        self.tunnels = Tunnels(self)  # open WebSocket sessions
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweep_interval = min(1.0, config.header_timeout / 4, config.idle_timeout / 4)
         self.draining = False
@@ -227,15 +233,18 @@ class Router:
             self._sweeper = self.loop.call_later(self._sweep_interval, self.sweep_timeouts)
 
     async def drain(self, grace: float) -> None:
-        """Finish in-flight requests within ``grace`` seconds; then cut what is left."""
+        """Finish in-flight requests and WebSocket sessions within ``grace`` seconds; then cut the
+        requests left and close the sessions left (TCP close: the app owns the WebSocket close)."""
         self.draining = True
         for conn in list(self.connections):
             conn.shutdown()
         deadline = self.loop.time() + grace
-        while self.connections and self.loop.time() < deadline:
-            await asyncio.sleep(0.05)  # polling a set that only shrinks; bounded by the grace
+        while (self.connections or self.tunnels.open) and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)  # polling sets that only shrink; bounded by the grace
         for conn in list(self.connections):
             conn.abort()
+        self.tunnels.close_all(f"still open after the {grace:g}s grace period")
+        await self.tunnels.wait_closed(2 * ABORT_AFTER_CLOSE)
         self.pool.close_all()
 
 
@@ -321,6 +330,7 @@ def _config_from_args(args: argparse.Namespace) -> RouterConfig:
         sidecar_protocol=args.sidecar_protocol,
         trusted_proxies=tuple(args.trusted_proxy),
         grace_period=args.grace_period,
+        websocket_idle_timeout=args.websocket_idle_timeout,
         instance=args.instance or f"router-{os.uname().nodename}-{args.worker_index}",
     )
 
@@ -418,7 +428,13 @@ def register(subparsers: Any) -> None:
         "--max-body-bytes", type=int, default=64 * 1024 * 1024, help="request body limit (413)"
     )
     parser.add_argument(
-        "--grace-period", type=float, default=30.0, help="SIGTERM: seconds to finish in-flight"
-    )
+        "--grace-period", type=float, default=30.0,
+        help="SIGTERM: seconds for in-flight requests and WebSocket sessions to finish",
+    )  # fmt: skip
+    parser.add_argument(
+        "--websocket-idle-timeout", type=float, default=RouterConfig().websocket_idle_timeout,
+        help="seconds a WebSocket session may pass no byte either way before it is closed "
+             "(it holds its pod's slot meanwhile)",
+    )  # fmt: skip
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.set_defaults(func=run)

@@ -39,9 +39,14 @@ to the local snapshot at once and pushed to the writer's stream as a ``Readiness
 a full ``PodDiscovered`` report is re-sent periodically as anti-entropy (Valkey restarted empty,
 a lost event).
 
+WebSocket sessions pass through as on a router (``fastproxy.tunnel``): a session holds one of the
+app's slots until it ends, so a CC=1 app with an open session refuses every other request and
+session as busy.
+
 SIGTERM or SIGUSR1 (a preemption notice): push ``DrainStarted`` first, refuse new requests
-(busy, then that connection closes), let in-flight ones finish within ``--grace-period``, then exit
-0. Idle router connections are left open until then, and for at least ``--drain-notice`` seconds:
+(busy, then that connection closes), let in-flight ones and open WebSocket sessions finish within
+``--grace-period``, then close the sessions left (a TCP close, no close frame: the app owns the
+WebSocket protocol) and exit 0. Idle router connections are left open until then, and for at least ``--drain-notice`` seconds:
 closing one while a router that has not yet seen the drain writes a request on it would lose that
 request (a 502 nobody could retry), whereas a request that arrives is refused as busy and goes to
 another pod. ``/healthz`` on the admin
@@ -68,6 +73,7 @@ from fastproxy.errors import SidecarBusy
 from fastproxy.proxy import ClientConnection, Stage
 from fastproxy.router import Router, parse_address
 from fastproxy.snapshot import RoutingSnapshot
+from fastproxy.tunnel import ABORT_AFTER_CLOSE
 from statesync.keys import Keys
 from statesync.schema import (
     Delta,
@@ -106,6 +112,7 @@ class Sidecar:
             trusted_proxies=("0.0.0.0/0", "::/0"),  # only routers reach a sidecar (NetworkPolicy)
             first_byte_timeout=args.first_byte_timeout,
             grace_period=args.grace_period,
+            websocket_idle_timeout=args.websocket_idle_timeout,
             instance=f"sidecar-{args.pod_uid}",
         )
         self.router = Router(config, loop)
@@ -270,16 +277,21 @@ class Sidecar:
     # ---- lifecycle ---------------------------------------------------------------------------
 
     async def drain(self, notice_until: float, grace: float) -> None:
-        """In-flight requests finish (within ``grace``); idle connections stay open meanwhile and at
-        least until ``notice_until``, so a request a router sends before it learns of the drain is
-        refused politely (and its connection then closed) instead of meeting a closed socket."""
+        """In-flight requests and WebSocket sessions finish (within ``grace``); idle connections stay
+        open meanwhile and at least until ``notice_until``, so a request a router sends before it
+        learns of the drain is refused politely (and its connection then closed) instead of
+        meeting a closed socket. Sessions still open at the end are closed (TCP close)."""
         router = self.router
         for conn in list(router.connections):
             conn.closing = True  # each connection closes after its current (or next, refused) answer
         deadline = self.loop.time() + grace
         while self.loop.time() < deadline:
             now = self.loop.time()
-            if now >= notice_until and not any(conn.exchange is not None for conn in router.connections):
+            if (
+                now >= notice_until
+                and not router.tunnels.open
+                and not any(conn.exchange is not None for conn in router.connections)
+            ):
                 break
             await asyncio.sleep(0.05)  # polling a set that only shrinks; bounded by the grace
         for conn in list(router.connections):
@@ -287,6 +299,8 @@ class Sidecar:
                 conn.transport.close()  # idle: a FIN, which a router sees before reusing it
             else:
                 conn.abort()  # still in flight after the grace period: cut
+        router.tunnels.close_all(f"sidecar drain: still open after the {grace:g}s grace period")
+        await router.tunnels.wait_closed(2 * ABORT_AFTER_CLOSE)
         router.pool.close_all()
 
     async def serve(self) -> int:
@@ -400,6 +414,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--first-byte-timeout", type=float, default=600.0, help="seconds to the app's answer")
     parser.add_argument("--grace-period", type=float, default=float(_env("FASTPROXY_GRACE_PERIOD", "30") or 30),
                         help="drain: seconds for in-flight requests [FASTPROXY_GRACE_PERIOD]")  # fmt: skip
+    parser.add_argument("--websocket-idle-timeout", type=float,
+                        default=float(_env("FASTPROXY_WEBSOCKET_IDLE_TIMEOUT", "600") or 600),
+                        help="seconds a WebSocket session may pass no byte either way before it is "
+                             "closed (it holds an app slot meanwhile) [FASTPROXY_WEBSOCKET_IDLE_TIMEOUT]")  # fmt: skip
     parser.add_argument("--drain-notice", type=float, default=float(_env("FASTPROXY_DRAIN_NOTICE", "1") or 1),
                         help="drain: seconds idle router connections stay open after the drain is "
                              "announced (routers learn of it meanwhile) [FASTPROXY_DRAIN_NOTICE]")  # fmt: skip

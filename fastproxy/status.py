@@ -56,13 +56,15 @@ def run(args: argparse.Namespace) -> int:
         f"{state['added_latency_p99'] * 1e6:.0f} us"
     )
     table = Table(title="revisions")
-    for column in ("revision", "pods by state", "in flight", "queued", "free slots"):
+    for column in ("revision", "pods by state", "in flight", "queued", "free slots", "websocket sessions"):
         table.add_column(column)
     for rev in revisions:
         by_state = ", ".join(f"{k} {v}" for k, v in sorted(rev["pods"].items()))
+        ws = rev.get("websocket") or {}
         table.add_row(
-            rev["revision"], by_state, str(rev["inflight"]), str(rev["queued"]), str(rev["free_slots"])
-        )
+            rev["revision"], by_state, str(rev["inflight"]), str(rev["queued"]), str(rev["free_slots"]),
+            f"{ws.get('open', 0)} open / {ws.get('opened', 0)}",
+        )  # fmt: skip
     console.print(table)
     table = Table(title=f"pods (first {args.limit})")
     for column in ("uid", "revision", "address", "state", "reason", "source", "in flight", "excluded"):

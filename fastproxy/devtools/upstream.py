@@ -21,6 +21,9 @@ request itself (path, query, one header) and everything it saw is recorded for a
 - ``/control/ready/<0|1>``     set ``ready``; ``/control/block/<ms>`` blocks the whole app's loop
 - ``/control/stats[/reset]``   the accounting as JSON (see below)
 - ``/control/ids``             the ``x-request-id`` of every request executed (``record_ids`` only)
+- ``/ws/echo``, ``/ws/tokens/<n>/<ms>``  a WebSocket handshake (RFC 6455) opens a session
+                               (``wsapp.WsSession``: echo, or a token stream) that holds one slot
+                               in ``active`` until it ends
 - anything else                200 ``{"ok":true}``
 
 ``x-app-delay-ms: N`` (or the query ``?delay_ms=N``) adds latency before any of these. Every
@@ -91,6 +94,8 @@ from typing import Final, cast
 
 import httptools
 import msgspec
+
+from fastproxy.devtools.wsapp import WsSession, is_websocket_handshake, switching_head
 
 try:
     import uvloop
@@ -266,6 +271,7 @@ class _AppConnection(asyncio.Protocol):
         "_task",
         "_transport",
         "_url",
+        "_ws",
     )
 
     def __init__(self, server: AppServer, conn_id: int) -> None:
@@ -281,6 +287,7 @@ class _AppConnection(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self._pending: collections.deque[_Job | None] = collections.deque()  # None: answer 400, close
         self._task: asyncio.Task[None] | None = None
+        self._ws: WsSession | None = None  # the session a WebSocket handshake opened
         self._reset_message()
 
     def _reset_message(self) -> None:
@@ -312,10 +319,15 @@ class _AppConnection(asyncio.Protocol):
             return
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
+        except httptools.HttpParserUpgrade as exc:
             # The upgraded request was already dispatched (and answered with Connection: close, see
-            # on_headers_complete); what follows is not HTTP, so stop parsing.
+            # on_headers_complete, or with a 101: a session); what follows is not HTTP.
             self._closing = True
+            session = self._ws
+            if session is not None and self._transport is not None:
+                self._transport.set_protocol(session)
+                offset = exc.args[0] if exc.args else len(data)
+                session.start(data[offset:])
         except httptools.HttpParserError:
             self._closing = True
             if self._task is None:
@@ -449,6 +461,9 @@ class _AppConnection(asyncio.Protocol):
         job = _plan(req)
         job.reserved = self._reserved
         self._reserved = False
+        if job.route == b"ws" and parser.should_upgrade() and self._task is None and not self._pending:
+            self._open_websocket(job)
+            return
         if self._task is not None:
             self._pending.append(job)  # answered in order once the current answer is done
             return
@@ -467,6 +482,26 @@ class _AppConnection(asyncio.Protocol):
                 return
         self._pending.append(job)
         self._task = self._loop.create_task(self._serve())
+
+    def _open_websocket(self, job: _Job) -> None:
+        """Answer a handshake with 101; the session (``WsSession``) holds a slot until it ends."""
+        key = is_websocket_handshake(self._headers)
+        if key is None:
+            self._simple(job.req, 400, b"not a WebSocket handshake\n", b"text/plain", close=True)
+            if job.reserved:
+                self._server._end()
+            return
+        server = self._server
+        if not job.reserved:
+            server._begin()
+        assert self._transport is not None
+
+        def ended() -> None:
+            server._end()
+            self.connection_lost(None)
+
+        self._ws = WsSession(self._transport, job.req.target, ended, self._loop)
+        self._write(switching_head(key, b"x-app-request-index: %d\r\n" % job.req.index))
 
     def _header(self, name: bytes) -> bytes | None:
         for key, value in self._headers:

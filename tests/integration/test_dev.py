@@ -68,9 +68,14 @@ def test_dev_default_scenario_prints_how_to_curl_and_a_summary() -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "curl" in result.stdout and "-H 'Host: chat.local'" in result.stdout
     summary = json.loads(result.stdout.rsplit("summary: ", 1)[1])
-    assert summary["requests"] > 100 and summary["pods"] == 50
+    assert summary["requests"] > 100 and summary["pods"] == 54
     assert summary["violations"] == 0 and summary["cut_by_crash"] == 0
     assert summary["user_errors_from_pod_deaths"] == 0 and summary["errors"] == {}, summary["errors"]
+    # The WebSocket revision: sessions opened through the router, every message echoed.
+    websocket = summary["websocket"]
+    assert websocket["opened"] >= 4 and websocket["sessions_completed"] >= 1, websocket
+    assert websocket["errors"] == {}, websocket
+    assert "realtime-v1" in summary["pod_states"]
 
 
 @pytest.mark.parametrize(("content", "message"), [

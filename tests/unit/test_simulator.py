@@ -128,7 +128,9 @@ def test_bad_scenarios_name_the_field(raw: dict[str, Any], message: str) -> None
 
 def test_scenario_files(tmp_path: Path) -> None:
     default = load_scenario(default_scenario_path())
-    assert {r.name for r in default.revisions} == {"chat-v1", "chat-v2"}
+    assert {r.name for r in default.revisions} == {"chat-v1", "chat-v2", "realtime-v1"}
+    assert [r.service for r in default.routes()] == ["chat", "realtime-v1"]  # the WebSocket revision
+    assert default.load.websocket_sessions > 0
     assert load_scenario(default_scenario_path("thousands")).pod_count() >= 2000
     bad = tmp_path / "bad.yaml"
     bad.write_text("revisions: [ {name: a, pods: 1")
@@ -397,3 +399,41 @@ async def test_full_reports_again_periodically(sims: list[PodSimulator], valkey_
         assert asyncio.get_running_loop().time() < deadline, seen
         await asyncio.sleep(0.05)  # polling Valkey: there is no event to wait on
     await client.aclose()
+
+
+# ---- WebSocket sessions -----------------------------------------------------------------------------
+
+
+async def test_pod_holds_a_websocket_session_in_a_slot_and_refuses_when_it_cannot_serve(
+    sims: list[PodSimulator],
+) -> None:
+    from fastproxy.devtools.wsapp import HandshakeRefused, WsClient
+
+    sim = await start(sims, pods=1, concurrency=1)
+    (pod,) = sim.pods
+    client = await WsClient.connect(pod.ip, pod.port, "/ws/echo")
+    client.send(b"hello")
+    assert await client.recv() == (1, b"hello")
+    assert pod.active == 1 and pod.sessions == 1
+    with pytest.raises(HandshakeRefused) as info:  # the only slot is the session's
+        await WsClient.connect(pod.ip, pod.port, "/ws/echo")
+    assert info.value.status == 503 and b"x-fastproxy-busy" in info.value.head
+    await client.close()
+    await wait_for(lambda: pod.active == 0, TIMEOUT, "session's slot released")
+    assert sim.flap(pod)  # not ready: refused as busy, like any work
+    with pytest.raises(HandshakeRefused) as info:
+        await WsClient.connect(pod.ip, pod.port, "/ws/echo")
+    assert info.value.status == 503
+    assert pod.violations == 0
+
+
+def test_revision_with_hosts_of_its_own_is_its_own_service() -> None:
+    sc = decode_scenario({"revisions": [
+        {"name": "chat-v1", "pods": 1},
+        {"name": "realtime-v1", "pods": 1, "hosts": ["realtime.local"]},
+    ]})  # fmt: skip
+    shared, own = sc.routes()
+    assert shared.service == "chat" and [r.revision for r in shared.revisions] == ["chat-v1"]
+    assert own.service == "realtime-v1" and own.hosts == ("realtime.local",)
+    with pytest.raises(ScenarioError, match="none left for service"):
+        decode_scenario({"revisions": [{"name": "a", "pods": 1, "hosts": ["a.local"]}]})
