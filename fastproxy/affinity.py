@@ -58,7 +58,7 @@ def ring_points(uid: str) -> tuple[int, ...]:
 class Ring:
     """The pods of one revision on a hash ring: sorted points and the pod owning each."""
 
-    __slots__ = ("adapters", "owners", "points")
+    __slots__ = ("adapters", "owners", "points", "top")
 
     def __init__(self, pods: Iterable[PodSlots], *, with_adapters: bool = True) -> None:
         # Ties between points (2^-64 apart) are broken by UID, so every router orders them alike.
@@ -66,6 +66,7 @@ class Ring:
         self.points: list[int] = [entry[0] for entry in entries]
         self.owners: list[PodSlots] = [entry[2] for entry in entries]
         self.adapters: dict[str, Ring] = {}
+        self.top = with_adapters  # a revision's ring (not an adapter's): it keeps the adapters' rings
         if with_adapters:
             by_adapter: dict[str, list[PodSlots]] = {}
             seen: set[str] = set()
@@ -82,6 +83,12 @@ class Ring:
     # ---- kept in step by the slot table (fastproxy.slots.MemberIndex) ------------------------
 
     def add(self, pod: PodSlots) -> None:
+        self._insert(pod)
+        if self.top:
+            for adapter in pod.record.adapters:
+                self._adapter_ring(adapter)._insert(pod)
+
+    def _insert(self, pod: PodSlots) -> None:
         points, owners, uid = self.points, self.owners, pod.uid
         for point in ring_points(uid):
             at = bisect.bisect_left(points, point)
@@ -89,10 +96,14 @@ class Ring:
                 at += 1
             points.insert(at, point)
             owners.insert(at, pod)
-        for adapter in pod.record.adapters:
-            self._adapter_ring(adapter).add(pod)
 
     def remove(self, pod: PodSlots) -> None:
+        self._delete(pod)
+        if self.top:
+            for adapter in pod.record.adapters:
+                self._leave_adapter(adapter, pod)
+
+    def _delete(self, pod: PodSlots) -> None:
         points, owners = self.points, self.owners
         for point in ring_points(pod.uid):
             at = bisect.bisect_left(points, point)
@@ -102,12 +113,13 @@ class Ring:
                     del owners[at]
                     break
                 at += 1
-        for adapter in pod.record.adapters:
-            sub = self.adapters.get(adapter)
-            if sub is not None:
-                sub.remove(pod)
-                if not sub.points:
-                    del self.adapters[adapter]
+
+    def _leave_adapter(self, adapter: str, pod: PodSlots) -> None:
+        sub = self.adapters.get(adapter)
+        if sub is not None:
+            sub._delete(pod)
+            if not sub.points:
+                del self.adapters[adapter]
 
     def change(self, pod: PodSlots, record: PodRecord) -> None:
         """``pod`` is about to get ``record``: follow a change of its advertised adapters."""
@@ -116,14 +128,10 @@ class Ring:
             return
         for adapter in before:
             if adapter not in after:
-                sub = self.adapters.get(adapter)
-                if sub is not None:
-                    sub.remove(pod)
-                    if not sub.points:
-                        del self.adapters[adapter]
+                self._leave_adapter(adapter, pod)
         for adapter in after:
             if adapter not in before:
-                self._adapter_ring(adapter).add(pod)
+                self._adapter_ring(adapter)._insert(pod)
 
     def _adapter_ring(self, adapter: str) -> Ring:
         sub = self.adapters.get(adapter)

@@ -103,7 +103,7 @@ class LLMRoute:
         self.models = dict(config.models)
         self.require_model = config.require_model
         self.max_body_bytes = config.max_body_bytes
-        self.prefix = config.policy is AffinityPolicy.PREFIX
+        self.prefix = config.policy == AffinityPolicy.PREFIX
         self.prefix_bytes = config.prefix_bytes
         self.session_header = config.session_header.encode() if config.session_header else None
         self.epsilon = config.epsilon
