@@ -34,9 +34,11 @@ Policies stay plain functions of a ``RevisionSlots`` returning ``(release, pod)`
 
 from __future__ import annotations
 
+import array
 import bisect
 import hashlib
 import struct
+from bisect import bisect_left as _bisect_left
 from collections.abc import Iterable
 from typing import Final
 
@@ -63,7 +65,9 @@ class Ring:
     def __init__(self, pods: Iterable[PodSlots], *, with_adapters: bool = True) -> None:
         # Ties between points (2^-64 apart) are broken by UID, so every router orders them alike.
         entries = sorted((point, pod.uid, pod) for pod in pods for point in ring_points(pod.uid))
-        self.points: list[int] = [entry[0] for entry in entries]
+        # (an array, not a list of ints: 8 contiguous bytes per point; a bisect over a 50k-pod
+        # ring then touches a few cache lines instead of 19 scattered int objects)
+        self.points = array.array("Q", [entry[0] for entry in entries])
         self.owners: list[PodSlots] = [entry[2] for entry in entries]
         self.adapters: dict[str, Ring] = {}
         self.top = with_adapters  # a revision's ring (not an adapter's): it keeps the adapters' rings
@@ -156,14 +160,16 @@ def _walk(ring: Ring, key: int, bound: float) -> Lease | None:
     if not count:
         return None
     owners = ring.owners
-    at = bisect.bisect_left(points, key)
-    for step in range(MAX_PROBES if count > MAX_PROBES else count):
-        pod = owners[(at + step) % count]
+    at = _bisect_left(points, key)
+    end = at + (MAX_PROBES if count > MAX_PROBES else count)
+    while at < end:
+        pod = owners[at % count]
         inflight = pod.inflight
         # inflight + 1 <= ceil(bound * concurrency)  <=>  inflight < bound * concurrency
-        if pod.routable and inflight < pod.concurrency and inflight < bound * pod.concurrency:
+        if inflight < pod.concurrency and pod.routable and inflight < bound * pod.concurrency:
             pod._take()
             return (pod.release, pod.record)
+        at += 1
     return None
 
 
@@ -175,7 +181,9 @@ def prefix_affinity(
     capacity = revision.capacity
     if capacity <= 0:
         return None
-    ring = ring_of(revision)
+    ring: Ring | None = revision.ring  # type: ignore[assignment]  # (only this module sets it)
+    if ring is None:
+        ring = ring_of(revision)
     bound = (1.0 + epsilon) * (revision.inflight_total + 1) / capacity
     if adapter is not None and ring.adapters:
         sub = ring.adapters.get(adapter)
