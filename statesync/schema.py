@@ -128,6 +128,10 @@ class _MapPodRecord(PodRecord, frozen=True, kw_only=True, array_like=False, gc=F
     """A record in the earlier map form: read (and converted to ``PodRecord``) only, never written."""
 
 
+# Public name of the map form, for records a person writes (a static routes file).
+MapPodRecord = _MapPodRecord
+
+
 def _name_field(message: str) -> str:
     """A record's error path ends in its field's index (``$[4]``); say which field that is."""
     match = _FIELD_AT_END.search(message)

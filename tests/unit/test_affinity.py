@@ -275,3 +275,20 @@ def test_routes_file_takes_the_llm_section_and_names_a_bad_field(tmp_path: pathl
     bad.write_text("routes:\n- service: chat\n  revisions: [{revision: v1}]\n  llm: {prefix_bytes: 4}\n")
     with pytest.raises(ConfigError, match=r"Expected `int` >= 16 - at `\$.routes\[0\].llm.prefix_bytes`"):
         load_routes_file(bad)
+
+
+def test_routes_file_pods_are_written_as_maps(tmp_path: pathlib.Path) -> None:
+    """A person writes a pod as a map of its fields (records are arrays on the wire)."""
+    path = tmp_path / "routes.json"
+    path.write_text(
+        '{"routes": [{"service": "chat", "revisions": [{"revision": "v1"}]}],'
+        ' "pods": [{"uid": "p1", "namespace": "ml", "revision": "v1", "ip": "127.0.0.9", "port": 8000,'
+        ' "adapters": ["sql"]}]}'
+    )
+    (pod_,) = load_routes_file(path).pods
+    assert (pod_.uid, pod_.port, pod_.adapters, pod_.state) == ("p1", 8000, ("sql",), PodState.READY)
+    path.write_text(
+        '{"routes": [], "pods": [{"uid": "p1", "namespace": "ml", "revision": "v1", "ip": "127.0.0.9"}]}'
+    )
+    with pytest.raises(ConfigError, match=r"pods\[0\]: Object missing required field `port`"):
+        load_routes_file(path)
