@@ -205,7 +205,10 @@ def pick(
     table: SlotTable, revision: str, key: int | None, adapter: str | None, epsilon: float
 ) -> Lease | None:
     """``SlotTable.pick`` with affinity: ``key`` (a 64-bit prompt or session hash) and/or the LoRA
-    ``adapter`` the request names; neither -> the table's own policy."""
+    ``adapter`` the request names. Without a key, an adapter that no pod advertises (the base
+    model's own name, most often) changes nothing: the table's own policy picks."""
+    if key is None and adapter is None:
+        return table.pick(revision)
     slots = table.revisions.get(revision)
     if slots is None:
         return None
@@ -213,6 +216,11 @@ def pick(
         table._materialize(slots)  # a ring needs the revision's members
     if key is not None:
         return prefix_affinity(slots, key, adapter, epsilon)
-    if adapter is not None:
-        return prefix_affinity(slots, adapter_key(adapter), adapter, epsilon)
+    ring = ring_of(slots)
+    sub = ring.adapters.get(adapter) if ring.adapters and adapter is not None else None
+    if sub is not None and adapter is not None and slots.capacity > 0:
+        bound = (1.0 + epsilon) * (slots.inflight_total + 1) / slots.capacity
+        lease = _walk(sub, adapter_key(adapter), bound)
+        if lease is not None:
+            return lease
     return table.pick(revision)

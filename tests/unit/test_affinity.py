@@ -292,3 +292,15 @@ def test_routes_file_pods_are_written_as_maps(tmp_path: pathlib.Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"pods\[0\]: Object missing required field `port`"):
         load_routes_file(path)
+
+
+def test_a_model_name_no_pod_advertises_leaves_least_inflight_as_it_is() -> None:
+    """A least-in-flight LLM route names its model in every request; no pod advertises it as an
+    adapter, so the picks balance as least-in-flight does (a constant ring key piled them up)."""
+    table = table_of([pod(f"p{i}", cc=4) for i in range(8)])
+    request = route().begin()
+    route().read(request, body(model="llama-3", messages=[]), True, head())
+    assert request.key is None and request.adapter == "llama-3"
+    for _ in range(16):
+        assert request.pick(table, "r") is not None
+    assert sorted(p.inflight for p in table.pods.values()) == [2] * 8
