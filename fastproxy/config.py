@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
 from fastproxy.exchange import Limits
-from statesync.schema import PodRecord, PodState, Route
+from statesync.schema import MapPodRecord, PodRecord, PodState, Route
 
 
 class RouterConfig(msgspec.Struct, kw_only=True):
@@ -59,8 +60,22 @@ class RoutesFile(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     pods: list[PodRecord] = []
 
 
+class _RoutesFileAsWritten(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``RoutesFile`` as a person writes it: each pod a map of its fields (a ``PodRecord`` is
+    stored as an array of its values, which nobody writes by hand); an array still reads."""
+
+    routes: list[Route]
+    pods: list[dict[str, Any] | list[Any]] = []
+
+
 class ConfigError(ValueError):
     pass
+
+
+def _pod_of(raw: dict[str, Any] | list[Any]) -> PodRecord:
+    if isinstance(raw, list):
+        return msgspec.convert(raw, PodRecord)
+    return PodRecord(**msgspec.structs.asdict(msgspec.convert(raw, MapPodRecord)))
 
 
 def load_routes_file(path: str | Path) -> RoutesFile:
@@ -71,11 +86,18 @@ def load_routes_file(path: str | Path) -> RoutesFile:
         raise ConfigError(f"cannot read routes file {path}: {exc.strerror}") from None
     try:
         if path.suffix in (".yaml", ".yml"):
-            routes = msgspec.yaml.decode(data, type=RoutesFile)
+            written = msgspec.yaml.decode(data, type=_RoutesFileAsWritten)
         else:
-            routes = msgspec.json.decode(data, type=RoutesFile)
+            written = msgspec.json.decode(data, type=_RoutesFileAsWritten)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise ConfigError(f"routes file {path}: {exc}") from None
+    pods = []
+    for index, raw in enumerate(written.pods):
+        try:
+            pods.append(_pod_of(raw))
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"routes file {path}: pods[{index}]: {exc}") from None
+    routes = RoutesFile(routes=written.routes, pods=pods)
     uids = [p.uid for p in routes.pods]
     if len(set(uids)) != len(uids):
         raise ConfigError(f"routes file {path}: duplicate pod uid")

@@ -32,6 +32,13 @@ class BadRequest(ProxyError):
     close = True
 
 
+class BadBody(BadRequest):
+    """Well-formed HTTP whose body a route cannot route by (an LLM route's JSON: not JSON, no model
+    field). The body was read to its end, so the connection stays usable."""
+
+    close = False
+
+
 class NotFound(ProxyError):
     status = 404
     reason_phrase = "Not Found"

@@ -57,6 +57,7 @@ cdef class Exchange:
     cdef public RequestHead head
     cdef public list hold
     cdef public Py_ssize_t hold_bytes
+    cdef public object llm
     cdef public bint out_chunked
     cdef public object pod
     cdef public double queue_deadline

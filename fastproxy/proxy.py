@@ -65,6 +65,7 @@ from fastproxy.exchange import (
     chunk,
     error_response,
 )
+from fastproxy.llm import LLMRequest, LLMRoute, target_unavailable
 from fastproxy.slots import QueueFull
 from statesync.schema import PodRecord
 
@@ -400,6 +401,7 @@ class Exchange:
         "head",
         "hold",
         "hold_bytes",
+        "llm",
         "out_chunked",
         "pod",
         "queue_deadline",
@@ -447,6 +449,7 @@ class Exchange:
         self._waiter: asyncio.Future[Any] | None = None
         self._waiter_timer: asyncio.TimerHandle | None = None
         self._continue_timer: asyncio.TimerHandle | None = None
+        self.llm: LLMRequest | None = None  # an LLM route's body peek and affinity (fastproxy.llm)
 
     # ---- routing and picking ------------------------------------------------------------------
 
@@ -467,12 +470,72 @@ class Exchange:
         if route is None:
             self.fail(NotFound(f"no route for host {head.host!r} path {head.path!r}"))
             return
+        if route.llm is not None:
+            self._start_peek(route.llm)
+            return
         self.revision = route.choose_revision(random.random())
+        self._acquire()
+
+    # An LLM route reads its (bounded) body before it picks; see fastproxy.llm.
+
+    def _start_peek(self, llm: LLMRoute) -> None:
+        request = self.llm = llm.begin()
+        if self.head.expect_continue and not self.continue_sent:
+            self.continue_sent = True  # the body is needed before any pod is chosen
+            self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        # The body must arrive within the header timeout: no pod is held meanwhile, and without a
+        # deadline a client trickling a body would hold this exchange for ever.
+        router = self.router
+        request.timer = router.loop.call_later(router.config.header_timeout, self._peek_timeout)
+
+    def _peek_timeout(self) -> None:
+        request = self.llm
+        if request is None or not request.peeking or self.stage is Stage.DONE:
+            return
+        request.peeking = False
+        timeout = self.router.config.header_timeout
+        log.info("client %s: request body for route %r not received within %gs",
+                 self.client.peer, request.route.service, timeout)  # fmt: skip
+        self.fail(RequestTimeout(f"request body not received within {timeout:g}s"))
+
+    def _end_peek(self) -> None:
+        request = self.llm
+        assert request is not None
+        request.peeking = False
+        if request.timer is not None:
+            request.timer.cancel()
+            request.timer = None
+        route = request.route
+        hold = self.hold
+        body = hold[0] if len(hold) == 1 else b"".join(hold)
+        try:
+            route.read(request, body, self.request_complete, self.head)
+        except ProxyError as exc:
+            log.info("%s %s -> %d: %s", self.head.method.decode(), self.head.target[:200].decode("latin-1"),
+                     exc.status, exc.reason)  # fmt: skip
+            self.fail(exc)
+            return
+        target = None
+        table = self.router.snapshot.route_table
+        if request.service is not None:
+            target = table.by_service.get(request.service)
+            if target is None:
+                self.fail(target_unavailable(request.model or "", request.service))
+                return
+        if target is None:
+            target = table.by_service.get(route.service)
+            if target is None:  # (the route went away while the body arrived)
+                self.fail(NotFound(f"route {route.service!r} is gone"))
+                return
+        self.revision = target.choose_revision(random.random())
+        if self.hold_bytes > HOLD_LIMIT and not self.request_complete:
+            self.client.pause_reading(PAUSE_HOLDING)
         self._acquire()
 
     def _acquire(self) -> None:
         router = self.router
-        lease = router.slots.pick(self.revision)
+        llm = self.llm
+        lease = router.slots.pick(self.revision) if llm is None else llm.pick(router.slots, self.revision)
         if lease is not None:
             self._on_lease(lease)
             return
@@ -712,6 +775,11 @@ class Exchange:
             return  # an early response was given; the rest of the body is dropped
         self.hold.append(data)
         self.hold_bytes += len(data)
+        llm = self.llm
+        if llm is not None and llm.peeking:
+            if self.hold_bytes > llm.route.max_body_bytes:
+                self._end_peek()
+            return
         if self.hold_bytes > HOLD_LIMIT:
             self.client.pause_reading(PAUSE_HOLDING)
 
@@ -723,6 +791,8 @@ class Exchange:
             self._request_fully_sent()
         elif self.stage is Stage.DONE:
             self.client.exchange_finished(self)
+        elif self.llm is not None and self.llm.peeking:
+            self._end_peek()
 
     # ---- the pod's answer ---------------------------------------------------------------------
 

@@ -228,7 +228,7 @@ class Sidecar:
         return PodDiscovered(
             uid=args.pod_uid, source=Source.SIDECAR, at=time.time(), namespace=args.namespace,
             revision=args.revision, ip=args.pod_ip, port=args.advertise_port or self.bound_port,
-            concurrency=args.concurrency, ready=self.ready,
+            concurrency=args.concurrency, ready=self.ready, adapters=tuple(args.adapter),
         )  # fmt: skip
 
     def push(self, event: Event) -> None:
@@ -388,6 +388,10 @@ def register(subparsers: Any) -> None:
                         help="the app's HOST:PORT [FASTPROXY_APP]")  # fmt: skip
     parser.add_argument("--concurrency", type=int, default=int(_env("FASTPROXY_CONCURRENCY", "1") or 1),
                         help="requests the app serves at once [FASTPROXY_CONCURRENCY]")  # fmt: skip
+    parser.add_argument("--adapter", action="append", metavar="NAME",
+                        default=[a for a in _env("FASTPROXY_ADAPTERS", "").split(",") if a],
+                        help="a LoRA adapter the app has loaded, advertised to routers so requests naming "
+                             "it prefer this pod (repeatable) [FASTPROXY_ADAPTERS, comma-separated]")  # fmt: skip
     parser.add_argument("--readiness-path", default=_env("FASTPROXY_READINESS_PATH", "/ready"),
                         help="HTTP path probed for readiness; empty for a TCP probe [FASTPROXY_READINESS_PATH]")  # fmt: skip
     parser.add_argument("--probe-interval", type=float, default=float(_env("FASTPROXY_PROBE_INTERVAL", "0.05") or 0.05),

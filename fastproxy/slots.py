@@ -32,6 +32,11 @@ nothing more. A router that starts from the writer's revision index (``adopt_unr
 even have the records yet: a revision's pending records are ``UnreadRecords`` -- the chunks that
 hold them -- read from the router's current snapshot (decoding those chunks) when first needed.
 The hot path is unchanged: the check for ``pending`` happens only when the policy found no pod.
+
+Per revision, ``inflight_total`` and ``capacity`` (the slots of its routable pods) are kept as pods
+take, release, enter and leave, so a policy that bounds a pod's load by the revision's average
+(``fastproxy.affinity``) reads it in O(1). Such a policy keeps its own index of the revision's
+members (``ring``, a ``MemberIndex``), told of each pod that joins, changes or leaves.
 """
 
 from __future__ import annotations
@@ -69,9 +74,10 @@ class PodSlots:
         if self.inflight <= 0:
             raise RuntimeError(f"slot of pod {self.uid} released more often than acquired")
         inflight = self.inflight = self.inflight - 1
+        revision = self.revision
+        revision.inflight_total -= 1
         if not self.routable:
             return
-        revision = self.revision
         if revision.queued and revision.hand_over(self):
             return
         concurrency = self.concurrency
@@ -83,10 +89,12 @@ class PodSlots:
 
     def _take(self) -> None:
         """Count one more request and move the pod up a level (or out, when full)."""
-        levels = self.revision.levels
+        revision = self.revision
+        levels = revision.levels
         if self.inflight < len(levels):
             levels[self.inflight].pop(self, None)
         self.inflight += 1
+        revision.inflight_total += 1
         if self.inflight < self.concurrency:
             if self.inflight == len(levels):
                 levels.append({})
@@ -95,11 +103,12 @@ class PodSlots:
     def _enter(self) -> None:
         """Put the pod into rotation (it became routable)."""
         self.routable = True
-        levels = self.revision.levels
+        revision = self.revision
+        revision.capacity += self.concurrency
+        levels = revision.levels
         while len(levels) < self.concurrency:
             levels.append({})
         # Free capacity goes to waiters first, one slot per waiter.
-        revision = self.revision
         while revision.queued and self.inflight < self.concurrency:
             if not revision.hand_over(self):
                 break
@@ -108,6 +117,7 @@ class PodSlots:
 
     def _leave(self) -> None:
         self.routable = False
+        self.revision.capacity -= self.concurrency
         if self.inflight < len(self.revision.levels):
             self.revision.levels[self.inflight].pop(self, None)
 
@@ -137,10 +147,31 @@ class PodTableLike(Protocol):
     def chunk(self, chunk: int) -> list[PodRecord]: ...
 
 
+class MemberIndex(Protocol):
+    """A policy's index of a revision's pods (``fastproxy.affinity.Ring``), kept in step with them."""
+
+    def add(self, pod: PodSlots) -> None: ...
+
+    def change(self, pod: PodSlots, record: PodRecord) -> None: ...
+
+    def remove(self, pod: PodSlots) -> None: ...
+
+
 class RevisionSlots:
     """The pods of one revision that this router knows, plus its FIFO of waiting requests."""
 
-    __slots__ = ("levels", "members", "name", "pending", "queued", "queued_bytes", "waiters")
+    __slots__ = (
+        "capacity",
+        "inflight_total",
+        "levels",
+        "members",
+        "name",
+        "pending",
+        "queued",
+        "queued_bytes",
+        "ring",
+        "waiters",
+    )
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -154,6 +185,9 @@ class RevisionSlots:
         self.waiters: collections.deque[asyncio.Future[Lease]] = collections.deque()
         self.queued = 0  # live (not cancelled) waiters
         self.queued_bytes = 0
+        self.inflight_total = 0  # requests in flight on its pods (routable or not)
+        self.capacity = 0  # slots of its routable pods
+        self.ring: MemberIndex | None = None  # an affinity policy's index, once one is used
 
     def pending_records(self) -> Iterable[PodRecord]:
         pending = self.pending
@@ -216,6 +250,7 @@ def least_inflight(revision: RevisionSlots) -> Lease | None:
                 break
             del level[pod]
             inflight = pod.inflight = pod.inflight + 1
+            revision.inflight_total += 1
             if inflight < pod.concurrency:
                 if inflight == len(levels):
                     levels.append({})
@@ -324,8 +359,13 @@ class SlotTable:
                     revision = self.revisions[record.revision] = RevisionSlots(record.revision)
                 pod = self.pods[record.uid] = PodSlots(record, revision)
                 revision.members[record.uid] = pod
-            elif pod.concurrency != record.concurrency and pod.routable:
-                pod._leave()  # re-levelled below with the new concurrency
+                if revision.ring is not None:
+                    revision.ring.add(pod)
+            else:
+                if pod.revision.ring is not None:
+                    pod.revision.ring.change(pod, record)
+                if pod.concurrency != record.concurrency and pod.routable:
+                    pod._leave()  # re-levelled below with the new concurrency
             pod.record = record
             pod.concurrency = record.concurrency
             routable = record.state is PodState.READY and record.generation > pod.excluded_generation
@@ -436,6 +476,7 @@ class SlotTable:
         level = levels[0]
         for pod in entering:
             pod.routable = True
+            revision.capacity += pod.concurrency
             level[pod] = None
             while len(levels) < pod.concurrency:
                 levels.append({})
@@ -478,4 +519,6 @@ class SlotTable:
         del self.pods[pod.uid]
         revision = pod.revision
         revision.members.pop(pod.uid, None)
+        if revision.ring is not None:
+            revision.ring.remove(pod)
         self._drop_if_unused(revision)

@@ -42,6 +42,7 @@ from typing import Final
 
 import immutables
 
+from fastproxy.llm import LLMRoute
 from statesync.keys import POD_CHUNKS, pod_chunk
 from statesync.schema import Delta, PodRecord, PodState, Route, SchemaError, decode_pods
 
@@ -101,11 +102,13 @@ class VersionGap(Exception):
 class ServiceRoute:
     """A route compiled for matching: its revisions with a cumulative weight table."""
 
-    __slots__ = ("cumulative", "prefix", "revisions", "route", "service", "total")
+    __slots__ = ("cumulative", "llm", "prefix", "revisions", "route", "service", "total")
 
     def __init__(self, route: Route) -> None:
         self.route = route
         self.service = route.service
+        # An LLM route reads the body before it picks (fastproxy.llm); None for every other route.
+        self.llm = LLMRoute(route.service, route.llm) if route.llm is not None else None
         self.prefix = route.path_prefix
         live = [r for r in route.revisions if r.weight > 0]
         self.revisions: tuple[str, ...] = tuple(r.revision for r in live)

@@ -267,6 +267,7 @@ def apply(record: PodRecord | None, event: PodEvent) -> Transition:
             ready=event.ready is True,
             readiness_source=event.source if event.ready is not None else None,
             readiness_at=event.at if event.ready is not None else 0.0,
+            adapters=event.adapters or (),
         )
         return Transition(created, (Changed(created),))
 
@@ -282,6 +283,13 @@ def apply(record: PodRecord | None, event: PodEvent) -> Transition:
             updates["readiness_at"] = event.at
     if isinstance(event, PodDiscovered) and event.concurrency != record.concurrency and state is not X:
         updates["concurrency"] = event.concurrency
+    if (
+        isinstance(event, PodDiscovered)
+        and event.adapters is not None
+        and event.adapters != record.adapters
+        and state is not X
+    ):
+        updates["adapters"] = event.adapters  # what the pod has loaded now (its sidecar says)
 
     if target is _RESTORE:
         target = R if record.ready else N

@@ -72,13 +72,16 @@ IPAddress = Annotated[str, msgspec.Meta(min_length=2, max_length=45, pattern=r"^
 # expression run per record: at 50k pods it was 40% of a router's bootstrap decode.)
 RecordAddress = Annotated[str, msgspec.Meta(min_length=2, max_length=45)]
 ChunkNumber = Annotated[int, msgspec.Meta(ge=0, lt=POD_CHUNKS)]
+# LoRA adapters a pod has loaded (names as the app knows them, e.g. vLLM's ``--lora-modules``).
+AdapterName = Annotated[str, msgspec.Meta(min_length=1, max_length=253)]
+Adapters = Annotated[tuple[AdapterName, ...], msgspec.Meta(max_length=256)]
 
 
 class PodRecord(msgspec.Struct, frozen=True, kw_only=True, array_like=True, gc=False):
     """The writer's view of one pod; what the snapshot holds and a delta carries.
 
-    ``gc=False``: every field is a str, number, bool or enum, so a record can never be part of a
-    reference cycle; untracked, 50k records cost the cyclic collector nothing.
+    ``gc=False``: every field is a str, number, bool, enum or tuple of str, so a record can never
+    be part of a reference cycle; untracked, 50k records cost the cyclic collector nothing.
 
     ``array_like``: encoded as a msgpack array of the field values in declaration order, not a map
     (field names were 45% of the bytes a router reads at bootstrap, and matching them a tenth of the
@@ -108,6 +111,9 @@ class PodRecord(msgspec.Struct, frozen=True, kw_only=True, array_like=True, gc=F
     # When the readiness above was reported (the reporter's clock): an older report that arrives
     # late (a claimed entry, a slow path) must not overwrite a newer one.
     readiness_at: Timestamp = 0.0
+    # LoRA adapters the pod has loaded, as its sidecar reports them; a request naming one of them
+    # prefers these pods (``fastproxy.affinity``). Appended last: older records read as ().
+    adapters: Adapters = ()
 
     @property
     def routable(self) -> bool:
@@ -120,6 +126,10 @@ class PodRecord(msgspec.Struct, frozen=True, kw_only=True, array_like=True, gc=F
 
 class _MapPodRecord(PodRecord, frozen=True, kw_only=True, array_like=False, gc=False):
     """A record in the earlier map form: read (and converted to ``PodRecord``) only, never written."""
+
+
+# Public name of the map form, for records a person writes (a static routes file).
+MapPodRecord = _MapPodRecord
 
 
 def _name_field(message: str) -> str:
@@ -155,6 +165,9 @@ class PodDiscovered(_Event, frozen=True, kw_only=True, tag="discovered"):
     port: Port
     concurrency: Concurrency = 1
     ready: bool | None = None
+    # The LoRA adapters loaded in the pod (the sidecar knows; the informer does not: None keeps
+    # what the record has).
+    adapters: Adapters | None = None
 
 
 class ReadinessChanged(_Event, frozen=True, kw_only=True, tag="readiness_changed"):
@@ -202,16 +215,70 @@ class WeightedRevision(msgspec.Struct, frozen=True, kw_only=True):
     weight: Weight = 100
 
 
+class AffinityPolicy(enum.StrEnum):
+    """How a route's requests pick among a revision's free pods (``fastproxy.affinity``)."""
+
+    LEAST_INFLIGHT = "least-inflight"  # the pod with the fewest in flight (idle longest first)
+    PREFIX = "prefix"  # the prompt's (or session's) pod on a hash ring, with bounded loads
+
+
+JsonKey = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+# The prompt fields the body peek reads; a model or adapter key cannot be one of them.
+PROMPT_KEYS: Final = ("messages", "prompt")
+_HEADER_NAME: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z-]+$")
+
+
+class LLMRouting(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How a route reads an OpenAI-style JSON body before it picks a pod (``fastproxy.llm``).
+
+    The body is read up to ``max_body_bytes`` (only for routes that have this), then streamed to
+    the pod unchanged. Its ``model_key`` field names the model: a model listed in ``models`` goes
+    to that service's route (its revisions; this route's policy), any other to this route's own
+    revisions. A body without the field, not a JSON object, or over the bound is refused (400 /
+    413) when ``require_model``, else served by this route's own revisions without affinity.
+    ``adapter_key`` names the LoRA adapter field ("": the model value names it, as vLLM does);
+    pods advertising that adapter are preferred. ``policy: prefix`` keys the pick by the
+    ``session_header`` value when the request has one, else by the first ``prefix_bytes`` of the
+    prompt (``messages``, else ``prompt``, as sent); ``epsilon`` bounds an affine pod's load to
+    (1 + epsilon) times the revision's average."""
+
+    policy: AffinityPolicy = AffinityPolicy.LEAST_INFLIGHT
+    model_key: JsonKey = "model"
+    models: dict[Annotated[str, msgspec.Meta(min_length=1, max_length=253)], Name] = {}
+    require_model: bool = True
+    adapter_key: str = ""
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=256, le=64 * 1024 * 1024)] = 1024 * 1024
+    prefix_bytes: Annotated[int, msgspec.Meta(ge=16, le=1024 * 1024)] = 1024
+    session_header: str = ""
+    epsilon: Annotated[float, msgspec.Meta(gt=0, le=100)] = 0.25
+
+    def __post_init__(self) -> None:
+        if self.model_key in PROMPT_KEYS:
+            raise ValueError(f"model_key {self.model_key!r} is a prompt field; name the model field")
+        if self.adapter_key and (self.adapter_key in PROMPT_KEYS or self.adapter_key == self.model_key):
+            raise ValueError(
+                f"adapter_key {self.adapter_key!r} must differ from model_key and the prompt fields "
+                f'(leave it "" when the model field names the adapter)'
+            )
+        if self.session_header:
+            if not _HEADER_NAME.match(self.session_header):
+                raise ValueError(f"session_header {self.session_header!r}: a lower-case header name")
+            if self.policy is not AffinityPolicy.PREFIX:
+                raise ValueError("session_header is used only by policy: prefix")
+
+
 class Route(msgspec.Struct, frozen=True, kw_only=True):
     """Requests matching (any of ``hosts``, or any host if empty) and ``path_prefix``, or carrying
     the service header with value ``service``, go to ``service``, split over ``revisions`` by
-    weight. ``hosts`` entries are exact names or ``*.suffix`` wildcards."""
+    weight. ``hosts`` entries are exact names or ``*.suffix`` wildcards. ``llm``: read the JSON
+    body first (model routing, prefix and adapter affinity; see ``LLMRouting``)."""
 
     service: Name
     revisions: tuple[WeightedRevision, ...]
     hosts: tuple[str, ...] = ()
     path_prefix: str = "/"
     removed: bool = False
+    llm: LLMRouting | None = None
 
     def __post_init__(self) -> None:
         if not self.path_prefix.startswith("/"):

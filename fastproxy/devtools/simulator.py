@@ -23,6 +23,16 @@ Work requests (anything but ``/ready`` and ``/control/*``) are answered by the r
 model: ``fixed`` (a constant), ``lognormal`` (median and sigma), or ``sse`` (token streaming: a
 ``text/event-stream`` of ``tokens`` events, one every ``ms_per_token``, after ``first_token_ms``).
 
+A revision with a ``kv_cache`` is an LLM server with a prefix cache (as vLLM's automatic prefix
+caching or SGLang's radix cache): each pod keeps an LRU of prompt blocks (``block_bytes`` each,
+every block's hash chained to the one before, so a block is cached only with its whole prefix).
+A request's prompt (``messages``, else ``prompt``, as sent: ``fastproxy.llm``) costs
+``prefill_ms_per_block`` for each block after its longest cached prefix, then the first token
+(``first_token_ms``); the response head and first token go out together (time to first token),
+then the other tokens. Each pod counts hit and total blocks and its busy time (the time-averaged
+in-flight count, for load spread). ``SharedPrefixWorkload`` makes the requests such a fleet sees:
+conversations that share one of a few system prompts and grow turn by turn.
+
 The life of a pod (``Phase``), and what each churn event does:
 
 - LOADING: on start and after every restart the pod listens but loads its model for ``load_s``:
@@ -61,6 +71,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import enum
 import errno
@@ -73,6 +84,7 @@ import resource
 import signal
 import sys
 import time
+import zlib
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -82,6 +94,7 @@ import msgspec
 import yaml
 
 from fastproxy.devtools.upstream import AppServer, _AppConnection, _Job
+from fastproxy.llm import body_decoder, prompt_of
 from statesync.schema import (
     DrainStarted,
     Event,
@@ -98,10 +111,12 @@ from statesync.writer import submit
 log = logging.getLogger("fastproxy.simulator")
 
 __all__ = [
+    "KvCache",
     "Phase",
     "PodSimulator",
     "Scenario",
     "ScenarioError",
+    "SharedPrefixWorkload",
     "SimPod",
     "decode_scenario",
     "default_scenario_path",
@@ -143,6 +158,41 @@ class Sse(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="mo
 Latency = Fixed | LogNormal | Sse
 
 
+class KvCache(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A pod's prefix cache: an LRU of ``blocks`` prompt blocks of ``block_bytes``; time to first
+    token = ``first_token_ms`` + ``prefill_ms_per_block`` per uncached block; then ``tokens``
+    more tokens, ``ms_per_token`` apart."""
+
+    blocks: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 512
+    block_bytes: Annotated[int, msgspec.Meta(ge=16, le=1 << 20)] = 256
+    prefill_ms_per_block: NonNegative = 6.0
+    first_token_ms: NonNegative = 20.0
+    tokens: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 20
+    ms_per_token: NonNegative = 8.0
+
+    def prefill(self, cache: collections.OrderedDict[int, None], prompt: Any) -> tuple[int, int]:
+        """Look the prompt's blocks up in ``cache`` (and put them in, most recent last); returns
+        (blocks of the longest cached prefix, all blocks)."""
+        size = self.block_bytes
+        view = memoryview(prompt)
+        chained = 0
+        hit = 0
+        total = 0
+        cached_so_far = True
+        for start in range(0, len(view), size):
+            chained = zlib.crc32(view[start : start + size], chained) | (total << 32)
+            total += 1
+            if cached_so_far and chained in cache:
+                hit += 1
+                cache.move_to_end(chained)
+            else:
+                cached_so_far = False
+                cache[chained] = None
+        while len(cache) > self.blocks:
+            cache.popitem(last=False)
+        return hit, total
+
+
 class Churn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Rates are events per second over the whole revision (Poisson arrivals)."""
 
@@ -165,6 +215,7 @@ class RevisionSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     concurrency: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1
     weight: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 100
     latency: Latency = Fixed()
+    kv_cache: KvCache | None = None  # an LLM server with a prefix cache (replaces ``latency``)
     load_s: NonNegative = 0.0  # model loading time on every start
     churn: Churn = Churn()
     # Hosts of its own: this revision is a service of its own (named after it) instead of a weighted
@@ -343,6 +394,11 @@ class _PodConnection(_AppConnection):
         if job.control:
             super()._answer_now(job)
             return
+        kv = pod.spec.kv_cache
+        if kv is not None:
+            await self._answer_llm(pod, job, kv)
+            pod.served += 1
+            return
         model = pod.spec.latency
         if isinstance(model, Sse):
             await self._stream_tokens(pod, job, model)
@@ -354,6 +410,34 @@ class _PodConnection(_AppConnection):
                 await pod.sit_out_stall()
             self._simple(job.req, 200, _WORK_BODY, b"application/json")
         pod.served += 1
+
+    async def _answer_llm(self, pod: SimPod, job: _Job, kv: KvCache) -> None:
+        """Prefill what the pod's cache lacks, then the first token with the head, then the rest."""
+        loop = self._loop
+        started = loop.time()
+        try:
+            prompt = prompt_of(_llm_body.decode(job.req.body))
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            prompt = job.req.body
+        if pod.kv is None:
+            pod.kv = collections.OrderedDict()
+        hit, total = kv.prefill(pod.kv, prompt)
+        pod.kv_hit_blocks += hit
+        pod.kv_blocks += total
+        await asyncio.sleep((kv.first_token_ms + (total - hit) * kv.prefill_ms_per_block) / 1000)
+        if self._closing:
+            return
+        head, close = self._head(job.req, 200, ctype=b"text/event-stream", chunked=True,
+                                 extra=b"x-sim-kv-hit: %d/%d\r\n" % (hit, total))  # fmt: skip
+        self._write(head + _token_chunk(0))
+        rest = (kv.tokens - 1) * kv.ms_per_token / 1000
+        if rest > 0:
+            await asyncio.sleep(rest)
+        if not self._closing:
+            self._write(b"".join(_token_chunk(i) for i in range(1, kv.tokens)) + _SSE_DONE)
+            if close:
+                self._close()
+        pod.busy_s += loop.time() - started
 
     async def _stream_tokens(self, pod: SimPod, job: _Job, model: Sse) -> None:
         """Tokens from a chain of timer callbacks (no coroutine wake-up per token: the simulator must
@@ -409,6 +493,50 @@ def _token_chunk(i: int) -> bytes:
 
 
 _SSE_DONE: Final = b"%x\r\ndata: [DONE]\n\n\r\n0\r\n\r\n" % len(b"data: [DONE]\n\n")
+_llm_body: Final = body_decoder()
+
+
+class SharedPrefixWorkload(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Chat conversations as an LLM fleet sees them: each starts with one of ``system_prompts``
+    shared system prompts (``system_bytes`` each) and runs ``turns`` turns; turn ``t`` sends the
+    whole conversation so far (system, then user/assistant pairs, then the new user message), so
+    consecutive turns share all but their last ``user_bytes + reply_bytes``. Text is seeded."""
+
+    system_prompts: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 8
+    system_bytes: Annotated[int, msgspec.Meta(ge=0, le=1 << 20)] = 4096
+    turns: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 6
+    user_bytes: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)] = 512
+    reply_bytes: Annotated[int, msgspec.Meta(ge=0, le=1 << 20)] = 512
+    model: str = "llama-3.1-8b-instruct"
+    seed: int = 11
+
+    def systems(self) -> list[str]:
+        rng = random.Random(self.seed)
+        return [_text(rng, self.system_bytes, f"You are assistant {i}. ") for i in range(self.system_prompts)]
+
+    def conversation(self, rng: random.Random, systems: list[str]) -> list[bytes]:
+        """The request bodies of one conversation, turn by turn."""
+        messages: list[dict[str, str]] = [{"role": "system", "content": rng.choice(systems)}]
+        bodies = []
+        for turn in range(self.turns):
+            messages.append({"role": "user", "content": _text(rng, self.user_bytes, f"Question {turn}: ")})
+            bodies.append(msgspec.json.encode({"model": self.model, "messages": messages, "stream": True}))
+            messages.append({"role": "assistant", "content": _text(rng, self.reply_bytes, "Answer: ")})
+        return bodies
+
+
+_WORDS: Final = ("alpha", "tensor", "cache", "prompt", "token", "model", "router", "batch", "layer",
+                 "vector", "query", "answer", "kernel", "memory", "latency", "stream")  # fmt: skip
+
+
+def _text(rng: random.Random, size: int, start: str) -> str:
+    words = [start]
+    length = len(start)
+    while length < size:
+        word = rng.choice(_WORDS)
+        words.append(word)
+        length += len(word) + 1
+    return " ".join(words)[:size]
 
 
 class SimulatedApp(AppServer):
@@ -430,6 +558,7 @@ class SimPod:
 
     __slots__ = (
         "app",
+        "busy_s",
         "cut",
         "deaths",
         "drains",
@@ -437,6 +566,9 @@ class SimPod:
         "generation",
         "index",
         "ip",
+        "kv",
+        "kv_blocks",
+        "kv_hit_blocks",
         "phase",
         "port",
         "refused",
@@ -475,6 +607,11 @@ class SimPod:
         # Accounting of earlier generations' apps (each generation is a new AppServer).
         self.violations_before = 0
         self.work_before = 0
+        # The KV-cache model (a revision with kv_cache): its LRU of block hashes, made on first use
+        # and lost with the pod's generation; hit and total blocks; seconds spent serving.
+        self.kv: collections.OrderedDict[int, None] | None = None
+        self.kv_blocks = self.kv_hit_blocks = 0
+        self.busy_s = 0.0
 
     @property
     def violations(self) -> int:
@@ -679,6 +816,7 @@ class PodSimulator:
 
     async def _bring_up(self, pod: SimPod, *, new_uid: bool) -> None:
         pod.generation += 1
+        pod.kv = None  # a restarted server's KV cache is empty
         if new_uid:
             pod.uid = f"{pod.spec.name}-{pod.index:05d}" + (
                 f"-g{pod.generation}" if pod.generation > 1 else ""
@@ -839,6 +977,8 @@ class PodSimulator:
             "flaps": sum(p.flaps for p in members),
             "stalls": sum(p.stalls for p in members),
             "drains": sum(p.drains for p in members),
+            "kv_hit_blocks": sum(p.kv_hit_blocks for p in members),
+            "kv_blocks": sum(p.kv_blocks for p in members),
         }
 
     def stats(self) -> dict[str, Any]:

@@ -691,3 +691,13 @@ def test_a_late_readiness_report_does_not_overwrite_a_newer_one() -> None:
     late, effects = apply(newer, ReadinessChanged(uid=UID, source=Source.SIDECAR, at=AT + 5, ready=False))
     assert late == newer
     assert [type(e) for e in effects] == [Dropped]
+
+
+def test_adapters_come_from_the_sidecars_report_and_the_informer_keeps_them() -> None:
+    created, _ = apply(None, discovered(ready=True, source=Source.SIDECAR, adapters=("sql", "chat")))
+    assert created is not None and created.adapters == ("sql", "chat")
+    informer, effects = apply(created, discovered(ready=True, source=Source.INFORMER))
+    assert informer == created and effects == ()  # None: the informer does not know adapters
+    unloaded, effects = apply(created, discovered(ready=True, source=Source.SIDECAR, adapters=("sql",)))
+    assert unloaded is not None and unloaded.adapters == ("sql",) and kinds(effects) == [Changed]
+    assert unloaded.generation == created.generation  # not a state change: no generation bump

@@ -105,7 +105,8 @@ FORMS = ["array", "map"]
 
 
 def pod_fields(pod: PodRecord) -> dict[str, Any]:
-    return {field: msgspec.to_builtins(getattr(pod, field)) for field in POD_FIELDS}
+    # (as msgpack gives them back: a tuple field comes out as a list)
+    return {field: msgspec.msgpack.decode(encode(getattr(pod, field))) for field in POD_FIELDS}
 
 
 def pack_pod(fields: dict[str, Any], form: str) -> bytes:
@@ -465,7 +466,7 @@ def test_missing_required_pod_field_is_named(field: str) -> None:
 # a reordering or a removal would make every stored record and every other version misread.
 RECORD_FIELDS_IN_WIRE_ORDER = (
     "uid", "namespace", "revision", "ip", "port", "concurrency", "state", "reason", "source", "since",
-    "generation", "ready", "readiness_source", "readiness_at",
+    "generation", "ready", "readiness_source", "readiness_at", "adapters",
 )  # fmt: skip
 
 

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import itertools
 import random
 import statistics
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from fastproxy.devtools.simulator import (
     Fixed,
+    KvCache,
     LogNormal,
     Phase,
     PodSimulator,
     ScenarioError,
+    SharedPrefixWorkload,
     SimPod,
     Sse,
     decode_scenario,
@@ -437,3 +442,66 @@ def test_revision_with_hosts_of_its_own_is_its_own_service() -> None:
     assert own.service == "realtime-v1" and own.hosts == ("realtime.local",)
     with pytest.raises(ScenarioError, match="none left for service"):
         decode_scenario({"revisions": [{"name": "a", "pods": 1, "hosts": ["a.local"]}]})
+
+
+# ---- the KV-cache model and the shared-prefix workload --------------------------------------------
+
+
+async def post_chat(pod: SimPod, body: bytes) -> tuple[float, bytes]:
+    """(time to the response head, the head) of one POST on its own connection."""
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection(pod.ip, pod.port)
+    try:
+        began = loop.time()
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+        )
+        async with asyncio.timeout(TIMEOUT):
+            head = await reader.readuntil(b"\r\n\r\n")
+            ttft = loop.time() - began
+            await reader.readuntil(b"\r\n0\r\n\r\n")
+        return ttft, head
+    finally:
+        writer.close()
+
+
+def test_kv_cache_hits_only_a_cached_prefix_and_evicts_least_recent() -> None:
+    kv = KvCache(blocks=4, block_bytes=16)
+    cache: collections.OrderedDict[int, None] = collections.OrderedDict()
+    a = b"A" * 16 + b"B" * 16 + b"C" * 16
+    assert kv.prefill(cache, a) == (0, 3)
+    assert kv.prefill(cache, a + b"D" * 8) == (3, 4)
+    assert kv.prefill(cache, b"X" * 16 + b"B" * 16) == (0, 2)  # same block, other prefix: a miss
+    assert len(cache) == 4
+    assert kv.prefill(cache, a) == (0, 3)  # its first blocks were the least recent: evicted
+
+
+async def test_kv_pod_answers_a_repeated_prefix_sooner(sims: list[PodSimulator]) -> None:
+    kv = {"blocks": 64, "block_bytes": 64, "prefill_ms_per_block": 4, "first_token_ms": 1, "tokens": 2,
+          "ms_per_token": 1}  # fmt: skip
+    sim = await start(sims, kv_cache=kv)
+    workload = SharedPrefixWorkload(
+        system_prompts=1, system_bytes=1024, turns=2, user_bytes=64, reply_bytes=64
+    )
+    first, second = workload.conversation(random.Random(1), workload.systems())
+    cold, head = await post_chat(sim.pods[0], first)
+    assert b"text/event-stream" in head and b"x-sim-kv-hit: 0/" in head
+    warm, head = await post_chat(sim.pods[0], second)
+    assert b"x-sim-kv-hit: 0/" not in head
+    assert warm < cold - 0.02  # ~17 blocks of 4 ms saved
+    other, _ = await post_chat(sim.pods[1], second)  # the other pod has nothing cached
+    assert other > warm + 0.02
+    pod = sim.pods[0]
+    assert pod.kv_hit_blocks > 0 and pod.kv_blocks > pod.kv_hit_blocks and pod.busy_s > 0
+
+
+def test_shared_prefix_workload_turns_extend_each_other() -> None:
+    workload = SharedPrefixWorkload(system_prompts=3, turns=4)
+    systems = workload.systems()
+    assert len(set(systems)) == 3 and all(len(s) == 4096 for s in systems)
+    bodies = workload.conversation(random.Random(2), systems)
+    assert len(bodies) == 4
+    prompts = [msgspec.json.encode(msgspec.json.decode(b)["messages"]) for b in bodies]
+    for earlier, later in itertools.pairwise(prompts):
+        assert later[: len(earlier) - 1] == earlier[:-1]  # (all but the closing bracket)
+    assert msgspec.json.decode(bodies[0])["messages"][0]["content"] in systems

@@ -1,0 +1,182 @@
+"""LLM-aware routing: read an OpenAI-style JSON body (bounded) before picking a pod.
+
+Theory of operation
+-------------------
+Only routes with an ``llm`` section (``statesync.schema.LLMRouting``) come here; every other route
+picks at once, and its requests never touch this module. For an LLM route the exchange holds the
+body as it arrives (it always holds body bytes until a pod is ready), up to the route's
+``max_body_bytes``, and answers ``Expect: 100-continue`` itself, since the body is needed before
+any pod is chosen. When the body is complete (or over the bound) ``LLMRoute.read`` decodes it once
+with a module-level msgspec decoder built per (model key, adapter key): the model and adapter as
+strings, ``messages`` and ``prompt`` as ``msgspec.Raw`` -- the JSON bytes as sent, never parsed
+into objects -- so the peek costs about one pass over the bytes. The held bytes then go to the pod
+exactly as they came: nothing is re-encoded.
+
+The result (``LLMRequest``): the service that serves the model (``models``; else the route's own
+revisions), the affinity key and the adapter. The key, for ``policy: prefix``, is the session
+header's value if the request carries it, else the first ``prefix_bytes`` of the prompt as sent
+(``messages``, else ``prompt``), hashed with CRC-32 into the top half of a 64-bit ring position:
+turns of one conversation, and conversations that share a system prompt, share those first bytes.
+The pick itself is ``fastproxy.affinity``.
+
+Bad bodies get a clear answer: not JSON, not an object, or a model field that is missing or not a
+string -> 400 naming what was wrong; over the bound -> 413 naming the bound -- or, when the route
+says ``require_model: false``, the route's own revisions without affinity. Each is logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import zlib
+from typing import TYPE_CHECKING, Any, Final
+
+import msgspec
+
+from fastproxy import affinity
+from fastproxy.errors import BadBody, PayloadTooLarge, ServiceUnavailable
+from statesync.schema import AffinityPolicy, LLMRouting
+
+if TYPE_CHECKING:
+    from fastproxy.exchange import RequestHead
+    from fastproxy.slots import Lease, SlotTable
+
+log = logging.getLogger("fastproxy.llm")
+
+_decoders: dict[tuple[str, str], msgspec.json.Decoder[Any]] = {}
+_EMPTY: Final = msgspec.Raw()
+
+
+def body_decoder(model_key: str = "model", adapter_key: str = "") -> msgspec.json.Decoder[Any]:
+    """The decoder of an LLM body's routing fields (one per key pair, built once)."""
+    decoder = _decoders.get((model_key, adapter_key))
+    if decoder is None:
+        fields: list[tuple[str, Any, Any]] = [
+            ("model", str | None, None),
+            ("messages", msgspec.Raw, _EMPTY),
+            ("prompt", msgspec.Raw, _EMPTY),
+        ]
+        rename = {"model": model_key}
+        if adapter_key:
+            fields.append(("adapter", str | None, None))
+            rename["adapter"] = adapter_key
+        peeked = msgspec.defstruct("PeekedBody", fields, rename=rename, frozen=True, gc=False)
+        decoder = _decoders[(model_key, adapter_key)] = msgspec.json.Decoder(peeked)
+    return decoder
+
+
+def prompt_of(peeked: Any) -> msgspec.Raw:
+    """The prompt as sent: ``messages`` (chat), else ``prompt`` (completions); empty if neither."""
+    messages: msgspec.Raw = peeked.messages
+    return messages if len(messages) else peeked.prompt
+
+
+def prefix_key(data: Any, prefix_bytes: int) -> int:
+    """A 64-bit ring position from the first ``prefix_bytes`` of ``data`` (a bytes-like object)."""
+    return zlib.crc32(memoryview(data)[:prefix_bytes]) << 32
+
+
+class LLMRoute:
+    """A route's ``llm`` section compiled for the request path."""
+
+    __slots__ = (
+        "adapter_key",
+        "config",
+        "decoder",
+        "epsilon",
+        "max_body_bytes",
+        "model_key",
+        "models",
+        "prefix",
+        "prefix_bytes",
+        "require_model",
+        "service",
+        "session_header",
+    )
+
+    def __init__(self, service: str, config: LLMRouting) -> None:
+        self.service = service
+        self.config = config
+        self.decoder = body_decoder(config.model_key, config.adapter_key)
+        self.model_key = config.model_key
+        self.adapter_key = config.adapter_key
+        self.models = dict(config.models)
+        self.require_model = config.require_model
+        self.max_body_bytes = config.max_body_bytes
+        self.prefix = config.policy == AffinityPolicy.PREFIX
+        self.prefix_bytes = config.prefix_bytes
+        self.session_header = config.session_header.encode() if config.session_header else None
+        self.epsilon = config.epsilon
+
+    def begin(self) -> LLMRequest:
+        return LLMRequest(self)
+
+    def read(self, request: LLMRequest, body: bytes, complete: bool, head: RequestHead) -> None:
+        """Fill ``request`` from the held body (``complete``: all of it). Raises ``BadBody`` (400)
+        or ``PayloadTooLarge`` (413) when the body cannot be routed and the route requires it."""
+        if not complete:
+            if self.require_model:
+                raise PayloadTooLarge(
+                    f"route {self.service!r} reads the body to route it, up to {self.max_body_bytes} "
+                    f"bytes; this one is larger"
+                )
+            return  # the route's own revisions, without affinity
+        try:
+            peeked = self.decoder.decode(body)
+        except msgspec.ValidationError as exc:
+            if self.require_model:
+                raise BadBody(f"request body: {_what(exc, self.model_key)}") from None
+            return
+        except msgspec.DecodeError as exc:
+            if self.require_model:
+                what = "empty" if not body else f"not JSON ({exc})"
+                raise BadBody(f"request body is {what}; route {self.service!r} routes by its JSON") from None
+            return
+        model = peeked.model
+        if model is None:
+            if self.require_model:
+                raise BadBody(f"request body has no {self.model_key!r} field (a string naming the model)")
+            return
+        request.model = model
+        if self.models:
+            request.service = self.models.get(model)
+        request.adapter = peeked.adapter if self.adapter_key else model
+        if self.prefix:
+            session = head.header(self.session_header) if self.session_header is not None else None
+            if session is not None:
+                request.key = prefix_key(session, self.prefix_bytes)
+            else:
+                prompt = prompt_of(peeked)
+                if len(prompt):
+                    request.key = prefix_key(prompt, self.prefix_bytes)
+
+
+def _what(exc: msgspec.ValidationError, model_key: str) -> str:
+    text = str(exc)
+    if text.startswith("Expected `object`"):
+        return f"not a JSON object ({text})"
+    return text
+
+
+class LLMRequest:
+    """What the body peek found for one request; ``peeking`` until the body is read."""
+
+    __slots__ = ("adapter", "key", "model", "peeking", "route", "service", "timer")
+
+    def __init__(self, route: LLMRoute) -> None:
+        self.route = route
+        self.peeking = True
+        self.model: str | None = None
+        self.service: str | None = None  # the model's service (``models``); None: the route's own
+        self.key: int | None = None
+        self.adapter: str | None = None
+        self.timer: asyncio.TimerHandle | None = None  # the body's deadline while peeking
+
+    def pick(self, table: SlotTable, revision: str) -> Lease | None:
+        if self.key is None and self.adapter is None:
+            return table.pick(revision)
+        return affinity.pick(table, revision, self.key, self.adapter, self.route.epsilon)
+
+
+def target_unavailable(model: str, service: str) -> ServiceUnavailable:
+    return ServiceUnavailable(f"model {model!r} is served by service {service!r}, which has no route")

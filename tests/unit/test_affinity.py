@@ -1,0 +1,306 @@
+"""Prefix affinity (consistent hashing with bounded loads) on the slot table, and the body peek."""
+
+from __future__ import annotations
+
+import collections
+import pathlib
+import random
+
+import msgspec
+import pytest
+
+from fastproxy import affinity
+from fastproxy.affinity import Ring, prefix_affinity, ring_of
+from fastproxy.config import ConfigError, load_routes_file
+from fastproxy.errors import BadBody, PayloadTooLarge
+from fastproxy.exchange import RequestHead
+from fastproxy.llm import LLMRoute, prefix_key
+from fastproxy.slots import SlotTable
+from statesync.schema import AffinityPolicy, LLMRouting, PodRecord, PodState, Route, WeightedRevision
+
+
+def pod(
+    uid: str, cc: int = 1, state: PodState = PodState.READY, gen: int = 1, adapters: tuple[str, ...] = ()
+) -> PodRecord:
+    return PodRecord(uid=uid, namespace="ml", revision="r", ip="127.0.0.3", port=9000, concurrency=cc,
+                     state=state, generation=gen, adapters=adapters)  # fmt: skip
+
+
+def table_of(records: list[PodRecord], seed: int = 0) -> SlotTable:
+    table = SlotTable(seed=seed)
+    table.update(records)
+    return table
+
+
+def keys(n: int, seed: int = 1) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.getrandbits(64) for _ in range(n)]
+
+
+def affine_pod(table: SlotTable, key: int) -> str:
+    """Where ``key`` goes on an idle table (and give the slot back)."""
+    lease = affinity.pick(table, "r", key, None, 0.25)
+    assert lease is not None
+    lease[0]()
+    return lease[1].uid
+
+
+def test_same_key_same_pod_and_routers_agree_whatever_the_order_they_learned_pods_in() -> None:
+    uids = [f"p{i}" for i in range(20)]
+    one = table_of([pod(u) for u in uids], seed=1)
+    shuffled = uids[:]
+    random.Random(5).shuffle(shuffled)
+    other = table_of([pod(u) for u in shuffled], seed=99)
+    for key in keys(200):
+        first = affine_pod(one, key)
+        assert affine_pod(one, key) == first
+        assert affine_pod(other, key) == first
+    # and keys spread over the pods
+    spread = collections.Counter(affine_pod(one, key) for key in keys(2000, seed=3))
+    assert len(spread) == 20
+
+
+def test_ring_kept_in_step_equals_a_ring_built_from_scratch() -> None:
+    table = table_of([pod(f"p{i}") for i in range(30)])
+    ring = ring_of(table.revisions["r"])
+    table.update(
+        [pod("p3", state=PodState.REMOVED), pod("new-1"), pod("p7", state=PodState.NOT_READY, gen=2)]
+    )
+    table.update([pod("new-2", adapters=("lora-a",)), pod("p8", adapters=("lora-a", "lora-b"), gen=2)])
+    fresh = Ring(table.revisions["r"].members.values())
+    assert ring.points == fresh.points
+    assert [p.uid for p in ring.owners] == [p.uid for p in fresh.owners]
+    assert sorted(ring.adapters) == sorted(fresh.adapters) == ["lora-a", "lora-b"]
+    for name in fresh.adapters:
+        assert ring.adapters[name].points == fresh.adapters[name].points
+    table.update([pod("p8", gen=3)])  # unloaded both adapters
+    assert sorted(ring.adapters) == ["lora-a"]
+
+
+def test_a_pod_leaving_moves_only_its_own_keys() -> None:
+    table = table_of([pod(f"p{i}") for i in range(10)])
+    before = {key: affine_pod(table, key) for key in keys(500)}
+    table.update([pod("p4", state=PodState.REMOVED)])
+    after = {key: affine_pod(table, key) for key in keys(500)}
+    moved = [key for key in before if before[key] != after[key]]
+    assert moved and all(before[key] == "p4" for key in moved)
+
+
+def test_busy_affine_pod_spills_to_the_next_and_never_double_books() -> None:
+    table = table_of([pod(f"p{i}") for i in range(4)])
+    key = keys(1)[0]
+    leases = [affinity.pick(table, "r", key, None, 0.25) for _ in range(4)]
+    assert all(lease is not None for lease in leases)
+    assert len({lease[1].uid for lease in leases if lease}) == 4  # CC=1: four different pods
+    assert affinity.pick(table, "r", key, None, 0.25) is None  # full: nobody is booked twice
+    revision = table.revisions["r"]
+    assert revision.inflight_total == 4
+    leases[2][0]()  # type: ignore[index]
+    again = affinity.pick(table, "r", key, None, 0.25)
+    assert again is not None and again[1].uid == leases[2][1].uid  # type: ignore[index]
+
+
+def test_bounded_load_keeps_a_hot_key_within_one_plus_epsilon_of_average() -> None:
+    table = table_of([pod(f"p{i}", cc=8) for i in range(4)])
+    hot = keys(1)[0]
+    for _ in range(16):  # half the fleet's slots, all for one key
+        assert affinity.pick(table, "r", hot, None, 0.25) is not None
+    loads = sorted(p.inflight for p in table.pods.values())
+    # average 4 per pod; an affine pod takes at most ceil(1.25 * average so far) -> <= 5 here
+    assert max(loads) <= 5 and sum(loads) == 16
+    revision = table.revisions["r"]
+    assert revision.capacity == 32 and revision.inflight_total == 16
+
+
+def test_counters_follow_enter_leave_exclude_and_release() -> None:
+    table = table_of([pod("a", cc=2), pod("b", cc=3)])
+    revision = table.revisions["r"]
+    assert revision.capacity == 5
+    lease = table.pick("r")
+    assert lease is not None and revision.inflight_total == 1
+    table.update([pod("b", cc=3, state=PodState.NOT_READY, gen=2)])
+    assert revision.capacity == 2
+    table.exclude("a")
+    assert revision.capacity == 0
+    lease[0]()
+    assert revision.inflight_total == 0
+    table.readmit("a")
+    table.update([pod("b", cc=4, gen=3)])
+    assert revision.capacity == 6
+
+
+def test_pending_revision_is_materialized_before_its_ring() -> None:
+    table = SlotTable(seed=0)
+    table.replace_all([pod(f"p{i}", cc=2) for i in range(5)])
+    assert table.revisions["r"].pending is not None
+    lease = affinity.pick(table, "r", keys(1)[0], None, 0.25)
+    assert lease is not None and table.revisions["r"].capacity == 10
+    assert len(ring_of(table.revisions["r"])) == 5 * affinity.POINTS_PER_POD
+
+
+def test_adapter_pods_are_preferred_while_free_then_any_pod() -> None:
+    table = table_of([pod(f"p{i}") for i in range(6)] + [pod("lora-1", adapters=("sql",)),
+                                                         pod("lora-2", adapters=("sql", "chat"))])  # fmt: skip
+    revision = table.revisions["r"]
+    got = [prefix_affinity(revision, key, "sql") for key in keys(2)]
+    assert {lease[1].uid for lease in got if lease} == {"lora-1", "lora-2"}
+    third = prefix_affinity(revision, keys(1, seed=9)[0], "sql")
+    assert third is not None and third[1].uid.startswith("p")  # both busy: any free pod
+    # an adapter nobody advertises is no preference (and grows nothing)
+    assert prefix_affinity(revision, keys(1)[0], "unknown") is not None
+    assert "unknown" not in ring_of(revision).adapters
+
+
+def test_no_free_pod_is_none_and_unroutable_pods_are_skipped() -> None:
+    table = table_of([pod("a", state=PodState.NOT_READY), pod("b", state=PodState.DRAINING)])
+    assert affinity.pick(table, "r", 1, None, 0.25) is None
+    table.update([pod("c")])
+    for key in keys(20):
+        assert affine_pod(table, key) == "c"
+
+
+# ---- the body peek ----------------------------------------------------------------------------------
+
+
+def head(session: bytes | None = None) -> RequestHead:
+    h = RequestHead()
+    if session is not None:
+        h.headers = [(b"x-session", session)]
+    return h
+
+
+def route(**config: object) -> LLMRoute:
+    return LLMRoute("chat", msgspec.convert(config, LLMRouting))  # as a routes file or Valkey gives it
+
+
+def body(**fields: object) -> bytes:
+    return msgspec.json.encode(fields)
+
+
+def test_peek_reads_model_adapter_and_prompt_key() -> None:
+    llm = route(policy="prefix", models={"llama": "llama-svc"}, prefix_bytes=32)
+    request = llm.begin()
+    messages = [{"role": "system", "content": "You are terse." * 10}, {"role": "user", "content": "hi"}]
+    llm.read(request, body(model="llama", messages=messages, stream=True), True, head())
+    assert (request.model, request.service, request.adapter) == ("llama", "llama-svc", "llama")
+    assert request.key == prefix_key(msgspec.json.encode(messages), 32)
+    # same first 32 bytes of the prompt, different turn: same key
+    later = llm.begin()
+    llm.read(
+        later, body(messages=[*messages, {"role": "user", "content": "more"}], model="other"), True, head()
+    )
+    assert later.key == request.key and later.service is None  # not in models: the route's own
+
+
+def test_peek_session_header_beats_the_prompt_and_completions_prompt_is_used() -> None:
+    llm = route(policy="prefix", session_header="x-session")
+    a, b = llm.begin(), llm.begin()
+    llm.read(a, body(model="m", prompt="one"), True, head(b"s-1"))
+    llm.read(b, body(model="m", prompt="two"), True, head(b"s-1"))
+    assert a.key == b.key == prefix_key(b"s-1", 1024)
+    c = llm.begin()
+    llm.read(c, body(model="m", prompt="one"), True, head())
+    assert c.key == prefix_key(b'"one"', 1024)
+
+
+def test_least_inflight_route_has_no_key_and_adapter_key_is_read() -> None:
+    llm = route(adapter_key="lora")
+    request = llm.begin()
+    llm.read(request, body(model="base", lora="sql", messages=[]), True, head())
+    assert request.key is None and request.adapter == "sql"
+
+
+@pytest.mark.parametrize(
+    ("data", "complete", "error", "text"),
+    [
+        (b"not json", True, BadBody, "not JSON"),
+        (b"", True, BadBody, "empty"),
+        (b"[1, 2]", True, BadBody, "not a JSON object"),
+        (b'{"messages": []}', True, BadBody, "no 'model' field"),
+        (b'{"model": 7}', True, BadBody, "Expected `str | null`, got `int` - at `$.model`"),
+        (b'{"model": "x", "messages": [', False, PayloadTooLarge, "up to 1048576 bytes"),
+    ],
+)
+def test_unroutable_bodies_are_refused_clearly_or_go_to_the_default(
+    data: bytes, complete: bool, error: type[Exception], text: str
+) -> None:
+    strict = route()
+    with pytest.raises(error, match=None) as caught:
+        strict.read(strict.begin(), data, complete, head())
+    assert text in str(caught.value)
+    lenient = route(require_model=False, policy="prefix")
+    request = lenient.begin()
+    lenient.read(request, data, complete, head())
+    assert request.service is None and request.key is None and request.model is None
+
+
+@pytest.mark.parametrize(
+    ("config", "text"),
+    [
+        ({"model_key": "messages"}, "is a prompt field"),
+        ({"adapter_key": "model"}, "must differ from model_key"),
+        ({"session_header": "X-Session"}, "lower-case header name"),
+        ({"session_header": "x-session"}, "only by policy: prefix"),
+        ({"policy": "round-robin"}, "Invalid enum value 'round-robin'"),
+        ({"epsilon": 0}, "Expected `float` > 0"),
+        ({"max_body_bytes": 10}, "Expected `int` >= 256"),
+        ({"unknown": 1}, "unknown field `unknown`"),
+    ],
+)
+def test_route_config_is_validated_with_the_field_named(config: dict[str, object], text: str) -> None:
+    raw = {"service": "chat", "revisions": [{"revision": "v1"}], "llm": config}
+    with pytest.raises(msgspec.ValidationError) as caught:
+        msgspec.convert(raw, Route)
+    assert text in str(caught.value) and "$.llm" in str(caught.value)
+
+
+def test_route_with_llm_round_trips_and_old_routes_read() -> None:
+    llm = LLMRouting(policy=AffinityPolicy.PREFIX, models={"a": "b"})
+    r = Route(service="chat", revisions=(WeightedRevision(revision="v1"),), llm=llm)
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(r), type=Route) == r
+    old = msgspec.msgpack.encode({"service": "chat", "revisions": [{"revision": "v1"}]})
+    assert msgspec.msgpack.decode(old, type=Route).llm is None
+
+
+def test_routes_file_takes_the_llm_section_and_names_a_bad_field(tmp_path: pathlib.Path) -> None:
+    good = tmp_path / "routes.yaml"
+    good.write_text(
+        "routes:\n- service: chat\n  revisions: [{revision: v1}]\n"
+        "  llm: {policy: prefix, models: {llama-3: llama}, session_header: x-session-id, prefix_bytes: 512}\n"
+    )
+    (route_,) = load_routes_file(good).routes
+    assert route_.llm is not None and route_.llm.policy is AffinityPolicy.PREFIX
+    assert route_.llm.models == {"llama-3": "llama"} and route_.llm.prefix_bytes == 512
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("routes:\n- service: chat\n  revisions: [{revision: v1}]\n  llm: {prefix_bytes: 4}\n")
+    with pytest.raises(ConfigError, match=r"Expected `int` >= 16 - at `\$.routes\[0\].llm.prefix_bytes`"):
+        load_routes_file(bad)
+
+
+def test_routes_file_pods_are_written_as_maps(tmp_path: pathlib.Path) -> None:
+    """A person writes a pod as a map of its fields (records are arrays on the wire)."""
+    path = tmp_path / "routes.json"
+    path.write_text(
+        '{"routes": [{"service": "chat", "revisions": [{"revision": "v1"}]}],'
+        ' "pods": [{"uid": "p1", "namespace": "ml", "revision": "v1", "ip": "127.0.0.9", "port": 8000,'
+        ' "adapters": ["sql"]}]}'
+    )
+    (pod_,) = load_routes_file(path).pods
+    assert (pod_.uid, pod_.port, pod_.adapters, pod_.state) == ("p1", 8000, ("sql",), PodState.READY)
+    path.write_text(
+        '{"routes": [], "pods": [{"uid": "p1", "namespace": "ml", "revision": "v1", "ip": "127.0.0.9"}]}'
+    )
+    with pytest.raises(ConfigError, match=r"pods\[0\]: Object missing required field `port`"):
+        load_routes_file(path)
+
+
+def test_a_model_name_no_pod_advertises_leaves_least_inflight_as_it_is() -> None:
+    """A least-in-flight LLM route names its model in every request; no pod advertises it as an
+    adapter, so the picks balance as least-in-flight does (a constant ring key piled them up)."""
+    table = table_of([pod(f"p{i}", cc=4) for i in range(8)])
+    request = route().begin()
+    route().read(request, body(model="llama-3", messages=[]), True, head())
+    assert request.key is None and request.adapter == "llama-3"
+    for _ in range(16):
+        assert request.pick(table, "r") is not None
+    assert sorted(p.inflight for p in table.pods.values()) == [2] * 8
