@@ -116,6 +116,7 @@ class Options:
     sat_duration: float = 3.0
     sat_warmup: float = 0.5
     generator: str = "auto"  # auto | wrk | python
+    latency: bool = True
     sse: bool = True
     sse_streams: int = 8
     workers: bool = True
@@ -682,7 +683,7 @@ def run_ratios(opts: Options, log: Callable[[str], None]) -> dict[str, Any]:
                         f"{run['cpu_us_per_req'].get('proxy', math.nan):6.1f} us/req  backend "
                         f"{run['cpu_us_per_req']['app']:5.1f}  errors {run['errors']}  foreign {run['foreign_cpu']:.2f}"
                     )
-                for rate in opts.rates:
+                for rate in opts.rates if opts.latency else ():
                     for target in targets:
                         run = runner.attempt(
                             functools.partial(latency_run, harness, target, opts, rate, gen_cpus),
@@ -728,6 +729,7 @@ def run_ratios(opts: Options, log: Callable[[str], None]) -> dict[str, Any]:
                     backend, port = harness.start_backend_nginx(binaries["nginx"])  # type: ignore[arg-type]
                 else:
                     backend, port = harness.start_app()
+                script = wrk_script(opts, harness.tmp / "request.lua") if wrk else None
                 targets = []
                 for workers in (1, 2):
                     router, router_port = harness.start_router_workers(port, workers, opts.pod_concurrency)
@@ -738,7 +740,7 @@ def run_ratios(opts: Options, log: Callable[[str], None]) -> dict[str, Any]:
                 for rnd in range(opts.repeats):
                     for target in targets:
                         run = runner.attempt(
-                            functools.partial(saturation_run, harness, target, opts, wrk, script if wrk else None, None),
+                            functools.partial(saturation_run, harness, target, opts, wrk, script, None),
                             phase="workers", round=rnd,
                         )  # fmt: skip
                         log(
@@ -1089,6 +1091,9 @@ def parse_args(argv: list[str] | None) -> tuple[Options, Path, Path]:
         "--generator", choices=("auto", "wrk", "python"), default="auto",
         help="saturation load: wrk (auto: when installed or installable) or the Python closed loop",
     )  # fmt: skip
+    parser.add_argument(
+        "--latency", action=argparse.BooleanOptionalAction, default=True, help="the open-loop latency phase"
+    )
     parser.add_argument("--sse", action=argparse.BooleanOptionalAction, default=True, help="the SSE phase")
     parser.add_argument("--sse-streams", type=int, default=8, help="concurrent SSE streams")
     parser.add_argument(
@@ -1114,7 +1119,7 @@ def parse_args(argv: list[str] | None) -> tuple[Options, Path, Path]:
     opts = Options(
         payload=args.payload, backend=args.backend, rates=args.rates, duration=args.duration, repeats=args.repeats,
         sat_connections=args.sat_connections, sat_duration=args.sat_duration, generator=args.generator,
-        sse=args.sse, sse_streams=args.sse_streams, workers=args.workers, pin=not args.no_pin,
+        latency=args.latency, sse=args.sse, sse_streams=args.sse_streams, workers=args.workers, pin=not args.no_pin,
         busy_loops=not args.no_busy_loops, instructions=args.instructions, install=not args.no_install,
         max_foreign_cpu=args.max_foreign_cpu, quiet_wait=args.quiet_wait,
     )  # fmt: skip
