@@ -103,6 +103,10 @@ CHAT_HEADERS = {
 CHAT_STREAM_BODY = CHAT_BODY.replace(b'"stream":false', b'"stream":true')
 SSE_EVENTS, SSE_INTERVAL_US = 100, 1000
 
+# Report order of the targets; the routers whose ratios are reported (key prefix in the summary).
+TARGET_ORDER = ["direct", "router", "router-pure", "nginx", "haproxy"]
+ROUTER_SUBJECTS = (("router", ""), ("router-pure", "pure_"))
+
 
 @dataclass
 class Options:
@@ -120,6 +124,7 @@ class Options:
     sse: bool = True
     sse_streams: int = 8
     workers: bool = True
+    pure: bool = True
     pin: bool = True
     busy_loops: bool = True
     instructions: bool = False
@@ -196,7 +201,11 @@ class PinnedHarness(e2e.Harness):
         super().__init__(log)
         self.pins = pins
 
-    def _spawn(self, name: str, argv: list[str], stop_signal: int = signal.SIGTERM) -> e2e.Child:
+    def _spawn(
+        self, name: str, argv: list[str], stop_signal: int = signal.SIGTERM, env: dict[str, str] | None = None
+    ) -> e2e.Child:
+        if env:
+            argv = ["env", *(f"{k}={v}" for k, v in env.items()), *argv]  # env execs, as taskset does
         cpus = self.pins.get(name)
         if cpus is not None:
             argv = ["taskset", "-c", cpus, *argv]  # taskset execs: the pid is the server's
@@ -224,7 +233,12 @@ class PinnedHarness(e2e.Harness):
         return child, port
 
     def start_router_workers(
-        self, app_port: int, workers: int, pod_concurrency: int
+        self,
+        app_port: int,
+        workers: int,
+        pod_concurrency: int,
+        name: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> tuple[e2e.Child, int]:
         """``fastproxy router --workers N`` on a fixed port (each worker binds it, SO_REUSEPORT)."""
         import msgspec
@@ -237,10 +251,10 @@ class PinnedHarness(e2e.Harness):
             concurrency=pod_concurrency, state=PodState.READY, generation=1, ready=True,
         )  # fmt: skip
         route = Route(service="app", revisions=(WeightedRevision(revision="app-v1", weight=100),))
-        routes = self.tmp / f"routes-w{workers}.json"
+        name = name or f"router-w{workers}"
+        routes = self.tmp / f"routes-{name}.json"
         routes.write_bytes(msgspec.json.encode(RoutesFile(routes=[route], pods=[pod])))
         port, admin = e2e.free_port(), e2e.free_port()
-        name = f"router-w{workers}"
         child = self._spawn(
             name,
             [
@@ -248,6 +262,7 @@ class PinnedHarness(e2e.Harness):
                 "--admin", f"127.0.0.1:{admin}", "--routes", str(routes), "--workers", str(workers),
                 "--grace-period", "2", "--log-level", "warning",
             ],
+            env=env,
         )  # fmt: skip
         deadline = time.monotonic() + 30
         while (
@@ -272,6 +287,28 @@ def process_tree(pid: int) -> list[int]:
                 with open(f"/proc/{current}/task/{task}/children") as handle:
                     todo.extend(int(x) for x in handle.read().split())
     return pids
+
+
+def loaded_form(pid: int) -> str:
+    """Which form of the data path the router process tree at ``pid`` runs: read from its memory
+    maps (a compiled module is a mapped ``.so`` beside its source), not from what was asked for, so
+    a stale extension that fell back to the pure form (``fastproxy.compiled.stale``) shows as pure."""
+    from fastproxy.compiled import COMPILED
+
+    mapped: set[str] = set()
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError), open(f"/proc/{p}/maps") as handle:
+            for line in handle:
+                if line.rstrip().endswith(".so"):
+                    mapped.add(os.path.basename(line.split()[-1]))
+    compiled = [
+        name for name in COMPILED if any(m.startswith(name.rsplit(".", 1)[1] + ".cpython") for m in mapped)
+    ]
+    if len(compiled) == len(COMPILED):
+        return "compiled"
+    if not compiled:
+        return "pure"
+    return "mixed (compiled: " + ", ".join(compiled) + ")"
 
 
 def tree_cpu(pid: int) -> float:
@@ -603,6 +640,11 @@ def start_proxies(
         e2e.Target("direct", port, {"app": backend}),
         e2e.Target("router", router_port, {"proxy": router, "app": backend}),
     ]
+    if opts.pure and not streaming:
+        pure, pure_port = harness.start_router_workers(
+            port, 1, opts.pod_concurrency, name="router-pure", env={"FASTPROXY_PURE": "1"}
+        )
+        targets.append(e2e.Target("router-pure", pure_port, {"proxy": pure, "app": backend}))
     if binaries.get("nginx"):
         nginx, nginx_port = harness.start_nginx(binaries["nginx"], port)  # type: ignore[arg-type]
         targets.append(e2e.Target("nginx", nginx_port, {"proxy": nginx, "app": backend}))
@@ -626,6 +668,7 @@ def run_ratios(opts: Options, log: Callable[[str], None]) -> dict[str, Any]:
     pin = opts.pin and (os.cpu_count() or 1) >= 2
     pins = {
         "router": PROXY_CPU,
+        "router-pure": PROXY_CPU,
         "nginx": PROXY_CPU,
         "haproxy": PROXY_CPU,
         "app": REST_CPU,
@@ -654,7 +697,18 @@ def run_ratios(opts: Options, log: Callable[[str], None]) -> dict[str, Any]:
         "backend": backend_kind,
         "generator": "wrk" if wrk else "python",
         "skipped": [name for name, path in binaries.items() if path is None],
+        "forms": {},  # router target -> the data path's form its processes run (their memory maps)
     }
+
+    def note_forms(targets: list[e2e.Target], phase: str) -> None:
+        for t in targets:
+            if t.name.startswith("router"):
+                form = loaded_form(t.procs["proxy"].pid)
+                results["forms"].setdefault(t.name, form)
+                if results["forms"][t.name] != form:
+                    results["forms"][t.name] += f"; {form} in the {phase} phase"
+                log(f"{t.name}: data path {form} ({phase} phase)")
+
     all_runs: list[dict[str, Any]] = []
     discarded: list[dict[str, Any]] = []
     try:
@@ -667,6 +721,7 @@ def run_ratios(opts: Options, log: Callable[[str], None]) -> dict[str, Any]:
             else:
                 backend, port = harness.start_app()
             targets = start_proxies(harness, opts, binaries, backend, port)
+            note_forms(targets, "saturation/latency")
             log(
                 f"targets: {', '.join(f'{t.name}=:{t.port}' for t in targets)}; backend {backend_kind}; {env['pinning']}"
             )
@@ -705,6 +760,7 @@ def run_ratios(opts: Options, log: Callable[[str], None]) -> dict[str, Any]:
                     harness.start_busy_loops()
                 app, port = harness.start_app()
                 targets = start_proxies(harness, opts, binaries, app, port, streaming=True)
+                note_forms(targets, "sse")
                 runner = Runner(harness, opts, log)
                 for rnd in range(opts.repeats):
                     for target in targets:
@@ -736,6 +792,7 @@ def run_ratios(opts: Options, log: Callable[[str], None]) -> dict[str, Any]:
                     targets.append(
                         e2e.Target(f"router-w{workers}", router_port, {"proxy": router, "app": backend})
                     )
+                note_forms(targets, "workers")
                 runner = Runner(harness, opts, log)
                 for rnd in range(opts.repeats):
                     for target in targets:
@@ -785,7 +842,7 @@ def summarise(runs: list[dict[str, Any]], opts: Options) -> dict[str, Any]:
     out: dict[str, Any] = {}
     sat = rounds("saturation")
     if sat:
-        names = sorted({n for r in sat for n in r}, key=["direct", "router", "nginx", "haproxy"].index)
+        names = sorted({n for r in sat for n in r}, key=TARGET_ORDER.index)
         out["saturation"] = {
             name: {
                 "throughput": _median([r[name]["throughput"] for r in sat if name in r]),
@@ -798,38 +855,40 @@ def summarise(runs: list[dict[str, Any]], opts: Options) -> dict[str, Any]:
             }
             for name in names
         }
-        for ref in ("nginx", "haproxy"):
-            pairs = [r for r in sat if "router" in r and ref in r]
-            if pairs:
-                out["saturation"][f"cpu_ratio_{ref}"] = _median(
-                    [
-                        r["router"]["cpu_us_per_req"]["proxy"] / r[ref]["cpu_us_per_req"]["proxy"]
-                        for r in pairs
-                    ]
-                )
-                out["saturation"][f"throughput_ratio_{ref}"] = _median(
-                    [r["router"]["throughput"] / r[ref]["throughput"] for r in pairs]
-                )
+        for subject, prefix in ROUTER_SUBJECTS:
+            for ref in ("nginx", "haproxy"):
+                pairs = [r for r in sat if subject in r and ref in r]
+                if pairs:
+                    out["saturation"][f"{prefix}cpu_ratio_{ref}"] = _median(
+                        [
+                            r[subject]["cpu_us_per_req"]["proxy"] / r[ref]["cpu_us_per_req"]["proxy"]
+                            for r in pairs
+                        ]
+                    )
+                    out["saturation"][f"{prefix}throughput_ratio_{ref}"] = _median(
+                        [r[subject]["throughput"] / r[ref]["throughput"] for r in pairs]
+                    )
     out["latency"] = {}
     for rate in opts.rates:
         lat = rounds("latency", rate)
         if not lat:
             continue
         entry: dict[str, Any] = {}
-        for name in ("router", "nginx", "haproxy"):
+        for name in ("router", "router-pure", "nginx", "haproxy"):
             rows = [r for r in lat if name in r and "direct" in r]
             if rows:
                 entry[name] = {
                     k: _median([r[name]["latency_us"][k] - r["direct"]["latency_us"][k] for r in rows])
                     for k in ("p50", "p90", "p99")
                 }
-        for ref in ("nginx", "haproxy"):
-            rows = [r for r in lat if "router" in r and ref in r]
-            if rows:
-                entry[f"router_minus_{ref}"] = {
-                    k: _median([r["router"]["latency_us"][k] - r[ref]["latency_us"][k] for r in rows])
-                    for k in ("p50", "p90", "p99")
-                }
+        for subject, _ in ROUTER_SUBJECTS:
+            for ref in ("nginx", "haproxy"):
+                rows = [r for r in lat if subject in r and ref in r]
+                if rows:
+                    entry[f"{subject}_minus_{ref}"] = {
+                        k: _median([r[subject]["latency_us"][k] - r[ref]["latency_us"][k] for r in rows])
+                        for k in ("p50", "p90", "p99")
+                    }
         entry["direct"] = {
             k: _median([r["direct"]["latency_us"][k] for r in lat]) for k in ("p50", "p90", "p99")
         }
@@ -898,49 +957,54 @@ def target_lines(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     s = results["summary"]
     lines: list[tuple[str, str, str, str]] = []
     sat = s.get("saturation", {})
-    if "cpu_ratio_nginx" in sat:
-        r, n = sat["router"], sat["nginx"]
-        lines.append((
-            "CPU per request at saturation, router / nginx",
-            f"{sat['cpu_ratio_nginx']:.2f}x ({r['cpu_us_per_req']:.1f} / {n['cpu_us_per_req']:.1f} us)",
-            f"<= {CPU_RATIO_MAX}x", _verdict(sat["cpu_ratio_nginx"] <= CPU_RATIO_MAX),
-        ))  # fmt: skip
-    if "cpu_ratio_haproxy" in sat:
-        h = sat["haproxy"]
-        lines.append((
-            "CPU per request at saturation, router / haproxy",
-            f"{sat['cpu_ratio_haproxy']:.2f}x ({sat['router']['cpu_us_per_req']:.1f} / {h['cpu_us_per_req']:.1f} us)",
-            f"<= {CPU_RATIO_MAX}x (as for nginx)", _verdict(sat["cpu_ratio_haproxy"] <= CPU_RATIO_MAX),
-        ))  # fmt: skip
-    if "throughput_ratio_nginx" in sat:
-        lines.append((
-            "saturation req/s on one core, router / nginx",
-            f"{sat['throughput_ratio_nginx']:.2f}x ({sat['router']['throughput']:.0f} / {sat['nginx']['throughput']:.0f})",
-            f">= {THROUGHPUT_RATIO_MIN}x", _verdict(sat["throughput_ratio_nginx"] >= THROUGHPUT_RATIO_MIN),
-        ))  # fmt: skip
-    if "throughput_ratio_haproxy" in sat:
-        lines.append((
-            "saturation req/s on one core, router / haproxy",
-            f"{sat['throughput_ratio_haproxy']:.2f}x ({sat['router']['throughput']:.0f} / {sat['haproxy']['throughput']:.0f})",
-            "-", "-",
-        ))  # fmt: skip
-    for rate, e in s.get("latency", {}).items():
-        if "router" not in e or "nginx" not in e:
+    forms = results.get("forms", {})
+    for subject, pre in ROUTER_SUBJECTS:
+        if subject not in sat and subject not in next(iter(s.get("latency", {}).values()), {}):
             continue
-        d90 = e["router_minus_nginx"]["p90"]
-        lines.append((
-            f"added p90 at {rate} req/s: router / nginx / haproxy",
-            f"{_f(e['router']['p90'], signed=True)} / {_f(e['nginx']['p90'], signed=True)} / "
-            f"{_f(e.get('haproxy', {}).get('p90'), signed=True)} us (router - nginx {_f(d90, signed=True)})",
-            f"router <= nginx + {ADDED_P90_OVER_NGINX_MAX_US:g} us", _verdict(d90 <= ADDED_P90_OVER_NGINX_MAX_US),
-        ))  # fmt: skip
-        d99 = e["router_minus_nginx"]["p99"]
-        lines.append((
-            f"added p99 at {rate} req/s: router / nginx / haproxy",
-            f"{_f(e['router']['p99'], signed=True)} / {_f(e['nginx']['p99'], signed=True)} / "
-            f"{_f(e.get('haproxy', {}).get('p99'), signed=True)} us (router - nginx {_f(d99, signed=True)})",
-            "router < nginx", _verdict(d99 < 0),
-        ))  # fmt: skip
+        who = f"{subject} ({forms.get(subject, 'form not recorded')})"
+        if f"{pre}cpu_ratio_nginx" in sat:
+            r, n = sat[subject], sat["nginx"]
+            lines.append((
+                f"CPU per request at saturation, {who} / nginx",
+                f"{sat[pre + 'cpu_ratio_nginx']:.2f}x ({r['cpu_us_per_req']:.1f} / {n['cpu_us_per_req']:.1f} us)",
+                f"<= {CPU_RATIO_MAX}x", _verdict(sat[pre + "cpu_ratio_nginx"] <= CPU_RATIO_MAX),
+            ))  # fmt: skip
+        if f"{pre}cpu_ratio_haproxy" in sat:
+            h = sat["haproxy"]
+            lines.append((
+                f"CPU per request at saturation, {who} / haproxy",
+                f"{sat[pre + 'cpu_ratio_haproxy']:.2f}x ({sat[subject]['cpu_us_per_req']:.1f} / {h['cpu_us_per_req']:.1f} us)",
+                f"<= {CPU_RATIO_MAX}x (as for nginx)", _verdict(sat[pre + "cpu_ratio_haproxy"] <= CPU_RATIO_MAX),
+            ))  # fmt: skip
+        if f"{pre}throughput_ratio_nginx" in sat:
+            lines.append((
+                f"saturation req/s on one core, {who} / nginx",
+                f"{sat[pre + 'throughput_ratio_nginx']:.2f}x ({sat[subject]['throughput']:.0f} / {sat['nginx']['throughput']:.0f})",
+                f">= {THROUGHPUT_RATIO_MIN}x", _verdict(sat[pre + "throughput_ratio_nginx"] >= THROUGHPUT_RATIO_MIN),
+            ))  # fmt: skip
+        if f"{pre}throughput_ratio_haproxy" in sat:
+            lines.append((
+                f"saturation req/s on one core, {who} / haproxy",
+                f"{sat[pre + 'throughput_ratio_haproxy']:.2f}x ({sat[subject]['throughput']:.0f} / {sat['haproxy']['throughput']:.0f})",
+                "-", "-",
+            ))  # fmt: skip
+        for rate, e in s.get("latency", {}).items():
+            if subject not in e or "nginx" not in e:
+                continue
+            d90 = e[f"{subject}_minus_nginx"]["p90"]
+            lines.append((
+                f"added p90 at {rate} req/s: {who} / nginx / haproxy",
+                f"{_f(e[subject]['p90'], signed=True)} / {_f(e['nginx']['p90'], signed=True)} / "
+                f"{_f(e.get('haproxy', {}).get('p90'), signed=True)} us ({subject} - nginx {_f(d90, signed=True)})",
+                f"router <= nginx + {ADDED_P90_OVER_NGINX_MAX_US:g} us", _verdict(d90 <= ADDED_P90_OVER_NGINX_MAX_US),
+            ))  # fmt: skip
+            d99 = e[f"{subject}_minus_nginx"]["p99"]
+            lines.append((
+                f"added p99 at {rate} req/s: {who} / nginx / haproxy",
+                f"{_f(e[subject]['p99'], signed=True)} / {_f(e['nginx']['p99'], signed=True)} / "
+                f"{_f(e.get('haproxy', {}).get('p99'), signed=True)} us ({subject} - nginx {_f(d99, signed=True)})",
+                "router < nginx", _verdict(d99 < 0),
+            ))  # fmt: skip
     instr = results.get("instructions")
     if instr:
         lines.append((
@@ -967,6 +1031,12 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"interleaved rounds, medians of per-round figures. Pinning: {env['pinning']}. "
         f"Busy loops: {'on' if opts['busy_loops'] else 'off'}.",
     ]
+    if results.get("forms"):
+        lines.append(
+            "Data path form of each router (read from its processes' memory maps): "
+            + "; ".join(f"{k}: {v}" for k, v in results["forms"].items())
+            + "."
+        )
     if results["versions"]:
         lines.append("Versions: " + "; ".join(f"{k}: {v}" for k, v in results["versions"].items()) + ".")
     if results["skipped"]:
@@ -1002,7 +1072,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             "| target | added p50 | added p90 | added p99 |",
             "|---|--:|--:|--:|",
         ]
-        for name in ("router", "nginx", "haproxy"):
+        for name in ("router", "router-pure", "nginx", "haproxy"):
             if name in e:
                 a = e[name]
                 lines.append(
@@ -1099,6 +1169,10 @@ def parse_args(argv: list[str] | None) -> tuple[Options, Path, Path]:
     parser.add_argument(
         "--workers", action=argparse.BooleanOptionalAction, default=True, help="the --workers 1 vs 2 phase"
     )
+    parser.add_argument(
+        "--pure", action=argparse.BooleanOptionalAction, default=True,
+        help="also a router in the pure form (FASTPROXY_PURE=1) in the saturation and latency rounds",
+    )  # fmt: skip
     parser.add_argument("--no-pin", action="store_true", help="no CPU pinning")
     parser.add_argument("--no-busy-loops", action="store_true", help="no SCHED_IDLE busy loops")
     parser.add_argument(
@@ -1119,7 +1193,7 @@ def parse_args(argv: list[str] | None) -> tuple[Options, Path, Path]:
     opts = Options(
         payload=args.payload, backend=args.backend, rates=args.rates, duration=args.duration, repeats=args.repeats,
         sat_connections=args.sat_connections, sat_duration=args.sat_duration, generator=args.generator,
-        latency=args.latency, sse=args.sse, sse_streams=args.sse_streams, workers=args.workers, pin=not args.no_pin,
+        latency=args.latency, sse=args.sse, sse_streams=args.sse_streams, workers=args.workers, pure=args.pure, pin=not args.no_pin,
         busy_loops=not args.no_busy_loops, instructions=args.instructions, install=not args.no_install,
         max_foreign_cpu=args.max_foreign_cpu, quiet_wait=args.quiet_wait,
     )  # fmt: skip
