@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-pure bench faults lint clean ebpf compiled instructions memory
+.PHONY: run test test-pure bench faults lint clean ebpf compiled instructions memory ratios
 
 # The venv is (re)installed whenever the project's own dependency list changes.
 $(STAMP): pyproject.toml
@@ -51,7 +51,7 @@ bench: $(VENV) compiled
 	$(PY) -m bench.scale --pods 1000,10000,50000 --churn 500 --rate 1000 --duration 3 --repeats 4 \
 		--nginx --haproxy --max-foreign-cpu 0.4 --retries 2 --quiet-wait 12 $(SCALE_ARGS)
 	$(PY) -m bench.e2e --duration 5 --repeats 3 --nginx --haproxy $(E2E_ARGS)
-	$(MAKE) --no-print-directory instructions memory
+	$(MAKE) --no-print-directory instructions memory ratios
 
 # Instructions per in-memory exchange under callgrind (repeatable on a noisy machine), with where
 # they go; and the router's RSS holding 1 / 50k pods (routes file, Valkey bootstrap).
@@ -60,6 +60,12 @@ instructions: $(VENV) compiled
 
 memory: $(VENV) compiled
 	$(PY) -m bench.memory --tracemalloc 12 $(MEMORY_ARGS)
+
+# Issue 15's ratios to nginx and HAProxy, side by side (installs nginx, haproxy, wrk when root):
+# GET / with SSE and --workers 1 vs 2, then the OpenAI-style POST.
+ratios: $(VENV) compiled
+	$(PY) -m bench.ratios --payload get $(RATIOS_ARGS)
+	$(PY) -m bench.ratios --payload chat --no-sse --no-workers $(RATIOS_ARGS)
 
 lint: $(VENV)
 	$(VENV)/bin/ruff check .

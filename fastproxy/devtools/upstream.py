@@ -17,6 +17,11 @@ request itself (path, query, one header) and everything it saw is recorded for a
 - ``/reset``                   close with SO_LINGER 0 before answering: the peer sees a TCP RST
 - ``/eof``                     close cleanly (FIN) without answering
 - ``/head-body``               a broken server: answers HEAD *with* a body (GET is answered normally)
+- ``/v1/chat/completions``     an OpenAI-style chat completion: 200 with a ~1 KB JSON answer; a body
+                               with ``"stream":true`` gets ``x-app-events: N`` (default 100) SSE
+                               chunks, one every ``x-app-event-interval-us`` (default 1000), each
+                               stamped with the app's ``time.monotonic_ns()`` when it was written
+                               (``"t":...``: one-way delay, on the same machine), then ``[DONE]``
 - ``/ready``                   200 while ``ready``, else 503 (what a sidecar probes)
 - ``/control/ready/<0|1>``     set ``ready``; ``/control/block/<ms>`` blocks the whole app's loop
 - ``/control/stats[/reset]``   the accounting as JSON (see below)
@@ -113,6 +118,17 @@ _PATTERN_RUN: Final = _PATTERN * (_BLOCK // len(_PATTERN) + 1)
 _SYNC_BODY_MAX: Final = _BLOCK
 
 _OK_JSON: Final = b'{"ok":true}'
+# What an OpenAI-compatible server answers to a chat completion: ~1 KB of JSON.
+CHAT_COMPLETION: Final = (
+    b'{"id":"chatcmpl-8f2a41c0b7d94e0e9a6b0c1d2e3f4a5b","object":"chat.completion","created":1764000000,'
+    b'"model":"llama-3.1-8b-instruct","system_fingerprint":"fp_0123456789",'
+    b'"choices":[{"index":0,"message":{"role":"assistant","content":"'
+    + b"The text argues that small, fast routers beat queues for real-time inference. "
+    * 9
+    + b'"},"logprobs":null,"finish_reason":"stop"}],'
+    b'"usage":{"prompt_tokens":212,"completion_tokens":150,"total_tokens":362}}'
+)
+_STREAM_REQUESTED: Final = b'"stream":true'
 _BUSY: Final = b"HTTP/1.1 503 Service Unavailable\r\nx-fastproxy-busy: 1\r\ncontent-length: 0\r\n"
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LINGER_RST: Final = struct.pack("ii", 1, 0)
@@ -656,6 +672,10 @@ class _AppConnection(asyncio.Protocol):
                 else:
                     raise ValueError(args[0])
                 self._simple(req, 200, b"ok", b"text/plain")
+            elif route == b"v1" and args == [b"chat", b"completions"]:
+                if _STREAM_REQUESTED in req.body.replace(b" ", b""):
+                    return False  # streamed: _answer_later
+                self._simple(req, 200, CHAT_COMPLETION, b"application/json")
             elif route == b"head-body":
                 head, close = self._head(req, 200, length=len(_OK_JSON), ctype=b"application/json")
                 self._write(head + _OK_JSON)  # even for HEAD: that is the point
@@ -690,6 +710,12 @@ class _AppConnection(asyncio.Protocol):
                 if events < 0 or interval_ms < 0:
                     raise ValueError((events, interval_ms))
                 await self._send_sse(req, events, interval_ms / 1000)
+            elif route == b"v1":
+                events = int(req.header(b"x-app-events") or b"100")
+                interval_us = int(req.header(b"x-app-event-interval-us") or b"1000")
+                if events < 0 or interval_us < 0:
+                    raise ValueError((events, interval_us))
+                await self._send_chat_stream(req, events, interval_us / 1e6)
             elif route == b"echo":
                 ctype = req.header(b"content-type") or b"application/octet-stream"
                 head, close = self._head(req, 200, length=len(req.body), ctype=ctype)
@@ -767,6 +793,29 @@ class _AppConnection(asyncio.Protocol):
                 await self._drain()
             if chunked:
                 self._write(b"0\r\n\r\n")
+        if close:
+            self._close()
+
+    async def _send_chat_stream(self, req: ReceivedRequest, events: int, interval: float) -> None:
+        """OpenAI-style streaming: one ``chat.completion.chunk`` per token, then ``[DONE]``."""
+        head, close = self._head(
+            req, 200, ctype=b"text/event-stream", chunked=True, extra=b"cache-control: no-cache\r\n"
+        )
+        self._write(head)
+        loop = self._loop
+        start = loop.time()
+        for i in range(events):
+            if i:
+                await asyncio.sleep(max(0.0, start + i * interval - loop.time()))
+            event = (
+                b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","model":"llama-3.1-8b-instruct",'
+                b'"choices":[{"index":0,"delta":{"content":"tok%d "}}],"i":%d,"t":%d}\n\n'
+                % (i, i, time.monotonic_ns())
+            )
+            self._write(b"%x\r\n%b\r\n" % (len(event), event))
+            await self._drain()
+        done = b"data: [DONE]\n\n"
+        self._write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(done), done))
         if close:
             self._close()
 

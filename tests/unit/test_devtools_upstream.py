@@ -163,6 +163,37 @@ async def test_sse_events_arrive_separately_over_time(server: AppServer) -> None
     writer.close()
 
 
+async def test_chat_completion_answers_1kb_json_and_streams_stamped_chunks(server: AppServer) -> None:
+    import json
+
+    body = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
+    reader, writer = await connect(server)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n%b" % (len(body), body)
+    )
+    resp = await read_response(reader)
+    assert resp.status == 200 and resp.headers[b"content-type"] == b"application/json"
+    answer = json.loads(bytes(resp.body))
+    assert answer["object"] == "chat.completion" and 900 <= len(resp.body) <= 1200
+    stream = b'{"model":"m","stream": true,"messages":[]}'
+    sent = time.monotonic_ns()
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-app-events: 5\r\n"
+        b"x-app-event-interval-us: 20000\r\ncontent-length: %d\r\n\r\n%b" % (len(stream), stream)
+    )
+    resp = await read_response(reader)
+    assert resp.status == 200 and resp.headers[b"content-type"] == b"text/event-stream"
+    events = [e for e in bytes(resp.body).split(b"\n\n") if e]
+    assert events[-1] == b"data: [DONE]" and len(events) == 6
+    chunks = [json.loads(e.removeprefix(b"data: ")) for e in events[:-1]]
+    assert [c["i"] for c in chunks] == list(range(5))
+    stamps = [c["t"] for c in chunks]
+    # stamped when written, on the schedule: 20 ms apart, after the request was sent
+    assert stamps[0] >= sent and all(b - a >= 15_000_000 for a, b in itertools.pairwise(stamps)), stamps
+    writer.close()
+
+
 async def test_status_204_has_no_body_and_connection_stays_in_sync(server: AppServer) -> None:
     reader, writer = await connect(server)
     # Pipelined: if the 204 carried a body, the second response would not start right after it.
