@@ -17,9 +17,7 @@ def bench_child_runs_checked_exchanges() -> None:
     # one request head and one response head per exchange: the exchange ran 50 times, not once
     assert calls["(all)"] > 20
     # the router's Python side ran once per exchange
-    assert any(
-        name.endswith(":forwarding_headers") and rate == 1.0 for name, rate in calls.items()
-    ), calls
+    assert any(name.endswith(":forwarding_headers") and rate == 1.0 for name, rate in calls.items()), calls
     if out["modules"]["fastproxy.exchange"].endswith(".py"):
         # pure form: the parsers' feeds are Python calls the profile sees
         assert any(name.endswith(":feed") for name in calls), calls
