@@ -26,6 +26,7 @@ cdef class UpstreamConnection:
     cdef public UpstreamPool pool
     cdef public bint reusable
     cdef public object socket
+    cdef public bint socket_wrapped
     cdef public object transport
     cdef public Py_ssize_t used
     cpdef pause_reading(self, int reason)

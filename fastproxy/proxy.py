@@ -39,6 +39,7 @@ import logging
 import random
 import socket
 import time
+from asyncio.trsock import TransportSocket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -97,6 +98,9 @@ _UNREAD_BY_PEER = frozenset({ConnectionResetError, BrokenPipeError})
 PARK_HEADER = b"x-fastproxy-park"
 PARK_FIELD = (PARK_HEADER, b"1")
 _TCP_ESTABLISHED = 1  # tcpi_state in struct tcp_info (linux/tcp.h, enum TCP_ESTABLISHED)
+# the sockets a transport may hand out that are cheap to ask (uvloop's PseudoSocket is not: see
+# UpstreamConnection.connection_made)
+_STDLIB_SOCKETS = (socket.socket, TransportSocket)
 
 
 class Deadline:
@@ -159,6 +163,7 @@ class UpstreamConnection:  # an asyncio.Protocol (duck-typed: compiled, it is an
         "pool",
         "reusable",
         "socket",
+        "socket_wrapped",
         "transport",
         "used",
     )
@@ -171,6 +176,7 @@ class UpstreamConnection:  # an asyncio.Protocol (duck-typed: compiled, it is an
         self.idle_cap = max(pool.max_idle_per_pod, concurrency)
         self.transport: asyncio.Transport | None = None
         self.socket: Any = None  # the transport's socket, for TCP state (peer_closed)
+        self.socket_wrapped = False  # self.socket wraps the transport's fd: detach, never close
         self._events: list[object] = []
         self.parser = ResponseParser(self._events, pool.limits)
         self.exchange: Exchange | None = None
@@ -184,7 +190,15 @@ class UpstreamConnection:  # an asyncio.Protocol (duck-typed: compiled, it is an
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
-        self.socket = transport.get_extra_info("socket")
+        sock = transport.get_extra_info("socket")
+        if sock is not None and not isinstance(sock, _STDLIB_SOCKETS):
+            # uvloop's PseudoSocket builds a socket.socket around the fd (a getsockname included)
+            # on every getsockopt: a tenth of the router's CPU per request went there. Wrap the
+            # fd once; the transport owns it, so connection_lost detaches the wrapper, and
+            # peer_closed is never asked once the transport is closing (the fd may be reused).
+            sock = socket.socket(fileno=sock.fileno())
+            self.socket_wrapped = True
+        self.socket = sock
 
     def data_received(self, data: bytes) -> None:
         exchange = self.exchange
@@ -226,6 +240,10 @@ class UpstreamConnection:  # an asyncio.Protocol (duck-typed: compiled, it is an
         return False  # close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.socket_wrapped:
+            self.socket_wrapped = False
+            self.socket.detach()  # the fd was the transport's, and is closed by now
+        self.socket = None
         self.closed = True
         self.deadline.cancel()
         self.pool.forget(self)
