@@ -240,10 +240,7 @@ class UpstreamConnection:  # an asyncio.Protocol (duck-typed: compiled, it is an
         return False  # close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.socket_wrapped:
-            self.socket_wrapped = False
-            self.socket.detach()  # the fd was the transport's, and is closed by now
-        self.socket = None
+        self.release_socket()
         self.closed = True
         self.deadline.cancel()
         self.pool.forget(self)
@@ -277,6 +274,15 @@ class UpstreamConnection:  # an asyncio.Protocol (duck-typed: compiled, it is an
         exchange = self.exchange
         if exchange is not None:
             exchange.on_first_byte_timeout(self)
+
+    def release_socket(self) -> None:
+        """Let go of the fd wrapper: when the connection ends, or before its transport goes to
+        another protocol (a WebSocket tunnel), after which connection_lost never comes here. A
+        wrapper dropped undetached would close the transport's fd behind its back (libuv aborts)."""
+        if self.socket_wrapped:
+            self.socket_wrapped = False
+            self.socket.detach()
+        self.socket = None
 
     def peer_closed(self) -> bool:
         """Has the pod closed this idle connection, its FIN already in our socket but not yet seen

@@ -246,6 +246,7 @@ class Tunnels:
         pod_side = tunnel.pod = _Side(tunnel, pod_transport)
         client_side.peer, client_side.peer_transport = pod_side, pod_transport
         pod_side.peer, pod_side.peer_transport = client_side, client_transport
+        conn.release_socket()  # the pod's transport is the tunnel's from here on
         client_transport.set_protocol(client_side)
         pod_transport.set_protocol(pod_side)
         client_transport.write(switching_protocols_head(response))
