@@ -19,7 +19,7 @@ def test_websocket_bench_short_run_is_correct_and_reports() -> None:
     opts = Options(
         rounds=1,
         sessions=3,
-        messages=50,
+        messages=400,  # ~1200 relayed messages: enough CPU for the 10 ms ticks of /proc/PID/stat
         size=32,
         nginx=False,
         install=False,
@@ -29,7 +29,7 @@ def test_websocket_bench_short_run_is_correct_and_reports() -> None:
     results = run_benchmark(opts, lambda _line: None)
     assert [r["target"] for r in results["runs"]] == ["direct", "router"]
     for run in results["runs"]:
-        assert run["errors"] == 0 and run["messages"] == 150, run
+        assert run["errors"] == 0 and run["messages"] == 1200, run
     assert results["ok"]
     router = results["summary"]["router"]
     assert all(math.isfinite(router[k]) and router[k] > 0 for k in ("p50", "p90", "p99"))
