@@ -32,7 +32,7 @@ ebpf:
 # of it pure (what `make test` would take twice as long to do).
 PURE_TESTS ?= tests/unit tests/integration/test_router_http.py tests/integration/test_sidecar.py \
 	tests/faults/test_bad_input.py bench/bench_exchange.py tests/integration/test_websocket.py \
-	tests/integration/test_llm_routing.py
+	tests/integration/test_llm_routing.py tests/integration/test_upstream_pool.py
 test: $(VENV) compiled ebpf
 	FASTPROXY_EXPECT_FORM=compiled $(PY) -m pytest tests bench --benchmark-disable -q $(TEST_ARGS)
 	FASTPROXY_PURE=1 FASTPROXY_EXPECT_FORM=pure $(PY) -m pytest $(PURE_TESTS) --benchmark-disable -q $(TEST_ARGS)
