@@ -18,8 +18,16 @@ COPY pyproject.toml README.md ./
 COPY fastproxy ./fastproxy
 COPY statesync ./statesync
 COPY probes ./probes
-# uvloop, httptools, msgspec, immutables... all have manylinux wheels: no compiler needed.
-RUN pip wheel --wheel-dir /wheels .
+COPY scripts/build_compiled.py ./scripts/
+# The dependencies all have manylinux wheels; the compiler is for the compiled form of the data path
+# (fastproxy/proxy.py and exchange.py through Cython, from their own source: make compiled). The
+# extensions land beside their .py and go into the wheel; this stage is thrown away with gcc.
+RUN apt-get update \
+ && apt-get install --yes --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/* \
+ && pip install "cython>=3.0,<4" "setuptools>=68" \
+ && python scripts/build_compiled.py \
+ && pip wheel --wheel-dir /wheels .
 
 # ---- 2. base: the installed wheel, a non-root user; shared by both targets -------------------------
 FROM python:3.11-slim-bookworm AS base

@@ -14,6 +14,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from fastproxy import __version__
 
@@ -28,6 +29,19 @@ SUBCOMMANDS: dict[str, str] = {
 }
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: the form is found by importing the data path, so only when asked."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        from fastproxy.compiled import describe
+
+        sys.stdout.write(f"fastproxy {__version__}, {describe()}\n")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastproxy",
@@ -37,7 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
             "turns transport failures into quarantine + retry elsewhere instead of user errors."
         ),
     )
-    parser.add_argument("--version", action="version", version=f"fastproxy {__version__}")
+    parser.add_argument(
+        "--version",
+        action=_VersionAction,
+        help="print the version and the data path's form (compiled or pure), then exit",
+    )
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     for target in SUBCOMMANDS.values():
         module_name, _, function = target.partition(":")

@@ -11,8 +11,9 @@ An extension built from other source than the ``.py``/``.pxd`` now beside it is 
 build records each module's source hash in ``STAMP_FILE``, and ``stale()`` (checked in
 ``fastproxy/__init__.py`` at import, ~0.1 ms) compares them; any difference means the pure form,
 with a warning that says to run ``make compiled``. An edited source can therefore not be shadowed
-by an old binary. ``form()`` says which form each module was loaded in (the router logs it; ``fastproxy --version``
-prints it), so a benchmark or a test can assert what it measured.
+by an old binary. ``form()`` says which form each module was loaded in, ``describe()`` says it in one
+phrase (the router logs it at start; ``fastproxy --version`` prints it), so an operator, a benchmark
+or a test can tell what ran.
 """
 
 from __future__ import annotations
@@ -99,3 +100,20 @@ def form() -> dict[str, str]:
     import importlib
 
     return {name: "compiled" if is_compiled(importlib.import_module(name)) else "pure" for name in COMPILED}
+
+
+def describe() -> str:
+    """The data path's form in one phrase, e.g. ``data path compiled`` (imports COMPILED)."""
+    forms = form()
+    if all(f == "compiled" for f in forms.values()):
+        return "data path compiled"
+    compiled = [name for name, f in forms.items() if f == "compiled"]
+    if pure_requested():
+        why = f"{PURE_ENV}=1"
+    elif stale():
+        why = "the compiled modules are stale: make compiled"
+    elif not extensions_present():
+        why = "not built: make compiled"
+    else:
+        why = "partly built: make compiled"
+    return f"data path pure Python ({why})" + (f", compiled: {', '.join(compiled)}" if compiled else "")

@@ -38,6 +38,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from fastproxy.compiled import describe as describe_form
 from fastproxy.config import ConfigError, RouterConfig, load_routes_file
 from fastproxy.exchange import Limits, RequestHead
 from fastproxy.metrics import RouterStats
@@ -291,14 +292,13 @@ async def serve(args: argparse.Namespace, config: RouterConfig, ready: asyncio.E
     token = read_token(args.admin_token_file)
     admin = await start_admin(router, admin_host, admin_port, token)
     bound = server.sockets[0].getsockname()
+    admin_port = admin.sockets[0].getsockname()[1]  # the bound one (a configured 0 is any port)
     log.info(
-        "router %s listening on %s:%d, admin on %s:%d%s",
+        "router %s listening on %s:%d, admin on %s:%d%s; %s",
         config.instance, bound[0], bound[1], admin_host, admin_port,
-        "" if token else " (no admin token: only /healthz and /readyz answer)",
+        "" if token else " (no admin token: only /healthz and /readyz answer)", describe_form(),
     )  # fmt: skip
-    print(
-        f"listening {bound[0]}:{bound[1]} admin {admin_host}:{admin.sockets[0].getsockname()[1]}", flush=True
-    )
+    print(f"listening {bound[0]}:{bound[1]} admin {admin_host}:{admin_port}", flush=True)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

@@ -13,6 +13,8 @@ from pathlib import Path
 import httpx
 import msgspec
 
+import fastproxy
+from fastproxy.compiled import describe as describe_form
 from fastproxy.config import RoutesFile
 from fastproxy.devtools.upstream import AppServer
 from tests.conftest import chat_route, next_pod_address, pod_record
@@ -77,8 +79,14 @@ async def test_admin_api_auth_metrics_and_tables(tmp_path: Path) -> None:
         )  # fmt: skip
         _, err = await asyncio.wait_for(denied.communicate(), 20)
         assert denied.returncode == 1 and b"401" in err
-    finally:
         proc.terminate()
+        assert proc.stderr is not None
+        log = (await asyncio.wait_for(proc.stderr.read(), 20)).decode()
+        # the start line says which form of the data path this process runs
+        assert f"admin on 127.0.0.1:{admin}; {describe_form()}" in log, log
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
         await asyncio.wait_for(proc.wait(), 20)
         await app.close()
 
@@ -110,7 +118,11 @@ async def test_sigterm_lets_in_flight_stream_finish_and_stops_accepting(tmp_path
 
 def test_cli_help_version_and_bad_routes_file(tmp_path: Path) -> None:
     out = subprocess.run([*FASTPROXY, "--version"], capture_output=True, text=True, check=True).stdout
-    assert out.startswith("fastproxy ")
+    # the form this test process runs in (make test: compiled, then pure) is the child's too
+    assert out == f"fastproxy {fastproxy.__version__}, {describe_form()}\n"
+    pure = {**os.environ, "FASTPROXY_PURE": "1"}
+    out = subprocess.run([*FASTPROXY, "--version"], capture_output=True, text=True, check=True, env=pure).stdout
+    assert out == f"fastproxy {fastproxy.__version__}, data path pure Python (FASTPROXY_PURE=1)\n"
     helptext = subprocess.run(
         [*FASTPROXY, "router", "--help"], capture_output=True, text=True, check=True
     ).stdout
