@@ -121,7 +121,9 @@ def test_cli_help_version_and_bad_routes_file(tmp_path: Path) -> None:
     # the form this test process runs in (make test: compiled, then pure) is the child's too
     assert out == f"fastproxy {fastproxy.__version__}, {describe_form()}\n"
     pure = {**os.environ, "FASTPROXY_PURE": "1"}
-    out = subprocess.run([*FASTPROXY, "--version"], capture_output=True, text=True, check=True, env=pure).stdout
+    out = subprocess.run(
+        [*FASTPROXY, "--version"], capture_output=True, text=True, check=True, env=pure
+    ).stdout
     assert out == f"fastproxy {fastproxy.__version__}, data path pure Python (FASTPROXY_PURE=1)\n"
     helptext = subprocess.run(
         [*FASTPROXY, "router", "--help"], capture_output=True, text=True, check=True
