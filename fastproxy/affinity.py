@@ -161,12 +161,15 @@ def _walk(ring: Ring, key: int, bound: float) -> Lease | None:
         return None
     owners = ring.owners
     at = _bisect_left(points, key)
-    end = at + (MAX_PROBES if count > MAX_PROBES else count)
-    while at < end:
-        pod = owners[at % count]
+    # (no modulo per probe: the walk wraps once at most)
+    for _ in range(MAX_PROBES if count > MAX_PROBES else count):
+        if at == count:
+            at = 0
+        pod = owners[at]
         inflight = pod.inflight
+        concurrency = pod.concurrency
         # inflight + 1 <= ceil(bound * concurrency)  <=>  inflight < bound * concurrency
-        if inflight < pod.concurrency and pod.routable and inflight < bound * pod.concurrency:
+        if inflight < concurrency and inflight < bound * concurrency and pod.routable:
             pod._take()
             return (pod.release, pod.record)
         at += 1
@@ -215,7 +218,13 @@ def pick(
     if slots.pending is not None:
         table._materialize(slots)  # a ring needs the revision's members
     if key is not None:
-        return prefix_affinity(slots, key, adapter, epsilon)
+        # (prefix_affinity, inlined for the common case: the request path pays one call less)
+        ring = slots.ring
+        capacity = slots.capacity
+        if ring is None or adapter is not None or capacity <= 0:
+            return prefix_affinity(slots, key, adapter, epsilon)
+        lease = _walk(ring, key, (1.0 + epsilon) * (slots.inflight_total + 1) / capacity)  # type: ignore[arg-type]
+        return lease if lease is not None else least_inflight(slots)
     ring = ring_of(slots)
     sub = ring.adapters.get(adapter) if ring.adapters and adapter is not None else None
     if sub is not None and adapter is not None and slots.capacity > 0:

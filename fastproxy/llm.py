@@ -26,7 +26,6 @@ says ``require_model: false``, the route's own revisions without affinity. Each 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import zlib
 from typing import TYPE_CHECKING, Any, Final
@@ -161,7 +160,7 @@ def _what(exc: msgspec.ValidationError, model_key: str) -> str:
 class LLMRequest:
     """What the body peek found for one request; ``peeking`` until the body is read."""
 
-    __slots__ = ("adapter", "key", "model", "peeking", "route", "service", "timer")
+    __slots__ = ("adapter", "deadline", "key", "model", "peeking", "route", "service")
 
     def __init__(self, route: LLMRoute) -> None:
         self.route = route
@@ -170,7 +169,7 @@ class LLMRequest:
         self.service: str | None = None  # the model's service (``models``); None: the route's own
         self.key: int | None = None
         self.adapter: str | None = None
-        self.timer: asyncio.TimerHandle | None = None  # the body's deadline while peeking
+        self.deadline = 0.0  # loop time by which the body must have arrived (the router's sweeper)
 
     def pick(self, table: SlotTable, revision: str) -> Lease | None:
         if self.key is None and self.adapter is None:

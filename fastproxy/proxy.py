@@ -507,14 +507,15 @@ class Exchange:
         if self.head.expect_continue and not self.continue_sent:
             self.continue_sent = True  # the body is needed before any pod is chosen
             self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        # The body must arrive within the header timeout: no pod is held meanwhile, and without a
-        # deadline a client trickling a body would hold this exchange for ever.
-        router = self.router
-        request.timer = router.loop.call_later(router.config.header_timeout, self._peek_timeout)
+        # The body must arrive within the header timeout (from the head's start): no pod is held
+        # meanwhile, and without a deadline a client trickling a body would hold this exchange for
+        # ever. The router's sweeper checks it (``check_peek``): no timer per request.
+        request.deadline = self.client.head_since + self.router.config.header_timeout
 
-    def _peek_timeout(self) -> None:
+    def check_peek(self, now: float) -> None:
+        """The sweeper's check of a body being peeked (ClientConnection.check_timeouts)."""
         request = self.llm
-        if request is None or not request.peeking or self.stage is Stage.DONE:
+        if request is None or not request.peeking or self.stage is Stage.DONE or now <= request.deadline:
             return
         request.peeking = False
         timeout = self.router.config.header_timeout
@@ -526,9 +527,6 @@ class Exchange:
         request = self.llm
         assert request is not None
         request.peeking = False
-        if request.timer is not None:
-            request.timer.cancel()
-            request.timer = None
         route = request.route
         hold = self.hold
         body = hold[0] if len(hold) == 1 else b"".join(hold)
@@ -1209,7 +1207,10 @@ class ClientConnection:  # an asyncio.Protocol (duck-typed, as UpstreamConnectio
             if now - self.linger_since > LINGER_SECONDS and transport is not None:
                 transport.close()
             return
-        if self.exchange is not None or transport is None or transport.is_closing():
+        exchange = self.exchange
+        if exchange is not None or transport is None or transport.is_closing():
+            if exchange is not None and exchange.llm is not None:
+                exchange.check_peek(now)  # an LLM route's body, read before any pod is picked
             return  # a request is being served; its own deadlines apply
         config = self.router.config
         if self.parser.state is Parse.IDLE:
