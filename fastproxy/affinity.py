@@ -48,6 +48,8 @@ from statesync.schema import PodRecord
 POINTS_PER_POD: Final = 8
 # Ring points looked at (the affine pod, then the next ones clockwise) before any free pod will do.
 MAX_PROBES: Final = 8
+# Rings up to this many points are lists (see Ring); larger ones arrays.
+SMALL_RING: Final = 16_384
 _POINTS: Final = struct.Struct(f">{POINTS_PER_POD}Q")
 
 
@@ -65,9 +67,12 @@ class Ring:
     def __init__(self, pods: Iterable[PodSlots], *, with_adapters: bool = True) -> None:
         # Ties between points (2^-64 apart) are broken by UID, so every router orders them alike.
         entries = sorted((point, pod.uid, pod) for pod in pods for point in ring_points(pod.uid))
-        # (an array, not a list of ints: 8 contiguous bytes per point; a bisect over a 50k-pod
-        # ring then touches a few cache lines instead of 19 scattered int objects)
-        self.points = array.array("Q", [entry[0] for entry in entries])
+        # A large ring is an array, not a list of ints: 8 contiguous bytes per point, so a bisect
+        # over a 50k-pod ring touches a few cache lines instead of 19 scattered int objects. A
+        # small one (the common case: tens of pods per revision) is a list, in cache either way,
+        # whose bisect compares ints without making one per probe (~0.3 us vs ~0.5 us).
+        keys = [entry[0] for entry in entries]
+        self.points: list[int] | array.array[int] = keys if len(keys) <= SMALL_RING else array.array("Q", keys)
         self.owners: list[PodSlots] = [entry[2] for entry in entries]
         self.adapters: dict[str, Ring] = {}
         self.top = with_adapters  # a revision's ring (not an adapter's): it keeps the adapters' rings
@@ -161,11 +166,9 @@ def _walk(ring: Ring, key: int, bound: float) -> Lease | None:
         return None
     owners = ring.owners
     at = _bisect_left(points, key)
-    # (no modulo per probe: the walk wraps once at most)
-    for _ in range(MAX_PROBES if count > MAX_PROBES else count):
-        if at == count:
-            at = 0
-        pod = owners[at]
+    end = at + (MAX_PROBES if count > MAX_PROBES else count)
+    while at < end:
+        pod = owners[at] if at < count else owners[at - count]  # (it wraps once at most)
         inflight = pod.inflight
         concurrency = pod.concurrency
         # inflight + 1 <= ceil(bound * concurrency)  <=>  inflight < bound * concurrency

@@ -72,7 +72,8 @@ def prompt_of(peeked: Any) -> msgspec.Raw:
 
 def prefix_key(data: Any, prefix_bytes: int) -> int:
     """A 64-bit ring position from the first ``prefix_bytes`` of ``data`` (a bytes-like object)."""
-    return zlib.crc32(memoryview(data)[:prefix_bytes]) << 32
+    # (a prompt within the bound is hashed as it is: no view made per request)
+    return zlib.crc32(data if len(data) <= prefix_bytes else memoryview(data)[:prefix_bytes]) << 32
 
 
 class LLMRoute:
