@@ -143,7 +143,8 @@ def least_inflight_service_s(kv: KvCache, workload: SharedPrefixWorkload) -> flo
 
 async def run_policy(policy: str, opts: argparse.Namespace, run: int, log_dir: Path) -> dict[str, Any]:
     kv = {"blocks": opts.kv_blocks, "block_bytes": opts.block_bytes, "prefill_ms_per_block": opts.prefill_ms,
-          "first_token_ms": opts.first_token_ms, "tokens": opts.tokens, "ms_per_token": opts.ms_per_token}  # fmt: skip
+          "first_token_ms": opts.first_token_ms, "tokens": opts.tokens, "ms_per_token": opts.ms_per_token,
+          "reply_bytes": opts.reply_bytes if opts.cache_replies else 0}  # fmt: skip
     scenario = decode_scenario({
         "revisions": [{"name": "llm", "pods": opts.pods, "concurrency": opts.concurrency, "kv_cache": kv}],
         "first_address": f"127.23.{1 + run % 200}.1", "port": opts.port, "report_interval_s": 0,
@@ -310,7 +311,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         "# Prefix affinity vs least-in-flight (`python -m bench.affinity`)",
         "",
         f"{result['date']}, {opts['pods']} pods x CC={opts['concurrency']}, {opts['routers']} routers, "
-        f"load {opts['load']:.0%} (of least-in-flight's capacity), {opts['rounds']} round(s) of "
+        f"load {opts['load']:.0%} (of least-in-flight's capacity), answers cached: "
+        f"{'yes' if opts.get('cache_replies', True) else 'no'}, {opts['rounds']} round(s) of "
         f"{opts['duration']:g} s measured after {opts['warmup']:g} s, machine load before: {result['loadavg']}.",
         "",
         "| policy | TTFT p50 ms | TTFT p90 ms | throughput /s | utilization | spread max/min | KV hit | errors | double-booked |",
@@ -374,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     add("--turns", type=int, default=6, help="turns per conversation")
     add("--user-bytes", type=int, default=512)
     add("--reply-bytes", type=int, default=512)
+    add("--cache-replies", action=argparse.BooleanOptionalAction, default=True,
+        help="pods cache their answers' KV blocks, as vLLM/SGLang prefix caching does")
     add("--think-s", type=float, default=1.0, help="mean think time between turns")
     add("--kv-blocks", type=int, default=512, help="KV cache blocks per pod (LRU)")
     add("--block-bytes", type=int, default=256, help="prompt bytes per KV block")

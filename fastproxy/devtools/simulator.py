@@ -29,9 +29,14 @@ every block's hash chained to the one before, so a block is cached only with its
 A request's prompt (``messages``, else ``prompt``, as sent: ``fastproxy.llm``) costs
 ``prefill_ms_per_block`` for each block after its longest cached prefix, then the first token
 (``first_token_ms``); the response head and first token go out together (time to first token),
-then the other tokens. Each pod counts hit and total blocks and its busy time (the time-averaged
+then the other tokens. As a real server does (vLLM and SGLang cache the blocks of generated
+tokens too), a pod then caches the conversation continued by its answer: with ``reply_bytes``, the
+answer is ``sim_reply(prompt)`` (a seeded text of that size, a function of the prompt alone), and
+the blocks of the prompt followed by that answer as the next turn will resend it (an assistant
+message) go into the LRU. Each pod counts hit and total blocks and its busy time (the time-averaged
 in-flight count, for load spread). ``SharedPrefixWorkload`` makes the requests such a fleet sees:
-conversations that share one of a few system prompts and grow turn by turn.
+conversations that share one of a few system prompts and grow turn by turn, each turn resending the
+answers the server gave (``sim_reply``), as a chat client does.
 
 The life of a pod (``Phase``), and what each churn event does:
 
@@ -169,6 +174,8 @@ class KvCache(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     first_token_ms: NonNegative = 20.0
     tokens: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 20
     ms_per_token: NonNegative = 8.0
+    # The answer's size in bytes; its blocks are cached with the prompt's (0: answers are not cached).
+    reply_bytes: Annotated[int, msgspec.Meta(ge=0, le=1 << 20)] = 0
 
     def prefill(self, cache: collections.OrderedDict[int, None], prompt: Any) -> tuple[int, int]:
         """Look the prompt's blocks up in ``cache`` (and put them in, most recent last); returns
@@ -191,6 +198,34 @@ class KvCache(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         while len(cache) > self.blocks:
             cache.popitem(last=False)
         return hit, total
+
+    def remember(self, cache: collections.OrderedDict[int, None], data: bytes) -> None:
+        """Cache every block of ``data`` (a prompt continued by its answer), most recent last."""
+        size = self.block_bytes
+        view = memoryview(data)
+        chained = 0
+        for index, start in enumerate(range(0, len(view), size)):
+            chained = zlib.crc32(view[start : start + size], chained) | (index << 32)
+            cache[chained] = None
+            cache.move_to_end(chained)
+        while len(cache) > self.blocks:
+            cache.popitem(last=False)
+
+
+def sim_reply(prompt: bytes, size: int) -> str:
+    """The simulated server's answer to ``prompt`` (its messages as sent): seeded by the prompt,
+    so the workload knows what a real client would resend next turn without parsing the stream."""
+    return _text(random.Random(zlib.crc32(prompt)), size, "Answer: ")
+
+
+def continued(prompt: bytes, reply: str) -> bytes:
+    """``prompt`` (a JSON array of messages) as the next turn resends it: the answer appended as
+    an assistant message, without the array's closing bracket (the next user message follows)."""
+    return prompt[:-1] + b"," + _assistant(reply)
+
+
+def _assistant(reply: str) -> bytes:
+    return msgspec.json.encode({"role": "assistant", "content": reply})
 
 
 class Churn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -437,6 +472,10 @@ class _PodConnection(_AppConnection):
             self._write(b"".join(_token_chunk(i) for i in range(1, kv.tokens)) + _SSE_DONE)
             if close:
                 self._close()
+            if kv.reply_bytes and pod.kv is not None:
+                sent = bytes(prompt)
+                if sent.endswith(b"]"):  # a chat prompt (messages): the next turn resends the answer
+                    kv.remember(pod.kv, continued(sent, sim_reply(sent, kv.reply_bytes)))
         pod.busy_s += loop.time() - started
 
     async def _stream_tokens(self, pod: SimPod, job: _Job, model: Sse) -> None:
@@ -515,13 +554,15 @@ class SharedPrefixWorkload(msgspec.Struct, frozen=True, forbid_unknown_fields=Tr
         return [_text(rng, self.system_bytes, f"You are assistant {i}. ") for i in range(self.system_prompts)]
 
     def conversation(self, rng: random.Random, systems: list[str]) -> list[bytes]:
-        """The request bodies of one conversation, turn by turn."""
+        """The request bodies of one conversation, turn by turn; each turn resends the server's
+        answers (``sim_reply``, what a pod with ``reply_bytes`` answers and caches)."""
         messages: list[dict[str, str]] = [{"role": "system", "content": rng.choice(systems)}]
         bodies = []
         for turn in range(self.turns):
             messages.append({"role": "user", "content": _text(rng, self.user_bytes, f"Question {turn}: ")})
             bodies.append(msgspec.json.encode({"model": self.model, "messages": messages, "stream": True}))
-            messages.append({"role": "assistant", "content": _text(rng, self.reply_bytes, "Answer: ")})
+            reply = sim_reply(msgspec.json.encode(messages), self.reply_bytes)
+            messages.append({"role": "assistant", "content": reply})
         return bodies
 
 

@@ -26,6 +26,7 @@ from fastproxy.devtools.simulator import (
     Sse,
     decode_scenario,
     default_scenario_path,
+    sim_reply,
     load_scenario,
     raise_fd_limit,
 )
@@ -495,6 +496,24 @@ async def test_kv_pod_answers_a_repeated_prefix_sooner(sims: list[PodSimulator])
     assert pod.kv_hit_blocks > 0 and pod.kv_blocks > pod.kv_hit_blocks and pod.busy_s > 0
 
 
+async def test_kv_pod_caches_its_answer_so_the_next_turn_misses_only_the_new_message(
+    sims: list[PodSimulator],
+) -> None:
+    kv = {"blocks": 256, "block_bytes": 64, "prefill_ms_per_block": 1, "first_token_ms": 1, "tokens": 2,
+          "ms_per_token": 1, "reply_bytes": 256}  # fmt: skip
+    sim = await start(sims, kv_cache=kv)
+    workload = SharedPrefixWorkload(system_prompts=1, system_bytes=1024, turns=3, user_bytes=64, reply_bytes=256)
+    bodies = workload.conversation(random.Random(3), workload.systems())
+    for turn, body in enumerate(bodies):
+        _, head = await post_chat(sim.pods[0], body)
+        hit, total = map(int, head.split(b"x-sim-kv-hit: ", 1)[1].split(b"\r\n", 1)[0].split(b"/"))
+        if turn:
+            # the answer (256 bytes: 4 blocks) was cached: only the new user message's ~2 blocks
+            # (and the one it shares with the answer's end) are prefilled
+            assert total - hit <= 3, (turn, hit, total)
+    assert workload.reply_bytes == 256 and len(sim_reply(b"[]", 256)) == 256
+
+
 def test_shared_prefix_workload_turns_extend_each_other() -> None:
     workload = SharedPrefixWorkload(system_prompts=3, turns=4)
     systems = workload.systems()
@@ -505,3 +524,7 @@ def test_shared_prefix_workload_turns_extend_each_other() -> None:
     for earlier, later in itertools.pairwise(prompts):
         assert later[: len(earlier) - 1] == earlier[:-1]  # (all but the closing bracket)
     assert msgspec.json.decode(bodies[0])["messages"][0]["content"] in systems
+    # each turn resends the server's answer to the turn before (what a pod caches with reply_bytes)
+    for turn, prompt in enumerate(prompts[:-1]):
+        answer = msgspec.json.decode(bodies[turn + 1])["messages"][-2]
+        assert answer == {"role": "assistant", "content": sim_reply(prompt, workload.reply_bytes)}
