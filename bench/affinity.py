@@ -376,8 +376,12 @@ def main(argv: list[str] | None = None) -> int:
     add("--turns", type=int, default=6, help="turns per conversation")
     add("--user-bytes", type=int, default=512)
     add("--reply-bytes", type=int, default=512)
-    add("--cache-replies", action=argparse.BooleanOptionalAction, default=True,
-        help="pods cache their answers' KV blocks, as vLLM/SGLang prefix caching does")
+    add(
+        "--cache-replies",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="pods cache their answers' KV blocks, as vLLM/SGLang prefix caching does",
+    )
     add("--think-s", type=float, default=1.0, help="mean think time between turns")
     add("--kv-blocks", type=int, default=512, help="KV cache blocks per pod (LRU)")
     add("--block-bytes", type=int, default=256, help="prompt bytes per KV block")

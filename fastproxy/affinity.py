@@ -72,7 +72,9 @@ class Ring:
         # small one (the common case: tens of pods per revision) is a list, in cache either way,
         # whose bisect compares ints without making one per probe (~0.3 us vs ~0.5 us).
         keys = [entry[0] for entry in entries]
-        self.points: list[int] | array.array[int] = keys if len(keys) <= SMALL_RING else array.array("Q", keys)
+        self.points: list[int] | array.array[int] = (
+            keys if len(keys) <= SMALL_RING else array.array("Q", keys)
+        )
         self.owners: list[PodSlots] = [entry[2] for entry in entries]
         self.adapters: dict[str, Ring] = {}
         self.top = with_adapters  # a revision's ring (not an adapter's): it keeps the adapters' rings

@@ -26,9 +26,9 @@ from fastproxy.devtools.simulator import (
     Sse,
     decode_scenario,
     default_scenario_path,
-    sim_reply,
     load_scenario,
     raise_fd_limit,
+    sim_reply,
 )
 from statesync.connect import connect
 from statesync.embedded import EmbeddedValkey
@@ -502,7 +502,9 @@ async def test_kv_pod_caches_its_answer_so_the_next_turn_misses_only_the_new_mes
     kv = {"blocks": 256, "block_bytes": 64, "prefill_ms_per_block": 1, "first_token_ms": 1, "tokens": 2,
           "ms_per_token": 1, "reply_bytes": 256}  # fmt: skip
     sim = await start(sims, kv_cache=kv)
-    workload = SharedPrefixWorkload(system_prompts=1, system_bytes=1024, turns=3, user_bytes=64, reply_bytes=256)
+    workload = SharedPrefixWorkload(
+        system_prompts=1, system_bytes=1024, turns=3, user_bytes=64, reply_bytes=256
+    )
     bodies = workload.conversation(random.Random(3), workload.systems())
     for turn, body in enumerate(bodies):
         _, head = await post_chat(sim.pods[0], body)
