@@ -12,7 +12,11 @@ One run per policy, interleaved (``--rounds`` of each, in turn, so both meet the
   a per-pod LRU of prompt blocks; time to first token = ``first_token_ms`` + ``prefill_ms`` per
   uncached block), each on its own loopback address, playing the sidecar (a full pod refuses with
   503 + ``x-fastproxy-busy`` before the app sees anything, and counts a concurrency violation if
-  it ever runs more than its concurrency). Every run starts with cold caches.
+  it ever runs more than its concurrency). Every run starts with cold caches. A pod caches its
+  answers' blocks too (``--cache-replies``, as vLLM/SGLang do), so a turn that finds its pod misses
+  only its new user message. ``--concurrency 1`` is the strict case (the affine pod is busy ~70% of
+  the time, so most turns spill); LLM servers batch several requests at once (``--concurrency 4``,
+  with ``--kv-blocks`` scaled to the batch: a real GPU holds far more than 512 blocks).
 - the routers: ``--routers`` real ``fastproxy router`` processes on a static routes file listing
   the pods, ``--sidecar-protocol``; the route's ``llm`` section sets the policy. Each turn of a
   conversation goes to a router chosen at random, as behind a load balancer: for its prefix to
