@@ -4,8 +4,10 @@ Theory of operation
 -------------------
 Each subcommand lives in the module that owns the role and registers itself here through
 ``SUBCOMMANDS`` (name -> "module:register" where ``register(subparsers)`` adds its parser and sets
-``func``). Modules are imported lazily so ``fastproxy --help`` stays fast and a role's heavy
-imports (bcc, kubernetes) never load for another role.
+``func``). Modules are imported lazily so a role's heavy imports (bcc, kubernetes) never load for
+another role: when the command line names a subcommand, only that subcommand's module is imported
+(a router process does not carry the simulator, the writer or the agent: ~9 MB of its resident set);
+only ``fastproxy --help`` (or no or an unknown subcommand) imports them all, to list them.
 """
 
 from __future__ import annotations
@@ -42,7 +44,16 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _named_subcommand(argv: Sequence[str]) -> str | None:
+    """The subcommand ``argv`` names, if any (its first word that is not an option)."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word if word in SUBCOMMANDS else None
+    return None
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The command line's parser; given ``argv`` that names a subcommand, with that one only."""
     parser = argparse.ArgumentParser(
         prog="fastproxy",
         description=(
@@ -57,14 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the version and the data path's form (compiled or pure), then exit",
     )
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
-    for target in SUBCOMMANDS.values():
+    named = None if argv is None else _named_subcommand(argv)
+    for name, target in SUBCOMMANDS.items():
+        if named is not None and name != named:
+            continue
         module_name, _, function = target.partition(":")
         getattr(importlib.import_module(module_name), function)(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)
     if func is None:

@@ -1,0 +1,52 @@
+"""The command line imports only the role it runs (a router's resident set is the issue-15 target)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from fastproxy.cli import SUBCOMMANDS, build_parser
+
+# Modules owned by other roles: heavy (the simulator, the Kubernetes informer), never a router's.
+OTHER_ROLES = ("fastproxy.devtools.simulator", "fastproxy.devtools.dev", "statesync.writer", "probes.agent")
+
+
+def _modules_after(code: str) -> set[str]:
+    out = subprocess.run(
+        [sys.executable, "-c", f"import sys\n{code}\nprint(' '.join(sys.modules))"],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    return set(out.stdout.split())
+
+
+def test_a_router_command_line_imports_no_other_role() -> None:
+    loaded = _modules_after(
+        "from fastproxy.cli import build_parser\n"
+        "args = build_parser(['router', '--listen', '127.0.0.1:0']).parse_args(['router', '--listen', '127.0.0.1:0'])\n"
+        "assert args.func is not None"
+    )
+    assert "fastproxy.router" in loaded
+    assert not loaded & set(OTHER_ROLES), sorted(loaded & set(OTHER_ROLES))
+
+
+def test_the_top_level_help_still_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser(["--help"]).parse_args(["--help"])
+    listed = capsys.readouterr().out
+    for name in SUBCOMMANDS:
+        assert name in listed
+
+
+@pytest.mark.parametrize("name", sorted(SUBCOMMANDS))
+def test_each_subcommand_parses_with_only_its_module(name: str) -> None:
+    parser = build_parser([name])
+    choices = next(a.choices for a in parser._actions if isinstance(getattr(a, "choices", None), dict))
+    assert list(choices) == [name]
+
+
+def test_an_unknown_subcommand_is_refused_naming_the_choices(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser(["rooter"]).parse_args(["rooter"])
+    assert "invalid choice: 'rooter'" in capsys.readouterr().err
