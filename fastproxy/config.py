@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 
 from fastproxy.exchange import Limits
-from statesync.schema import MapPodRecord, PodRecord, PodState, Route
+from statesync.schema import MapPodRecord, PodRecord, PodState, Route, share_values
 
 
 class RouterConfig(msgspec.Struct, kw_only=True):
@@ -68,14 +68,43 @@ class _RoutesFileAsWritten(msgspec.Struct, kw_only=True, forbid_unknown_fields=T
     pods: list[dict[str, Any] | list[Any]] = []
 
 
+class _RoutesFileAsRead(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A JSON routes file with its pods left as their bytes: each is decoded straight into its
+    record (map or array form), one at a time, so 50k pods never exist twice (issue 15: the peak
+    while loading)."""
+
+    routes: list[Route]
+    pods: list[msgspec.Raw] = []
+
+
+_pod_array_json: Final = msgspec.json.Decoder(PodRecord)
+_pod_map_json: Final = msgspec.json.Decoder(MapPodRecord)
+_ARRAY: Final = ord("[")
+_MAP: Final = ord("{")
+
+
 class ConfigError(ValueError):
     pass
 
 
-def _pod_of(raw: dict[str, Any] | list[Any]) -> PodRecord:
-    if isinstance(raw, list):
-        return msgspec.convert(raw, PodRecord)
-    return PodRecord(**msgspec.structs.asdict(msgspec.convert(raw, MapPodRecord)))
+def _pod_of(raw: dict[str, Any] | list[Any] | msgspec.Raw) -> PodRecord:
+    if isinstance(raw, msgspec.Raw):
+        # (a Raw spans exactly its value: it starts with its bracket)
+        first = memoryview(raw)[0]
+        if first == _ARRAY:
+            record: PodRecord = _pod_array_json.decode(raw)
+        elif first != _MAP:
+            raise msgspec.ValidationError("Expected a map of the pod's fields (or an array of them)")
+        else:
+            record = PodRecord(**msgspec.structs.asdict(_pod_map_json.decode(raw)))
+    elif isinstance(raw, list):
+        record = msgspec.convert(raw, PodRecord)
+    else:
+        record = PodRecord(**msgspec.structs.asdict(msgspec.convert(raw, MapPodRecord)))
+    # A static file states what exists; a pod listed there without a state is meant to serve.
+    if record.state is PodState.PENDING:
+        record = msgspec.structs.replace(record, state=PodState.READY, generation=max(record.generation, 1))
+    return record
 
 
 def load_routes_file(path: str | Path) -> RoutesFile:
@@ -84,28 +113,29 @@ def load_routes_file(path: str | Path) -> RoutesFile:
         data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read routes file {path}: {exc.strerror}") from None
+    written: _RoutesFileAsWritten | _RoutesFileAsRead
     try:
         if path.suffix in (".yaml", ".yml"):
             written = msgspec.yaml.decode(data, type=_RoutesFileAsWritten)
         else:
-            written = msgspec.json.decode(data, type=_RoutesFileAsWritten)
+            written = msgspec.json.decode(data, type=_RoutesFileAsRead)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise ConfigError(f"routes file {path}: {exc}") from None
-    pods = []
-    for index, raw in enumerate(written.pods):
+    del data
+    raw_pods: list[Any] = written.pods
+    written.pods = []
+    pods: list[PodRecord] = []
+    uids: set[str] = set()
+    for index, raw in enumerate(raw_pods):
         try:
-            pods.append(_pod_of(raw))
-        except msgspec.ValidationError as exc:
+            record = _pod_of(raw)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise ConfigError(f"routes file {path}: pods[{index}]: {exc}") from None
-    routes = RoutesFile(routes=written.routes, pods=pods)
-    uids = [p.uid for p in routes.pods]
-    if len(set(uids)) != len(uids):
-        raise ConfigError(f"routes file {path}: duplicate pod uid")
-    # A static file states what exists; a pod listed there without a state is meant to serve.
-    routes.pods = [
-        msgspec.structs.replace(p, state=PodState.READY, generation=max(p.generation, 1))
-        if p.state is PodState.PENDING
-        else p
-        for p in routes.pods
-    ]
-    return routes
+        if record.uid in uids:
+            raise ConfigError(f"routes file {path}: pods[{index}]: duplicate pod uid {record.uid!r}")
+        uids.add(record.uid)
+        pods.append(record)
+        raw_pods[index] = None  # (a YAML pod's map goes now, not after the last pod)
+    del raw_pods, uids
+    share_values(pods)
+    return RoutesFile(routes=written.routes, pods=pods)
