@@ -39,8 +39,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastproxy.compiled import describe as describe_form
-from fastproxy.config import ConfigError, RouterConfig, load_routes_file
+from fastproxy.config import ConfigError, RouterConfig, RoutesFile, load_routes_file
 from fastproxy.exchange import Limits, RequestHead
+from fastproxy.heap import release_free_memory
 from fastproxy.metrics import RouterStats
 from fastproxy.proxy import ClientConnection, UpstreamPool
 from fastproxy.slots import SlotTable
@@ -266,14 +267,23 @@ def read_token(path: str | None) -> str | None:
     return os.environ.get("FASTPROXY_ADMIN_TOKEN") or None
 
 
-async def serve(args: argparse.Namespace, config: RouterConfig, ready: asyncio.Event | None = None) -> int:
+async def serve(
+    args: argparse.Namespace,
+    config: RouterConfig,
+    ready: asyncio.Event | None = None,
+    routes: RoutesFile | None = None,
+) -> int:
+    """Run a router until signalled. ``routes``: ``args.routes`` already loaded (``run`` reads it
+    before binding anything; reading 50k pods twice would leave the first copy's pages behind)."""
     from fastproxy.admin import start_admin
 
     loop = asyncio.get_running_loop()
     router = Router(config, loop)
     if args.routes:
-        routes = load_routes_file(args.routes)
+        if routes is None:
+            routes = load_routes_file(args.routes)
         router.install(RoutingSnapshot.build(0, 1, routes.pods, routes.routes))
+        release_free_memory("the static routes file")
         log.info(
             "static routes from %s: %d routes, %d pods", args.routes, len(routes.routes), len(routes.pods)
         )
@@ -344,15 +354,15 @@ def run(args: argparse.Namespace) -> int:
         return _run_workers(args)
     try:
         config = _config_from_args(args)
-        if args.routes:
-            load_routes_file(args.routes)  # fail fast, before binding anything
+        # (read here to fail fast, before binding anything; serve installs this very copy)
+        routes = load_routes_file(args.routes) if args.routes else None
     except ConfigError as exc:
         print(f"fastproxy router: {exc}", file=sys.stderr)
         return 2
     try:
         import uvloop
 
-        return uvloop.run(serve(args, config))
+        return uvloop.run(serve(args, config, routes=routes))
     except OSError as exc:
         print(f"fastproxy router: cannot listen: {exc.strerror}", file=sys.stderr)
         return 1

@@ -70,6 +70,7 @@ import msgspec
 import valkey.asyncio as avalkey
 from valkey.exceptions import NoPermissionError
 
+from fastproxy.heap import release_free_memory
 from fastproxy.snapshot import SnapshotBuilder, VersionGap
 from statesync.keys import DELTA_PREFIX, HEARTBEAT_PREFIX, INDEX_MARKER_FIELD, REVISION_FIELD_PREFIX, Keys
 from statesync.pubsub import SubscriberProtocol, subscribe
@@ -172,6 +173,7 @@ class StateFollower:
             await asyncio.sleep(0)
         while self.router.slots.materialize_pending(WARM_SLICE_PODS):
             await asyncio.sleep(0)
+        release_free_memory("the bootstrap's warm-up")
 
     async def warmed(self) -> None:
         """Wait until the warm-up after the last bootstrap is done (for tests and benchmarks)."""
