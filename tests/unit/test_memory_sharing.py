@@ -92,7 +92,7 @@ def test_a_read_chunk_is_known_by_its_digest_not_its_bytes() -> None:
     table = builder.finish(1, 1).pods
     leaf = table.same_as_read(3, raw)
     assert type(leaf) is ReadChunk and leaf == pods
-    assert leaf.digest == chunk_digest(raw) and len(leaf.digest) == 16 and not hasattr(leaf, "raw")
+    assert leaf.digest == chunk_digest(raw) and not hasattr(leaf, "raw")
     # other bytes for the chunk (one pod changed) are not the chunk as read
     changed = msgspec.msgpack.encode([*pods[:11], msgspec.structs.replace(pods[11], port=9000)])
     assert table.same_as_read(3, changed) is None
