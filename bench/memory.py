@@ -13,7 +13,9 @@ router``, one worker, ephemeral ports on loopback) and reads its ``/proc/<pid>/s
 
 - ``static-1``: a routes file with one pod: the floor (interpreter, imports, listeners, metrics).
 - ``static``: a routes file with ``--pods`` pods over 1000 revisions (``bench.conftest.make_pods``,
-  the same pods every bench uses), one route per revision.
+  the same pods every bench uses), one route per revision. A static router has no warm-up: a
+  revision's pods get their slots (``PodSlots``, ~220 bytes a pod with their dict entries) at its
+  first request, so this figure is before any; ``valkey`` is after all of them.
 - ``valkey``: the bootstrap path: a real ``valkey-server`` (``EmbeddedValkey``) holding the same
   pods, committed by a real leader ``Writer`` in one batch (as ``bench.bootstrap`` seeds, so the
   writer's pod-chunks and revision index are there as in production), which then stays the

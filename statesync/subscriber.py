@@ -24,8 +24,8 @@ on a *fresh* connection. A session:
    when the background warm-up gets to it (``_warm_slots``, slices between other work, right
    after). At 50k pods that install is the Valkey read (~10-20 ms) and a few ms more; the decode
    (~40 ms of CPU) moves to first uses and the warm-up. A *running* router (a reconnect, a new
-   term) keeps every chunk whose bytes are the ones it read (or kept packed) and no delta touched
-   since (``PodTable.same_as_read``), decodes the others, and reconciles only the pods that differ
+   term) keeps every chunk whose bytes are the ones it read (compared by hash) or kept packed and
+   no delta touched since (``PodTable.same_as_read``), decodes the others, and reconciles only the pods that differ
    (``Router.install(changed=...)``): the slots of unchanged pods, in-flight counts included, stay
    as they are. A starting router without a current index (a writer that predates it) decodes
    every chunk (``SnapshotBuilder.add_chunk``: each decoded chunk becomes the snapshot's chunk as
