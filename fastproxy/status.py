@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     console.print(
         f"[bold]{state['instance']}[/]  epoch {state['epoch']} version {state['version']}"
         f"{' [red](stale)[/]' if state['stale'] else ''}  pods {state['pods']}  "
-        f"requests {state['requests']}  added latency p50/p90/p99 <= "
+        f"requests {state['requests']}  added latency p50/p90/p99 "
         f"{state['added_latency_p50'] * 1e6:.0f}/{state['added_latency_p90'] * 1e6:.0f}/"
         f"{state['added_latency_p99'] * 1e6:.0f} us"
     )

@@ -62,6 +62,11 @@ async def test_admin_api_auth_metrics_and_tables(tmp_path: Path) -> None:
             metrics = (await client.get(f"{base}/metrics", headers=auth)).text
             assert 'fastproxy_responses_total{status="200"} 1.0' in metrics
             assert "fastproxy_added_latency_seconds_bucket" in metrics
+            # issue 18: 10.25%-apart edges in the exposition (bounded), the real figures beside them
+            assert 100 < metrics.count("fastproxy_added_latency_seconds_bucket{") < 150
+            p50 = next(line for line in metrics.splitlines()
+                       if line.startswith('fastproxy_added_latency_quantile_seconds{quantile="0.5"}'))  # fmt: skip
+            assert 0 < float(p50.split()[-1]) < 1
             assert 'fastproxy_inflight{revision="chat-v1"} 0.0' in metrics
             pods = (await client.get(f"{base}/v1/pods", headers=auth)).json()
             assert pods[0]["uid"] == "p0" and pods[0]["state"] == "ready"
