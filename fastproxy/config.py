@@ -32,6 +32,12 @@ class RouterConfig(msgspec.Struct, kw_only=True):
     max_queue_bytes: int = 64 * 1024 * 1024  # buffered request bytes of waiters per revision
     max_attempts: int = 4  # pods tried for one request (connect failures, busy refusals)
     exclusion_seconds: float = 5.0  # local exclusion of a failed pod before it is tried again
+    # Broken exchanges (EOF / reset after the request may have reached the app) in a row that
+    # exclude a pod; one alone only fails its own request (fastproxy.outlier).
+    outlier_consecutive_failures: int = 5
+    # A pod excluded for failing to connect is re-checked with a TCP connect this often; one that
+    # connects is readmitted before exclusion_seconds is up. 0 turns re-checks off.
+    recheck_interval: float = 0.5
     busy_backoff_seconds: float = 0.05  # a pod that said "busy" is skipped locally this long
     pool_idle_timeout: float = 2.0  # below typical app keep-alive timeouts (uvicorn: 5 s)
     pool_max_idle_per_pod: int = 16

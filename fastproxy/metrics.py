@@ -171,6 +171,7 @@ class RouterStats:
         "local_exclusions",
         "queue_rejections",
         "queue_wait",
+        "rechecks",
         "requests",
         "responses",
         "retries",
@@ -183,6 +184,7 @@ class RouterStats:
         self.errors: dict[str, int] = {}  # by reason class (timeout, reset, bad_request, bug...)
         self.retries: dict[str, int] = {}  # by failure kind
         self.local_exclusions = 0
+        self.rechecks: dict[str, int] = {}  # re-check connects of excluded pods, by result
         self.busy_refusals = 0
         self.client_aborts = 0
         self.queue_rejections = 0
@@ -224,6 +226,13 @@ class RouterCollector(Collector):
             "fastproxy_local_exclusions", "Pods excluded locally after a transport failure",
             value=stats.local_exclusions,
         )  # fmt: skip
+        rechecks = CounterMetricFamily(
+            "fastproxy_exclusion_rechecks", "TCP connects to excluded pods by result (ok lifts the exclusion)",
+            labels=["result"],
+        )  # fmt: skip
+        for result, count in sorted(stats.rechecks.items()):
+            rechecks.add_metric([result], count)
+        yield rechecks
         yield CounterMetricFamily(
             "fastproxy_busy_refusals", "Sidecar busy refusals", value=stats.busy_refusals
         )

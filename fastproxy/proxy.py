@@ -935,6 +935,9 @@ class Exchange:
         self._give_back_slot()
         responses = router.stats.responses
         responses[self.status] = responses.get(self.status, 0) + 1
+        outliers = router.outliers
+        if outliers.failing:  # a pod with broken exchanges on record answered in full: streak over
+            outliers.succeeded(self.pod.uid)
         self._finish()
 
     def on_upstream_error(self, exc: ProxyError) -> None:
@@ -975,9 +978,12 @@ class Exchange:
             self._unavailable(UpstreamUnavailable("pod's sidecar is at capacity", "busy_refused"))
             return
         if pod is not None:
-            # The pod may be gone; others should stop sending it requests. This request, though,
-            # may have reached the app: it is not retried.
-            self.router.exclude_pod(pod, "reset", f"connection lost mid-exchange: {exc or 'EOF'}")
+            # This request may have reached the app: it is not retried. Whether the loss proves
+            # the pod cannot serve others (exclude it) or was one broken exchange is the router's
+            # call (fastproxy.outlier): the data path reports what it saw.
+            self.router.upstream_lost(
+                pod, exc, type(exc) in _UNREAD_BY_PEER, conn.used == 1, conn.parser.state is not Parse.IDLE
+            )
         self.router.stats.count_error("upstream_lost")
         self.fail(BadGateway(f"pod {pod.uid if pod else '?'} closed the connection before answering"))
 

@@ -10,8 +10,13 @@ committed change, O(changed pods)); the data path only reads the snapshot and co
 When a request meets a transport failure that proves a pod cannot serve, the data path calls
 ``exclude_pod``: the pod leaves this router's rotation at once and a ``ConnectFailed`` report is
 queued for the writer (bounded; the oldest is dropped and counted when nobody drains it). The
-exclusion lifts when the writer's view of the pod moves past the failure, or after
-``exclusion_seconds`` so a router without state sync recovers on its own.
+exclusion lifts when the writer's view of the pod moves past the failure, after
+``exclusion_seconds`` so a router without state sync recovers on its own, or earlier when an
+active re-check (a TCP connect every ``recheck_interval``) finds the pod accepting connections
+again. A connection lost after the request may have reached the app is reported with
+``upstream_lost``; ``fastproxy.outlier`` decides what it proves: a reset of a fresh connection
+before any response byte excludes, any other loss counts towards ``outlier_consecutive_failures``
+broken exchanges in a row, and only that streak excludes (without re-checks).
 
 WebSocket sessions (``fastproxy.tunnel``) live in ``tunnels`` once the pod has switched protocols;
 each holds its pod's slot until it ends.
@@ -43,6 +48,7 @@ from fastproxy.config import ConfigError, RouterConfig, RoutesFile, load_routes_
 from fastproxy.exchange import Limits, RequestHead
 from fastproxy.heap import release_free_memory
 from fastproxy.metrics import RouterStats
+from fastproxy.outlier import MAX_RECHECKS, Evidence, OutlierDetector, classify, connect_ok
 from fastproxy.proxy import ClientConnection, UpstreamPool
 from fastproxy.slots import SlotTable
 from fastproxy.snapshot import RoutingSnapshot
@@ -79,6 +85,8 @@ class Router:
         self._trusted = config.trusted_networks()
         self._trusted_cache: dict[str, bool] = {}
         self._excluded_until: dict[str, float] = {}
+        self.outliers = OutlierDetector(config.outlier_consecutive_failures)
+        self._rechecks: set[asyncio.Task[None]] = set()  # re-check connects in flight
         # Reports for the writer (state sync drains this); bounded, oldest dropped.
         self.reports: collections.deque[ConnectFailed] = collections.deque(maxlen=MAX_PENDING_REPORTS)
         self.reports_dropped = 0
@@ -120,6 +128,7 @@ class Router:
             if record.state is PodState.REMOVED:
                 self.pool.drop_pod(record.uid)
                 self._excluded_until.pop(record.uid, None)
+                self.outliers.forget(record.uid)
 
     @property
     def fresh(self) -> bool:
@@ -135,13 +144,18 @@ class Router:
 
     # ---- reports from the data path -----------------------------------------------------------
 
-    def exclude_pod(self, pod: PodRecord, kind: str, reason: str) -> None:
+    def exclude_pod(self, pod: PodRecord, kind: str, reason: str, recheck: bool = True) -> None:
+        """Out of rotation for ``exclusion_seconds``, reported to the writer. ``recheck``: the
+        evidence was a failure to connect, so a connect that works lifts the exclusion early."""
         if not self.slots.exclude(pod.uid):
             return
         self.stats.local_exclusions += 1
         self.pool.drop_pod(pod.uid)
+        self.outliers.forget(pod.uid)
         self._exclude_for(pod.uid, self.config.exclusion_seconds)
         log.warning("pod %s (%s:%d, %s) excluded: %s", pod.uid, pod.ip, pod.port, pod.revision, reason)
+        if recheck and self.config.recheck_interval > 0:
+            self.loop.call_later(self.config.recheck_interval, self._recheck, pod)
         if len(self.reports) == self.reports.maxlen:
             self.reports_dropped += 1
         self.reports.append(
@@ -155,6 +169,57 @@ class Router:
                 reason=reason[:200],
             )
         )
+
+    def upstream_lost(
+        self,
+        pod: PodRecord,
+        exc: Exception | None,
+        reset: bool,
+        fresh_connection: bool,
+        response_started: bool,
+    ) -> None:
+        """The connection to ``pod`` was lost with a request on it (that request fails either way):
+        exclude the pod, or count one broken exchange (``fastproxy.outlier``)."""
+        reason = f"connection lost mid-exchange: {exc or 'EOF'}"
+        if classify(reset, fresh_connection, response_started) is Evidence.CONNECT:
+            self.exclude_pod(pod, "reset", f"{reason} (fresh connection reset before any response byte)")
+            return
+        streak = self.outliers.failed(pod.uid)
+        limit = self.outliers.consecutive
+        if streak >= limit:
+            self.exclude_pod(
+                pod, "reset", f"{streak} broken exchanges in a row, the last: {reason}", recheck=False
+            )
+            return
+        log.warning(
+            "pod %s (%s:%d, %s) %s; still in rotation (%d of %d broken exchanges in a row exclude it)",
+            pod.uid, pod.ip, pod.port, pod.revision, reason, streak, limit,
+        )  # fmt: skip
+
+    def _recheck(self, pod: PodRecord) -> None:
+        if pod.uid not in self._excluded_until or self.draining:
+            return  # lifted (or removed) meanwhile
+        if len(self._rechecks) >= MAX_RECHECKS:
+            return  # a mass failure: these exclusions run their full time
+        task = self.loop.create_task(self._recheck_connect(pod))
+        self._rechecks.add(task)
+        task.add_done_callback(self._rechecks.discard)
+
+    async def _recheck_connect(self, pod: PodRecord) -> None:
+        ok = await connect_ok(pod.ip, pod.port, self.config.connect_timeout)
+        result = "ok" if ok else "failed"
+        self.stats.rechecks[result] = self.stats.rechecks.get(result, 0) + 1
+        until = self._excluded_until.get(pod.uid)
+        if until is None:
+            return
+        if ok:
+            del self._excluded_until[pod.uid]
+            self.slots.readmit(pod.uid)
+            log.info(
+                "pod %s (%s:%d) accepts connections again: exclusion lifted early", pod.uid, pod.ip, pod.port
+            )
+        elif self.loop.time() + self.config.recheck_interval < until:
+            self.loop.call_later(self.config.recheck_interval, self._recheck, pod)
 
     def skip_busy_pod(self, pod: PodRecord) -> None:
         """A sidecar said "full": our optimistic count was behind. Skip it briefly, no report."""
@@ -325,6 +390,10 @@ async def serve(
 
 
 def _config_from_args(args: argparse.Namespace) -> RouterConfig:
+    if args.outlier_failures < 1:
+        raise ConfigError(f"--outlier-failures must be at least 1, got {args.outlier_failures}")
+    if args.recheck_interval < 0:
+        raise ConfigError(f"--recheck-interval must be >= 0 seconds (0: off), got {args.recheck_interval:g}")
     return RouterConfig(
         limits=Limits(max_body_bytes=args.max_body_bytes),
         header_timeout=args.header_timeout,
@@ -335,6 +404,8 @@ def _config_from_args(args: argparse.Namespace) -> RouterConfig:
         max_queued=args.max_queued,
         max_attempts=args.max_attempts,
         exclusion_seconds=args.exclusion_seconds,
+        outlier_consecutive_failures=args.outlier_failures,
+        recheck_interval=args.recheck_interval,
         busy_backoff_seconds=args.busy_backoff,
         service_header=args.service_header,
         sidecar_protocol=args.sidecar_protocol,
@@ -430,8 +501,20 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--max-queued", type=int, default=1000, help="waiting requests per revision")
     parser.add_argument("--max-attempts", type=int, default=4, help="pods tried per request")
     parser.add_argument(
-        "--exclusion-seconds", type=float, default=5.0, help="local exclusion after a failure"
-    )
+        "--exclusion-seconds", type=float, default=5.0,
+        help="seconds a pod is excluded locally after it failed to connect (refused, connect timeout, "
+             "a fresh connection reset before any response byte) or after --outlier-failures",
+    )  # fmt: skip
+    parser.add_argument(
+        "--outlier-failures", type=int, default=RouterConfig().outlier_consecutive_failures, metavar="N",
+        help="broken exchanges in a row (EOF or reset after the request may have reached the app, no "
+             "complete response between them) that exclude a pod; fewer only fail their own requests",
+    )  # fmt: skip
+    parser.add_argument(
+        "--recheck-interval", type=float, default=RouterConfig().recheck_interval, metavar="SECONDS",
+        help="a pod excluded for failing to connect is re-checked with a TCP connect this often and "
+             "readmitted early when it connects (0: no re-checks)",
+    )  # fmt: skip
     parser.add_argument("--busy-backoff", type=float, default=RouterConfig().busy_backoff_seconds,
                         help="seconds a pod whose sidecar said busy is skipped by this router")  # fmt: skip
     parser.add_argument(

@@ -16,6 +16,8 @@ request itself (path, query, one header) and everything it saw is recorded for a
 - ``/hang``                    never answer; the connection stays open (the request stays active)
 - ``/reset``                   close with SO_LINGER 0 before answering: the peer sees a TCP RST
 - ``/eof``                     close cleanly (FIN) without answering
+- ``/cut/<n>``                 200 announcing ``2n`` bytes, sends ``n`` of them, then FIN: a
+                               response broken in the middle
 - ``/head-body``               a broken server: answers HEAD *with* a body (GET is answered normally)
 - ``/v1/chat/completions``     an OpenAI-style chat completion: 200 with a ~1 KB JSON answer; a body
                                with ``"stream":true`` gets ``x-app-events: N`` (default 100) SSE
@@ -641,6 +643,13 @@ class _AppConnection(asyncio.Protocol):
             elif route == b"close":
                 self._simple(req, 200, b"ok", b"text/plain", close=True)
             elif route == b"eof":
+                self._close()
+            elif route == b"cut":
+                n = int(args[0])
+                if n < 1:
+                    raise ValueError(n)
+                head, _ = self._head(req, 200, length=2 * n, ctype=b"application/octet-stream")
+                self._write(head + payload(n))
                 self._close()
             elif route == b"reset":
                 self._reset()
