@@ -23,6 +23,11 @@ slot, and on the response path; figures within 5%, interpolated in 5% buckets); 
 the writer's committed version; and the WebSocket sessions open in the routers (each holds a pod
 slot, so they show in "in flight" too), opened, and the clients' messages and errors.
 
+Each router has an admin listener (``--admin``: the first router's HOST:PORT, the others the next
+ports) guarded by one bearer token generated for the run, written to a 0600 file in a private
+temporary directory that is removed at exit; the start line and the dashboard print the exact
+``fastproxy status --admin ... --token-file ...`` command for each router.
+
 The summary (``--json`` prints it as JSON; ``--duration`` ends the run) states the user-visible
 errors caused by pod deaths: router error answers naming a pod that died or was drained, plus
 responses cut mid-stream (only a dying pod cuts one here). It must be 0, and so must the
@@ -37,12 +42,18 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import re
+import secrets
+import shlex
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from fastproxy.admin import start_admin
 from fastproxy.config import RouterConfig
 from fastproxy.devtools.simulator import (
     Phase,
@@ -260,6 +271,16 @@ class Dev:
         self.routers: list[Router] = []
         self.writer: Writer | None = None
         self.sim: PodSimulator | None = None
+        self.status_commands: list[str] = []  # one `fastproxy status ...` line per router
+
+    def _admin_token_file(self) -> Path:
+        """A fresh token in a 0600 file of a private directory (removed at exit)."""
+        directory = Path(tempfile.mkdtemp(prefix="fastproxy-dev-"))  # mode 0700
+        path = directory / "admin-token"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(32) + "\n")
+        return path
 
     async def run(self) -> dict[str, Any]:
         args = self.args
@@ -269,6 +290,7 @@ class Dev:
         tasks: list[asyncio.Task[Any]] = []
         servers: list[asyncio.Server] = []
         sim = None
+        token_file = self._admin_token_file()
         try:
             self.writer = writer = Writer(connect(self.valkey.url), writer_id="dev-writer", lease_ttl=3.0)
             tasks.append(asyncio.create_task(writer.run(), name="writer"))
@@ -286,7 +308,20 @@ class Dev:
                 server = await loop.create_server(lambda r=router: ClientConnection(r), host,
                                                   port + i if port else 0, backlog=1024)  # fmt: skip
                 servers.append(server)
-            ports = [s.sockets[0].getsockname()[1] for s in servers]
+                admin_host, admin_port = args.admin
+                try:
+                    admin = await start_admin(router, admin_host, admin_port + i if admin_port else 0,
+                                              token_file.read_text().strip())  # fmt: skip
+                except OSError as exc:
+                    raise RuntimeError(f"router {i}'s admin API cannot listen on {admin_host}:"
+                                       f"{admin_port + i if admin_port else 0}: {exc.strerror} "
+                                       "(--admin HOST:0 takes any free port)") from None  # fmt: skip
+                servers.append(admin)
+                bound = admin.sockets[0].getsockname()[1]
+                self.status_commands.append(
+                    f"fastproxy status --admin {admin_host}:{bound} --token-file {shlex.quote(str(token_file))}"
+                )
+            ports = [s.sockets[0].getsockname()[1] for s in servers[::2]]
             self.sim = sim = PodSimulator(self.scenario, client, with_router=True)
             await sim.start(churn=False)
             await sim.wait_serving(timeout=60 + max(r.load_s for r in self.scenario.revisions))
@@ -301,6 +336,8 @@ class Dev:
                 print(f"fastproxy dev: {total} pods, {len(ports)} router(s) on {host}:{', '.join(map(str, ports))}"
                       f"   Valkey {self.valkey.url}\n  try:  curl -sv -H 'Host: {self.scenario.hosts[0]}' "
                       f"http://{host}:{ports[0]}{self.scenario.load.path}", flush=True)  # fmt: skip
+                for i, command in enumerate(self.status_commands):
+                    print(f"  router {i}:  {command}", flush=True)
             load = Load(ports, self.scenario, sim)
             tasks.append(asyncio.create_task(load.run(), name="load"))
             started = time.monotonic()
@@ -329,6 +366,7 @@ class Dev:
             with contextlib.suppress(Exception):
                 await client.aclose()
             self.valkey.close()
+            shutil.rmtree(token_file.parent, ignore_errors=True)
         return summary
 
     @staticmethod
@@ -354,6 +392,7 @@ class Dev:
             "scenario": self.args.scenario,
             "pods": sim_stats["pods"],
             "routers": len(self.routers),
+            "status_commands": self.status_commands,
             "requests": load.completed,
             "ok": load.ok,
             "req_per_s": round(load.completed / elapsed, 1) if elapsed else 0,
@@ -456,7 +495,7 @@ class Dev:
                 f"{ws['sessions_completed']} completed, {ws['messages_echoed']} messages echoed, "
                 f"errors {ws['errors'] or 'none'}\n"
                 f"curl -H 'Host: {self.scenario.hosts[0]}' http://{self.args.listen[0]}:{ports[0]}"
-                f"{self.scenario.load.path}"
+                f"{self.scenario.load.path}\n" + "\n".join(self.status_commands)
             )
             return Group(
                 Panel(head, title=f"fastproxy dev - {len(sim.pods)} pods, {len(self.routers)} router(s)"),
@@ -543,6 +582,9 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--listen", type=parse_address, default=("127.0.0.1", 8080),
                         help="first router's HOST:PORT (the others take the next ports; port 0: any)")  # fmt: skip
+    parser.add_argument("--admin", type=parse_address, default=("127.0.0.1", 9090),
+                        help="first router's admin HOST:PORT for `fastproxy status` and /metrics (the others "
+                             "take the next ports; port 0: any); the token is generated per run")  # fmt: skip
     parser.add_argument("--scenario", type=str, default=str(default_scenario_path()),
                         help="scenario YAML file, or a packaged one by name (default, thousands)")  # fmt: skip
     parser.add_argument("--first-address", default="",

@@ -5,9 +5,14 @@ and no pod ever runs more requests than its concurrency."""
 from __future__ import annotations
 
 import json
+import os
+import queue
 import random
+import shlex
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -38,7 +43,7 @@ def run_dev(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]
     # Pods on a block of their own: another engineer's run on this machine may hold the default.
     first, port = f"127.23.{random.randrange(256)}.1", str(random.randrange(20_000, 30_000))
     return subprocess.run([sys.executable, "-m", "fastproxy.cli", "dev", "--listen", "127.0.0.1:0",
-                           "--first-address", first, "--pod-port", port, *args],
+                           "--admin", "127.0.0.1:0", "--first-address", first, "--pod-port", port, *args],
                           capture_output=True, text=True, timeout=timeout)  # fmt: skip
 
 
@@ -98,3 +103,60 @@ def test_dev_thousands_of_pods_by_name() -> None:
     assert summary["requests"] > 100 and summary["violations"] == 0 and summary["cut_by_crash"] == 0
     assert sum(sum(states.values()) for states in summary["pod_states"].values()) >= 2000
     assert summary["user_errors_from_pod_deaths"] == 0 and summary["errors"] == {}, summary["errors"]
+
+
+def test_dev_prints_a_status_line_that_reads_each_running_router(tmp_path: Path) -> None:
+    """Issue 18.4: each dev router has an admin listener and a token; the printed line works."""
+    first, port = f"127.24.{random.randrange(256)}.1", str(random.randrange(20_000, 30_000))
+    stderr = (tmp_path / "dev.stderr").open("w+")
+    dev = subprocess.Popen(
+        [sys.executable, "-m", "fastproxy.cli", "dev", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+         "--first-address", first, "--pod-port", port, "--routers", "2", "--duration", "12"],
+        stdout=subprocess.PIPE, stderr=stderr, text=True,
+    )  # fmt: skip
+    lines: queue.Queue[str] = queue.Queue()
+    # Drained all along, so a full pipe never stalls the dev process's event loop.
+    threading.Thread(target=lambda: [lines.put(line) for line in dev.stdout or ()], daemon=True).start()
+    try:
+        commands: list[str] = []
+        deadline = time.monotonic() + 90
+        while len(commands) < 2:
+            try:
+                line = lines.get(timeout=1)
+            except queue.Empty:
+                stderr.seek(0)
+                assert dev.poll() is None, (
+                    f"dev exited {dev.returncode} before its status lines: {stderr.read()[-2000:]}"
+                )
+                assert time.monotonic() < deadline, "no status lines within 90 s"
+                continue
+            if "fastproxy status " in line:
+                commands.append(line[line.index("fastproxy status ") :].strip())
+        assert commands[0] != commands[1], commands
+        env = {k: v for k, v in os.environ.items() if k != "FASTPROXY_ADMIN_TOKEN"}  # the line carries it all
+        for command in commands:
+            argv = shlex.split(command)
+            assert argv[:2] == ["fastproxy", "status"]
+            cli = [sys.executable, "-m", "fastproxy.cli", *argv[1:]]
+            shown = subprocess.run(
+                cli, capture_output=True, text=True, timeout=30, env={**env, "COLUMNS": "200"}
+            )
+            assert shown.returncode == 0, shown.stderr
+            assert (
+                "chat-v1" in shown.stdout
+                and "realtime-v1" in shown.stdout
+                and "added latency" in shown.stdout
+            )
+            report = json.loads(subprocess.run([*cli, "--json"], capture_output=True, text=True, timeout=30,
+                                               env=env, check=True).stdout)  # fmt: skip
+            assert {r["revision"] for r in report["revisions"]} >= {"chat-v1", "realtime-v1"}
+            assert len(report["pods"]) == 54 and report["state"]["instance"].startswith("dev-router-")
+        token_file = Path(shlex.split(commands[0])[-1])
+        assert token_file.stat().st_mode & 0o077 == 0  # only its owner reads the token
+        assert dev.wait(timeout=90) == 0, stderr.seek(0) or stderr.read()[-3000:]
+        assert not token_file.exists()  # removed with the run
+    finally:
+        if dev.poll() is None:
+            dev.kill()
+            dev.wait()
+        stderr.close()
