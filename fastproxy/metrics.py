@@ -10,7 +10,7 @@ the one below, from 10 us to 10 s (284 buckets, plus one under 10 us and one ove
 ``observe`` finds the bucket with one ``math.log`` on the float and bumps an int in a list made at
 start: O(1), no containers allocated. Quantiles interpolate inside the bucket (geometrically), so the
 dashboard and ``/v1/state`` show figures within 5% of the true sample, not bucket edges. The
-Prometheus exposition keeps every other edge (10.25% apart, 143 ``le`` lines): that is the resolution
+Prometheus exposition keeps every other edge (10.25% apart, 143 edges, 144 ``le`` lines with +Inf): that is the resolution
 ``histogram_quantile``'s linear in-bucket interpolation needs to stay within ~5%, at half the series;
 the exact p50/p90/p99 are exported beside it as gauges. A custom collector
 turns these plain numbers, plus what the slot table and snapshot know (queue depth, in-flight per
