@@ -3,19 +3,19 @@
 Theory of operation
 -------------------
 The data path only increments ints in dicts and bumps histograms; it never touches
-prometheus_client objects, whose label lookups cost microseconds.
-
-The added-latency histogram (``LatencyHistogram``) has geometric buckets: each is 5% wider than
-the one below, from 10 us to 10 s (284 buckets, plus one under 10 us and one over the top edge).
-``observe`` finds the bucket with one ``math.log`` on the float and bumps an int in a list made at
-start: O(1), no containers allocated. Quantiles interpolate inside the bucket (geometrically), so the
-dashboard and ``/v1/state`` show figures within 5% of the true sample, not bucket edges. The
-Prometheus exposition keeps every other edge (10.25% apart, 143 edges, 144 ``le`` lines with +Inf): that is the resolution
-``histogram_quantile``'s linear in-bucket interpolation needs to stay within ~5%, at half the series;
-the exact p50/p90/p99 are exported beside it as gauges. A custom collector
-turns these plain numbers, plus what the slot table and snapshot know (queue depth, in-flight per
-revision, snapshot version and age, WebSocket sessions per revision from ``router.tunnels``), into
+prometheus_client objects, whose label lookups cost microseconds. A custom collector turns these
+plain numbers, plus what the slot table and snapshot know (queue depth, in-flight per revision,
+snapshot version and age, WebSocket sessions per revision from ``router.tunnels``), into
 Prometheus metric families when /metrics is scraped.
+
+The added-latency histogram (``LatencyHistogram``) has geometric buckets, each one's upper edge 5%
+above its lower one, from 10 us to 10 s (284 buckets, plus one under 10 us and one over the top).
+``observe`` finds the bucket with one ``math.log`` on the float and bumps an int in a list made at
+start: O(1), no container allocated. Quantiles interpolate inside their bucket (geometrically), so
+the dashboard, ``/v1/state`` and ``fastproxy status`` show figures within 5%, not bucket edges.
+The Prometheus exposition keeps every other edge (10.25% apart: 143 edges, 144 ``le`` lines with
++Inf), the resolution ``histogram_quantile``'s linear in-bucket interpolation needs to stay within
+~5%, at half the series; the exact p50/p90/p99 are exported beside it as gauges.
 """
 
 from __future__ import annotations
