@@ -150,7 +150,9 @@ def test_dev_prints_a_status_line_that_reads_each_running_router(tmp_path: Path)
             report = json.loads(subprocess.run([*cli, "--json"], capture_output=True, text=True, timeout=30,
                                                env=env, check=True).stdout)  # fmt: skip
             assert {r["revision"] for r in report["revisions"]} >= {"chat-v1", "realtime-v1"}
-            assert len(report["pods"]) == 54 and report["state"]["instance"].startswith("dev-router-")
+            # 54 in the scenario; churn replaces dead pods, so a few may be between removal and replacement.
+            assert 45 <= len(report["pods"]) <= 60 and report["state"]["instance"].startswith("dev-router-")
+            assert {p["revision"] for p in report["pods"]} == {"chat-v1", "chat-v2", "realtime-v1"}
         token_file = Path(shlex.split(commands[0])[-1])
         assert token_file.stat().st_mode & 0o077 == 0  # only its owner reads the token
         assert dev.wait(timeout=90) == 0, stderr.seek(0) or stderr.read()[-3000:]
