@@ -60,6 +60,10 @@ log = logging.getLogger("fastproxy.router")
 MAX_PENDING_REPORTS = 10_000
 
 
+# The X-Forwarded-Proto pair an untrusted client gets (every request without a trusted hop).
+_FORWARDED_PROTO_HTTP = (b"x-forwarded-proto", b"http")
+
+
 class Router:
     def __init__(self, config: RouterConfig, loop: asyncio.AbstractEventLoop) -> None:
         self.config = config
@@ -254,6 +258,16 @@ class Router:
         self, peer_bytes: bytes, trusted: bool, head: RequestHead
     ) -> list[tuple[bytes, bytes]]:
         """X-Forwarded-*: the client's own values only from a trusted hop; the real peer appended."""
+        if not trusted:
+            # The common case (no trusted hop): one list literal, the proto pair a constant.
+            if head.request_id is not None:
+                return [(b"x-forwarded-for", peer_bytes), _FORWARDED_PROTO_HTTP]
+            request_id = head.request_id = b"%s-%x" % (self._request_prefix, next(self._request_ids))
+            return [
+                (b"x-forwarded-for", peer_bytes),
+                _FORWARDED_PROTO_HTTP,
+                (b"x-request-id", request_id),
+            ]
         headers: list[tuple[bytes, bytes]] = []
         prior_for = None
         proto = b"http"
