@@ -29,9 +29,11 @@ ebpf:
 # pytest exits 5 when it collected nothing: that is a failure here, as any non-zero exit is.
 # The whole suite runs in the compiled form; then the tests of the data path run again in the pure
 # form (FASTPROXY_PURE=1), so the fallback stays a working, tested one. `make test-pure` runs all
-# of it pure (what `make test` would take twice as long to do).
+# of it pure (what `make test` would take twice as long to do). The bad-input flood scenarios
+# (tests/faults/test_bad_input.py, ~35 s) run compiled only: each bad request of theirs is also
+# in test_router_http.py, which runs in both forms.
 PURE_TESTS ?= tests/unit tests/integration/test_router_http.py tests/integration/test_sidecar.py \
-	tests/faults/test_bad_input.py bench/bench_exchange.py tests/integration/test_websocket.py \
+	bench/bench_exchange.py tests/integration/test_websocket.py \
 	tests/integration/test_llm_routing.py tests/integration/test_upstream_pool.py
 test: $(VENV) compiled ebpf
 	FASTPROXY_EXPECT_FORM=compiled $(PY) -m pytest tests bench --benchmark-disable -q $(TEST_ARGS)
