@@ -25,16 +25,12 @@ import msgspec
 import pytest
 import uvloop
 
-from bench.bench_exchange import BODY, REQUEST, RESPONSE, RESPONSE_BODY, MemoryTransport
+from bench.bench_exchange import BODY, REQUEST, RESPONSE, RESPONSE_BODY, InMemoryExchange
 from bench.conftest import make_pods
 from fastproxy import affinity
-from fastproxy.config import RouterConfig
 from fastproxy.exchange import RequestHead
 from fastproxy.llm import LLMRoute
-from fastproxy.proxy import ClientConnection, UpstreamConnection
-from fastproxy.router import Router
 from fastproxy.slots import SlotTable
-from fastproxy.snapshot import RoutingSnapshot
 from statesync.schema import LLMRouting, PodRecord, PodState, Route
 
 BUSY = 0.7
@@ -139,31 +135,15 @@ def bench_peek_read(benchmark) -> None:
     benchmark(read)
 
 
-class Rig:
+class Rig(InMemoryExchange):
     """bench_exchange's in-memory router with one pod, on a plain or an LLM route."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, llm: dict[str, object] | None) -> None:
-        pod = PodRecord(uid="pod-a", namespace="ml", revision="chat-v1", ip="127.0.0.2", port=8000,
-                        concurrency=1, state=PodState.READY, generation=1, ready=True)  # fmt: skip
         raw: dict[str, object] = {"service": "chat", "hosts": ["chat.inference.example.com"],
                                   "revisions": [{"revision": "chat-v1"}]}  # fmt: skip
         if llm is not None:
             raw["llm"] = llm
-        self.router = Router(RouterConfig(), loop)
-        self.router.install(RoutingSnapshot.build(1, 1, [pod], [msgspec.convert(raw, Route)]))
-        self.upstream = UpstreamConnection(self.router.pool, pod.uid, pod.concurrency)
-        self.pod_side = MemoryTransport(("127.0.0.2", 8000))
-        self.upstream.connection_made(self.pod_side)  # type: ignore[arg-type]
-        self.router.pool.checkin(self.upstream)
-        self.client = ClientConnection(self.router)
-        self.client_side = MemoryTransport(("10.1.2.3", 40000))
-        self.client.connection_made(self.client_side)  # type: ignore[arg-type]
-
-    def one(self) -> None:
-        self.client.data_received(REQUEST)
-        self.upstream.data_received(RESPONSE)
-        self.pod_side.written.clear()
-        self.client_side.written.clear()
+        super().__init__(loop, msgspec.convert(raw, Route))
 
 
 @pytest.mark.benchmark(group="peek")

@@ -167,16 +167,17 @@ def bench_build_response_head(benchmark) -> None:
 class InMemoryExchange:
     """A real router with one pod, whose two sockets are ``MemoryTransport``s."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, route: Route | None = None) -> None:
         pod = PodRecord(
             uid="pod-a", namespace="ml", revision="chat-v1", ip="127.0.0.2", port=8000,
             concurrency=1, state=PodState.READY, generation=1, ready=True,
         )  # fmt: skip
-        route = Route(
-            service="chat",
-            hosts=("chat.inference.example.com",),
-            revisions=(WeightedRevision(revision="chat-v1", weight=100),),
-        )
+        if route is None:
+            route = Route(
+                service="chat",
+                hosts=("chat.inference.example.com",),
+                revisions=(WeightedRevision(revision="chat-v1", weight=100),),
+            )
         self.router = Router(RouterConfig(), loop)
         self.router.install(RoutingSnapshot.build(1, 1, [pod], [route]))
         self.upstream = UpstreamConnection(self.router.pool, pod.uid, pod.concurrency)
