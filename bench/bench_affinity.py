@@ -7,8 +7,9 @@ Targets (issue 17): the pick stays <= 2 us at 50k pods, and the body peek adds <
 - ``pick``: ``affinity.pick`` plus the release, keys cycling through 4096 random prompts, 70% of
   the revision's pods busy (so walks meet busy pods and spill as at 70% load). On the routing
   state the other suites use (``bench.conftest``: 1k and 50k pods over 1000 revisions, a quarter
-  of them CC=4) -- the target -- and on the worst case, one revision of all 50k pods (a ring of
-  400k points, every probe a cache miss), beside the plain least-in-flight pick of that table.
+  of them CC=4) -- the target -- and on the worst case, one revision of all 50k pods (a Maglev
+  table of 1M entries: the key's entry is a cache miss), beside the plain least-in-flight pick of
+  that table.
 - ``peek``: ``LLMRoute.read`` alone on bench_exchange's 1 KB chat completion (decode the model and
   the raw prompt, hash the prompt's first 1 KB); and one whole request in memory through a real
   router (bench_exchange's rig) on a plain route and on an LLM route with ``policy: prefix``:

@@ -7,190 +7,188 @@ requests that share a prefix (a system prompt, the earlier turns of a conversati
 the same pod -- but never at the price of overloading it or of waiting while another pod is free.
 
 ``prefix_affinity`` is consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam
-2018) on top of the slot table's exact counts. Each revision's pods sit on a hash ring
-(``Ring``: ``POINTS_PER_POD`` points per pod, each a 64-bit blake2b of its UID). A request's key
-(a hash of its prompt's first bytes, or of its session header; ``fastproxy.llm``) lands on the
-ring; walking clockwise, the first pod that is routable, has a free slot and is within
-``(1 + epsilon)`` of the revision's average load (in-flight over slots, the new request counted)
-takes it. After ``MAX_PROBES`` points without one, any free pod does (``least_inflight``); with no
-free pod at all the request waits in the revision's FIFO like any other and takes the first slot
-freed anywhere. So affinity only ever chooses *among free pods*: it cannot double-book a pod,
-and it never waits for an affine pod while another is free.
+2018) on top of the slot table's exact counts, with Maglev's lookup table (Eisenbud et al. 2016)
+as the consistent hash. Each revision's pods fill a table of a prime number of entries
+(``table_size``: at least ``ENTRIES_PER_POD`` per pod, never fewer than 4099): every pod has its
+own permutation of the entries, ``offset + j * skip`` modulo the size, both from a blake2b of its
+UID, and the pods, in UID order, take turns claiming their next still-free entry until all are
+claimed. So each pod owns ``size // pods`` or one more entries -- the key shares are even (at 16
+pods 256 or 257 entries each; a ring of 32 points per pod gave ~1.9x between the largest and the
+smallest share, and the least-owning pods idled) -- and the build is one pass over the entries
+(``fill``; compiled, ~M log M cheap probes), not a sort of points. A request's key (a hash of its
+prompt's first bytes, or of its session header; ``fastproxy.llm``) indexes the table (``key %
+size``: no search); from that entry on, the first pod that is routable, has a free slot and is
+within ``(1 + epsilon)`` of the revision's average load (in-flight over slots, the new request
+counted) takes it. After ``MAX_PROBES`` entries without one (adjacent entries belong to unrelated
+pods, so the spill of one pod's keys spreads), any free pod does (``least_inflight``); with no free
+pod at all the request waits in the revision's FIFO like any other and takes the first slot freed
+anywhere. So affinity only ever chooses *among free pods*: it cannot double-book a pod, and it
+never waits for an affine pod while another is free.
 
-The ring holds every member of the revision the router knows (from the snapshot), routable or not,
-and is derived from the UIDs alone: routers with the same snapshot build the same ring and send a
-key to the same pod without talking to each other. A pod that is briefly not ready keeps its
-points (it is skipped while walking), so its keys come back to it, cache and all. The ring is built
-on a revision's first affine pick (O(pods log pods)) and then kept in step by the slot table
-(``MemberIndex``: ``add``/``change``/``remove``, O(points) each), so deltas never rebuild it.
+The table holds every member of the revision the router knows (from the snapshot), routable or
+not, and is a function of the UIDs alone: routers with the same snapshot build the same table and
+send a key to the same pod without talking to each other. A pod that is briefly not ready keeps
+its entries (it is skipped), so its keys come back to it, cache and all. When a pod joins or
+leaves, Maglev moves mostly that pod's keys (tests/unit/test_affinity.py measures it); when the
+revision outgrows its table (past ``size / ENTRIES_PER_POD`` pods, so at 256, 512, 1024... pods)
+the next size is used and every key moves once.
 
-Adapter affinity: a request naming a LoRA adapter first walks a smaller ring of the pods that
-advertise it (``PodRecord.adapters``), under the same bound; then the whole ring; then any free
-pod. Sub-rings exist only for adapters some pod advertises, so request input cannot grow them.
+Maintenance: the table is built on a revision's first affine pick, from its members. The slot
+table tells it of every pod that joins, changes or leaves (``MemberIndex``: ``add``/``change``/
+``remove``), which only counts the change; the table is rebuilt on the next pick once more than
+``pods >> REBUILD_SHIFT`` changes are pending -- at once for a revision of up to 255 pods, after
+196 changes for one of 50k pods, so that rebuild (~0.2 s there, compiled) is shared by many.
+Until then a pod that left is skipped like any unroutable pod (its entries spill to the next),
+and a pod that joined takes only spilled requests.
+
+Adapter affinity: a request naming a LoRA adapter first looks in a smaller table of the pods that
+advertise it (``PodRecord.adapters``), under the same bound; then the whole table; then any free
+pod. Sub-tables exist only for adapters some pod advertises, so request input cannot grow them.
 
 Policies stay plain functions of a ``RevisionSlots`` returning ``(release, pod)`` or None, like
-``fastproxy.slots.least_inflight`` (and Knative's throttler).
+``fastproxy.slots.least_inflight`` (and Knative's throttler). This module is compiled
+(``fastproxy.compiled``; its types in ``affinity.pxd``): the fill is a C loop there.
 """
 
 from __future__ import annotations
 
-import array
-import bisect
 import hashlib
-import struct
-from bisect import bisect_left as _bisect_left
 from collections.abc import Iterable
 from typing import Final
 
 from fastproxy.slots import Lease, PodSlots, RevisionSlots, SlotTable, least_inflight
 from statesync.schema import PodRecord
 
-# Points per pod: the share of keys a pod owns varies as 1/sqrt(points); with 8, a 16-pod ring's
-# largest share was ~3.6x its smallest and the load bound could cap only the largest (bench.affinity
-# at CC=4: spread max/min 1.6-1.8); with 32 it is ~1.9x (spread ~1.3). The cost: a ring of 50k pods
-# holds 1.6M points (~25 MB) and takes seconds to build on its revision's first affine pick.
-POINTS_PER_POD: Final = 32
-_DIGESTS: Final = POINTS_PER_POD // 8  # (a blake2b digest holds 8 points at most)
-# Ring points looked at (the affine pod, then the next ones clockwise) before any free pod will do.
+# Table sizes: the smallest prime above each power of two from 2^12. One size holds revisions of up
+# to size / ENTRIES_PER_POD pods, so a revision's size (and its keys' places) change only when it
+# doubles, not with every pod that joins.
+TABLE_SIZES: Final = (4099, 8209, 16411, 32771, 65537, 131101, 262147, 524309, 1048583, 2097169,
+                      4194319, 8388617, 16777259)  # fmt: skip
+# Entries per pod, at least: a pod's share of the keys is within 1/16 of every other pod's.
+ENTRIES_PER_POD: Final = 16
+# Entries looked at (the key's own, then the next ones) before any free pod will do.
 MAX_PROBES: Final = 8
-# Rings up to this many points are lists (see Ring); larger ones arrays.
-SMALL_RING: Final = 16_384
-_POINTS: Final = struct.Struct(">8Q")
+# A table is rebuilt once more than pods >> REBUILD_SHIFT changes are pending (see above).
+REBUILD_SHIFT: Final = 8
+_LOW64: Final = (1 << 64) - 1
+
+
+def table_size(pods: int) -> int:
+    """The entries of a table for ``pods`` pods: a prime, at least ENTRIES_PER_POD per pod."""
+    for size in TABLE_SIZES:
+        if size >= pods * ENTRIES_PER_POD:
+            return size
+    return TABLE_SIZES[-1]
 
 
 def _uid_of(pod: PodSlots) -> str:
     return pod.uid
 
 
-def ring_points(uid: str) -> tuple[int, ...]:
-    """A pod's points on every router's ring: a function of its UID alone."""
-    data = uid.encode()
-    points: tuple[int, ...] = ()
-    for salt in range(_DIGESTS):
-        digest = hashlib.blake2b(data, digest_size=64, person=b"fastproxy-ring", salt=bytes([salt])).digest()
-        points += _POINTS.unpack(digest)
-    return points
+def permutation(uid: str, size: int) -> tuple[int, int]:
+    """A pod's ``(offset, skip)`` in every router's table of ``size`` entries: from its UID alone."""
+    digest = hashlib.blake2b(uid.encode(), digest_size=16, person=b"fastproxy-maglev").digest()
+    h = int.from_bytes(digest, "big")
+    # (size is prime, so every skip in 1..size-1 visits every entry)
+    return (h >> 64) % size, (h & _LOW64) % (size - 1) + 1
 
 
-class Ring:
-    """The pods of one revision on a hash ring: sorted points and the pod owning each."""
+def fill(pods: list[PodSlots], offsets: list[int], skips: list[int], size: int) -> list[PodSlots]:
+    """Maglev's population: the pods, in turn, each claim the next free entry of their permutation
+    (``offsets`` is consumed: each becomes the pod's next entry to try). ``pods`` is not empty."""
+    count = len(pods)
+    entries: list[PodSlots] = [None] * size  # type: ignore[list-item]  # (all claimed on return)
+    filled = 0
+    while True:
+        for i in range(count):
+            at = offsets[i]
+            skip = skips[i]
+            while entries[at] is not None:
+                at += skip
+                if at >= size:
+                    at -= size
+            entries[at] = pods[i]
+            at += skip
+            if at >= size:
+                at -= size
+            offsets[i] = at
+            filled += 1
+            if filled == size:
+                return entries
 
-    __slots__ = ("adapters", "owners", "points", "top")
+
+class Maglev:
+    """One revision's pods (or one adapter's) in a Maglev lookup table, and its adapters' tables."""
+
+    __slots__ = ("adapters", "changes", "entries", "pods", "size", "stale")
 
     def __init__(self, pods: Iterable[PodSlots], *, with_adapters: bool = True) -> None:
-        # Ties between points (2^-64 apart) are broken by UID, so every router orders them alike:
-        # the pods go in UID order and the sort is stable. (Sorting the points' indexes by point,
-        # not (point, uid, pod) tuples: ~4x faster, which matters for a ring of 50k pods.)
-        flat: list[int] = []
-        flat_owners: list[PodSlots] = []
-        for pod in sorted(pods, key=_uid_of):
-            flat += ring_points(pod.uid)
-            flat_owners += [pod] * POINTS_PER_POD
-        order = sorted(range(len(flat)), key=flat.__getitem__)
-        # A large ring is an array, not a list of ints: 8 contiguous bytes per point, so a bisect
-        # over a 50k-pod ring touches a few cache lines instead of 19 scattered int objects. A
-        # small one (the common case: tens of pods per revision) is a list, in cache either way,
-        # whose bisect compares ints without making one per probe (~0.3 us vs ~0.5 us).
-        keys = [flat[i] for i in order]
-        self.points: list[int] | array.array[int] = (
-            keys if len(keys) <= SMALL_RING else array.array("Q", keys)
-        )
-        self.owners: list[PodSlots] = [flat_owners[i] for i in order]
-        self.adapters: dict[str, Ring] = {}
-        self.top = with_adapters  # a revision's ring (not an adapter's): it keeps the adapters' rings
+        ordered = sorted(pods, key=_uid_of)  # every router takes turns in the same order
+        self.pods = len(ordered)
+        self.changes = 0  # joins, leaves and adapter changes since the build
+        self.stale = False
+        self.adapters: dict[str, Maglev] = {}
+        if not ordered:
+            self.size = 0
+            self.entries: list[PodSlots] = []
+            return
+        size = self.size = table_size(len(ordered))
+        offsets: list[int] = []
+        skips: list[int] = []
+        for pod in ordered:
+            offset, skip = permutation(pod.uid, size)
+            offsets.append(offset)
+            skips.append(skip)
+        self.entries = fill(ordered, offsets, skips, size)
         if with_adapters:
             by_adapter: dict[str, list[PodSlots]] = {}
-            seen: set[str] = set()
-            for pod in self.owners:
-                if pod.record.adapters and pod.uid not in seen:
-                    seen.add(pod.uid)
-                    for adapter in pod.record.adapters:
-                        by_adapter.setdefault(adapter, []).append(pod)
-            self.adapters = {name: Ring(pods, with_adapters=False) for name, pods in by_adapter.items()}
+            for pod in ordered:
+                for adapter in pod.record.adapters:
+                    by_adapter.setdefault(adapter, []).append(pod)
+            self.adapters = {name: Maglev(group, with_adapters=False) for name, group in by_adapter.items()}
 
     def __len__(self) -> int:
-        return len(self.points)
+        return self.size
 
-    # ---- kept in step by the slot table (fastproxy.slots.MemberIndex) ------------------------
+    # ---- told by the slot table (fastproxy.slots.MemberIndex) ---------------------------------
 
     def add(self, pod: PodSlots) -> None:
-        self._insert(pod)
-        if self.top:
-            for adapter in pod.record.adapters:
-                self._adapter_ring(adapter)._insert(pod)
-
-    def _insert(self, pod: PodSlots) -> None:
-        points, owners, uid = self.points, self.owners, pod.uid
-        for point in ring_points(uid):
-            at = bisect.bisect_left(points, point)
-            while at < len(points) and points[at] == point and owners[at].uid < uid:
-                at += 1
-            points.insert(at, point)
-            owners.insert(at, pod)
+        self._changed()
 
     def remove(self, pod: PodSlots) -> None:
-        self._delete(pod)
-        if self.top:
-            for adapter in pod.record.adapters:
-                self._leave_adapter(adapter, pod)
-
-    def _delete(self, pod: PodSlots) -> None:
-        points, owners = self.points, self.owners
-        for point in ring_points(pod.uid):
-            at = bisect.bisect_left(points, point)
-            while at < len(points) and points[at] == point:
-                if owners[at] is pod:
-                    del points[at]
-                    del owners[at]
-                    break
-                at += 1
-
-    def _leave_adapter(self, adapter: str, pod: PodSlots) -> None:
-        sub = self.adapters.get(adapter)
-        if sub is not None:
-            sub._delete(pod)
-            if not sub.points:
-                del self.adapters[adapter]
+        self._changed()
 
     def change(self, pod: PodSlots, record: PodRecord) -> None:
-        """``pod`` is about to get ``record``: follow a change of its advertised adapters."""
-        before, after = pod.record.adapters, record.adapters
-        if before == after:
-            return
-        for adapter in before:
-            if adapter not in after:
-                self._leave_adapter(adapter, pod)
-        for adapter in after:
-            if adapter not in before:
-                self._adapter_ring(adapter)._insert(pod)
+        """``pod`` is about to get ``record``: only a change of its advertised adapters matters."""
+        if pod.record.adapters != record.adapters:
+            self._changed()
 
-    def _adapter_ring(self, adapter: str) -> Ring:
-        sub = self.adapters.get(adapter)
-        if sub is None:
-            sub = self.adapters[adapter] = Ring((), with_adapters=False)
-        return sub
+    def _changed(self) -> None:
+        self.changes += 1
+        if self.changes > self.pods >> REBUILD_SHIFT:
+            self.stale = True
 
 
-def ring_of(revision: RevisionSlots) -> Ring:
-    """The revision's ring, built on first use and kept in step by the slot table from then on."""
-    ring = revision.ring
-    if ring is None:
-        ring = revision.ring = Ring(revision.members.values())
-    return ring  # type: ignore[return-value]  # (only this module sets it)
+def maglev_of(revision: RevisionSlots) -> Maglev:
+    """The revision's table: built on first use, rebuilt when enough changes are pending."""
+    table: Maglev | None = revision.ring  # type: ignore[assignment]  # (only this module sets it)
+    if table is None or table.stale:
+        table = Maglev(revision.members.values())
+        revision.ring = table
+    return table
 
 
-def _walk(ring: Ring, key: int, bound: float) -> Lease | None:
-    """The first pod clockwise from ``key`` that is routable, has a free slot, and whose load
-    stays under ``bound`` (in-flight per slot) -- within ``MAX_PROBES`` points."""
-    points = ring.points
-    count = len(points)
-    if not count:
+def _walk(table: Maglev, key: int, bound: float) -> Lease | None:
+    """From ``key``'s entry on, the first pod that is routable, has a free slot, and whose load
+    stays under ``bound`` (in-flight per slot) -- within ``MAX_PROBES`` entries."""
+    size = table.size
+    if not size:
         return None
-    owners = ring.owners
-    at = _bisect_left(points, key)
-    end = at + (MAX_PROBES if count > MAX_PROBES else count)
+    entries = table.entries
+    at = key % size
+    end = at + MAX_PROBES
     while at < end:
-        pod = owners[at] if at < count else owners[at - count]  # (it wraps once at most)
+        pod = entries[at] if at < size else entries[at - size]  # (it wraps once at most)
         inflight = pod.inflight
         concurrency = pod.concurrency
         # inflight + 1 <= ceil(bound * concurrency)  <=>  inflight < bound * concurrency
@@ -204,22 +202,20 @@ def _walk(ring: Ring, key: int, bound: float) -> Lease | None:
 def prefix_affinity(
     revision: RevisionSlots, key: int, adapter: str | None = None, epsilon: float = 0.25
 ) -> Lease | None:
-    """Policy: the key's pod on the ring if it is free and within (1 + epsilon) of the average
-    load, else the next such pod clockwise, else any free pod; None when no pod is free."""
+    """Policy: the key's pod in the table if it is free and within (1 + epsilon) of the average
+    load, else the next such pod, else any free pod; None when no pod is free."""
     capacity = revision.capacity
     if capacity <= 0:
         return None
-    ring: Ring | None = revision.ring  # type: ignore[assignment]  # (only this module sets it)
-    if ring is None:
-        ring = ring_of(revision)
+    table = maglev_of(revision)
     bound = (1.0 + epsilon) * (revision.inflight_total + 1) / capacity
-    if adapter is not None and ring.adapters:
-        sub = ring.adapters.get(adapter)
+    if adapter is not None and table.adapters:
+        sub = table.adapters.get(adapter)
         if sub is not None:
             lease = _walk(sub, key, bound)
             if lease is not None:
                 return lease
-    lease = _walk(ring, key, bound)
+    lease = _walk(table, key, bound)
     if lease is not None:
         return lease
     return least_inflight(revision)
@@ -241,17 +237,17 @@ def pick(
     if slots is None:
         return None
     if slots.pending is not None:
-        table._materialize(slots)  # a ring needs the revision's members
+        table._materialize(slots)  # a table needs the revision's members
     if key is not None:
         # (prefix_affinity, inlined for the common case: the request path pays one call less)
-        ring = slots.ring
+        maglev: Maglev | None = slots.ring  # type: ignore[assignment]
         capacity = slots.capacity
-        if ring is None or adapter is not None or capacity <= 0:
+        if maglev is None or maglev.stale or adapter is not None or capacity <= 0:
             return prefix_affinity(slots, key, adapter, epsilon)
-        lease = _walk(ring, key, (1.0 + epsilon) * (slots.inflight_total + 1) / capacity)  # type: ignore[arg-type]
+        lease = _walk(maglev, key, (1.0 + epsilon) * (slots.inflight_total + 1) / capacity)
         return lease if lease is not None else least_inflight(slots)
-    ring = ring_of(slots)
-    sub = ring.adapters.get(adapter) if ring.adapters and adapter is not None else None
+    maglev = maglev_of(slots)
+    sub = maglev.adapters.get(adapter) if maglev.adapters and adapter is not None else None
     if sub is not None and adapter is not None and slots.capacity > 0:
         bound = (1.0 + epsilon) * (slots.inflight_total + 1) / slots.capacity
         lease = _walk(sub, adapter_key(adapter), bound)

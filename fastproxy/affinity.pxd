@@ -1,0 +1,26 @@
+# Cython declarations for affinity.py (pure-Python mode): the same source, compiled with these types
+# by scripts/build_compiled.py. Attributes are public (Python reads and writes them as in the pure
+# form). Keep in step with the .py: an attribute added there must be declared here.
+cimport cython
+
+@cython.locals(count=Py_ssize_t, i=Py_ssize_t, at=Py_ssize_t, skip=Py_ssize_t, filled=Py_ssize_t,
+               entries=list)
+cpdef list fill(list pods, list offsets, list skips, Py_ssize_t size)
+
+cdef class Maglev:
+    cdef public dict adapters
+    cdef public Py_ssize_t changes
+    cdef public list entries
+    cdef public Py_ssize_t pods
+    cdef public Py_ssize_t size
+    cdef public bint stale
+    cpdef add(self, object pod)
+    cpdef remove(self, object pod)
+    cpdef change(self, object pod, object record)
+    cpdef _changed(self)
+
+cpdef Maglev maglev_of(object revision)
+
+@cython.locals(size=Py_ssize_t, entries=list, at=Py_ssize_t, end=Py_ssize_t, inflight=Py_ssize_t,
+               concurrency=Py_ssize_t)
+cpdef object _walk(Maglev table, object key, double bound)
