@@ -4,6 +4,17 @@
 # added there must be declared here, or the compiled form raises AttributeError.
 cimport cython
 
+# Module constants read per message or per field: C globals (invisible to Python, like the
+# underscore names they are; the PARSE_* states stay importable).
+cdef int _FIELD_HOST, _FIELD_TRANSFER_ENCODING, _FIELD_CONNECTION, _FIELD_CONTENT_LENGTH
+cdef int _FIELD_EXPECT, _FIELD_FORWARDING, _FIELD_REQUEST_ID, _FIELD_HOP_BY_HOP, _FIELD_UPGRADE
+cdef dict _FIELD_NAMES
+cdef Py_ssize_t _FIELD_NAMES_MAX
+cdef dict _REQUEST_SPECIAL, _RESPONSE_SPECIAL
+cdef object _BEGIN_FROM, _BEGIN_TO, _HEAD_DONE_FROM, _HEAD_DONE_TO, _MESSAGE_DONE_FROM, _MESSAGE_DONE_TO
+
+@cython.locals(name=bytes)
+cpdef tuple _field_name(bytes raw_name)
 cpdef object find_header(list headers, bytes name)
 cpdef list _split_tokens(bytes value)
 cpdef bytes _strip_port(bytes host)
@@ -55,11 +66,22 @@ cdef class RequestParser:
     cdef bytes _host_authority
     cdef str _host_name
     cdef list _url_pieces
-    cdef object _version_hint
     cdef public object _upgrade
     cpdef _reset(self)
-    cpdef _move(self, object event)
     cpdef feed(self, bytes data)
+    # The httptools callbacks: cpdef so that their locals are typed (httptools calls them as Python
+    # methods either way).
+    cpdef on_message_begin(self)
+    cpdef on_url(self, bytes url)
+    cpdef on_header(self, bytes name, bytes value)
+    @cython.locals(head=RequestHead, method=bytes)
+    cpdef on_headers_complete(self)
+    @cython.locals(data=bytes, offset=Py_ssize_t)
+    cpdef bint _is_http11(self, bytes method)
+    cpdef on_body(self, bytes body)
+    cpdef on_message_complete(self)
+    @cython.locals(raw_headers=list, count=Py_ssize_t, kept=list, names=dict, size=Py_ssize_t,
+                   entry=tuple, name=bytes, kind=int, raw_name=bytes, value=bytes)
     cpdef _analyse_headers(self, RequestHead head)
     cpdef _analyse_target(self, RequestHead head, bytes target)
 
@@ -93,11 +115,20 @@ cdef class ResponseParser:
     cdef Py_ssize_t _head_bytes
     cdef bint _no_body
     cdef object _whole_feed
-    cdef object _version_hint
+    cdef bint _http11
     cpdef _reset(self)
     cpdef expect_no_body(self)
     cpdef feed(self, bytes data)
     cpdef bint feed_eof(self)
+    @cython.locals(data=bytes)
+    cpdef on_message_begin(self)
+    cpdef on_status(self, bytes reason)
+    cpdef on_header(self, bytes name, bytes value)
+    @cython.locals(head=ResponseHead, raw_headers=list, kept=list, names=dict, size=Py_ssize_t,
+                   entry=tuple, name=bytes, kind=int, raw_name=bytes, value=bytes)
+    cpdef on_headers_complete(self)
+    cpdef on_body(self, bytes body)
+    cpdef on_message_complete(self)
 
 cpdef bytes _status_line(object status, bytes reason)
 cpdef _append_fields(list parts, list fields)

@@ -95,6 +95,25 @@ PARSE_TRANSITIONS: Final[dict[tuple[Parse, ParseEvent], Parse]] = {
     (Parse.BODY, ParseEvent.MESSAGE_DONE): Parse.IDLE,
 }
 
+# The states as module constants: ``Parse.IDLE`` is an attribute lookup through EnumType's
+# __getattr__ (~900 instructions, several per message); these are one C global each once compiled.
+PARSE_IDLE: Final = Parse.IDLE
+PARSE_HEAD: Final = Parse.HEAD
+PARSE_BODY: Final = Parse.BODY
+
+
+def _transition(event: ParseEvent) -> tuple[Parse, Parse]:
+    """The one (from, to) pair of ``event`` in the table."""
+    (pair,) = [(start, to) for (start, ev), to in PARSE_TRANSITIONS.items() if ev is event]
+    return pair
+
+
+# Each event's legal move, read off the table: a callback compares the state with the first (one
+# pointer compare) instead of building and hashing a tuple key per event.
+_BEGIN_FROM, _BEGIN_TO = _transition(ParseEvent.BEGIN)
+_HEAD_DONE_FROM, _HEAD_DONE_TO = _transition(ParseEvent.HEAD_DONE)
+_MESSAGE_DONE_FROM, _MESSAGE_DONE_TO = _transition(ParseEvent.MESSAGE_DONE)
+
 HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
@@ -161,6 +180,22 @@ _RESPONSE_SPECIAL: Final[dict[bytes, int]] = {
     b"upgrade": _FIELD_UPGRADE,
 }
 
+# A field name as it arrived -> (its lower-case form, its kind in a request, in a response; 0:
+# forwarded as it is). Clients and apps send the same few dozen names in the same case every time:
+# one dict lookup per field then does what lower() and two lookups would. Names are added until
+# the cache is full (a client inventing names cannot grow it); the rest are classified each time.
+_FIELD_NAMES: Final[dict[bytes, tuple[bytes, int, int]]] = {}
+_FIELD_NAMES_MAX: Final = 2048
+
+
+def _field_name(raw_name: bytes) -> tuple[bytes, int, int]:
+    name = raw_name.lower()
+    entry = (name, _REQUEST_SPECIAL.get(name, 0), _RESPONSE_SPECIAL.get(name, 0))
+    if len(_FIELD_NAMES) < _FIELD_NAMES_MAX:
+        _FIELD_NAMES[raw_name] = entry
+    return entry
+
+
 # Re-derived or set by the router itself, never copied from the client.
 _REBUILT_REQUEST: Final = frozenset(
     {b"host", b"content-length", b"expect", b"x-forwarded-for", b"x-forwarded-proto", b"forwarded"}
@@ -171,6 +206,11 @@ _HOST_RE: Final = re.compile(
     rb"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9\-._~]*[A-Za-z0-9])?)(?::([0-9]{1,5}))?$"
 )
 _IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+
+def _parser_bug(event: ParseEvent, state: Parse) -> RuntimeError:
+    """An event in a state the table has no move for: a bug in the parser wrapper."""
+    return RuntimeError(f"parser bug: {event.name} in state {state.name}")
 
 
 def find_header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
@@ -265,7 +305,6 @@ class RequestParser:
         "_upgrade",
         "_url",
         "_url_pieces",
-        "_version_hint",
         "_whole_feed",
         "state",
     )
@@ -283,7 +322,7 @@ class RequestParser:
         # llhttp refuses HTTP/1.2 and the like; RFC 9110 (2.5, 6.2) says a recipient accepts a
         # higher minor version and answers as 1.1. Versions are then judged here (on_headers_complete).
         self._parser.set_dangerous_leniencies(lenient_version=True)
-        self.state = Parse.IDLE
+        self.state = PARSE_IDLE
         self._feed_consumed = 0
         self._feed_body = 0
         self._feed_chunked = False
@@ -301,7 +340,6 @@ class RequestParser:
         self._head = RequestHead()
         self._url = b""
         self._url_pieces: list[bytes] | None = None  # a target split across reads (rare)
-        self._version_hint: str | None = None
         self._raw_headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0  # exact: URL and header fields seen so far
         self._head_raw = 0  # raw bytes fed while the head was incomplete (llhttp's own buffer)
@@ -314,12 +352,6 @@ class RequestParser:
         self._body_bytes = 0
         self._framing_budget = 0
 
-    def _move(self, event: ParseEvent) -> None:
-        try:
-            self.state = PARSE_TRANSITIONS[(self.state, event)]
-        except KeyError:
-            raise RuntimeError(f"parser bug: {event.name} in state {self.state.name}") from None
-
     # ---- driving --------------------------------------------------------------------------
 
     def feed(self, data: bytes) -> None:
@@ -328,8 +360,8 @@ class RequestParser:
         self._feed_consumed = 0
         self._feed_body = 0
         self._feed_messages = 0
-        self._feed_chunked = self.state is Parse.BODY and self._head.chunked
-        self._whole_feed = data if state_before is Parse.IDLE else None
+        self._feed_chunked = state_before is PARSE_BODY and self._head.chunked
+        self._whole_feed = data if state_before is PARSE_IDLE else None
         try:
             self._parser.feed_data(data)
             self._whole_feed = None
@@ -346,10 +378,11 @@ class RequestParser:
             raise BadRequest(f"invalid method: {exc}") from None
         except httptools.HttpParserError as exc:
             raise BadRequest(f"malformed request: {exc}") from None
-        if self.state is Parse.HEAD:
+        state = self.state
+        if state is PARSE_HEAD:
             # llhttp buffers a header line until it ends: bound what it may hold for us. Bytes of
             # messages that completed earlier in this feed are roughly known and not counted.
-            if state_before is Parse.HEAD:
+            if state_before is PARSE_HEAD:
                 self._head_raw += len(data)
             else:
                 self._head_raw = len(data) - self._begin_offset
@@ -357,11 +390,11 @@ class RequestParser:
                 raise HeadersTooLarge(f"request head exceeds {self._max_header_bytes} bytes")
             if len(self._raw_headers) > self._max_headers:
                 raise HeadersTooLarge(f"more than {self._max_headers} header fields")
-        elif self.state is Parse.BODY and self._head.chunked:
+        elif state is PARSE_BODY and self._head.chunked:
             self._framing_budget -= len(data)
             if self._framing_budget + 8 * self._body_bytes < 0:
                 raise BadRequest("chunk framing overhead (extensions, trailers) exceeds its limit")
-        if self._feed_chunked and self.state is not Parse.BODY:
+        if self._feed_chunked and state is not PARSE_BODY:
             # A chunked message ended inside this read: bound its framing by what the read held
             # beyond its fields and body (an over-estimate when several messages share a read).
             framing = len(data) - self._feed_consumed - 64 * self._feed_messages
@@ -371,17 +404,13 @@ class RequestParser:
     # ---- httptools callbacks ----------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self._move(ParseEvent.BEGIN)
+        if self.state is not _BEGIN_FROM:
+            raise _parser_bug(ParseEvent.BEGIN, self.state)
+        self.state = _BEGIN_TO
         self._begin_offset = self._feed_consumed
         self._feed_messages += 1
-        data = self._whole_feed
-        if data is not None and self._feed_messages == 1:
-            # This message starts this read. httptools' get_http_version() formats a str per call
-            # (~5k instructions); its request line, which llhttp validates anyway, says it when it
-            # ends in " HTTP/1.1" (leading empty lines or another version: ask llhttp).
-            end = data.find(b"\r\n")
-            if end > 0 and data.endswith(b" HTTP/1.1", 0, end):
-                self._version_hint = "1.1"
+        if self._feed_messages > 1:
+            self._whole_feed = None  # only the first message of a read starts at its first byte
 
     def on_url(self, url: bytes) -> None:
         self._feed_consumed += len(url) + 16
@@ -407,24 +436,43 @@ class RequestParser:
     def on_headers_complete(self) -> None:
         head = self._head
         parser = self._parser
-        version = self._version_hint or parser.get_http_version()
-        if version not in ("1.1", "1.0"):
+        method: bytes = parser.get_method()
+        head.method = method
+        version = "1.1" if self._is_http11(method) else parser.get_http_version()
+        if version == "1.1":
+            head.version = b"1.1"
+        elif version == "1.0":
+            head.version = b"1.0"
+        else:
             if version.startswith("0."):
                 raise BadRequest("HTTP/0.9 requests are not supported")
             if not version.startswith("1."):
                 raise VersionNotSupported(f"HTTP/{version} on an HTTP/1 connection")
-            version = "1.1"  # HTTP/1.2 and up: handled, forwarded and answered as 1.1
-        head.version = version.encode()
-        head.method = parser.get_method()
-        if head.method == b"CONNECT":
+            head.version = b"1.1"  # HTTP/1.2 and up: handled, forwarded and answered as 1.1
+        if method == b"CONNECT":
             raise MethodNotAllowed("CONNECT is not supported by this proxy")
         head.keep_alive = parser.should_keep_alive()  # before the analysis: an upgrade clears it
         self._analyse_headers(head)
         self._analyse_target(head, self._url if self._url_pieces is None else b"".join(self._url_pieces))
-        self._move(ParseEvent.HEAD_DONE)
+        if self.state is not _HEAD_DONE_FROM:
+            raise _parser_bug(ParseEvent.HEAD_DONE, self.state)
+        self.state = _HEAD_DONE_TO
         self._framing_budget = self._max_chunk_overhead_bytes
         self._feed_chunked = self._feed_chunked or head.chunked
         self._events.append(head)
+
+    def _is_http11(self, method: bytes) -> bool:
+        """Does the request line say HTTP/1.1? httptools' get_http_version() formats a str per call
+        (~5k instructions); the read holds the line when this message starts it. Its version is
+        then at ``len(method) + len(url) + 2`` if one space separates each part, and further on
+        if more do; "HTTP/1.1\r\n" found there is the line's end (llhttp refused a CR or LF
+        inside the line). Anything else (leading empty lines, another version, a line split
+        across reads): False, and llhttp is asked."""
+        data = self._whole_feed
+        if data is None or self._url_pieces is not None:
+            return False
+        offset = len(method) + len(self._url) + 2
+        return data[offset : offset + 10] == b"HTTP/1.1\r\n"
 
     def on_body(self, body: bytes) -> None:
         self._feed_consumed += len(body) + 8
@@ -436,7 +484,9 @@ class RequestParser:
         self._events.append(body)
 
     def on_message_complete(self) -> None:
-        self._move(ParseEvent.MESSAGE_DONE)
+        if self.state is not _MESSAGE_DONE_FROM:
+            raise _parser_bug(ParseEvent.MESSAGE_DONE, self.state)
+        self.state = _MESSAGE_DONE_TO
         self._events.append(END)
         self._reset()
 
@@ -444,18 +494,21 @@ class RequestParser:
 
     def _analyse_headers(self, head: RequestHead) -> None:
         raw_headers = self._raw_headers
-        if len(raw_headers) > self._max_headers:
+        count = len(raw_headers)
+        if count > self._max_headers:
             raise HeadersTooLarge(f"more than {self._max_headers} header fields")
         kept: list[tuple[bytes, bytes]] = []
-        keep = kept.append
-        special = _REQUEST_SPECIAL.get
-        size = 0
+        names = _FIELD_NAMES
+        size = 4 * count
         for raw_name, value in raw_headers:
             size += len(raw_name) + len(value)
-            name = raw_name.lower()
-            kind = special(name)
-            if kind is None:  # the common case: one dict lookup per field
-                keep((name, value))
+            entry = names.get(raw_name)
+            if entry is None:
+                entry = _field_name(raw_name)
+            name = entry[0]
+            kind = entry[1]
+            if kind == 0:  # the common case: one dict lookup per field
+                kept.append((name, value))
             elif kind == _FIELD_HOST:
                 if self._hosts is None:
                     self._hosts = [value]
@@ -480,11 +533,10 @@ class RequestParser:
                 head.forwarded.append((name, value))
             elif kind == _FIELD_REQUEST_ID:
                 head.request_id = value
-                keep((name, value))
+                kept.append((name, value))
             elif kind == _FIELD_UPGRADE:
                 self._upgrade = value if self._upgrade is None else self._upgrade + b"," + value
             # else _FIELD_HOP_BY_HOP: dropped
-        size += 4 * len(raw_headers)
         if size > self._max_header_bytes:
             raise HeadersTooLarge(f"header section exceeds {self._max_header_bytes} bytes")
         self._head_bytes = size
@@ -648,6 +700,7 @@ class ResponseParser:
         "_events",
         "_head",
         "_head_bytes",
+        "_http11",
         "_limits",
         "_max_header_bytes",
         "_max_headers",
@@ -655,7 +708,6 @@ class ResponseParser:
         "_parser",
         "_raw_headers",
         "_te",
-        "_version_hint",
         "_whole_feed",
         "state",
         "upgraded",
@@ -668,7 +720,7 @@ class ResponseParser:
         self._max_header_bytes = limits.max_header_bytes
         self._max_headers = limits.max_headers
         self._parser = httptools.HttpResponseParser(self)
-        self.state = Parse.IDLE
+        self.state = PARSE_IDLE
         self._no_body = False
         self._whole_feed: bytes | None = None
         self.upgraded = False  # the pod switched protocols (a 101 with Upgrade): no longer HTTP
@@ -681,14 +733,14 @@ class ResponseParser:
         self._te: list[bytes] | None = None  # created when such a field comes (see RequestParser)
         self._connection_tokens: list[bytes] | None = None
         self._head_bytes = 0
-        self._version_hint: str | None = None
+        self._http11 = False  # the status line says HTTP/1.1 (on_message_begin)
 
     def expect_no_body(self) -> None:
         """The next response answers HEAD: it ends with its head whatever its framing says."""
         self._no_body = True
 
     def feed(self, data: bytes) -> None:
-        self._whole_feed = data if self.state is Parse.IDLE else None
+        self._whole_feed = data if self.state is PARSE_IDLE else None
         try:
             self._parser.feed_data(data)
             self._whole_feed = None
@@ -706,7 +758,7 @@ class ResponseParser:
             return
         except httptools.HttpParserError as exc:
             raise BadGateway(f"malformed response from pod: {exc}") from None
-        if self.state is Parse.HEAD:
+        if self.state is PARSE_HEAD:
             self._head_bytes += len(data)
             if self._head_bytes > 2 * self._max_header_bytes:
                 raise BadGateway("response head from pod too large")
@@ -715,20 +767,22 @@ class ResponseParser:
 
     def feed_eof(self) -> bool:
         """The pod closed the connection. True if that ends a close-delimited body."""
-        if self.state is Parse.BODY and self._head.content_length is None and not self._head.chunked:
+        if self.state is PARSE_BODY and self._head.content_length is None and not self._head.chunked:
             self._events.append(END)
-            self.state = Parse.IDLE
+            self.state = PARSE_IDLE
             return True
-        return self.state is Parse.IDLE
+        return self.state is PARSE_IDLE
 
     def on_message_begin(self) -> None:
-        self.state = PARSE_TRANSITIONS[(self.state, ParseEvent.BEGIN)]
+        if self.state is not _BEGIN_FROM:
+            raise _parser_bug(ParseEvent.BEGIN, self.state)
+        self.state = _BEGIN_TO
         data = self._whole_feed
         if data is not None:
-            # The first response of this read starts it (as in RequestParser.on_message_begin).
+            # The first response of this read starts it: its status line says the version (as in
+            # RequestParser._is_http11; get_http_version() formats a str per call).
             self._whole_feed = None
-            if data.startswith(b"HTTP/1.1 "):
-                self._version_hint = "1.1"
+            self._http11 = data[:9] == b"HTTP/1.1 "
 
     def on_status(self, reason: bytes) -> None:
         self._head.reason += reason
@@ -742,23 +796,28 @@ class ResponseParser:
         head = self._head
         parser = self._parser
         head.status = parser.get_status_code()
-        version = self._version_hint or parser.get_http_version()
-        if version not in ("1.1", "1.0"):
+        version = "1.1" if self._http11 else parser.get_http_version()
+        if version == "1.1":
+            head.version = b"1.1"
+        elif version == "1.0":
+            head.version = b"1.0"
+        else:
             raise BadGateway(f"pod answered with HTTP/{version}")
-        head.version = version.encode()
         raw_headers = self._raw_headers
         if len(raw_headers) > 4 * self._max_headers:
             raise BadGateway("response head from pod too large")
         kept: list[tuple[bytes, bytes]] = []
-        keep = kept.append
-        special = _RESPONSE_SPECIAL.get
+        names = _FIELD_NAMES
         size = 4 * len(raw_headers)
         for raw_name, value in raw_headers:
             size += len(raw_name) + len(value)
-            name = raw_name.lower()
-            kind = special(name)
-            if kind is None:
-                keep((name, value))
+            entry = names.get(raw_name)
+            if entry is None:
+                entry = _field_name(raw_name)
+            name = entry[0]
+            kind = entry[2]
+            if kind == 0:
+                kept.append((name, value))
             elif kind == _FIELD_TRANSFER_ENCODING:
                 if self._te is None:
                     self._te = []
@@ -787,13 +846,15 @@ class ResponseParser:
             head.chunked = True
             head.content_length = None
         head.keep_alive = parser.should_keep_alive()
-        self.state = PARSE_TRANSITIONS[(self.state, ParseEvent.HEAD_DONE)]
+        if self.state is not _HEAD_DONE_FROM:
+            raise _parser_bug(ParseEvent.HEAD_DONE, self.state)
+        self.state = _HEAD_DONE_TO
         self._events.append(head)
         if self._no_body and head.status >= 200:
             # llhttp would wait for the body a HEAD response never has: end here, and start a
             # fresh parser for the next response on this connection.
             self._no_body = False
-            self.state = Parse.IDLE
+            self.state = PARSE_IDLE
             self._events.append(END)
             self._parser = httptools.HttpResponseParser(self)
             self._reset()
@@ -802,9 +863,9 @@ class ResponseParser:
         self._events.append(body)
 
     def on_message_complete(self) -> None:
-        if self.state is not Parse.BODY:
+        if self.state is not _MESSAGE_DONE_FROM:
             return  # a HEAD response already ended at its head
-        self.state = PARSE_TRANSITIONS[(self.state, ParseEvent.MESSAGE_DONE)]
+        self.state = _MESSAGE_DONE_TO
         if self._head.status >= 200:  # an interim (1xx) response is a head only; the final one follows
             self._events.append(END)
         self._reset()
