@@ -130,6 +130,12 @@ cdef class ResponseParser:
     cpdef on_body(self, bytes body)
     cpdef on_message_complete(self)
 
-cpdef bytes _status_line(object status, bytes reason)
+@cython.locals(cached=tuple, line=bytes)
+cpdef bytes _status_line(int status, bytes reason)
+@cython.locals(name=bytes, value=bytes)
 cpdef _append_fields(list parts, list fields)
+@cython.locals(parts=list)
+cpdef bytes build_request_head(RequestHead head, list extra, bint expect_continue=*)
+@cython.locals(parts=list)
+cpdef bytes build_response_head(ResponseHead head, bint chunked, bint close, bint http10_keep_alive=*)
 cpdef list chunk(bytes data)

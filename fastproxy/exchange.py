@@ -874,15 +874,17 @@ class ResponseParser:
 # ---- rebuilding heads ---------------------------------------------------------------------------
 
 _CRLF: Final = b"\r\n"
-_STATUS_LINES: Final[dict[int, bytes]] = {}
+# status -> (reason, status line) as last built: a pod gives a status the same reason every time.
+# llhttp reads three digits, so this holds at most 900 entries.
+_STATUS_LINES: Final[dict[int, tuple[bytes, bytes]]] = {}
 
 
 def _status_line(status: int, reason: bytes) -> bytes:
-    line = _STATUS_LINES.get(status)
-    if line is None or reason:
-        line = b"HTTP/1.1 %d %s\r\n" % (status, reason or b"Status")
-        if len(_STATUS_LINES) < 512 and not reason:
-            _STATUS_LINES[status] = line
+    cached = _STATUS_LINES.get(status)
+    if cached is not None and cached[0] == reason:
+        return cached[1]
+    line = b"HTTP/1.1 %d %s\r\n" % (status, reason or b"Status")
+    _STATUS_LINES[status] = (reason, line)
     return line
 
 
@@ -910,8 +912,9 @@ def build_request_head(
     if head.chunked:
         parts.append(b"transfer-encoding: chunked\r\n")
     elif head.content_length is not None:
-        parts += (b"content-length: ", b"%d" % head.content_length, _CRLF)
-    if expect_continue and head.has_body:
+        parts.append(b"content-length: ")
+        parts.append(b"%d\r\n" % head.content_length)
+    if expect_continue and (head.chunked or head.content_length):  # head.has_body
         parts.append(b"expect: 100-continue\r\n")
     parts.append(_CRLF)
     return b"".join(parts)
@@ -926,7 +929,8 @@ def build_response_head(
     if chunked:
         parts.append(b"transfer-encoding: chunked\r\n")
     elif head.content_length is not None:
-        parts += (b"content-length: ", b"%d" % head.content_length, _CRLF)
+        parts.append(b"content-length: ")
+        parts.append(b"%d\r\n" % head.content_length)
     if close:
         parts.append(b"connection: close\r\n")
     elif http10_keep_alive:

@@ -3,7 +3,9 @@
 # form). Keep in step with the .py: an attribute added there must be declared here, or the compiled
 # form raises AttributeError; a method called from inside the module is cpdef (a C call there).
 cimport cython
-from fastproxy.exchange cimport RequestHead, RequestParser, ResponseHead, ResponseParser
+from fastproxy.exchange cimport (
+    RequestHead, RequestParser, ResponseHead, ResponseParser, build_request_head, build_response_head, chunk
+)
 
 cdef class Deadline:
     cdef public object _callback
@@ -114,6 +116,7 @@ cdef class ClientConnection:
     cdef public object transport
     cdef public bint trusted
     cdef public double waiting_since
+    @cython.locals(count=Py_ssize_t, exchange=Exchange)
     cpdef _process_events(self)
     cpdef _reject(self, object exc)
     cpdef _linger(self)

@@ -56,7 +56,7 @@ from fastproxy.errors import (
 from fastproxy.exchange import (
     END,
     LAST_CHUNK,
-    Parse,
+    PARSE_IDLE,
     RequestHead,
     RequestParser,
     ResponseHead,
@@ -958,7 +958,7 @@ class Exchange:
         if (
             type(exc) in _UNREAD_BY_PEER
             and conn.used > 1
-            and conn.parser.state is Parse.IDLE
+            and conn.parser.state is PARSE_IDLE
             and self.request_complete
             and (self.replay is not None or not self.head.has_body or self.stage is Stage.AWAIT_CONTINUE)
             and not self.busy_refused
@@ -982,7 +982,7 @@ class Exchange:
             # the pod cannot serve others (exclude it) or was one broken exchange is the router's
             # call (fastproxy.outlier): the data path reports what it saw.
             self.router.upstream_lost(
-                pod, exc, type(exc) in _UNREAD_BY_PEER, conn.used == 1, conn.parser.state is not Parse.IDLE
+                pod, exc, type(exc) in _UNREAD_BY_PEER, conn.used == 1, conn.parser.state is not PARSE_IDLE
             )
         self.router.stats.count_error("upstream_lost")
         self.fail(BadGateway(f"pod {pod.uid if pod else '?'} closed the connection before answering"))
@@ -1112,7 +1112,7 @@ class ClientConnection:  # an asyncio.Protocol (duck-typed, as UpstreamConnectio
             if self.linger_budget <= 0 and self.transport is not None:
                 self.transport.close()
             return  # a rejected client's remaining bytes: read and dropped
-        if self.exchange is None and self.parser.state is Parse.IDLE:
+        if self.exchange is None and self.parser.state is PARSE_IDLE:
             # A new request is starting: its head must complete within the header timeout.
             self.head_since = self.router.loop.time()
         try:
@@ -1131,6 +1131,26 @@ class ClientConnection:  # an asyncio.Protocol (duck-typed, as UpstreamConnectio
         # (an early answer, then the request's END), and exchange_finished processes what is
         # left re-entrantly; it must never see an event twice.
         events = self._events
+        count = len(events)
+        if (
+            self.exchange is None
+            and (count == 2 or (count == 3 and type(events[1]) is bytes))
+            and events[count - 1] is END
+        ):
+            # The common read: one whole request, its body (if any) in one piece. Its events
+            # leave the list together (nothing else is in it to be seen twice), handled in order.
+            head = events[0]
+            if type(head) is not RequestHead:  # pragma: no cover - the parser orders events
+                raise RuntimeError(f"event {head!r} outside a request")
+            body = events[1]
+            events.clear()
+            self.router.stats.requests += 1
+            self.exchange = exchange = Exchange(self, head)
+            exchange.start()
+            if count == 3:
+                exchange.request_body(body)  # type: ignore[arg-type]
+            exchange.request_end()
+            return
         while events:
             event = events[0]
             exchange = self.exchange
@@ -1219,7 +1239,7 @@ class ClientConnection:  # an asyncio.Protocol (duck-typed, as UpstreamConnectio
                 exchange.check_peek(now)  # an LLM route's body, read before any pod is picked
             return  # a request is being served; its own deadlines apply
         config = self.router.config
-        if self.parser.state is Parse.IDLE:
+        if self.parser.state is PARSE_IDLE:
             if now - self.waiting_since > config.idle_timeout:
                 transport.close()  # idle keep-alive connection
         elif now - self.head_since > config.header_timeout:
