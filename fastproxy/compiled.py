@@ -28,7 +28,13 @@ import sys
 from types import ModuleType
 
 # The modules compiled by scripts/build_compiled.py, each from its .py (and .pxd, if any).
-COMPILED = ("fastproxy.exchange", "fastproxy.proxy", "fastproxy.affinity")
+COMPILED = (
+    "fastproxy.exchange",
+    "fastproxy.metrics",
+    "fastproxy.snapshot",
+    "fastproxy.proxy",
+    "fastproxy.affinity",
+)
 
 PURE_ENV = "FASTPROXY_PURE"
 _PACKAGE_ROOT = pathlib.Path(__file__).resolve().parent.parent

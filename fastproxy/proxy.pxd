@@ -6,6 +6,8 @@ cimport cython
 from fastproxy.exchange cimport (
     RequestHead, RequestParser, ResponseHead, ResponseParser, build_request_head, build_response_head, chunk
 )
+from fastproxy.metrics cimport RouterStats
+from fastproxy.snapshot cimport RouteTable, RoutingSnapshot, ServiceRoute
 
 cdef class Deadline:
     cdef public object _callback
@@ -78,6 +80,7 @@ cdef class Exchange:
     cdef public double t_head
     cdef public double t_response
     cdef public UpstreamConnection upstream
+    @cython.locals(snapshot=RoutingSnapshot, table=RouteTable, route=ServiceRoute)
     cpdef start(self)
     cpdef _acquire(self)
     cpdef _leave_queue(self)
@@ -89,8 +92,10 @@ cdef class Exchange:
     cpdef _request_fully_sent(self)
     cpdef request_body(self, bytes data)
     cpdef request_end(self)
+    @cython.locals(stats=RouterStats)
     cpdef on_response_head(self, ResponseHead response)
     cpdef on_response_body(self, bytes data)
+    @cython.locals(stats=RouterStats)
     cpdef on_response_end(self, UpstreamConnection conn)
     cpdef on_upstream_error(self, object exc)
     cpdef on_upstream_lost(self, UpstreamConnection conn, object exc)

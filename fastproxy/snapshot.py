@@ -29,6 +29,10 @@ also give it the chunks *as read* (``add_packed_chunk``): a chunk then stays the
 packed until something reads it (a lookup, a delta, a revision's first use, the background warm-up),
 and is decoded then, once, in place -- the decoded list replaces the bytes in the table (and in any
 snapshot sharing that part of it): the same records either way, so no reader can tell.
+
+The module is compiled with the data path (``fastproxy.compiled``; types in ``snapshot.pxd``): the
+compiled ``Exchange`` calls ``RouteTable.match`` and ``ServiceRoute.choose_revision`` as C calls
+and reads the snapshot's and the route table's fields as C struct fields.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ def chunk_digest(raw: bytes) -> int:
     return hash(raw)
 
 
-class ReadChunk(list[PodRecord]):
+class ReadChunk(list):  # type: ignore[type-arg]  # (a list[PodRecord]; Cython needs the bare base)
     """A chunk's records as decoded from a full read, with the digest of the bytes they were decoded
     from. A later full read that finds the same bytes for the chunk keeps this very list (no decode,
     nothing to reconcile); a delta replaces the chunk with a plain list, so ``digest`` never
@@ -126,9 +130,10 @@ class ServiceRoute:
 
     def choose_revision(self, draw: float) -> str:
         """Pick a revision by weight; ``draw`` is uniform in [0, 1)."""
-        if len(self.revisions) == 1:
-            return self.revisions[0]
-        return self.revisions[bisect.bisect_right(self.cumulative, draw * self.total)]
+        revisions = self.revisions
+        if len(revisions) == 1:
+            return revisions[0]
+        return revisions[bisect.bisect_right(self.cumulative, draw * self.total)]
 
 
 def _by_longest_prefix(routes: list[ServiceRoute]) -> tuple[ServiceRoute, ...]:
@@ -184,10 +189,10 @@ class RouteTable:
 def _first_prefix(candidates: tuple[ServiceRoute, ...], path: str) -> ServiceRoute | None:
     for candidate in candidates:
         prefix = candidate.prefix
-        if path.startswith(prefix) and (
-            len(path) == len(prefix) or prefix.endswith("/") or path[len(prefix)] in "/?"
-        ):
-            return candidate
+        if path.startswith(prefix):
+            length = len(prefix)
+            if len(path) == length or prefix.endswith("/") or path[length] in "/?":
+                return candidate
     return None
 
 
@@ -286,7 +291,8 @@ class PodTable:
         for record in self.values():
             yield record.uid
 
-    __iter__ = keys
+    def __iter__(self) -> Iterator[str]:  # (a def: an extension type's iteration slot needs one)
+        return self.keys()
 
     def items(self) -> Iterator[tuple[str, PodRecord]]:
         for record in self.values():
