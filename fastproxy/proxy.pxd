@@ -7,6 +7,7 @@ from fastproxy.exchange cimport (
     RequestHead, RequestParser, ResponseHead, ResponseParser, build_request_head, build_response_head, chunk
 )
 from fastproxy.metrics cimport RouterStats
+from fastproxy.routerbase cimport RouterBase
 from fastproxy.snapshot cimport RouteTable, RoutingSnapshot, ServiceRoute
 
 cdef class Deadline:
@@ -74,18 +75,21 @@ cdef class Exchange:
     cdef public double request_side
     cdef public bint response_close
     cdef public str revision
-    cdef public object router
+    cdef public RouterBase router
     cdef public object stage
     cdef public int status
     cdef public double t_head
     cdef public double t_response
     cdef public UpstreamConnection upstream
-    @cython.locals(snapshot=RoutingSnapshot, table=RouteTable, route=ServiceRoute)
+    @cython.locals(router=RouterBase, snapshot=RoutingSnapshot, table=RouteTable, route=ServiceRoute)
     cpdef start(self)
+    @cython.locals(router=RouterBase)
     cpdef _acquire(self)
     cpdef _leave_queue(self)
+    @cython.locals(pool=UpstreamPool)
     cpdef _on_lease(self, tuple lease)
     cpdef _unavailable(self, object failure)
+    @cython.locals(router=RouterBase)
     cpdef _send(self, UpstreamConnection conn)
     cpdef _flush_hold(self, object transport, object head_bytes)
     cpdef _send_body(self)
@@ -95,7 +99,7 @@ cdef class Exchange:
     @cython.locals(stats=RouterStats)
     cpdef on_response_head(self, ResponseHead response)
     cpdef on_response_body(self, bytes data)
-    @cython.locals(stats=RouterStats)
+    @cython.locals(router=RouterBase, stats=RouterStats, pool=UpstreamPool)
     cpdef on_response_end(self, UpstreamConnection conn)
     cpdef on_upstream_error(self, object exc)
     cpdef on_upstream_lost(self, UpstreamConnection conn, object exc)
@@ -117,7 +121,7 @@ cdef class ClientConnection:
     cdef public RequestParser parser
     cdef public str peer
     cdef public bytes peer_bytes
-    cdef public object router
+    cdef public RouterBase router
     cdef public object transport
     cdef public bint trusted
     cdef public double waiting_since

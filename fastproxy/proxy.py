@@ -627,7 +627,8 @@ class Exchange:
     def _on_lease(self, lease: tuple[Callable[[], None], PodRecord]) -> None:
         self.release, self.pod = lease
         self.attempts += 1
-        conn = self.router.pool.checkout(self.pod.uid)
+        pool = self.router.pool  # (typed in proxy.pxd: checkout is a C call)
+        conn = pool.checkout(self.pod.uid)
         if conn is not None:
             self._send(conn)
             return
@@ -930,7 +931,8 @@ class Exchange:
         if self.out_chunked:
             self.client.queue(LAST_CHUNK)
         if conn.reusable and self.request_sent:
-            router.pool.checkin(conn)
+            pool = router.pool  # (typed in proxy.pxd: checkin is a C call)
+            pool.checkin(conn)
         else:
             conn.close()
         self._give_back_slot()

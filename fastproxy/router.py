@@ -3,7 +3,9 @@
 Theory of operation
 -------------------
 ``Router`` is the state one event loop serves from: the current ``RoutingSnapshot`` (one reference,
-replaced whole), the ``SlotTable`` beside it, the upstream pool and the statistics. The state path
+replaced whole), the ``SlotTable`` beside it, the upstream pool and the statistics. The fields the
+data path reads on every request (those, the loop, the configuration) are declared by its base,
+``fastproxy.routerbase.RouterBase``: an extension type in the compiled form, read as C fields. The state path
 calls ``install`` (a whole state: bootstrap, resync, a static routes file) or ``apply_delta`` (one
 committed change, O(changed pods)); the data path only reads the snapshot and counts.
 
@@ -33,7 +35,6 @@ import argparse
 import asyncio
 import collections
 import ipaddress
-import itertools
 import logging
 import os
 import signal
@@ -45,11 +46,12 @@ from typing import Any
 
 from fastproxy.compiled import describe as describe_form
 from fastproxy.config import ConfigError, RouterConfig, RoutesFile, load_routes_file
-from fastproxy.exchange import Limits, RequestHead
+from fastproxy.exchange import Limits
 from fastproxy.heap import release_free_memory
 from fastproxy.metrics import RouterStats
 from fastproxy.outlier import MAX_RECHECKS, Evidence, OutlierDetector, classify, connect_ok
 from fastproxy.proxy import ClientConnection, UpstreamPool
+from fastproxy.routerbase import RouterBase
 from fastproxy.slots import SlotTable
 from fastproxy.snapshot import RoutingSnapshot
 from fastproxy.tunnel import ABORT_AFTER_CLOSE, Tunnels
@@ -60,11 +62,10 @@ log = logging.getLogger("fastproxy.router")
 MAX_PENDING_REPORTS = 10_000
 
 
-# The X-Forwarded-Proto pair an untrusted client gets (every request without a trusted hop).
-_FORWARDED_PROTO_HTTP = (b"x-forwarded-proto", b"http")
+class Router(RouterBase):
+    """One event loop's router; the fields the data path reads per request are ``RouterBase``'s
+    (an extension type in the compiled form, so the compiled data path reads them as C fields)."""
 
-
-class Router:
     def __init__(self, config: RouterConfig, loop: asyncio.AbstractEventLoop) -> None:
         self.config = config
         self.loop = loop
@@ -94,7 +95,7 @@ class Router:
         # Reports for the writer (state sync drains this); bounded, oldest dropped.
         self.reports: collections.deque[ConnectFailed] = collections.deque(maxlen=MAX_PENDING_REPORTS)
         self.reports_dropped = 0
-        self._request_ids = itertools.count(1)
+        self._request_count = 0  # request ids: the prefix and this counter (RouterBase.forwarding_headers)
         self._request_prefix = f"{config.instance}-{os.getpid():x}-{int(time.time()):x}".encode()
 
     # ---- the state path ---------------------------------------------------------------------
@@ -253,40 +254,6 @@ class Router:
             if len(self._trusted_cache) < 65536:
                 self._trusted_cache[peer] = trusted
         return trusted
-
-    def forwarding_headers(
-        self, peer_bytes: bytes, trusted: bool, head: RequestHead
-    ) -> list[tuple[bytes, bytes]]:
-        """X-Forwarded-*: the client's own values only from a trusted hop; the real peer appended."""
-        if not trusted:
-            # The common case (no trusted hop): one list literal, the proto pair a constant.
-            if head.request_id is not None:
-                return [(b"x-forwarded-for", peer_bytes), _FORWARDED_PROTO_HTTP]
-            request_id = head.request_id = b"%s-%x" % (self._request_prefix, next(self._request_ids))
-            return [
-                (b"x-forwarded-for", peer_bytes),
-                _FORWARDED_PROTO_HTTP,
-                (b"x-request-id", request_id),
-            ]
-        headers: list[tuple[bytes, bytes]] = []
-        prior_for = None
-        proto = b"http"
-        if trusted:
-            for name, value in head.forwarded:
-                if name == b"x-forwarded-for":
-                    prior_for = value if prior_for is None else prior_for + b", " + value
-                elif name == b"x-forwarded-proto":
-                    proto = value
-                else:
-                    headers.append((name, value))
-        headers.append(
-            (b"x-forwarded-for", peer_bytes if prior_for is None else prior_for + b", " + peer_bytes)
-        )
-        headers.append((b"x-forwarded-proto", proto))
-        if head.request_id is None:
-            head.request_id = b"%s-%x" % (self._request_prefix, next(self._request_ids))
-            headers.append((b"x-request-id", head.request_id))
-        return headers
 
     def _is_trusted(self, peer: str) -> bool:
         if not self._trusted or not peer:
