@@ -242,8 +242,8 @@ def pick(
         # (prefix_affinity, inlined for the common case: the request path pays one call less)
         maglev: Maglev | None = slots.ring  # type: ignore[assignment]
         capacity = slots.capacity
-        if maglev is None or maglev.stale or adapter is not None or capacity <= 0:
-            return prefix_affinity(slots, key, adapter, epsilon)
+        if maglev is None or maglev.stale or capacity <= 0 or (adapter is not None and maglev.adapters):
+            return prefix_affinity(slots, key, adapter, epsilon)  # (an adapter that no pod has is none)
         lease = _walk(maglev, key, (1.0 + epsilon) * (slots.inflight_total + 1) / capacity)
         return lease if lease is not None else least_inflight(slots)
     maglev = maglev_of(slots)

@@ -35,6 +35,7 @@ COMPILED = (
     "fastproxy.routerbase",
     "fastproxy.proxy",
     "fastproxy.affinity",
+    "fastproxy.llm",
 )
 
 PURE_ENV = "FASTPROXY_PURE"

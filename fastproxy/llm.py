@@ -15,9 +15,12 @@ exactly as they came: nothing is re-encoded.
 The result (``LLMRequest``): the service that serves the model (``models``; else the route's own
 revisions), the affinity key and the adapter. The key, for ``policy: prefix``, is the session
 header's value if the request carries it, else the first ``prefix_bytes`` of the prompt as sent
-(``messages``, else ``prompt``), hashed with CRC-32 into the top half of a 64-bit ring position:
-turns of one conversation, and conversations that share a system prompt, share those first bytes.
-The pick itself is ``fastproxy.affinity``.
+(``messages``, else ``prompt``), hashed with CRC-32 into the top half of a 64-bit key: turns of one
+conversation, and conversations that share a system prompt, share those first bytes. The pick
+itself is ``fastproxy.affinity``.
+
+This module is compiled (``fastproxy.compiled``; its types in ``llm.pxd``): what the peek costs
+beyond msgspec's one pass over the bytes and the hash is then a few C attribute reads and calls.
 
 Bad bodies get a clear answer: not JSON, not an object, or a model field that is missing or not a
 string -> 400 naming what was wrong; over the bound -> 413 naming the bound -- or, when the route
