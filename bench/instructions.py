@@ -198,10 +198,15 @@ def per_function(out: Path) -> dict[str, int]:
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     costs: dict[str, int] = {}
-    body = text.split("file:function", 1)[-1]
+    # Only the function table: it ends at its first blank line. What follows (the auto-annotated
+    # sources) has call lines, "=> file:function (2,201x)", whose costs are *inclusive*: read as
+    # functions, they made callers look larger than the whole exchange.
+    body = text.split("file:function", 1)[-1].split("\n", 2)[-1]
     for line in body.splitlines():
+        if not line.strip():
+            break
         match = _ANNOTATE_LINE.match(line)
-        if match and ":" in match.group(2):
+        if match and ":" in match.group(2) and not match.group(2).startswith("=>"):
             name = match.group(2)
             costs[name] = costs.get(name, 0) + int(match.group(1).replace(",", ""))
     return costs
