@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import random
 import socket
 import time
 from asyncio.trsock import TransportSocket
@@ -497,7 +496,7 @@ class Exchange:
         if route.llm is not None:
             self._start_peek(route.llm)
             return
-        self.revision = route.choose_revision(random.random())
+        self.revision = route.pick_revision()
         self._acquire()
 
     # An LLM route reads its (bounded) body before it picks; see fastproxy.llm.
@@ -549,7 +548,7 @@ class Exchange:
             if target is None:  # (the route went away while the body arrived)
                 self.fail(NotFound(f"route {route.service!r} is gone"))
                 return
-        self.revision = target.choose_revision(random.random())
+        self.revision = target.pick_revision()
         if self.hold_bytes > HOLD_LIMIT and not self.request_complete:
             self.client.pause_reading(PAUSE_HOLDING)
         self._acquire()

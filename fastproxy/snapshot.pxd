@@ -17,6 +17,7 @@ cdef class ServiceRoute:
     cdef public str service
     cdef public object total
     cpdef str choose_revision(self, double draw)
+    cpdef str pick_revision(self)
 
 cdef class RouteTable:
     cdef public tuple any_host

@@ -42,6 +42,7 @@ import collections
 import itertools
 import logging
 from collections.abc import Iterable, Iterator, Mapping
+from random import random as _random
 from typing import Final
 
 import immutables
@@ -134,6 +135,13 @@ class ServiceRoute:
         if len(revisions) == 1:
             return revisions[0]
         return revisions[bisect.bisect_right(self.cumulative, draw * self.total)]
+
+    def pick_revision(self) -> str:
+        """``choose_revision`` with a fresh draw; a route with one revision (most) draws none."""
+        revisions = self.revisions
+        if len(revisions) == 1:
+            return revisions[0]
+        return self.choose_revision(_random())
 
 
 def _by_longest_prefix(routes: list[ServiceRoute]) -> tuple[ServiceRoute, ...]:

@@ -182,6 +182,14 @@ def test_weighted_revision_choice_follows_weights() -> None:
     assert "off" not in chosen
 
 
+def test_pick_revision_draws_by_weight_and_a_single_revision_is_always_it() -> None:
+    table = RouteTable([route("chat", ("stable", 90), ("canary", 10), ("off", 0)), route("one", ("only", 5))])
+    picked = [table.by_service["chat"].pick_revision() for _ in range(2000)]
+    assert set(picked) == {"stable", "canary"}  # (P(no canary in 2000) = 0.9**2000)
+    assert 100 < picked.count("canary") < 320  # 200 expected; 8 standard deviations either side
+    assert {table.by_service["one"].pick_revision() for _ in range(10)} == {"only"}
+
+
 def test_builder_in_slices_equals_one_build() -> None:
     records = [pod(f"p{i}", f"r{i % 3}", PodState.READY if i % 2 else PodState.NOT_READY) for i in range(30)]
     records.append(pod("gone", "r0", PodState.REMOVED))
