@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
+import random
 
 import pytest
 
@@ -289,3 +291,108 @@ def test_materialize_pending_works_in_slices_until_nothing_is_pending() -> None:
         pass
     assert len(table.pods) == 100 and all(r.pending is None for r in table.revisions.values())
     assert all(table.pick(f"r{k}") is not None for k in range(10))
+
+
+# ---- the levels: FIFOs linked through the pods ---------------------------------------------------
+
+
+def assert_levels_consistent(table: SlotTable) -> None:
+    """Exactly the routable pods below their concurrency are linked, each once into the level of
+    its count, with prev/next agreeing; the revision's totals match its pods."""
+    for revision in table.revisions.values():
+        for k, level in enumerate(revision.levels):
+            linked = level.pods()
+            assert len({id(p) for p in linked}) == len(linked)
+            assert all(p.inflight == k for p in linked)
+            assert level.last is (linked[-1] if linked else None)
+            assert all(a.next is b and b.prev is a for a, b in itertools.pairwise(linked))
+        linked_ids = {id(p) for level in revision.levels for p in level.pods()}
+        for index, member in enumerate(revision.member_list):
+            assert member.index == index and table.pods[member.uid] is member
+            free = member.routable and member.inflight < member.concurrency
+            assert (id(member) in linked_ids) == free, member.uid
+        assert revision.capacity == sum(p.concurrency for p in revision.member_list if p.routable)
+
+
+def test_ties_stay_first_in_first_out_over_many_picks() -> None:
+    """The pod idle longest goes first, however long the level has been churned (a dict-based level
+    kept that order but slowed down as its deleted entries piled up at the front)."""
+    table = SlotTable(seed=3)
+    table.update(pod(f"p{i:03d}") for i in range(200))
+    held = [table.pick("r") for _ in range(140)]  # 70% busy
+    idle = collections.deque(p for p in table.revisions["r"].levels[0].pods())
+    assert len(idle) == 60
+    rng = random.Random(5)
+    for _ in range(2000):
+        lease = table.pick("r")
+        assert lease is not None and lease[1].uid == idle.popleft().uid
+        held.append(lease)
+        released = held.pop(rng.randrange(len(held)))
+        assert released is not None
+        released[0]()
+        idle.append(table.pods[released[1].uid])
+    assert [p.uid for p in table.revisions["r"].levels[0].pods()] == [p.uid for p in idle]
+    assert_levels_consistent(table)
+
+
+async def test_concurrency_shrunk_under_waiters_hands_over_no_slot_beyond_it() -> None:
+    loop = asyncio.get_running_loop()
+    table = SlotTable()
+    table.update([pod("a", 3)])
+    leases = [table.pick("r") for _ in range(3)]
+    waiter = table.enqueue("r", 0, loop)
+    table.update([pod("a", 1, gen=2)])  # now 3 in flight on a pod of 1
+    leases[0][0]()  # type: ignore[index]  # 2 in flight: still over, nothing to hand over
+    leases[1][0]()  # type: ignore[index]  # 1 in flight: full
+    assert not waiter.done() and table.pods["a"].inflight == 1
+    leases[2][0]()  # type: ignore[index]  # a slot is free: the waiter gets it
+    assert waiter.done() and table.pods["a"].inflight == 1 and table.revisions["r"].inflight_total == 1
+    assert_levels_consistent(table)
+
+
+async def test_random_operations_keep_levels_and_counts_exact() -> None:
+    loop = asyncio.get_running_loop()
+    rng = random.Random(11)
+    table = SlotTable(seed=11)
+    leases: list[tuple[object, ...]] = []
+    waiters: list[asyncio.Future[tuple[object, ...]]] = []
+    gen = collections.Counter[str]()
+    for step in range(3000):
+        op = rng.random()
+        uid = f"p{rng.randrange(30)}"
+        rev = f"r{rng.randrange(3)}"
+        if op < 0.35:
+            lease = table.pick(rev)
+            if lease is not None:
+                leases.append(lease)
+        elif op < 0.6 and leases:
+            leases.pop(rng.randrange(len(leases)))[0]()  # type: ignore[operator]
+        elif op < 0.8:
+            gen[uid] += 1
+            known = table.pods.get(uid)
+            state = rng.choice([PodState.READY, PodState.READY, PodState.NOT_READY, PodState.REMOVED])
+            table.update(
+                [pod(uid, rng.randrange(1, 4), state, gen[uid], known.record.revision if known else rev)]
+            )
+        elif op < 0.85:
+            table.exclude(uid)
+        elif op < 0.9:
+            table.readmit(uid)
+        elif op < 0.95:
+            waiters.append(table.enqueue(rev, 0, loop))
+        else:
+            for waiter in [w for w in waiters if w.done()]:
+                waiters.remove(waiter)
+                leases.append(waiter.result())
+        for waiter in [w for w in waiters if w.done() and not w.cancelled()]:
+            waiters.remove(waiter)
+            leases.append(waiter.result())
+        assert_levels_consistent(table)
+        # (a lease belongs to the PodSlots it was taken from: a pod removed and added again is new)
+        held = collections.Counter(id(lease[0].__self__) for lease in leases)  # type: ignore[attr-defined]
+        for uid_, slot in table.pods.items():
+            assert slot.inflight == held[id(slot)], (step, uid_)
+    for lease in leases:
+        lease[0]()  # type: ignore[operator]
+    assert all(p.inflight == 0 for p in table.pods.values())
+    assert all(r.inflight_total == 0 for r in table.revisions.values() if not r.queued)
