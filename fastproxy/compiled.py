@@ -32,6 +32,7 @@ COMPILED = (
     "fastproxy.exchange",
     "fastproxy.metrics",
     "fastproxy.snapshot",
+    "fastproxy.slots",
     "fastproxy.routerbase",
     "fastproxy.proxy",
     "fastproxy.affinity",

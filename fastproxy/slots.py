@@ -55,14 +55,12 @@ import asyncio
 import collections
 import random
 from collections.abc import Callable, Iterable, Mapping
-from typing import Final, Protocol
+from typing import Protocol
 
 from statesync.schema import PodRecord, PodState
 
 Release = Callable[[], None]
 Lease = tuple[Release, PodRecord]
-
-_NEVER_EXCLUDED: Final = -1
 
 
 class PodSlots:
@@ -70,7 +68,6 @@ class PodSlots:
 
     __slots__ = (
         "concurrency",
-        "excluded_generation",
         "index",
         "inflight",
         "next",
@@ -86,7 +83,6 @@ class PodSlots:
         self.revision = revision
         self.inflight = 0
         self.routable = False
-        self.excluded_generation = _NEVER_EXCLUDED
         self.index = -1  # in revision.member_list; -1 once forgotten
         # Neighbours in the level the pod is linked into (None at either end, or when in none).
         self.prev: PodSlots | None = None
@@ -114,19 +110,19 @@ class PodSlots:
         if inflight <= concurrency:  # (concurrency may have shrunk under in-flight requests)
             levels = revision.levels
             if inflight < concurrency:
-                levels[inflight].unlink(self)
-            levels[inflight - 1].push(self)
+                _unlink(levels[inflight], self)
+            _push(levels[inflight - 1], self)
 
     def _take(self) -> None:
         """Count one more request and move the pod up a level (or out, when full). For a routable
         pod below its concurrency (so linked into its level), as a policy picks one."""
         levels = self.revision.levels
         inflight = self.inflight
-        levels[inflight].unlink(self)
+        _unlink(levels[inflight], self)
         inflight = self.inflight = inflight + 1
         self.revision.inflight_total += 1
         if inflight < self.concurrency:
-            levels[inflight].push(self)
+            _push(levels[inflight], self)
 
     def _enter(self) -> None:
         """Put the pod into rotation (it became routable)."""
@@ -146,13 +142,13 @@ class PodSlots:
                 revision.inflight_total -= 1
                 break
         if self.inflight < concurrency:
-            levels[self.inflight].push(self)
+            _push(levels[self.inflight], self)
 
     def _leave(self) -> None:
         self.routable = False
         self.revision.capacity -= self.concurrency
         if self.inflight < self.concurrency:
-            self.revision.levels[self.inflight].unlink(self)
+            _unlink(self.revision.levels[self.inflight], self)
 
 
 class Level:
@@ -165,34 +161,6 @@ class Level:
         self.first: PodSlots | None = None
         self.last: PodSlots | None = None
 
-    def push(self, pod: PodSlots) -> None:
-        """Link ``pod`` (in no level) at the end."""
-        last = self.last
-        pod.prev = last
-        pod.next = None
-        if last is None:
-            self.first = pod
-        else:
-            last.next = pod
-        self.last = pod
-
-    def unlink(self, pod: PodSlots) -> None:
-        """Take ``pod`` out (if linked here: a pod is only ever linked into its own level)."""
-        prev = pod.prev
-        after = pod.next
-        if prev is None:
-            if self.first is not pod:
-                return
-            self.first = after
-        else:
-            prev.next = after
-            pod.prev = None
-        if after is None:
-            self.last = prev
-        else:
-            after.prev = prev
-            pod.next = None
-
     def pods(self) -> list[PodSlots]:
         """The pods in order (for tests and inspection)."""
         out = []
@@ -201,6 +169,40 @@ class Level:
             out.append(pod)
             pod = pod.next
         return out
+
+
+# The two level operations are functions, not Level methods: compiled, a call of either from this
+# module is a C call with no method table (the .pxd types their arguments).
+
+
+def _push(level: Level, pod: PodSlots) -> None:
+    """Link ``pod`` (in no level) at the end of ``level``."""
+    last = level.last
+    pod.prev = last
+    pod.next = None
+    if last is None:
+        level.first = pod
+    else:
+        last.next = pod
+    level.last = pod
+
+
+def _unlink(level: Level, pod: PodSlots) -> None:
+    """Take ``pod`` out of ``level`` (if linked there: a pod is only ever linked into its own level)."""
+    prev = pod.prev
+    after = pod.next
+    if prev is None:
+        if level.first is not pod:
+            return
+        level.first = after
+    else:
+        prev.next = after
+        pod.prev = None
+    if after is None:
+        level.last = prev
+    else:
+        after.prev = prev
+        pod.next = None
 
 
 class UnreadRecords:
@@ -357,7 +359,7 @@ def least_inflight(revision: RevisionSlots) -> Lease | None:
             inflight = pod.inflight = pod.inflight + 1
             revision.inflight_total += 1
             if inflight < pod.concurrency:
-                levels[inflight].push(pod)
+                _push(levels[inflight], pod)
             return (pod.release, pod.record)
     return None
 
@@ -370,7 +372,7 @@ class QueueFull(Exception):
 
 
 class SlotTable:
-    __slots__ = ("_random", "max_queue_bytes", "max_queued", "pods", "policy", "revisions")
+    __slots__ = ("_excluded", "_random", "max_queue_bytes", "max_queued", "pods", "policy", "revisions")
 
     def __init__(
         self,
@@ -382,6 +384,9 @@ class SlotTable:
     ) -> None:
         self.policy = policy
         self.pods: dict[str, PodSlots] = {}
+        # Pods excluded locally: the generation of the record the failure was seen at. (Few at a
+        # time: a dict beside, not a field in each of 50k PodSlots.)
+        self._excluded: dict[str, int] = {}
         self.revisions: dict[str, RevisionSlots] = {}
         self.max_queued = max_queued
         self.max_queue_bytes = max_queue_bytes
@@ -449,6 +454,7 @@ class SlotTable:
     def update(self, records: Iterable[PodRecord]) -> None:
         """Reconcile the pods a delta changed. O(len(records))."""
         entering: list[PodSlots] = []
+        excluded = self._excluded
         for record in records:
             pod = self.pods.get(record.uid)
             if pod is None:
@@ -474,7 +480,14 @@ class SlotTable:
                     pod._leave()  # re-levelled below with the new concurrency
             pod.record = record
             pod.concurrency = record.concurrency
-            routable = record.state is PodState.READY and record.generation > pod.excluded_generation
+            routable = record.state is PodState.READY
+            if routable and excluded:
+                seen_at = excluded.get(record.uid)
+                if seen_at is not None:
+                    if record.generation > seen_at:
+                        del excluded[record.uid]  # (the writer's view moved past the failure)
+                    else:
+                        routable = False
             if routable and not pod.routable:
                 entering.append(pod)
             elif not routable and pod.routable:
@@ -585,7 +598,7 @@ class SlotTable:
         for pod in entering:
             pod.routable = True
             revision.capacity += pod.concurrency
-            level.push(pod)
+            _push(level, pod)
             while len(levels) < pod.concurrency:
                 levels.append(Level())
 
@@ -607,24 +620,25 @@ class SlotTable:
         pod = self.pods.get(uid)
         if pod is None:
             return False
-        pod.excluded_generation = pod.record.generation
+        self._excluded[uid] = pod.record.generation
         if pod.routable:
             pod._leave()
         return True
 
     def readmit(self, uid: str) -> None:
         """Lift a local exclusion (its time is up); the pod is routable again if Ready."""
-        pod = self.pods.get(uid)
-        if pod is None or pod.excluded_generation == _NEVER_EXCLUDED:
+        if self._excluded.pop(uid, None) is None:
             return
-        pod.excluded_generation = _NEVER_EXCLUDED
-        if pod.record.state is PodState.READY and not pod.routable:
+        pod = self.pods.get(uid)
+        if pod is not None and pod.record.state is PodState.READY and not pod.routable:
             pod._enter()
 
     def _forget(self, pod: PodSlots) -> None:
         if pod.routable:
             pod._leave()
-        del self.pods[pod.record.uid]
+        uid = pod.record.uid
+        del self.pods[uid]
+        self._excluded.pop(uid, None)
         revision = pod.revision
         revision._remove_member(pod)
         if revision.ring is not None:
