@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m bench.memory [--pods 50000] [--cases static-1,static,valkey] [--rounds 1]
+    python -m bench.memory [--pods 50000] [--cases static-1,static,static-slots,valkey] [--rounds 1]
                            [--tracemalloc [TOP]] [--json PATH] [--markdown PATH]
 
 Theory of operation
@@ -16,6 +16,10 @@ router``, one worker, ephemeral ports on loopback) and reads its ``/proc/<pid>/s
   the same pods every bench uses), one route per revision. A static router has no warm-up: a
   revision's pods get their slots (``PodSlots``, ~220 bytes a pod with their dict entries) at its
   first request, so this figure is before any; ``valkey`` is after all of them.
+- ``static-slots``: the same routes file, measured after one request to every route, so that every
+  revision has its slots: a static router's "50k pods, slots included". The pods' addresses are all
+  on loopback, and one listener on every loopback address (``0.0.0.0``, an ephemeral port written
+  into the routes file) answers each request 200 and closes, so no upstream connection is pooled.
 - ``valkey``: the bootstrap path: a real ``valkey-server`` (``EmbeddedValkey``) holding the same
   pods, committed by a real leader ``Writer`` in one batch (as ``bench.bootstrap`` seeds, so the
   writer's pod-chunks and revision index are there as in production), which then stays the
@@ -54,13 +58,14 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"
 TARGET_MB = 60.0
-CASES = ("static-1", "static", "valkey")
+CASES = ("static-1", "static", "static-slots", "valkey")
 NAMESPACE = "bench-bootstrap"  # bench.bootstrap's seeding writes there
 SETTLE_CPU_S = 0.05  # CPU s per s below which a router is idle (a follower uses ~0.02: heartbeats, sweeps)
 SETTLE_TIMEOUT_S = 120.0
@@ -71,14 +76,72 @@ class MemoryBenchError(RuntimeError):
     pass
 
 
-def write_routes_file(path: Path, pods: int) -> None:
+def write_routes_file(path: Path, pods: int, port: int | None = None) -> None:
     import msgspec
 
     from bench.conftest import make_pods, make_routes
     from fastproxy.config import RoutesFile
 
     routes = make_routes(min(pods, 1000))
-    path.write_bytes(msgspec.json.encode(RoutesFile(routes=routes, pods=make_pods(pods, min(pods, 1000)))))
+    records = make_pods(pods, min(pods, 1000))
+    if port is not None:
+        records = [msgspec.structs.replace(r, port=port) for r in records]
+    path.write_bytes(msgspec.json.encode(RoutesFile(routes=routes, pods=records)))
+
+
+class LoopbackPods:
+    """Every pod of a routes file at once: one listener on all addresses (``0.0.0.0``; the pods are
+    on 127.x.y.z), in a thread, answering each request 200 with an empty body and closing."""
+
+    RESPONSE = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+
+    def __init__(self) -> None:
+        import socket
+
+        self._socket = socket.create_server(("0.0.0.0", 0))
+        self.port: int = self._socket.getsockname()[1]
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="loopback-pods", daemon=True)
+
+    def __enter__(self) -> LoopbackPods:
+        asyncio.run_coroutine_threadsafe(self._serve(), self._loop)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._socket.close()
+
+    async def _serve(self) -> None:
+        await asyncio.start_server(self._answer, sock=self._socket)
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(self.RESPONSE)
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def request_every_route(listen_port: int, revisions: int) -> None:
+    """One GET through the router to each route of ``make_routes(revisions)`` (each its own
+    revision): afterwards every revision has its slots. Any answer but 200 is an error."""
+    from bench.conftest import make_routes
+
+    for route in make_routes(revisions):
+        conn = http.client.HTTPConnection("127.0.0.1", listen_port, timeout=10)
+        try:
+            conn.request("GET", "/", headers={"Host": route.hosts[0]})
+            response = conn.getresponse()
+            response.read()
+        finally:
+            conn.close()
+        if response.status != 200:
+            raise MemoryBenchError(f"GET via {route.hosts[0]}: {response.status}, not 200")
 
 
 def proc_status(pid: int) -> dict[str, float]:
@@ -111,8 +174,11 @@ def _readyz(admin_port: int) -> int:
         conn.close()
 
 
-def measure_router(argv_tail: list[str], log_path: Path, need_ready: bool) -> dict[str, Any]:
-    """Start a router with ``argv_tail``, wait until it is settled, read its memory, stop it."""
+def measure_router(
+    argv_tail: list[str], log_path: Path, need_ready: bool, warm: Callable[[int], None] | None = None
+) -> dict[str, Any]:
+    """Start a router with ``argv_tail``, wait until it is settled, read its memory, stop it.
+    ``warm``: called with the router's listening port once it listens (before it settles)."""
     argv = [
         sys.executable, "-m", "fastproxy.cli", "router", "--listen", "127.0.0.1:0",
         "--admin", "127.0.0.1:0", "--workers", "1", "--log-level", "warning", *argv_tail,
@@ -123,16 +189,19 @@ def measure_router(argv_tail: list[str], log_path: Path, need_ready: bool) -> di
             argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
         )
     try:
-        admin_port = 0
+        admin_port = listen_port = 0
         deadline = started + SETTLE_TIMEOUT_S
         while admin_port == 0:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise MemoryBenchError(f"router did not start ({proc.returncode}): {_tail(log_path)}")
             for line in log_path.read_text(errors="replace").splitlines():
                 if line.startswith("listening "):
+                    listen_port = int(line.split()[1].rsplit(":", 1)[1])
                     admin_port = int(line.split()[3].rsplit(":", 1)[1])
             time.sleep(0.05)
         listening = time.monotonic() - started
+        if warm is not None:
+            warm(listen_port)
         ready_at = None
         last_cpu = cpu_seconds(proc.pid)
         last_check = time.monotonic()
@@ -332,6 +401,22 @@ def run(pods: int, cases: list[str], rounds: int, tracemalloc_top: int, log: Any
         if "static" in cases:
             write_routes_file(many, pods)
         for case in cases:
+            if case == "static-slots":
+                with LoopbackPods() as loopback:
+                    served = tmp / f"routes-{pods}-served.json"
+                    write_routes_file(served, pods, port=loopback.port)
+                    samples = [
+                        measure_router(
+                            ["--routes", str(served)],
+                            tmp / f"{case}-{i}.log",
+                            need_ready=False,
+                            warm=lambda port: request_every_route(port, min(pods, 1000)),
+                        )
+                        for i in range(rounds)
+                    ]
+                results[case] = {"pods": pods, **_summary(samples)}
+                log(f"{case}: RSS {results[case]['rss_mb']} MB, peak {results[case]['peak_mb']} MB")
+                continue
             if case == "valkey":
                 continue
             path = one if case == "static-1" else many
@@ -387,7 +472,8 @@ def _commit() -> str:
 
 LABELS = {
     "static-1": "routes file, 1 pod",
-    "static": "routes file, {pods} pods",
+    "static": "routes file, {pods} pods (before any request: no slots yet)",
+    "static-slots": "routes file, {pods} pods, after a request to each revision (slots included)",
     "valkey": "Valkey bootstrap, {pods} pods (after warm-up)",
 }
 
