@@ -31,6 +31,13 @@ cpdef _push(Level level, PodSlots pod)
 cpdef _unlink(Level level, PodSlots pod)
 
 @cython.final
+cdef class PodIndex:
+    cdef public Py_ssize_t _filled
+    cdef public Py_ssize_t _live
+    cdef public Py_ssize_t _mask
+    cdef public list _slots
+
+@cython.final
 cdef class UnreadRecords:
     cdef public list chunks
     cdef public str name
@@ -58,6 +65,6 @@ cdef class SlotTable:
     cdef public object _random
     cdef public Py_ssize_t max_queue_bytes
     cdef public Py_ssize_t max_queued
-    cdef public dict pods
+    cdef public PodIndex pods
     cdef public object policy
     cdef public dict revisions

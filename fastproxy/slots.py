@@ -43,7 +43,9 @@ take, release, enter and leave, so a policy that bounds a pod's load by the revi
 members (``ring``, a ``MemberIndex``), told of each pod that joins, changes or leaves.
 
 Memory (a router holds 50k pods in <= 60 MB): a pod costs its ``PodSlots`` (C fields once compiled:
-counts are C ints, its UID is its record's) and one entry in the table's ``pods`` by UID; a revision
+counts are C ints, its UID is its record's) and one slot in the table's ``pods`` by UID, a
+``PodIndex``: an open-addressing hash table whose slots are the PodSlots themselves (8 bytes a slot,
+at most 4/5 full; a dict by UID cost ~38 bytes a pod at 50k); a revision
 lists its members in a plain list (``member_list``, each pod knowing its index there, so one leaves
 in O(1) by moving the last into its place), and makes its waiters' deque only when a request first
 waits. ``members`` (a dict by UID) is built when asked for, by tests and a policy's first index.
@@ -54,7 +56,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import random
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Protocol
 
 from statesync.schema import PodRecord, PodState
@@ -203,6 +205,135 @@ def _unlink(level: Level, pod: PodSlots) -> None:
     else:
         after.prev = prev
         pod.next = None
+
+
+class _Gone:
+    """The mark a deleted pod leaves in ``PodIndex`` (its probe sequences run on past it)."""
+
+    __slots__ = ()
+
+
+_GONE = _Gone()
+_SMALLEST_INDEX = 8
+
+
+class PodIndex:
+    """The table's pods by UID, read like a dict (``pods[uid]``, ``get``, ``in``, ``len``, iteration
+    over UIDs, ``items``, ``values``): open addressing with linear probing, the slots holding the
+    PodSlots themselves (a pod's key is ``pod.record.uid``), None where never used, ``_GONE`` where a
+    pod was deleted. Grown (doubled) or rebuilt when used and deleted slots pass 4/5 of the table;
+    halved when the pods fall under 1/8 of it. Not on the request path: updates, exclusions, tools."""
+
+    __slots__ = ("_filled", "_live", "_mask", "_slots")
+
+    def __init__(self) -> None:
+        self._slots: list[PodSlots | _Gone | None] = [None] * _SMALLEST_INDEX
+        self._mask = _SMALLEST_INDEX - 1
+        self._live = 0  # pods
+        self._filled = 0  # pods and _GONE marks
+
+    def __len__(self) -> int:
+        return self._live
+
+    def __bool__(self) -> bool:
+        return self._live > 0
+
+    def get(self, uid: str, default: PodSlots | None = None) -> PodSlots | None:
+        slots = self._slots
+        mask = self._mask
+        at = hash(uid) & mask
+        while True:
+            entry = slots[at]
+            if entry is None:
+                return default
+            if entry is not _GONE and entry.record.uid == uid:  # type: ignore[union-attr]
+                return entry  # type: ignore[return-value]
+            at = (at + 1) & mask
+
+    def __getitem__(self, uid: str) -> PodSlots:
+        pod = self.get(uid)
+        if pod is None:
+            raise KeyError(uid)
+        return pod
+
+    def __contains__(self, uid: object) -> bool:
+        return isinstance(uid, str) and self.get(uid) is not None
+
+    def __setitem__(self, uid: str, pod: PodSlots) -> None:
+        if pod.record.uid != uid:
+            raise ValueError(f"pod {pod.record.uid} filed under {uid}")
+        slots = self._slots
+        mask = self._mask
+        at = hash(uid) & mask
+        free = -1  # the first _GONE mark on the way: reused
+        while True:
+            entry = slots[at]
+            if entry is None:
+                break
+            if entry is _GONE:
+                if free < 0:
+                    free = at
+            elif entry.record.uid == uid:  # type: ignore[union-attr]
+                slots[at] = pod
+                return
+            at = (at + 1) & mask
+        if free >= 0:
+            slots[free] = pod
+        else:
+            slots[at] = pod
+            self._filled += 1
+        self._live += 1
+        if self._filled * 5 > len(slots) * 4:
+            self._rebuild(len(slots) * 2 if self._live * 2 > len(slots) else len(slots))
+
+    def __delitem__(self, uid: str) -> None:
+        slots = self._slots
+        mask = self._mask
+        at = hash(uid) & mask
+        while True:
+            entry = slots[at]
+            if entry is None:
+                raise KeyError(uid)
+            if entry is not _GONE and entry.record.uid == uid:  # type: ignore[union-attr]
+                slots[at] = _GONE
+                self._live -= 1
+                break
+            at = (at + 1) & mask
+        if self._live * 8 < len(slots) and len(slots) > _SMALLEST_INDEX:
+            self._rebuild(len(slots) // 2)
+
+    def _rebuild(self, size: int) -> None:
+        pods = [entry for entry in self._slots if entry is not None and entry is not _GONE]
+        slots: list[PodSlots | _Gone | None] = [None] * size
+        mask = size - 1
+        for pod in pods:
+            at = hash(pod.record.uid) & mask  # type: ignore[union-attr]
+            while slots[at] is not None:
+                at = (at + 1) & mask
+            slots[at] = pod
+        self._slots = slots
+        self._mask = mask
+        self._live = self._filled = len(pods)
+
+    def values(self) -> list[PodSlots]:
+        return [entry for entry in self._slots if entry is not None and entry is not _GONE]  # type: ignore[misc]
+
+    def keys(self) -> list[str]:
+        return [pod.record.uid for pod in self.values()]
+
+    def items(self) -> list[tuple[str, PodSlots]]:
+        return [(pod.record.uid, pod) for pod in self.values()]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (PodIndex, dict)):
+            return dict(self.items()) == dict(other.items())
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"PodIndex({len(self)} pods)"
 
 
 class UnreadRecords:
@@ -383,7 +514,7 @@ class SlotTable:
         seed: int | None = None,
     ) -> None:
         self.policy = policy
-        self.pods: dict[str, PodSlots] = {}
+        self.pods = PodIndex()
         # Pods excluded locally: the generation of the record the failure was seen at. (Few at a
         # time: a dict beside, not a field in each of 50k PodSlots.)
         self._excluded: dict[str, int] = {}

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from fastproxy.slots import QueueFull, SlotTable
+from fastproxy.slots import PodIndex, PodSlots, QueueFull, RevisionSlots, SlotTable
 from statesync.schema import PodRecord, PodState
 
 
@@ -396,3 +396,36 @@ async def test_random_operations_keep_levels_and_counts_exact() -> None:
         lease[0]()  # type: ignore[operator]
     assert all(p.inflight == 0 for p in table.pods.values())
     assert all(r.inflight_total == 0 for r in table.revisions.values() if not r.queued)
+
+
+def test_pod_index_behaves_like_a_dict_through_growth_churn_and_shrinking() -> None:
+    table = SlotTable()
+    revision = RevisionSlots("r")
+    index = PodIndex()
+    model: dict[str, PodSlots] = {}
+    rng = random.Random(2)
+    uids = [f"u{i}" for i in range(3000)]
+    for step in range(30_000):
+        uid = rng.choice(uids[: 100 + step // 10])  # (the set of keys grows, then churns)
+        op = rng.random()
+        if op < 0.5:
+            slot = PodSlots(pod(uid), revision)
+            index[uid] = model[uid] = slot
+        elif op < 0.8 and uid in model:
+            del index[uid], model[uid]
+        else:
+            assert index.get(uid) is model.get(uid)
+            assert (uid in index) == (uid in model)
+        assert len(index) == len(model)
+    assert index == model and sorted(index) == sorted(model)
+    assert {u: p for u, p in index.items()} == model and len(index._slots) * 4 >= len(model) * 5
+    for uid in list(model):
+        del index[uid]
+    assert not index and len(index._slots) <= 16  # shrunk back
+    with pytest.raises(KeyError):
+        index["u1"]
+    with pytest.raises(KeyError):
+        del index["u1"]
+    with pytest.raises(ValueError, match="filed under"):
+        index["other"] = PodSlots(pod("u1"), revision)
+    assert table.pods == {}
