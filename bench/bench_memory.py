@@ -7,10 +7,11 @@ from bench import memory
 
 def bench_memory_measures_static_and_valkey_routers() -> None:
     result = memory.run(
-        pods=300, cases=["static-1", "static", "valkey"], rounds=1, tracemalloc_top=3, log=lambda m: None
-    )
+        pods=300, cases=["static-1", "static", "static-slots", "valkey"], rounds=1, tracemalloc_top=3,
+        log=lambda m: None,
+    )  # fmt: skip
     cases = result["cases"]
-    assert set(cases) == {"static-1", "static", "valkey"}
+    assert set(cases) == {"static-1", "static", "static-slots", "valkey"}
     for entry in cases.values():
         assert 10 < entry["rss_mb"] <= entry["peak_mb"] < 1000, entry
     assert cases["valkey"]["version"] >= 1
@@ -18,4 +19,7 @@ def bench_memory_measures_static_and_valkey_routers() -> None:
     assert result["tracemalloc"]["static"]["pods"] == 300
     assert result["tracemalloc"]["valkey"]["pods"] == 300
     assert result["tracemalloc"]["static"]["top"], result["tracemalloc"]
-    assert "| routes file, 300 pods |" in memory.markdown(result)
+    text = memory.markdown(result)
+    assert "| routes file, 300 pods (before any request: no slots yet) |" in text
+    # (static-slots got its 300 answers through the router: request_every_route raises on any other)
+    assert "| routes file, 300 pods, after a request to each revision (slots included) |" in text
