@@ -73,6 +73,7 @@ cdef class RequestParser:
     # methods either way).
     cpdef on_message_begin(self)
     cpdef on_url(self, bytes url)
+    @cython.locals(raw_headers=list)
     cpdef on_header(self, bytes name, bytes value)
     @cython.locals(head=RequestHead, method=bytes)
     cpdef on_headers_complete(self)
@@ -81,7 +82,7 @@ cdef class RequestParser:
     cpdef on_body(self, bytes body)
     cpdef on_message_complete(self)
     @cython.locals(raw_headers=list, count=Py_ssize_t, kept=list, names=dict, size=Py_ssize_t,
-                   entry=tuple, name=bytes, kind=int, raw_name=bytes, value=bytes)
+                   entry=tuple, name=bytes, kind=int, raw_name=bytes, value=bytes, i=Py_ssize_t)
     cpdef _analyse_headers(self, RequestHead head)
     cpdef _analyse_target(self, RequestHead head, bytes target)
 
@@ -123,15 +124,19 @@ cdef class ResponseParser:
     @cython.locals(data=bytes)
     cpdef on_message_begin(self)
     cpdef on_status(self, bytes reason)
+    @cython.locals(raw_headers=list)
     cpdef on_header(self, bytes name, bytes value)
-    @cython.locals(head=ResponseHead, raw_headers=list, kept=list, names=dict, size=Py_ssize_t,
-                   entry=tuple, name=bytes, kind=int, raw_name=bytes, value=bytes)
+    @cython.locals(head=ResponseHead, raw_headers=list, count=Py_ssize_t, kept=list, names=dict,
+                   size=Py_ssize_t, entry=tuple, name=bytes, kind=int, raw_name=bytes, value=bytes,
+                   i=Py_ssize_t)
     cpdef on_headers_complete(self)
     cpdef on_body(self, bytes body)
     cpdef on_message_complete(self)
 
 @cython.locals(cached=tuple, line=bytes)
 cpdef bytes _status_line(int status, bytes reason)
+@cython.locals(small=Py_ssize_t)
+cpdef bytes _decimal(object number)
 @cython.locals(name=bytes, value=bytes)
 cpdef _append_fields(list parts, list fields)
 @cython.locals(parts=list)

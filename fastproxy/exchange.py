@@ -340,7 +340,8 @@ class RequestParser:
         self._head = RequestHead()
         self._url = b""
         self._url_pieces: list[bytes] | None = None  # a target split across reads (rare)
-        self._raw_headers: list[tuple[bytes, bytes]] = []
+        # name, value, name, value...: two appends per field, no tuple (read pairwise at the head)
+        self._raw_headers: list[bytes] = []
         self._head_bytes = 0  # exact: URL and header fields seen so far
         self._head_raw = 0  # raw bytes fed while the head was incomplete (llhttp's own buffer)
         # Created only when such a field comes (most requests have neither TE nor a Connection
@@ -388,7 +389,7 @@ class RequestParser:
                 self._head_raw = len(data) - self._begin_offset
             if self._head_raw > 2 * self._max_header_bytes:
                 raise HeadersTooLarge(f"request head exceeds {self._max_header_bytes} bytes")
-            if len(self._raw_headers) > self._max_headers:
+            if len(self._raw_headers) > 2 * self._max_headers:
                 raise HeadersTooLarge(f"more than {self._max_headers} header fields")
         elif state is PARSE_BODY and self._head.chunked:
             self._framing_budget -= len(data)
@@ -431,7 +432,9 @@ class RequestParser:
         # read of at most a few hundred KiB bounds what one call can collect) and exactly when the
         # head completes (``_analyse_headers``). Trailers land here too, after the head was
         # analysed: they are never merged, bounded by the framing budget, and dropped at _reset.
-        self._raw_headers.append((name, value))
+        raw_headers = self._raw_headers
+        raw_headers.append(name)
+        raw_headers.append(value)
 
     def on_headers_complete(self) -> None:
         head = self._head
@@ -494,13 +497,15 @@ class RequestParser:
 
     def _analyse_headers(self, head: RequestHead) -> None:
         raw_headers = self._raw_headers
-        count = len(raw_headers)
+        count = len(raw_headers) // 2
         if count > self._max_headers:
             raise HeadersTooLarge(f"more than {self._max_headers} header fields")
         kept: list[tuple[bytes, bytes]] = []
         names = _FIELD_NAMES
         size = 4 * count
-        for raw_name, value in raw_headers:
+        for i in range(0, 2 * count, 2):
+            raw_name = raw_headers[i]
+            value = raw_headers[i + 1]
             size += len(raw_name) + len(value)
             entry = names.get(raw_name)
             if entry is None:
@@ -729,7 +734,7 @@ class ResponseParser:
 
     def _reset(self) -> None:
         self._head = ResponseHead()
-        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._raw_headers: list[bytes] = []  # name, value, name, value... (as in RequestParser)
         self._te: list[bytes] | None = None  # created when such a field comes (see RequestParser)
         self._connection_tokens: list[bytes] | None = None
         self._head_bytes = 0
@@ -762,7 +767,7 @@ class ResponseParser:
             self._head_bytes += len(data)
             if self._head_bytes > 2 * self._max_header_bytes:
                 raise BadGateway("response head from pod too large")
-        if len(self._raw_headers) > 4 * self._max_headers:  # a head, or endless trailers
+        if len(self._raw_headers) > 8 * self._max_headers:  # a head, or endless trailers: 4x fields
             raise BadGateway("response head or trailers from pod too large")
 
     def feed_eof(self) -> bool:
@@ -790,7 +795,9 @@ class ResponseParser:
     def on_header(self, name: bytes, value: bytes) -> None:
         # Only collect (limits: after each feed and when the head completes). Trailers land here
         # too, after the head was analysed, and are dropped at _reset.
-        self._raw_headers.append((name, value))
+        raw_headers = self._raw_headers
+        raw_headers.append(name)
+        raw_headers.append(value)
 
     def on_headers_complete(self) -> None:
         head = self._head
@@ -804,12 +811,15 @@ class ResponseParser:
         else:
             raise BadGateway(f"pod answered with HTTP/{version}")
         raw_headers = self._raw_headers
-        if len(raw_headers) > 4 * self._max_headers:
+        count = len(raw_headers) // 2
+        if count > 4 * self._max_headers:
             raise BadGateway("response head from pod too large")
         kept: list[tuple[bytes, bytes]] = []
         names = _FIELD_NAMES
-        size = 4 * len(raw_headers)
-        for raw_name, value in raw_headers:
+        size = 4 * count
+        for i in range(0, 2 * count, 2):
+            raw_name = raw_headers[i]
+            value = raw_headers[i + 1]
             size += len(raw_name) + len(value)
             entry = names.get(raw_name)
             if entry is None:
@@ -888,6 +898,19 @@ def _status_line(status: int, reason: bytes) -> bytes:
     return line
 
 
+_SSIZE_MAX: Final = 2**63 - 1
+
+
+def _decimal(number: int) -> bytes:
+    """A Content-Length value. Compiled, an f-string of a C integer is formatted in C: a fraction
+    of what b"%d" % number costs. llhttp takes lengths up to 2**64 - 1: those beyond a C integer
+    are formatted as Python ints."""
+    if number > _SSIZE_MAX:
+        return b"%d" % number
+    small = number
+    return f"{small}".encode("ascii")
+
+
 def _append_fields(parts: list[bytes], fields: list[tuple[bytes, bytes]]) -> None:
     # Four appends, not ``parts += (name, b": ", value, _CRLF)``: compiled, each is a C call and
     # no tuple is built per field.
@@ -913,7 +936,8 @@ def build_request_head(
         parts.append(b"transfer-encoding: chunked\r\n")
     elif head.content_length is not None:
         parts.append(b"content-length: ")
-        parts.append(b"%d\r\n" % head.content_length)
+        parts.append(_decimal(head.content_length))
+        parts.append(_CRLF)
     if expect_continue and (head.chunked or head.content_length):  # head.has_body
         parts.append(b"expect: 100-continue\r\n")
     parts.append(_CRLF)
@@ -930,7 +954,8 @@ def build_response_head(
         parts.append(b"transfer-encoding: chunked\r\n")
     elif head.content_length is not None:
         parts.append(b"content-length: ")
-        parts.append(b"%d\r\n" % head.content_length)
+        parts.append(_decimal(head.content_length))
+        parts.append(_CRLF)
     if close:
         parts.append(b"connection: close\r\n")
     elif http10_keep_alive:

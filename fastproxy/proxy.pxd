@@ -37,6 +37,7 @@ cdef class UpstreamConnection:
     cpdef pause_reading(self, int reason)
     cpdef resume_reading(self, int reason)
     cpdef bint peer_closed(self)
+    cpdef bint is_usable(self)
     cpdef close(self)
     cpdef abort(self)
 

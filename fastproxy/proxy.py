@@ -215,7 +215,7 @@ class UpstreamConnection:  # an asyncio.Protocol (duck-typed: compiled, it is an
             return
         if not events:
             return
-        if END in events and events[-1] is not END:
+        if events[-1] is not END and END in events:
             self.reusable = False  # bytes after a complete response
         client = exchange.client
         for event in events:
@@ -299,6 +299,10 @@ class UpstreamConnection:  # an asyncio.Protocol (duck-typed: compiled, it is an
 
     @property
     def usable(self) -> bool:
+        return self.is_usable()
+
+    def is_usable(self) -> bool:
+        """``usable`` as a method: a C call from the pool (a property is a Python lookup)."""
         return (
             not self.closed
             and self.reusable
@@ -343,16 +347,18 @@ class UpstreamPool:
         while conns:
             conn = conns.pop()
             self._idle_since.pop(conn, None)
-            if conn.usable and not conn.peer_closed():
+            if conn.is_usable() and not conn.peer_closed():
                 return conn
             conn.close()
         return None
 
     def checkin(self, conn: UpstreamConnection) -> None:
-        if not conn.usable:
+        if not conn.is_usable():
             conn.close()
             return
-        conns = self.idle.setdefault(conn.pod_uid, [])
+        conns = self.idle.get(conn.pod_uid)
+        if conns is None:  # (setdefault would build a list per call)
+            conns = self.idle[conn.pod_uid] = []
         if len(conns) >= conn.idle_cap:
             conn.close()
             return

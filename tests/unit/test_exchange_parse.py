@@ -161,3 +161,13 @@ def test_the_status_line_follows_the_reason_the_pod_gave() -> None:
         b"HTTP/1.1 200 Status",
         b"HTTP/1.1 200 OK",
     ]
+
+
+def test_content_lengths_beyond_a_c_integer_are_rebuilt_exactly() -> None:
+    """llhttp takes lengths up to 2**64 - 1; the compiled form formats small ones in C."""
+    for length in (0, 7, 2**63 - 1, 2**63, 2**64 - 1):
+        events: list[object] = []
+        ResponseParser(events).feed(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % length)
+        head = events[0]
+        assert type(head) is ResponseHead and head.content_length == length
+        assert b"\r\ncontent-length: %d\r\n" % length in build_response_head(head, chunked=False, close=False)
