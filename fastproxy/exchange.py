@@ -912,14 +912,13 @@ def _decimal(number: int) -> bytes:
 
 
 def _append_fields(parts: list[bytes], fields: list[tuple[bytes, bytes]]) -> None:
-    # Four appends, not ``parts += (name, b": ", value, _CRLF)``: compiled, each is a C call and
-    # no tuple is built per field.
-    append = parts.append
+    # Four appends, not ``parts += (name, b": ", value, _CRLF)``: compiled, each is an inlined
+    # C append on the typed list (a bound ``append`` would be a Python call) and no tuple is built.
     for name, value in fields:
-        append(name)
-        append(b": ")
-        append(value)
-        append(_CRLF)
+        parts.append(name)
+        parts.append(b": ")
+        parts.append(value)
+        parts.append(_CRLF)
 
 
 def build_request_head(
