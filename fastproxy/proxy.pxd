@@ -122,11 +122,12 @@ cdef class ClientConnection:
     cdef public RequestParser parser
     cdef public str peer
     cdef public bytes peer_bytes
+    cdef public bytes pending_body
     cdef public RouterBase router
     cdef public object transport
     cdef public bint trusted
     cdef public double waiting_since
-    @cython.locals(count=Py_ssize_t, exchange=Exchange)
+    @cython.locals(count=Py_ssize_t, exchange=Exchange, body=bytes)
     cpdef _process_events(self)
     cpdef _reject(self, object exc)
     cpdef _linger(self)

@@ -716,6 +716,13 @@ class Exchange:
     def _send(self, conn: UpstreamConnection) -> None:
         router = self.router
         head = self.head
+        client = self.client
+        if client.pending_body is not None:
+            # The whole request came in the read being handled (ClientConnection._process_events):
+            # its body joins the hold, so head and body go to the pod in one write.
+            self.hold.append(client.pending_body)
+            self.hold_bytes += len(client.pending_body)
+            client.pending_body = None
         self.upstream = conn
         conn.exchange = self
         conn.used += 1
@@ -1080,6 +1087,7 @@ class ClientConnection:  # an asyncio.Protocol (duck-typed, as UpstreamConnectio
         "parser",
         "peer",
         "peer_bytes",
+        "pending_body",
         "router",
         "transport",
         "trusted",
@@ -1098,6 +1106,7 @@ class ClientConnection:  # an asyncio.Protocol (duck-typed, as UpstreamConnectio
         self.peer_bytes = b""
         self.trusted = False  # the peer is a configured trusted hop (X-Forwarded-* kept)
         self._out: list[bytes] = []  # response bytes of the current pod read, flushed once
+        self.pending_body: bytes | None = None  # a whole request's body, while its exchange starts
         # Header and idle timeouts are checked by the router's sweeper (Router.sweep_timeouts)
         # against these two times: no timer is armed or cancelled per request.
         self.waiting_since = router.loop.time()
@@ -1151,13 +1160,19 @@ class ClientConnection:  # an asyncio.Protocol (duck-typed, as UpstreamConnectio
             head = events[0]
             if type(head) is not RequestHead:  # pragma: no cover - the parser orders events
                 raise RuntimeError(f"event {head!r} outside a request")
-            body = events[1]
+            if count == 3:
+                # Offered to a pod picked at once (Exchange._send takes it: one write for head and
+                # body); else handed on as any body piece, once the start is done.
+                self.pending_body = events[1]
             events.clear()
             self.router.stats.requests += 1
             self.exchange = exchange = Exchange(self, head)
             exchange.start()
             if count == 3:
-                exchange.request_body(body)  # type: ignore[arg-type]
+                body = self.pending_body
+                self.pending_body = None
+                if body is not None:
+                    exchange.request_body(body)
             exchange.request_end()
             return
         while events:
@@ -1169,7 +1184,13 @@ class ClientConnection:  # an asyncio.Protocol (duck-typed, as UpstreamConnectio
                 del events[0]
                 self.router.stats.requests += 1
                 self.exchange = exchange = Exchange(self, event)
+                if events and type(events[0]) is bytes:
+                    self.pending_body = events.pop(0)  # as above: with the head if a pod is ready
                 exchange.start()
+                body = self.pending_body
+                if body is not None:
+                    self.pending_body = None
+                    exchange.request_body(body)
                 continue
             if exchange.request_complete:
                 break  # a pipelined request waits for the response before it
