@@ -8,8 +8,11 @@ cimport cython
 cpdef list fill(list pods, list offsets, list skips, Py_ssize_t size)
 
 cdef class Maglev:
+    cdef public Py_ssize_t adapter_pods
     cdef public dict adapters
+    cdef public bint built
     cdef public Py_ssize_t changes
+    cdef public bint due
     cdef public list entries
     cdef public Py_ssize_t pods
     cdef public Py_ssize_t size
@@ -17,9 +20,13 @@ cdef class Maglev:
     cpdef add(self, object pod)
     cpdef remove(self, object pod)
     cpdef change(self, object pod, object record)
+    @cython.locals(changes=Py_ssize_t)
     cpdef _changed(self)
 
 cpdef Maglev maglev_of(object revision)
+
+@cython.locals(done=Py_ssize_t, table=Maglev, fresh=Maglev)
+cpdef Py_ssize_t rebuild_due(object slots, Py_ssize_t budget=*)
 
 @cython.locals(size=Py_ssize_t, entries=list, at=Py_ssize_t, end=Py_ssize_t, inflight=Py_ssize_t,
                concurrency=Py_ssize_t)

@@ -33,13 +33,23 @@ leaves, Maglev moves mostly that pod's keys (tests/unit/test_affinity.py measure
 revision outgrows its table (past ``size / ENTRIES_PER_POD`` pods, so at 256, 512, 1024... pods)
 the next size is used and every key moves once.
 
-Maintenance: the table is built on a revision's first affine pick, from its members. The slot
-table tells it of every pod that joins, changes or leaves (``MemberIndex``: ``add``/``change``/
-``remove``), which only counts the change; the table is rebuilt on the next pick once more than
-``pods >> REBUILD_SHIFT`` changes are pending -- at once for a revision of up to 255 pods, after
-196 changes for one of 50k pods, so that rebuild (~0.2 s there, compiled) is shared by many.
-Until then a pod that left is skipped like any unroutable pod (its entries spill to the next),
-and a pod that joined takes only spilled requests.
+Maintenance: the slot table tells a revision's table of every pod that joins, changes or leaves
+(``MemberIndex``: ``add``/``change``/``remove``), which only counts the change. A rebuild costs
+O(table size) -- about 2 ms at 1k pods (16k entries), 30 ms at 5k (131k), 0.5-0.7 s at 50k (1M),
+compiled, 4-6x that pure -- so it is kept off the request path: once more than ``pods >>
+REBUILD_SHIFT`` changes are pending (at least one) the table is *due*, and the router's periodic
+sweep (``rebuild_due``, from ``Router.sweep_timeouts``, up to ``REBUILD_BUDGET`` entries per tick
+but always one table) rebuilds it. So a revision of P pods is rebuilt at most once per P/8 joins
+and leaves: its cost per change is bounded by ~8 * size / P = ~128 entries (at 50k pods one 0.6 s
+rebuild per 6250 changes, ~0.1 ms a change; it is one stall of the loop then, not a request's).
+A pick rebuilds the table itself only when it is absent or badly out of date: more than half its
+pods changed (``pods >> STALE_SHIFT``). Until a rebuild a pod that left is skipped like any
+unroutable pod (its entries spill to the next), and a pod that joined takes only spilled requests.
+
+A revision whose pods advertise no adapter has no use for a table unless a request carries a key:
+its index (``Maglev`` unbuilt: no entries) only counts the pods that advertise one
+(``adapter_pods``), so a least-in-flight LLM route, whose requests name the model as the adapter,
+never builds one -- the slot table's own policy picks.
 
 Adapter affinity: a request naming a LoRA adapter first looks in a smaller table of the pods that
 advertise it (``PodRecord.adapters``), under the same bound; then the whole table; then any free
@@ -68,8 +78,12 @@ TABLE_SIZES: Final = (4099, 8209, 16411, 32771, 65537, 131101, 262147, 524309, 1
 ENTRIES_PER_POD: Final = 16
 # Entries looked at (the key's own, then the next ones) before any free pod will do.
 MAX_PROBES: Final = 8
-# A table is rebuilt once more than pods >> REBUILD_SHIFT changes are pending (see above).
-REBUILD_SHIFT: Final = 8
+# A table is due for the sweep's rebuild once more than pods >> REBUILD_SHIFT changes are pending,
+# and a pick rebuilds it itself past pods >> STALE_SHIFT (see above).
+REBUILD_SHIFT: Final = 3
+STALE_SHIFT: Final = 1
+# Table entries the router's sweep rebuilds per tick (at least one table): ~0.15 s compiled.
+REBUILD_BUDGET: Final = 1 << 18
 _LOW64: Final = (1 << 64) - 1
 
 
@@ -118,19 +132,29 @@ def fill(pods: list[PodSlots], offsets: list[int], skips: list[int], size: int) 
 
 
 class Maglev:
-    """One revision's pods (or one adapter's) in a Maglev lookup table, and its adapters' tables."""
+    """One revision's pods (or one adapter's) in a Maglev lookup table, and its adapters' tables.
+    Unbuilt (``build=False``), it only counts the pods that advertise adapters."""
 
-    __slots__ = ("adapters", "changes", "entries", "pods", "size", "stale")
+    __slots__ = ("adapter_pods", "adapters", "built", "changes", "due", "entries", "pods", "size", "stale")
 
-    def __init__(self, pods: Iterable[PodSlots], *, with_adapters: bool = True) -> None:
+    def __init__(self, pods: Iterable[PodSlots], *, with_adapters: bool = True, build: bool = True) -> None:
+        self.changes = 0  # joins, leaves and adapter changes since the build
+        self.due = False  # for the sweep's rebuild (rebuild_due)
+        self.adapters: dict[str, Maglev] = {}
+        self.size = 0
+        self.entries: list[PodSlots] = []
+        if not build:
+            self.built = False
+            self.stale = True  # (a pick with a key builds it)
+            self.pods = 0
+            self.adapter_pods = sum(1 for pod in pods if pod.record.adapters)
+            return
+        self.built = True
+        self.stale = False
         ordered = sorted(pods, key=_uid_of)  # every router takes turns in the same order
         self.pods = len(ordered)
-        self.changes = 0  # joins, leaves and adapter changes since the build
-        self.stale = False
-        self.adapters: dict[str, Maglev] = {}
+        self.adapter_pods = 0
         if not ordered:
-            self.size = 0
-            self.entries: list[PodSlots] = []
             return
         size = self.size = table_size(len(ordered))
         offsets: list[int] = []
@@ -143,8 +167,10 @@ class Maglev:
         if with_adapters:
             by_adapter: dict[str, list[PodSlots]] = {}
             for pod in ordered:
-                for adapter in pod.record.adapters:
-                    by_adapter.setdefault(adapter, []).append(pod)
+                if pod.record.adapters:
+                    self.adapter_pods += 1
+                    for adapter in pod.record.adapters:
+                        by_adapter.setdefault(adapter, []).append(pod)
             self.adapters = {name: Maglev(group, with_adapters=False) for name, group in by_adapter.items()}
 
     def __len__(self) -> int:
@@ -153,29 +179,57 @@ class Maglev:
     # ---- told by the slot table (fastproxy.slots.MemberIndex) ---------------------------------
 
     def add(self, pod: PodSlots) -> None:
+        if pod.record.adapters:
+            self.adapter_pods += 1
         self._changed()
 
     def remove(self, pod: PodSlots) -> None:
+        if pod.record.adapters:
+            self.adapter_pods -= 1
         self._changed()
 
     def change(self, pod: PodSlots, record: PodRecord) -> None:
         """``pod`` is about to get ``record``: only a change of its advertised adapters matters."""
         if pod.record.adapters != record.adapters:
+            if not pod.record.adapters:
+                self.adapter_pods += 1
+            elif not record.adapters:
+                self.adapter_pods -= 1
             self._changed()
 
     def _changed(self) -> None:
-        self.changes += 1
-        if self.changes > self.pods >> REBUILD_SHIFT:
-            self.stale = True
+        if not self.built:
+            return
+        changes = self.changes = self.changes + 1
+        if changes > self.pods >> REBUILD_SHIFT:
+            self.due = True
+            if changes > self.pods >> STALE_SHIFT:
+                self.stale = True
 
 
 def maglev_of(revision: RevisionSlots) -> Maglev:
-    """The revision's table: built on first use, rebuilt when enough changes are pending."""
+    """The revision's table: built on first use, rebuilt when badly out of date (``stale``)."""
     table: Maglev | None = revision.ring  # type: ignore[assignment]  # (only this module sets it)
     if table is None or table.stale:
         table = Maglev(revision.members.values())
         revision.ring = table
     return table
+
+
+def rebuild_due(slots: SlotTable, budget: int = REBUILD_BUDGET) -> int:
+    """The router's periodic work: rebuild the tables that are due, until about ``budget`` entries
+    were built (always one table, so a table larger than the budget is not put off for ever);
+    returns the entries built. O(revisions) to look, and no pick pays for it."""
+    done = 0
+    for revision in slots.revisions.values():
+        table: Maglev | None = revision.ring  # type: ignore[assignment]
+        if table is not None and table.due and table.built:
+            if done and done + table.size > budget:
+                continue  # (next tick; a smaller one may still fit)
+            fresh = Maglev(revision.members.values())
+            revision.ring = fresh
+            done += fresh.size
+    return done
 
 
 def _walk(table: Maglev, key: int, bound: float) -> Lease | None:
@@ -246,6 +300,12 @@ def pick(
             return prefix_affinity(slots, key, adapter, epsilon)  # (an adapter that no pod has is none)
         lease = _walk(maglev, key, (1.0 + epsilon) * (slots.inflight_total + 1) / capacity)
         return lease if lease is not None else least_inflight(slots)
+    index: Maglev | None = slots.ring  # type: ignore[assignment]
+    if index is None:
+        index = Maglev(slots.members.values(), build=False)  # (one pass; then kept in step)
+        slots.ring = index
+    if not index.adapter_pods:
+        return table.pick(revision)  # no pod advertises an adapter: no table to look in
     maglev = maglev_of(slots)
     sub = maglev.adapters.get(adapter) if maglev.adapters and adapter is not None else None
     if sub is not None and adapter is not None and slots.capacity > 0:

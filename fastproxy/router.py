@@ -44,6 +44,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from fastproxy import affinity
 from fastproxy.compiled import describe as describe_form
 from fastproxy.config import ConfigError, RouterConfig, RoutesFile, load_routes_file
 from fastproxy.exchange import Limits
@@ -272,11 +273,13 @@ class Router(RouterBase):
             self._sweeper = self.loop.call_later(self._sweep_interval, self.sweep_timeouts)
 
     def sweep_timeouts(self) -> None:
-        """Header and idle timeouts for every client connection, a few times per timeout."""
+        """Header and idle timeouts for every client connection, a few times per timeout; and the
+        affinity tables that are due for a rebuild (so that no request pays for one)."""
         self._sweeper = None
         now = self.loop.time()
         for conn in list(self.connections):
             conn.check_timeouts(now)
+        affinity.rebuild_due(self.slots)
         if self.connections:
             self._sweeper = self.loop.call_later(self._sweep_interval, self.sweep_timeouts)
 

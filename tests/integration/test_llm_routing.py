@@ -173,6 +173,19 @@ async def test_adapter_requests_prefer_pods_that_advertise_it(harness: RouterHar
     assert [len(app.requests) for app in apps] == [0, 0, 5, 0]
 
 
+async def test_a_least_inflight_route_on_pods_without_adapters_builds_no_table(
+    harness: RouterHarness,
+) -> None:
+    apps = [await harness.app() for _ in range(3)]
+    pods = [pod_record(f"p{i}", app.address, concurrency=2) for i, app in enumerate(apps)]
+    router, port = await harness.router(pods, [llm_route()])
+    for _ in range(6):  # every request names its model, which the pick takes for an adapter
+        assert (await post(port, chat_body("llama-3", "s", "u"))).status_code == 200
+    assert sorted(len(app.requests) for app in apps) == [2, 2, 2]
+    index = router.slots.revisions["chat-v1"].ring
+    assert index is not None and not index.built and index.entries == []  # type: ignore[attr-defined]
+
+
 async def test_service_named_by_models_without_a_route_is_503(harness: RouterHarness) -> None:
     app = await harness.app()
     _, port = await harness.router([pod_record("p1", app.address)], [llm_route(models={"m": "nowhere"})])

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import importlib.util
 import pathlib
 import random
+import time
 
 import msgspec
 import pytest
 
 from fastproxy import affinity
 from fastproxy.affinity import Maglev, maglev_of, prefix_affinity
-from fastproxy.config import ConfigError, load_routes_file
+from fastproxy.config import ConfigError, RouterConfig, load_routes_file
 from fastproxy.errors import BadBody, PayloadTooLarge
 from fastproxy.exchange import RequestHead
 from fastproxy.llm import LLMRoute, prefix_key
+from fastproxy.router import Router
 from fastproxy.slots import SlotTable
 from statesync.schema import AffinityPolicy, LLMRouting, PodRecord, PodState, Route, WeightedRevision
 
@@ -80,36 +83,90 @@ def test_table_after_changes_equals_a_table_built_from_scratch() -> None:
         [pod("p3", state=PodState.REMOVED), pod("new-1"), pod("p7", state=PodState.NOT_READY, gen=2)]
     )
     table.update([pod("new-2", adapters=("lora-a",)), pod("p8", adapters=("lora-a", "lora-b"), gen=2)])
-    assert first.stale  # a small revision's table is rebuilt on the next pick
+    assert first.due and not first.stale  # 4 changes > 30 >> 3: the sweep's, not a pick's
     affine_pod(table, 1)
+    assert revision.ring is first
+    assert affinity.rebuild_due(table) == first.size
     now = revision.ring
-    assert isinstance(now, Maglev) and now is not first and not now.stale
+    assert isinstance(now, Maglev) and now is not first and not now.due and not now.stale
     fresh = Maglev(revision.members.values())
     assert [p.uid for p in now.entries] == [p.uid for p in fresh.entries]
     assert "p3" not in {p.uid for p in now.entries} and "p7" in {p.uid for p in now.entries}
     assert sorted(now.adapters) == sorted(fresh.adapters) == ["lora-a", "lora-b"]
     for name in fresh.adapters:
         assert [p.uid for p in now.adapters[name].entries] == [p.uid for p in fresh.adapters[name].entries]
+    assert now.adapter_pods == 2
     table.update([pod("p8", gen=3)])  # unloaded both adapters
-    assert sorted(maglev_of(revision).adapters) == ["lora-a"]
+    assert now.adapter_pods == 1 and now.changes == 1
     table.update([pod("p9", gen=2)])  # a change that is no join, leave or adapter change
-    assert not revision.ring.stale  # type: ignore[union-attr]
+    assert now.changes == 1 and affinity.rebuild_due(table) == 0
 
 
-def test_a_large_revision_rebuilds_after_several_changes_and_skips_a_pod_that_left() -> None:
-    table = table_of([pod(f"p{i}") for i in range(600)])  # 600 >> 8 = 2: rebuilt after 3 changes
+def test_a_pick_rebuilds_only_a_table_that_is_absent_or_badly_out_of_date() -> None:
+    table = table_of([pod(f"p{i}") for i in range(600)])  # due after 600 >> 3 = 75, stale after 300
     revision = table.revisions["r"]
     first = maglev_of(revision)
     gone = first.entries[keys(1)[0] % first.size].uid
     table.update([pod(gone, state=PodState.REMOVED)])
-    assert not first.stale
     for key in keys(300):
-        assert affine_pod(table, key) != gone
-    assert revision.ring is first
-    table.update([pod("new-1"), pod("new-2")])
+        assert affine_pod(table, key) != gone  # skipped until the rebuild
+    table.update([pod(f"new-{i}") for i in range(75)])
+    assert first.due and not first.stale
+    for key in keys(50):
+        affine_pod(table, key)
+    assert revision.ring is first  # a few pending changes: no pick pays for a rebuild
+    table.update([pod(f"more-{i}") for i in range(225)])  # 301 changes: more than half the pods
     assert first.stale
     affine_pod(table, 1)
-    assert revision.ring is not first and revision.ring.pods == 601  # type: ignore[union-attr]
+    assert revision.ring is not first and revision.ring.pods == 899  # type: ignore[union-attr]
+    assert affinity.rebuild_due(table) == 0
+
+
+def test_the_sweep_rebuilds_within_its_budget_and_never_puts_a_large_table_off() -> None:
+    table = SlotTable(seed=0)
+    table.update([msgspec.structs.replace(pod(f"{r}-{i}"), revision=r) for r in "abc" for i in range(10)])
+    for name in "abc":
+        assert affinity.pick(table, name, 5, None, 0.25) is not None
+    table.update([msgspec.structs.replace(pod(f"{r}-new{i}"), revision=r) for r in "abc" for i in range(2)])
+    assert affinity.rebuild_due(table, budget=1) == 4099  # one table a tick, however small the budget
+    assert affinity.rebuild_due(table, budget=2 * 4099) == 2 * 4099
+    assert affinity.rebuild_due(table, budget=1) == 0
+    assert all(revision.ring.pods == 12 for revision in table.revisions.values())  # type: ignore[union-attr]
+
+
+def test_the_routers_periodic_sweep_rebuilds_a_due_table_without_a_pick() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        router = Router(RouterConfig(), loop)
+        router.slots.update([pod(f"p{i}") for i in range(40)])
+        assert affinity.pick(router.slots, "r", 1, None, 0.25) is not None
+        revision = router.slots.revisions["r"]
+        first = revision.ring
+        router.slots.update([pod(f"new-{i}") for i in range(6)])  # 6 > 40 >> 3
+        assert first.due  # type: ignore[union-attr]
+        deadline = time.monotonic() + 10
+        while revision.ring is first:  # (the sweep, driven as its timer would)
+            assert time.monotonic() < deadline, "the sweep never rebuilt the due table"
+            router.sweep_timeouts()
+        assert revision.ring.pods == 46 and not revision.ring.due  # type: ignore[union-attr]
+    finally:
+        loop.close()
+
+
+def test_no_table_is_built_for_an_adapter_when_no_pod_advertises_one() -> None:
+    table = table_of([pod(f"p{i}", cc=2) for i in range(20)])
+    revision = table.revisions["r"]
+    for _ in range(10):
+        assert affinity.pick(table, "r", None, "llama-3", 0.25) is not None
+    index = revision.ring
+    assert isinstance(index, Maglev) and not index.built and index.size == 0 and index.entries == []
+    table.update([pod("lora-pod", adapters=("sql",))])
+    assert index.adapter_pods == 1
+    lease = affinity.pick(table, "r", None, "sql", 0.25)
+    assert lease is not None and lease[1].uid == "lora-pod"
+    assert isinstance(revision.ring, Maglev) and revision.ring.built and revision.ring.adapter_pods == 1
+    table.update([pod("lora-pod", adapters=(), gen=2)])
+    assert revision.ring.adapter_pods == 0
 
 
 def uid_shares(maglev: Maglev, sample: list[int]) -> list[str]:
@@ -373,3 +430,5 @@ def test_a_model_name_no_pod_advertises_leaves_least_inflight_as_it_is() -> None
     for _ in range(16):
         assert request.pick(table, "r") is not None
     assert sorted(p.inflight for p in table.pods.values()) == [2] * 8
+    index = table.revisions["r"].ring  # (and no table was built to look for the adapter)
+    assert isinstance(index, Maglev) and not index.built and index.entries == []
