@@ -362,7 +362,7 @@ class PodTableLike(Protocol):
 
 
 class MemberIndex(Protocol):
-    """A policy's index of a revision's pods (``fastproxy.affinity.Ring``), kept in step with them."""
+    """A policy's index of a revision's pods (the Maglev table, ``fastproxy.affinity.Maglev``), kept in step."""
 
     def add(self, pod: PodSlots) -> None: ...
 
