@@ -17,10 +17,10 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from prometheus_client import CollectorRegistry, generate_latest
 
 from fastproxy.errors import ProxyError
 from fastproxy.exchange import END, RequestHead, RequestParser, error_response
+from fastproxy.exposition import MetricSource, render
 from fastproxy.metrics import RouterCollector
 from fastproxy.tunnel import SessionView
 
@@ -98,7 +98,7 @@ def revisions_view(router: Router) -> list[RevisionView]:
 
 
 class AdminConnection(asyncio.Protocol):
-    def __init__(self, router: Router, token: str | None, registry: CollectorRegistry) -> None:
+    def __init__(self, router: Router, token: str | None, registry: MetricSource) -> None:
         self.router = router
         self.token = token.encode() if token else None
         self.registry = registry
@@ -165,7 +165,7 @@ class AdminConnection(asyncio.Protocol):
         if not self.authorized(head):
             return 401, text, b"missing or wrong bearer token\n"
         if path == "/metrics":
-            return 200, b"text/plain; version=0.0.4; charset=utf-8", generate_latest(self.registry)
+            return 200, b"text/plain; version=0.0.4; charset=utf-8", render(self.registry.collect())
         if path == "/v1/pods":
             return 200, b"application/json", _json.encode(pods_view(router))
         if path == "/v1/revisions":
@@ -204,7 +204,6 @@ class AdminConnection(asyncio.Protocol):
 
 
 async def start_admin(router: Router, host: str, port: int, token: str | None) -> Any:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(RouterCollector(router))
+    collector = RouterCollector(router)
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: AdminConnection(router, token, registry), host, port)
+    return await loop.create_server(lambda: AdminConnection(router, token, collector), host, port)

@@ -7,9 +7,9 @@ import math
 import random
 
 import pytest
-from prometheus_client.core import HistogramMetricFamily
 
 from fastproxy import metrics
+from fastproxy.exposition import HistogramMetricFamily
 from fastproxy.metrics import RouterStats
 
 
@@ -82,6 +82,6 @@ def test_exposition_keeps_every_other_edge_and_is_cumulative() -> None:
     assert edges[-1] == hist.bounds[-1]
     counts = [n for _, n in buckets]
     assert counts == sorted(counts) and counts[-2] == 3
-    # what prometheus_client renders from it
+    # what /metrics renders from it
     family = HistogramMetricFamily("x", "x", buckets=buckets, sum_value=hist.sum)
     assert len(family.samples) == len(buckets) + 2
