@@ -129,7 +129,7 @@ class Router(RouterBase):
         self.snapshot_changed_at = time.time()
 
     def _reconcile(self, records: Sequence[PodRecord]) -> None:
-        self.slots.update(records)
+        self.slots.update(records, self.snapshot.pods)  # (still the snapshot before the change)
         for record in records:
             if record.state is PodState.REMOVED:
                 self.pool.drop_pod(record.uid)

@@ -361,6 +361,12 @@ class PodTableLike(Protocol):
     def chunk(self, chunk: int) -> list[PodRecord]: ...
 
 
+class PodLookup(Protocol):
+    """Records by UID (a ``PodTable``, a dict)."""
+
+    def get(self, uid: str, default: PodRecord | None = None, /) -> PodRecord | None: ...
+
+
 class MemberIndex(Protocol):
     """A policy's index of a revision's pods (the Maglev table, ``fastproxy.affinity.Maglev``), kept in step."""
 
@@ -582,13 +588,18 @@ class SlotTable:
 
     # ---- the state path ------------------------------------------------------------------
 
-    def update(self, records: Iterable[PodRecord]) -> None:
-        """Reconcile the pods a delta changed. O(len(records))."""
+    def update(self, records: Iterable[PodRecord], previous: PodLookup | None = None) -> None:
+        """Reconcile the pods a delta changed. O(len(records)). ``previous``: the records as they
+        were before (the router's snapshot before the delta), for a pod still pending whose record
+        moved to another revision: its old revision's pending records are not indexed by UID, so
+        only the old record says where to take it from. (A pod with PodSlots knows its revision.)"""
         entering: list[PodSlots] = []
         excluded = self._excluded
         for record in records:
             pod = self.pods.get(record.uid)
             if pod is None:
+                if previous is not None:
+                    self._leave_old_pending(record, previous)
                 revision = self.revisions.get(record.revision)
                 if revision is not None and revision.pending is not None:
                     self._update_pending(revision, record)
@@ -604,6 +615,8 @@ class SlotTable:
                 revision._add_member(pod)
                 if revision.ring is not None:
                     revision.ring.add(pod)
+            elif pod.revision.name != record.revision:
+                self._move(pod, record)  # (out of rotation: re-entered below if routable)
             else:
                 if pod.revision.ring is not None:
                     pod.revision.ring.change(pod, record)
@@ -629,13 +642,50 @@ class SlotTable:
         for pod in entering:
             pod._enter()
 
+    def _move(self, pod: PodSlots, record: PodRecord) -> None:
+        """The pod's record moved to another revision (same UID): out of the old one's levels,
+        members and index, into the new one's members, its in-flight requests with it (their
+        releases go to the pod, so to its revision of the moment). Left out of rotation: the
+        caller re-enters it if it is routable."""
+        old = pod.revision
+        if pod.routable:
+            pod._leave()
+        old._remove_member(pod)
+        if old.ring is not None:
+            old.ring.remove(pod)
+        old.inflight_total -= pod.inflight
+        revision = self.revisions.get(record.revision)
+        if revision is None:
+            revision = self.revisions[record.revision] = RevisionSlots(record.revision)
+        elif revision.pending is not None:
+            self._materialize(revision)  # (a pod with PodSlots cannot join pending records)
+        pod.revision = revision
+        pod.record = record
+        pod.concurrency = record.concurrency
+        revision.inflight_total += pod.inflight
+        revision._add_member(pod)
+        if revision.ring is not None:
+            revision.ring.add(pod)
+        self._drop_if_unused(old)
+
+    def _leave_old_pending(self, record: PodRecord, previous: PodLookup) -> None:
+        """A pod without PodSlots whose record moved revision leaves its old revision's pending
+        records (else that revision, materialized, would give it PodSlots there too)."""
+        before = previous.get(record.uid)
+        if before is None or before.revision == record.revision:
+            return
+        revision = self.revisions.get(before.revision)
+        if revision is not None and revision.pending is not None:
+            revision.pending_by_uid().pop(record.uid, None)
+            self._drop_if_unused(revision)
+
     def replace_all(self, records: Iterable[PodRecord]) -> None:
         """Reconcile with a whole state (resync): pods not in it are forgotten."""
         if not self.pods and not self.revisions:
             self._fill(records)
             return
         records = list(records)
-        keep = {r.uid for r in records}
+        keep = {r.uid: r.revision for r in records}
         pods = self.pods
         for uid in [uid for uid in pods if uid not in keep]:
             self._forget(pods[uid])
@@ -645,7 +695,9 @@ class SlotTable:
         for revision in list(self.revisions.values()):
             if revision.pending is not None:
                 pending = revision.pending_by_uid()
-                for uid in [uid for uid in pending if uid not in keep]:
+                name = revision.name
+                # gone, or moved to another revision (its record in ``records`` enters that one)
+                for uid in [uid for uid in pending if keep.get(uid) != name]:
                     del pending[uid]
                 self._drop_if_unused(revision)
         self.update(records)

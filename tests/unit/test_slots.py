@@ -429,3 +429,67 @@ def test_pod_index_behaves_like_a_dict_through_growth_churn_and_shrinking() -> N
     with pytest.raises(ValueError, match="filed under"):
         index["other"] = PodSlots(pod("u1"), revision)
     assert table.pods == {}
+
+
+# ---- a pod whose record moves to another revision (same UID) -----------------------------------
+
+
+def test_a_pod_moved_to_another_revision_leaves_the_old_one_keeping_its_count() -> None:
+    table = SlotTable(seed=0)
+    table.update([pod("a", 2, rev="r1"), pod("b", rev="r1")])
+    lease = table.pick("r1")
+    assert lease is not None
+    moved = lease[1].uid
+    table.update([pod(moved, 2, gen=2, rev="r2")])
+    old, new = table.revisions["r1"], table.revisions["r2"]
+    assert moved not in old.members and set(new.members) == {moved}
+    assert table.pods[moved].revision is new
+    assert old.inflight_total == 0 and old.capacity == 1  # only the pod that stayed
+    assert new.inflight_total == 1 and new.capacity == 2  # the request in flight moved with it
+    other = table.pick("r1")
+    assert other is not None and other[1].uid != moved and table.pick("r1") is None
+    second = table.pick("r2")
+    assert second is not None and second[1].uid == moved and table.pick("r2") is None  # 2 of 2
+    lease[0]()  # the lease taken in r1 gives its slot back to the pod, now in r2
+    assert new.inflight_total == 1 and old.inflight_total == 1
+    again = table.pick("r2")
+    assert again is not None and again[1].uid == moved
+
+
+def test_a_pod_moved_out_of_its_revisions_last_pod_forgets_the_revision() -> None:
+    table = SlotTable(seed=0)
+    table.update([pod("a", rev="r1")])
+    table.update([pod("a", gen=2, rev="r2")])
+    assert "r1" not in table.revisions and table.pick("r1") is None
+    lease = table.pick("r2")
+    assert lease is not None and lease[1].uid == "a"
+
+
+def test_a_pending_pod_moved_to_another_revision_leaves_the_old_ones_records() -> None:
+    before = [pod("a", rev="r1"), pod("b", rev="r1"), pod("c", rev="r2")]
+    table = bootstrapped(before)
+    previous = {r.uid: r for r in before}
+    table.update([pod("a", gen=2, rev="r2")], previous=previous)
+    leases = [table.pick("r1") for _ in range(2)]
+    assert leases[0] is not None and leases[0][1].uid == "b" and leases[1] is None
+    assert sorted(lease[1].uid for lease in (table.pick("r2"), table.pick("r2")) if lease) == ["a", "c"]
+
+
+def test_a_pending_pod_moved_into_a_materialized_revision() -> None:
+    before = [pod("a", rev="r1"), pod("c", rev="r2")]
+    table = bootstrapped(before)
+    assert table.pick("r2") is not None  # r2 materialized, r1 still pending
+    table.update([pod("a", gen=2, rev="r2")], previous={r.uid: r for r in before})
+    assert "r1" not in table.revisions and table.pick("r1") is None
+    lease = table.pick("r2")
+    assert lease is not None and lease[1].uid == "a"
+
+
+def test_replace_all_moves_a_pending_pod_to_its_new_revision() -> None:
+    table = bootstrapped([pod("a", rev="r1"), pod("b", rev="r1")])
+    table.replace_all([pod("a", gen=2, rev="r2"), pod("b", rev="r1")])
+    assert set(table.revisions["r1"].pending_records()) == {pod("b", rev="r1")}
+    lease = table.pick("r1")
+    assert lease is not None and lease[1].uid == "b" and table.pick("r1") is None
+    lease = table.pick("r2")
+    assert lease is not None and lease[1].uid == "a"
