@@ -13,9 +13,12 @@ from fastproxy.snapshot cimport RouteTable, RoutingSnapshot, ServiceRoute
 cdef class Deadline:
     cdef public object _callback
     cdef public object _handle
+    cdef public double _handle_when
     cdef public object _loop
+    cdef public object _time
     cdef public object _when
     cpdef set(self, double when)
+    cpdef set_after(self, double delay)
     cpdef clear(self)
     cpdef cancel(self)
 
@@ -31,8 +34,12 @@ cdef class UpstreamConnection:
     cdef public UpstreamPool pool
     cdef public bint reusable
     cdef public object socket
+    cdef public object socket_getsockopt
     cdef public bint socket_wrapped
     cdef public object transport
+    cdef public object transport_is_closing
+    cdef public object transport_write
+    cdef public object transport_writelines
     cdef public Py_ssize_t used
     cpdef pause_reading(self, int reason)
     cpdef resume_reading(self, int reason)
@@ -44,13 +51,14 @@ cdef class UpstreamConnection:
 cdef class UpstreamPool:
     cdef public dict _idle_since
     cdef public object _sweeper
+    cdef public object clock
     cdef public dict idle
     cdef public double idle_timeout
     cdef public object limits
     cdef public object loop
     cdef public Py_ssize_t max_idle_per_pod
     cpdef UpstreamConnection checkout(self, str uid)
-    cpdef checkin(self, UpstreamConnection conn)
+    cpdef checkin(self, UpstreamConnection conn, double now=*)
     cpdef forget(self, UpstreamConnection conn)
 
 cdef class Exchange:
@@ -92,7 +100,7 @@ cdef class Exchange:
     cpdef _unavailable(self, object failure)
     @cython.locals(router=RouterBase)
     cpdef _send(self, UpstreamConnection conn)
-    cpdef _flush_hold(self, object transport, object head_bytes)
+    cpdef _flush_hold(self, UpstreamConnection conn, object head_bytes)
     cpdef _send_body(self)
     cpdef _request_fully_sent(self)
     cpdef request_body(self, bytes data)
@@ -125,13 +133,16 @@ cdef class ClientConnection:
     cdef public bytes pending_body
     cdef public RouterBase router
     cdef public object transport
+    cdef public object transport_is_closing
+    cdef public object transport_write
+    cdef public object transport_writelines
     cdef public bint trusted
     cdef public double waiting_since
     @cython.locals(count=Py_ssize_t, exchange=Exchange, body=bytes)
     cpdef _process_events(self)
     cpdef _reject(self, object exc)
     cpdef _linger(self)
-    cpdef exchange_finished(self, Exchange exchange)
+    cpdef exchange_finished(self, Exchange exchange, double now=*)
     cpdef check_timeouts(self, double now)
     cpdef pause_reading(self, int reason)
     cpdef resume_reading(self, int reason)

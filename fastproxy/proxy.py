@@ -37,9 +37,9 @@ import asyncio
 import errno
 import logging
 import socket
-import time
 from asyncio.trsock import TransportSocket
 from collections.abc import Callable
+from time import perf_counter  # (a global, not time.perf_counter: no attribute lookup per read)
 from typing import TYPE_CHECKING, Any
 
 from fastproxy.errors import (
@@ -97,6 +97,8 @@ _UNREAD_BY_PEER = frozenset({ConnectionResetError, BrokenPipeError})
 PARK_HEADER = b"x-fastproxy-park"
 PARK_FIELD = (PARK_HEADER, b"1")
 _TCP_ESTABLISHED = 1  # tcpi_state in struct tcp_info (linux/tcp.h, enum TCP_ESTABLISHED)
+_IPPROTO_TCP = socket.IPPROTO_TCP  # (module constants: no attribute lookup per probe)
+_TCP_INFO = socket.TCP_INFO
 # the sockets a transport may hand out that are cheap to ask (uvloop's PseudoSocket is not: see
 # UpstreamConnection.connection_made)
 _STDLIB_SOCKETS = (socket.socket, TransportSocket)
@@ -106,22 +108,30 @@ class Deadline:
     """One reusable timer. ``set`` moves the deadline; the handle is rescheduled only when it
     fires early, so moving a deadline forward per request costs no timer allocation."""
 
-    __slots__ = ("_callback", "_handle", "_loop", "_when")
+    __slots__ = ("_callback", "_handle", "_handle_when", "_loop", "_time", "_when")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
         self._loop = loop
+        self._time = loop.time  # (bound once: read per request by set_after)
         self._callback = callback
         self._when: float | None = None
         self._handle: asyncio.TimerHandle | None = None
+        self._handle_when = 0.0  # when the handle fires (kept here: handle.when() is a call)
 
     def set(self, when: float) -> None:
         self._when = when
         handle = self._handle
         if handle is None:
             self._handle = self._loop.call_at(when, self._fire)
-        elif handle.when() > when:
+            self._handle_when = when
+        elif self._handle_when > when:
             handle.cancel()
             self._handle = self._loop.call_at(when, self._fire)
+            self._handle_when = when
+
+    def set_after(self, delay: float) -> None:
+        """``set`` to ``delay`` seconds from now (the loop's time)."""
+        self.set(self._time() + delay)
 
     def clear(self) -> None:
         self._when = None
@@ -137,8 +147,9 @@ class Deadline:
         when = self._when
         if when is None:
             return
-        if self._loop.time() < when:
+        if self._time() < when:
             self._handle = self._loop.call_at(when, self._fire)
+            self._handle_when = when
             return
         self._when = None
         self._callback()
@@ -162,8 +173,12 @@ class UpstreamConnection:  # an asyncio.Protocol (duck-typed: compiled, it is an
         "pool",
         "reusable",
         "socket",
+        "socket_getsockopt",
         "socket_wrapped",
         "transport",
+        "transport_is_closing",
+        "transport_write",
+        "transport_writelines",
         "used",
     )
 
@@ -175,7 +190,13 @@ class UpstreamConnection:  # an asyncio.Protocol (duck-typed: compiled, it is an
         self.idle_cap = max(pool.max_idle_per_pod, concurrency)
         self.transport: asyncio.Transport | None = None
         self.socket: Any = None  # the transport's socket, for TCP state (peer_closed)
+        self.socket_getsockopt: Callable[..., Any] | None = None  # its bound getsockopt
         self.socket_wrapped = False  # self.socket wraps the transport's fd: detach, never close
+        # The transport's methods used per request, bound once in connection_made: a call by name
+        # on an untyped object is a method lookup each time (see ClientConnection.connection_made).
+        self.transport_write: Callable[[bytes], None] | None = None
+        self.transport_writelines: Callable[[list[bytes]], None] | None = None
+        self.transport_is_closing: Callable[[], bool] | None = None
         self._events: list[object] = []
         self.parser = ResponseParser(self._events, pool.limits)
         self.exchange: Exchange | None = None
@@ -189,6 +210,9 @@ class UpstreamConnection:  # an asyncio.Protocol (duck-typed: compiled, it is an
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        self.transport_write = transport.write  # type: ignore[attr-defined]
+        self.transport_writelines = transport.writelines  # type: ignore[attr-defined]
+        self.transport_is_closing = transport.is_closing
         sock = transport.get_extra_info("socket")
         if sock is not None and not isinstance(sock, _STDLIB_SOCKETS):
             # uvloop's PseudoSocket builds a socket.socket around the fd (a getsockname included)
@@ -198,6 +222,7 @@ class UpstreamConnection:  # an asyncio.Protocol (duck-typed: compiled, it is an
             sock = socket.socket(fileno=sock.fileno())
             self.socket_wrapped = True
         self.socket = sock
+        self.socket_getsockopt = None if sock is None else sock.getsockopt
 
     def data_received(self, data: bytes) -> None:
         exchange = self.exchange
@@ -241,6 +266,9 @@ class UpstreamConnection:  # an asyncio.Protocol (duck-typed: compiled, it is an
     def connection_lost(self, exc: Exception | None) -> None:
         self.release_socket()
         self.closed = True
+        # (the bound methods hold the transport; is_usable is False from here on, and no write
+        # is made on a closed connection: the exchange is told below)
+        self.transport_write = self.transport_writelines = self.transport_is_closing = None
         self.deadline.cancel()
         self.pool.forget(self)
         exchange = self.exchange
@@ -282,17 +310,29 @@ class UpstreamConnection:  # an asyncio.Protocol (duck-typed: compiled, it is an
             self.socket_wrapped = False
             self.socket.detach()
         self.socket = None
+        self.socket_getsockopt = None
 
     def peer_closed(self) -> bool:
         """Has the pod closed this idle connection, its FIN already in our socket but not yet seen
         by the loop? A request sent now would meet a closed socket: the pod never reads it, and we
         could not prove that afterwards (RFC 9110 section 9.2.2 would forbid sending it again). So
-        reused connections are checked before each request: one getsockopt, ~1 us."""
-        sock = self.socket
-        if sock is None:
+        reused connections are checked before each request: one getsockopt, ~1 us.
+
+        Why every reuse, even of a connection whose response ended a moment ago (no cheaper test
+        holds; checked against libuv, which uvloop reads through): libuv's uv__read returns after
+        a read that did not fill its buffer without reading again, so a FIN that arrived with or
+        just after the response's last bytes stays in the socket, unseen, until the next poll
+        reports the fd -- and a request can take the connection before that: a waiter handed the
+        slot runs in uvloop's ready callbacks (libuv's idle phase, before the poll), and a client's
+        read reported by the same poll may be handled before the pod's fd. Nor does "idle for less
+        than X" help: a pod that dies or shuts down closes its idle connections at any moment, not
+        after a keep-alive timeout. What the loop has seen (``is_usable``: the transport closing)
+        is checked first, free; the kernel is asked only about a connection the loop thinks open."""
+        getsockopt = self.socket_getsockopt
+        if getsockopt is None:
             return False  # no socket behind the transport (the benchmarks' in-memory ones)
         try:
-            state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+            state = getsockopt(_IPPROTO_TCP, _TCP_INFO, 1)[0]
         except (OSError, IndexError):
             return True  # a socket we cannot ask about is not one to send a request on
         return state != _TCP_ESTABLISHED
@@ -303,12 +343,8 @@ class UpstreamConnection:  # an asyncio.Protocol (duck-typed: compiled, it is an
 
     def is_usable(self) -> bool:
         """``usable`` as a method: a C call from the pool (a property is a Python lookup)."""
-        return (
-            not self.closed
-            and self.reusable
-            and self.transport is not None
-            and not self.transport.is_closing()
-        )
+        is_closing = self.transport_is_closing
+        return not self.closed and self.reusable and is_closing is not None and not is_closing()
 
     def close(self) -> None:
         self.reusable = False
@@ -324,7 +360,16 @@ class UpstreamConnection:  # an asyncio.Protocol (duck-typed: compiled, it is an
 class UpstreamPool:
     """Idle keep-alive connections per pod (by UID: a recycled IP never inherits connections)."""
 
-    __slots__ = ("_idle_since", "_sweeper", "idle", "idle_timeout", "limits", "loop", "max_idle_per_pod")
+    __slots__ = (
+        "_idle_since",
+        "_sweeper",
+        "clock",
+        "idle",
+        "idle_timeout",
+        "limits",
+        "loop",
+        "max_idle_per_pod",
+    )
 
     def __init__(
         self,
@@ -335,6 +380,7 @@ class UpstreamPool:
         max_idle_per_pod: int = 16,
     ) -> None:
         self.loop = loop
+        self.clock = loop.time  # the loop's time, bound once (read per request)
         self.limits = limits
         self.idle: dict[str, list[UpstreamConnection]] = {}
         self._idle_since: dict[UpstreamConnection, float] = {}
@@ -352,7 +398,8 @@ class UpstreamPool:
             conn.close()
         return None
 
-    def checkin(self, conn: UpstreamConnection) -> None:
+    def checkin(self, conn: UpstreamConnection, now: float = -1.0) -> None:
+        """Back to the pool, idle since ``now`` (loop time; read here if not given)."""
         if not conn.is_usable():
             conn.close()
             return
@@ -363,7 +410,7 @@ class UpstreamPool:
             conn.close()
             return
         conns.append(conn)
-        self._idle_since[conn] = self.loop.time()
+        self._idle_since[conn] = now if now >= 0 else self.clock()
         if self._sweeper is None:
             self._sweeper = self.loop.call_later(self.idle_timeout / 2, self._sweep)
 
@@ -472,7 +519,7 @@ class Exchange:
         self.replay_bytes = 0
         self.continue_sent = False
         self.status = 0
-        self.t_head = time.perf_counter()
+        self.t_head = perf_counter()
         self.t_response = 0.0
         self.request_side = 0.0  # the router's own time from the head to the pod (no queueing)
         self._waiter: asyncio.Future[Any] | None = None
@@ -606,7 +653,7 @@ class Exchange:
         if waiter.cancelled() or self._waiter is not waiter:
             return
         self._leave_queue()
-        now = time.perf_counter()
+        now = perf_counter()
         self.router.stats.queue_wait.observe(now - self.t_head)
         self.t_head = now  # added latency counts the router's own time, not the wait for a slot
         self._on_lease(waiter.result())
@@ -658,8 +705,11 @@ class Exchange:
             if self.stage is not Stage.CONNECTING or self.pod is not pod:
                 router.pool.checkin(conn)  # the client left meanwhile; the connection is fresh
                 return
-            self._send(conn)
-            return
+            if not conn.closed:
+                self._send(conn)
+                return
+            # (lost between connection_made and this task resuming: nothing was sent on it)
+            failure = UpstreamUnavailable(f"{pod.ip}:{pod.port} closed a new connection at once", "reset")
         if self.stage is Stage.CONNECTING and self.pod is pod:
             self._unavailable(failure)
 
@@ -728,8 +778,8 @@ class Exchange:
         conn.used += 1
         if head.method == b"HEAD":
             conn.parser.expect_no_body()
-        transport = conn.transport
-        assert transport is not None
+        write = conn.transport_write
+        assert write is not None  # (a checked-out or just-connected connection is open)
         if head.expect_continue and not self.request_complete and not self.continue_sent:
             self.continue_sent = True
             self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # a pod is ready: send the body
@@ -747,23 +797,23 @@ class Exchange:
             extra.append(PARK_FIELD)  # this request has waited: a full sidecar may park it
         data = build_request_head(head, extra, expect_continue=hold_back)
         if hold_back:
-            transport.write(data)
+            write(data)
             self.stage = Stage.AWAIT_CONTINUE
             self._continue_timer = router.loop.call_later(router.config.continue_timeout, self._send_body)
         else:
             self.stage = Stage.SENT
             if self.hold:
-                self._flush_hold(transport, data)
+                self._flush_hold(conn, data)
             else:
-                transport.write(data)
+                write(data)
             if self.request_complete:
                 self._request_fully_sent()
-        conn.deadline.set(router.loop.time() + router.config.first_byte_timeout)
+        conn.deadline.set_after(router.config.first_byte_timeout)
         # One added-latency sample per request, observed with the response head: this side's
         # share now, the response side's there.
-        self.request_side = time.perf_counter() - self.t_head
+        self.request_side = perf_counter() - self.t_head
 
-    def _flush_hold(self, transport: asyncio.Transport, head_bytes: bytes | None) -> None:
+    def _flush_hold(self, conn: UpstreamConnection, head_bytes: bytes | None) -> None:
         pieces: list[bytes] = [] if head_bytes is None else [head_bytes]
         if self.head.chunked:
             for piece in self.hold:
@@ -772,7 +822,7 @@ class Exchange:
             pieces += self.hold
         if self.request_complete and self.head.chunked:
             pieces.append(LAST_CHUNK)
-        transport.writelines(pieces)
+        conn.transport_writelines(pieces)  # type: ignore[misc]
         self.hold.clear()
         self.hold_bytes = 0
         self.client.resume_reading(PAUSE_HOLDING)
@@ -783,9 +833,7 @@ class Exchange:
         if self.stage is not Stage.AWAIT_CONTINUE or self.upstream is None:
             return
         self.stage = Stage.SENT
-        transport = self.upstream.transport
-        assert transport is not None
-        self._flush_hold(transport, None)
+        self._flush_hold(self.upstream, None)
         if self.request_complete:
             self._request_fully_sent()
 
@@ -800,11 +848,12 @@ class Exchange:
                     self.replay.append(data)
                 else:
                     self.replay = None  # too big to keep: this request cannot be sent again
-            transport = self.upstream.transport  # type: ignore[union-attr]
+            conn = self.upstream
+            assert conn is not None
             if self.head.chunked:
-                transport.writelines(chunk(data))  # type: ignore[union-attr]
+                conn.transport_writelines(chunk(data))  # type: ignore[misc]
             else:
-                transport.write(data)  # type: ignore[union-attr]
+                conn.transport_write(data)  # type: ignore[misc]
             return
         if self.stage >= Stage.RESPONDING:
             return  # an early response was given; the rest of the body is dropped
@@ -822,7 +871,7 @@ class Exchange:
         self.request_complete = True
         if self.stage is Stage.SENT:
             if self.head.chunked:
-                self.upstream.transport.write(LAST_CHUNK)  # type: ignore[union-attr]
+                self.upstream.transport_write(LAST_CHUNK)  # type: ignore[union-attr,misc]
             self._request_fully_sent()
         elif self.stage is Stage.DONE:
             self.client.exchange_finished(self)
@@ -864,7 +913,7 @@ class Exchange:
                 self._continue_timer = None
             return
         self.status = status
-        self.t_response = time.perf_counter()
+        self.t_response = perf_counter()
         self.stage = Stage.RESPONDING
         client = self.client
         head = self.head
@@ -888,7 +937,7 @@ class Exchange:
             )
         )
         stats = self.router.stats  # (typed in proxy.pxd: observe is a C call)
-        stats.added_latency.observe(self.request_side + time.perf_counter() - self.t_response)
+        stats.added_latency.observe(self.request_side + perf_counter() - self.t_response)
 
     def _switching_protocols(self, response: ResponseHead) -> None:
         """A 101. With ``Upgrade: websocket`` in answer to a WebSocket handshake, the exchange ends
@@ -905,7 +954,7 @@ class Exchange:
                 else BadGateway(f"pod switched to {what!r} in answer to a WebSocket handshake")
             )
             return
-        self.t_response = time.perf_counter()
+        self.t_response = perf_counter()
         conn.deadline.cancel()
         conn.exchange = None
         conn.reusable = False  # never back to the pool: it carries the session
@@ -917,7 +966,7 @@ class Exchange:
         router = self.router
         router.stats.responses[101] = router.stats.responses.get(101, 0) + 1
         router.tunnels.open_session(self, self.client, conn, response, release)
-        router.stats.added_latency.observe(self.request_side + time.perf_counter() - self.t_response)
+        router.stats.added_latency.observe(self.request_side + perf_counter() - self.t_response)
 
     def on_response_body(self, data: bytes) -> None:
         if self.stage is not Stage.RESPONDING:
@@ -942,9 +991,12 @@ class Exchange:
             return
         if self.out_chunked:
             self.client.queue(LAST_CHUNK)
+        # One clock read for both ends of this moment: the pod's connection idle since now, and
+        # the client's (its keep-alive timeout starts with the response's end).
+        pool = router.pool  # (typed in proxy.pxd: checkin is a C call)
+        now = pool.clock()
         if conn.reusable and self.request_sent:
-            pool = router.pool  # (typed in proxy.pxd: checkin is a C call)
-            pool.checkin(conn)
+            pool.checkin(conn, now)
         else:
             conn.close()
         self._give_back_slot()
@@ -954,7 +1006,8 @@ class Exchange:
         outliers = router.outliers
         if outliers.failing:  # a pod with broken exchanges on record answered in full: streak over
             outliers.succeeded(self.pod.uid)
-        self._finish()
+        self.stage = Stage.DONE
+        self.client.exchange_finished(self, now)
 
     def on_upstream_error(self, exc: ProxyError) -> None:
         """The pod's response broke the protocol."""
@@ -1090,6 +1143,9 @@ class ClientConnection:  # an asyncio.Protocol (duck-typed, as UpstreamConnectio
         "pending_body",
         "router",
         "transport",
+        "transport_is_closing",
+        "transport_write",
+        "transport_writelines",
         "trusted",
         "waiting_since",
     )
@@ -1097,6 +1153,12 @@ class ClientConnection:  # an asyncio.Protocol (duck-typed, as UpstreamConnectio
     def __init__(self, router: Router) -> None:
         self.router = router
         self.transport: asyncio.Transport | None = None
+        # The transport's methods called per request, bound once (connection_made): uvloop's
+        # transports are untyped objects to the compiled code, so each ``transport.write(...)`` was
+        # a method lookup by name (_PyObject_GetMethod, _PyType_Lookup) before the call.
+        self.transport_write: Callable[[bytes], None] | None = None
+        self.transport_writelines: Callable[[list[bytes]], None] | None = None
+        self.transport_is_closing: Callable[[], bool] | None = None
         self._events: list[object] = []
         self.parser = RequestParser(self._events, router.config.limits)
         self.exchange: Exchange | None = None
@@ -1116,6 +1178,9 @@ class ClientConnection:  # an asyncio.Protocol (duck-typed, as UpstreamConnectio
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        self.transport_write = transport.write  # type: ignore[attr-defined]
+        self.transport_writelines = transport.writelines  # type: ignore[attr-defined]
+        self.transport_is_closing = transport.is_closing
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""
         self.peer_bytes = self.peer.encode()
@@ -1236,7 +1301,9 @@ class ClientConnection:  # an asyncio.Protocol (duck-typed, as UpstreamConnectio
             self._paused = 0
             transport.resume_reading()
 
-    def exchange_finished(self, exchange: Exchange) -> None:
+    def exchange_finished(self, exchange: Exchange, now: float = -1.0) -> None:
+        """``exchange`` is done (its response, or the request too); ``now``: the loop's time if
+        the caller has just read it (else read here, when the connection goes idle)."""
         self.flush()
         if self.exchange is not exchange:
             return
@@ -1244,14 +1311,15 @@ class ClientConnection:  # an asyncio.Protocol (duck-typed, as UpstreamConnectio
             return  # the response is done; the rest of the request is still arriving
         self.exchange = None
         transport = self.transport
-        if transport is None or transport.is_closing() or exchange.response_close or self.closing:
+        is_closing = self.transport_is_closing
+        if is_closing is None or is_closing() or exchange.response_close or self.closing:
             # Whatever the client sent after this request (the rest of its body, pipelined
             # requests) will not be answered on a closing connection: drop it unprocessed.
             self._events.clear()
             if transport is not None:
                 transport.close()
             return
-        self.waiting_since = self.router.loop.time()
+        self.waiting_since = now if now >= 0 else self.router.loop.time()
         if self._events:
             self.resume_reading(PAUSE_HOLDING)
             self._process_events()
@@ -1282,6 +1350,10 @@ class ClientConnection:  # an asyncio.Protocol (duck-typed, as UpstreamConnectio
             self.exchange = None
             exchange.client_gone()
         self._events.clear()
+        self._out.clear()
+        # (the bound methods hold the transport, which holds this protocol: break the cycle; the
+        # writers below then write nothing, as on a closing transport)
+        self.transport_write = self.transport_writelines = self.transport_is_closing = None
 
     def eof_received(self) -> bool | None:
         if self.linger_budget:
@@ -1334,22 +1406,22 @@ class ClientConnection:  # an asyncio.Protocol (duck-typed, as UpstreamConnectio
     def flush(self) -> None:
         out = self._out
         if out:
-            transport = self.transport
-            if transport is not None and not transport.is_closing():
-                transport.write(out[0] if len(out) == 1 else b"".join(out))
+            is_closing = self.transport_is_closing
+            if is_closing is not None and not is_closing():
+                self.transport_write(out[0] if len(out) == 1 else b"".join(out))  # type: ignore[misc]
             out.clear()
 
     def write(self, data: bytes) -> None:
         if self._out:
             self.flush()
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.write(data)
+        is_closing = self.transport_is_closing
+        if is_closing is not None and not is_closing():
+            self.transport_write(data)  # type: ignore[misc]
 
     def writelines(self, data: list[bytes]) -> None:
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.writelines(data)
+        is_closing = self.transport_is_closing
+        if is_closing is not None and not is_closing():
+            self.transport_writelines(data)  # type: ignore[misc]
 
     def abort(self) -> None:
         self._out.clear()
