@@ -187,3 +187,18 @@ def test_a_packed_chunk_that_is_not_an_array_is_refused() -> None:
         packed_length(b"\x81\xa1a\x01")
     with pytest.raises(SchemaError):
         SnapshotBuilder().add_packed_chunk(3, b"")
+
+
+@pytest.mark.parametrize("start", [started_from_packed, started_decoded])
+def test_a_delta_moving_a_pod_to_another_revision_moves_its_slots(
+    loop: asyncio.AbstractEventLoop, start: object
+) -> None:
+    """Same UID, new revision: the router's pod table before the delta says where the pod was, so
+    a revision still pending (not materialized) loses it too; picked where it is now, only there."""
+    router = start(loop, [pod("a", "r1"), pod("b", "r1"), pod("c", "r2")])  # type: ignore[operator]
+    router.apply_delta(Delta(epoch=1, version=2, pods=(pod("a", "r2", gen=2),)))
+    picked_r1 = [router.slots.pick("r1") for _ in range(2)]
+    assert [lease[1].uid for lease in picked_r1 if lease] == ["b"]
+    picked_r2 = [router.slots.pick("r2") for _ in range(3)]
+    assert sorted(lease[1].uid for lease in picked_r2 if lease) == ["a", "c"]
+    assert router.slots.pods["a"].revision.name == "r2"
