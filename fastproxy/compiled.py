@@ -39,17 +39,28 @@ COMPILED = (
     "fastproxy.llm",
 )
 
+# C sources compiled into a module beside its .py (part of its source hash: a changed C file makes
+# the extension stale), and the include directories every module is compiled with (a .pxd that
+# cimports exchange's declarations includes llhttp.h). Paths relative to the package root.
+_LLHTTP = "fastproxy/vendor/llhttp"
+C_SOURCES: dict[str, tuple[str, ...]] = {
+    "fastproxy.exchange": (f"{_LLHTTP}/src/llhttp.c", f"{_LLHTTP}/src/api.c", f"{_LLHTTP}/src/http.c"),
+}
+C_INCLUDE_DIRS: tuple[str, ...] = (f"{_LLHTTP}/include",)
+
 PURE_ENV = "FASTPROXY_PURE"
 _PACKAGE_ROOT = pathlib.Path(__file__).resolve().parent.parent
 STAMP_FILE = pathlib.Path(__file__).resolve().parent / "compiled-sources.txt"
 
 
 def source_hash(name: str) -> str:
-    """The hash of a compiled module's source: its .py and its .pxd (if any)."""
+    """The hash of a compiled module's source: its .py, its .pxd (if any) and its C sources (if any;
+    those missing are skipped, and the hash then differs from the build's: stale, not a crash)."""
     base = _PACKAGE_ROOT / name.replace(".", "/")
     digest = hashlib.sha256()
-    for suffix in (".py", ".pxd"):
-        path = base.with_suffix(suffix)
+    paths = [base.with_suffix(".py"), base.with_suffix(".pxd")]
+    paths += [_PACKAGE_ROOT / source for source in C_SOURCES.get(name, ())]
+    for path in paths:
         if path.exists():
             digest.update(path.read_bytes())
     return digest.hexdigest()

@@ -3,6 +3,60 @@
 # Python) so the compiled and the pure form behave alike. Keep in step with the .py: an attribute
 # added there must be declared here, or the compiled form raises AttributeError.
 cimport cython
+from libc.stdint cimport uint8_t, uint16_t, uint64_t
+from libc.string cimport memcmp
+
+# llhttp (fastproxy/vendor/llhttp), called directly by the compiled form (LLParser below): only the
+# fields and functions used here are declared; C has the whole struct.
+cdef extern from "llhttp.h":
+    ctypedef struct llhttp_t:
+        void* data
+        uint64_t content_length
+        uint8_t method
+        uint8_t http_major
+        uint8_t http_minor
+        uint8_t upgrade
+        uint16_t flags
+        uint16_t status_code
+    ctypedef int (*llhttp_data_cb)(llhttp_t*, const char*, size_t) noexcept
+    ctypedef int (*llhttp_cb)(llhttp_t*) noexcept
+    ctypedef struct llhttp_settings_t:
+        llhttp_cb on_message_begin
+        llhttp_data_cb on_url
+        llhttp_data_cb on_status
+        llhttp_data_cb on_header_field
+        llhttp_data_cb on_header_value
+        llhttp_cb on_header_value_complete
+        llhttp_cb on_headers_complete
+        llhttp_data_cb on_body
+        llhttp_cb on_message_complete
+    ctypedef enum llhttp_type_t:
+        HTTP_REQUEST
+        HTTP_RESPONSE
+    ctypedef enum llhttp_errno_t:
+        HPE_OK
+        HPE_INVALID_METHOD
+        HPE_INVALID_URL
+        HPE_INVALID_STATUS
+        HPE_CB_MESSAGE_BEGIN
+        HPE_CB_HEADERS_COMPLETE
+        HPE_CB_MESSAGE_COMPLETE
+        HPE_CB_CHUNK_HEADER
+        HPE_CB_CHUNK_COMPLETE
+        HPE_PAUSED_UPGRADE
+        HPE_USER
+    enum:
+        F_CONTENT_LENGTH
+    void llhttp_settings_init(llhttp_settings_t* settings)
+    void llhttp_init(llhttp_t* parser, llhttp_type_t type, const llhttp_settings_t* settings)
+    llhttp_errno_t llhttp_execute(llhttp_t* parser, const char* data, size_t length)
+    void llhttp_resume_after_upgrade(llhttp_t* parser)
+    int llhttp_should_keep_alive(const llhttp_t* parser)
+    const char* llhttp_get_error_pos(const llhttp_t* parser)
+    const char* llhttp_get_error_reason(const llhttp_t* parser)
+    const char* llhttp_method_name(uint8_t method)
+    void llhttp_set_error_reason(llhttp_t* parser, const char* reason)
+    void llhttp_set_lenient_version(llhttp_t* parser, int enabled)
 
 # Module constants read per message or per field: C globals (invisible to Python, like the
 # underscore names they are; the PARSE_* states stay importable).
@@ -11,6 +65,9 @@ cdef int _FIELD_EXPECT, _FIELD_FORWARDING, _FIELD_REQUEST_ID, _FIELD_HOP_BY_HOP,
 cdef dict _FIELD_NAMES
 cdef Py_ssize_t _FIELD_NAMES_MAX
 cdef dict _REQUEST_SPECIAL, _RESPONSE_SPECIAL
+cdef bint _COMPILED
+cdef list _METHOD_NAMES, _LL_NAMES
+cdef size_t _LL_NAMES_SIZE, _LL_NAMES_MAX_NAME
 cdef object _BEGIN_FROM, _BEGIN_TO, _HEAD_DONE_FROM, _HEAD_DONE_TO, _MESSAGE_DONE_FROM, _MESSAGE_DONE_TO
 
 @cython.locals(name=bytes)
@@ -18,6 +75,49 @@ cpdef tuple _field_name(bytes raw_name)
 cpdef object find_header(list headers, bytes name)
 cpdef list _split_tokens(bytes value)
 cpdef bytes _strip_port(bytes host)
+
+cdef class LLParser:
+    cdef llhttp_t _c
+    cdef llhttp_settings_t _settings
+    # The RequestParser / ResponseParser that holds this one (borrowed); the current field name,
+    # while it lies in the read being parsed (_name_at), or as bytes once a read ended inside it.
+    cdef void* _owner
+    cdef bint _request
+    cdef public object _error
+    cdef const char* _name_at
+    cdef size_t _name_length
+    cdef bytes _name
+    cdef bytes _value
+    @cython.locals(offset=Py_ssize_t)
+    cpdef feed_data(self, bytes data)
+    @cython.locals(number=int, name=bytes)
+    cpdef bytes get_method(self)
+    cpdef str get_http_version(self)
+    cpdef bint should_keep_alive(self)
+    cpdef int get_status_code(self)
+    cpdef object content_length(self)
+    cpdef set_dangerous_leniencies(self, bint lenient_version=*)
+
+@cython.locals(slot=size_t, name=bytes)
+cdef bytes _ll_name(const char* at, size_t length)
+@cython.locals(ll=LLParser)
+cdef int _ll_on_message_begin(llhttp_t* c) noexcept
+@cython.locals(ll=LLParser)
+cdef int _ll_on_url(llhttp_t* c, const char* at, size_t length) noexcept
+@cython.locals(ll=LLParser)
+cdef int _ll_on_status(llhttp_t* c, const char* at, size_t length) noexcept
+@cython.locals(ll=LLParser)
+cdef int _ll_on_header_field(llhttp_t* c, const char* at, size_t length) noexcept
+@cython.locals(ll=LLParser)
+cdef int _ll_on_header_value(llhttp_t* c, const char* at, size_t length) noexcept
+@cython.locals(ll=LLParser, name=bytes, value=bytes)
+cdef int _ll_on_header_value_complete(llhttp_t* c) noexcept
+@cython.locals(ll=LLParser)
+cdef int _ll_on_headers_complete(llhttp_t* c) noexcept
+@cython.locals(ll=LLParser)
+cdef int _ll_on_body(llhttp_t* c, const char* at, size_t length) noexcept
+@cython.locals(ll=LLParser)
+cdef int _ll_on_message_complete(llhttp_t* c) noexcept
 
 cdef class RequestHead:
     cdef public bytes method
@@ -38,7 +138,8 @@ cdef class RequestHead:
 
 cdef class RequestParser:
     cdef public object state
-    cdef object _parser
+    cdef readonly object _parser
+    cdef LLParser _ll
     cdef list _events
     cdef object _limits
     cdef Py_ssize_t _max_url_bytes
@@ -68,6 +169,7 @@ cdef class RequestParser:
     cdef list _url_pieces
     cdef public object _upgrade
     cpdef _reset(self)
+    @cython.locals(ll=LLParser)
     cpdef feed(self, bytes data)
     # The httptools callbacks: cpdef so that their locals are typed (httptools calls them as Python
     # methods either way).
@@ -75,7 +177,7 @@ cdef class RequestParser:
     cpdef on_url(self, bytes url)
     @cython.locals(raw_headers=list)
     cpdef on_header(self, bytes name, bytes value)
-    @cython.locals(head=RequestHead, method=bytes)
+    @cython.locals(head=RequestHead, method=bytes, ll=LLParser, keep_alive=bint)
     cpdef on_headers_complete(self)
     @cython.locals(data=bytes, offset=Py_ssize_t)
     cpdef bint _is_http11(self, bytes method)
@@ -104,7 +206,8 @@ cdef class ResponseParser:
     cdef public bint upgraded
     cdef public bytes upgraded_tail
     cdef public object state
-    cdef object _parser
+    cdef readonly object _parser
+    cdef LLParser _ll
     cdef list _events
     cdef object _limits
     cdef Py_ssize_t _max_header_bytes
@@ -119,6 +222,7 @@ cdef class ResponseParser:
     cdef bint _http11
     cpdef _reset(self)
     cpdef expect_no_body(self)
+    @cython.locals(ll=LLParser)
     cpdef feed(self, bytes data)
     cpdef bint feed_eof(self)
     @cython.locals(data=bytes)
@@ -126,7 +230,7 @@ cdef class ResponseParser:
     cpdef on_status(self, bytes reason)
     @cython.locals(raw_headers=list)
     cpdef on_header(self, bytes name, bytes value)
-    @cython.locals(head=ResponseHead, raw_headers=list, count=Py_ssize_t, kept=list, names=dict,
+    @cython.locals(head=ResponseHead, ll=LLParser, keep_alive=bint, raw_headers=list, count=Py_ssize_t, kept=list, names=dict,
                    size=Py_ssize_t, entry=tuple, name=bytes, kind=int, raw_name=bytes, value=bytes,
                    i=Py_ssize_t)
     cpdef on_headers_complete(self)

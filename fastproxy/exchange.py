@@ -2,7 +2,9 @@
 
 Theory of operation
 -------------------
-``RequestParser`` and ``ResponseParser`` wrap httptools (llhttp) and are driven with bytes:
+``RequestParser`` and ``ResponseParser`` wrap llhttp and are driven with bytes (compiled, they
+call llhttp itself, vendored in ``fastproxy/vendor/llhttp``, through ``LLParser``; the pure form
+goes through httptools, which carries the same llhttp):
 ``feed(data)`` appends events to the caller's list: a head (``RequestHead`` / ``ResponseHead``),
 body pieces (``bytes``), and ``END`` at the end of each message. They do no I/O and know no clock,
 so tests drive them byte by byte.
@@ -39,6 +41,11 @@ from typing import Any, Final
 
 import httptools
 import msgspec
+
+try:  # the compiled form's helpers (Cython is only needed to build it)
+    import cython
+except ImportError:  # pragma: no cover - the pure form without Cython installed
+    cython = None
 
 from fastproxy.errors import (
     BadGateway,
@@ -208,6 +215,281 @@ _HOST_RE: Final = re.compile(
 _IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
+# ---- llhttp, called directly (the compiled form) ------------------------------------------------
+#
+# httptools wraps llhttp in callbacks that look each handler up as a Python attribute and call it
+# through the interpreter, and builds a bytes object per header name and per span. Compiled, this
+# module links the same llhttp (fastproxy/vendor/llhttp) and LLParser drives it itself: llhttp's C
+# callbacks below cast the parser's ``data`` back to the RequestParser / ResponseParser and call its
+# typed methods in C; a field is handed on when its value completes (llhttp says so), its name
+# interned in ``_LL_NAMES``. LLParser keeps httptools' parser API and raises httptools' exceptions,
+# so RequestParser / ResponseParser read the same either way. The pure form never creates one (its
+# code calls C functions the interpreter has not got): it uses httptools.
+
+_COMPILED: Final = not __file__.endswith(".py")
+
+# Field names as they arrive, interned: a client and an app send the same few names in the same
+# case every time, so each one's bytes is looked up here by (length, three of its bytes) and
+# compared, not allocated, hashed and freed per field. Direct-mapped: a colliding name replaces
+# the one in its slot; bounded (1024 names of at most 64 bytes), names only, never values.
+_LL_NAMES_SIZE: Final = 1024
+_LL_NAMES_MAX_NAME: Final = 64
+_LL_NAMES: Final[list[bytes | None]] = [None] * _LL_NAMES_SIZE
+
+# llhttp's method number -> its name, filled as methods are seen (llhttp_method_name aborts on a
+# number it has no method for: only numbers llhttp itself set are asked for).
+_METHOD_NAMES: Final[list[bytes | None]] = [None] * 256
+
+
+def _ll_name(at: Any, length: int) -> bytes:
+    """The interned bytes of a field name lying at ``at`` (compiled form only)."""
+    if length == 0 or length > _LL_NAMES_MAX_NAME:
+        return at[:length]
+    slot = (length * 31 + at[0] * 7 + at[length - 1] * 131 + at[length >> 1]) & (_LL_NAMES_SIZE - 1)
+    name = _LL_NAMES[slot]
+    if name is not None and len(name) == length:  # noqa: SIM102  (memcmp only on an equal length)
+        if memcmp(cython.cast(cython.p_const_char, name), at, length) == 0:  # noqa: F821
+            return name
+    name = at[:length]
+    _LL_NAMES[slot] = name
+    return name
+
+
+class LLParser:
+    """llhttp driven directly, with httptools' parser API (compiled form only; see above)."""
+
+    __slots__ = ("_c", "_error", "_name", "_name_length", "_request", "_settings", "_value")
+
+    def __init__(self, owner: Any, request: bool) -> None:
+        settings = cython.address(self._settings)
+        llhttp_settings_init(settings)  # noqa: F821
+        settings.on_message_begin = _ll_on_message_begin
+        settings.on_header_field = _ll_on_header_field
+        settings.on_header_value = _ll_on_header_value
+        settings.on_header_value_complete = _ll_on_header_value_complete
+        settings.on_headers_complete = _ll_on_headers_complete
+        settings.on_body = _ll_on_body
+        settings.on_message_complete = _ll_on_message_complete
+        if request:
+            settings.on_url = _ll_on_url
+        else:
+            settings.on_status = _ll_on_status
+        c = cython.address(self._c)
+        llhttp_init(c, HTTP_REQUEST if request else HTTP_RESPONSE, settings)  # noqa: F821
+        c.data = cython.cast(cython.p_void, self)
+        # Borrowed: the owner holds this parser and outlives it (no reference cycle to collect).
+        self._owner = cython.cast(cython.p_void, owner)
+        self._request = request
+        self._error = None
+        self._name_at = cython.NULL
+        self._name_length = 0
+        self._name = None
+        self._value = None
+
+    def set_dangerous_leniencies(self, lenient_version: bool = False) -> None:
+        llhttp_set_lenient_version(cython.address(self._c), lenient_version)  # noqa: F821
+
+    def feed_data(self, data: bytes) -> None:
+        c = cython.address(self._c)
+        buffer = cython.cast(cython.p_const_char, data)
+        error = llhttp_execute(c, buffer, len(data))  # noqa: F821
+        if self._name_at != cython.NULL:
+            # A field name ended this read without its value: keep it past the read.
+            self._name = _ll_name(self._name_at, self._name_length)
+            self._name_at = cython.NULL
+        if error == HPE_OK:  # noqa: F821
+            return
+        if c.upgrade == 1 and error == HPE_PAUSED_UPGRADE:  # noqa: F821
+            offset = llhttp_get_error_pos(c) - buffer  # noqa: F821
+            llhttp_resume_after_upgrade(c)  # noqa: F821
+            raise httptools.HttpParserUpgrade(offset)
+        reason = llhttp_get_error_reason(c).decode("latin-1")  # noqa: F821
+        if error in (
+            HPE_CB_MESSAGE_BEGIN,  # noqa: F821
+            HPE_CB_HEADERS_COMPLETE,  # noqa: F821
+            HPE_CB_MESSAGE_COMPLETE,  # noqa: F821
+            HPE_CB_CHUNK_HEADER,  # noqa: F821
+            HPE_CB_CHUNK_COMPLETE,  # noqa: F821
+            HPE_USER,  # noqa: F821
+        ):
+            exc = httptools.HttpParserCallbackError(reason)
+            exc.__context__ = self._error
+            self._error = None
+            raise exc
+        if error == HPE_INVALID_STATUS:  # noqa: F821
+            raise httptools.HttpParserInvalidStatusError(reason)
+        if error == HPE_INVALID_METHOD:  # noqa: F821
+            raise httptools.HttpParserInvalidMethodError(reason)
+        if error == HPE_INVALID_URL:  # noqa: F821
+            raise httptools.HttpParserInvalidURLError(reason)
+        raise httptools.HttpParserError(reason)
+
+    def get_method(self) -> bytes:
+        number = self._c.method
+        name = _METHOD_NAMES[number]
+        if name is None:
+            name = _METHOD_NAMES[number] = llhttp_method_name(number)  # noqa: F821
+        return name
+
+    def get_http_version(self) -> str:
+        major = self._c.http_major
+        minor = self._c.http_minor
+        if major == 1:
+            if minor == 1:
+                return "1.1"
+            if minor == 0:
+                return "1.0"
+        return f"{major}.{minor}"
+
+    def should_keep_alive(self) -> bool:
+        return llhttp_should_keep_alive(cython.address(self._c)) != 0  # noqa: F821
+
+    def get_status_code(self) -> int:
+        return self._c.status_code
+
+    def content_length(self) -> int | None:
+        """The Content-Length llhttp read (valid in on_headers_complete), None if there was none."""
+        if self._c.flags & F_CONTENT_LENGTH:  # noqa: F821
+            return self._c.content_length
+        return None
+
+
+# llhttp's callbacks: each hands an event to the RequestParser / ResponseParser that owns the
+# LLParser. An exception cannot cross C: it is kept (``_error``) and llhttp told to stop; feed_data
+# raises it as httptools would (HttpParserCallbackError, the exception as its context).
+
+
+def _ll_on_message_begin(c: Any) -> int:
+    ll = cython.cast(LLParser, c.data)
+    try:
+        if ll._request:
+            cython.cast(RequestParser, ll._owner).on_message_begin()
+        else:
+            cython.cast(ResponseParser, ll._owner).on_message_begin()
+    except BaseException as exc:
+        ll._error = exc
+        return -1
+    return 0
+
+
+def _ll_on_url(c: Any, at: Any, length: int) -> int:
+    ll = cython.cast(LLParser, c.data)
+    try:
+        cython.cast(RequestParser, ll._owner).on_url(at[:length])
+    except BaseException as exc:
+        ll._error = exc
+        llhttp_set_error_reason(c, b"`on_url` callback error")  # noqa: F821
+        return HPE_USER  # noqa: F821
+    return 0
+
+
+def _ll_on_status(c: Any, at: Any, length: int) -> int:
+    ll = cython.cast(LLParser, c.data)
+    try:
+        cython.cast(ResponseParser, ll._owner).on_status(at[:length])
+    except BaseException as exc:
+        ll._error = exc
+        llhttp_set_error_reason(c, b"`on_status` callback error")  # noqa: F821
+        return HPE_USER  # noqa: F821
+    return 0
+
+
+def _ll_on_header_field(c: Any, at: Any, length: int) -> int:
+    ll = cython.cast(LLParser, c.data)
+    if ll._name is None and ll._name_at == cython.NULL:
+        ll._name_at = at  # the common case: the whole name in this read; interned when used
+        ll._name_length = length
+        return 0
+    try:
+        if ll._name_at != cython.NULL:  # pragma: no cover - llhttp gives one span per read
+            ll._name = _ll_name(ll._name_at, ll._name_length)
+            ll._name_at = cython.NULL
+        ll._name = ll._name + at[:length]  # the rest of a name split across reads
+    except BaseException as exc:
+        ll._error = exc
+        llhttp_set_error_reason(c, b"`on_header_field` callback error")  # noqa: F821
+        return HPE_USER  # noqa: F821
+    return 0
+
+
+def _ll_on_header_value(c: Any, at: Any, length: int) -> int:
+    ll = cython.cast(LLParser, c.data)
+    try:
+        if ll._value is None:
+            ll._value = at[:length]
+        else:
+            ll._value = ll._value + at[:length]  # a value split across reads
+    except BaseException as exc:
+        ll._error = exc
+        llhttp_set_error_reason(c, b"`on_header_value` callback error")  # noqa: F821
+        return HPE_USER  # noqa: F821
+    return 0
+
+
+def _ll_on_header_value_complete(c: Any) -> int:
+    ll = cython.cast(LLParser, c.data)
+    try:
+        if ll._name_at != cython.NULL:
+            name = _ll_name(ll._name_at, ll._name_length)
+            ll._name_at = cython.NULL
+        else:
+            name = ll._name
+            ll._name = None
+        value = ll._value
+        if value is None:
+            value = b""
+        else:
+            ll._value = None
+        if ll._request:
+            cython.cast(RequestParser, ll._owner).on_header(name, value)
+        else:
+            cython.cast(ResponseParser, ll._owner).on_header(name, value)
+    except BaseException as exc:
+        ll._error = exc
+        return -1
+    return 0
+
+
+def _ll_on_headers_complete(c: Any) -> int:
+    ll = cython.cast(LLParser, c.data)
+    try:
+        if ll._request:
+            cython.cast(RequestParser, ll._owner).on_headers_complete()
+        else:
+            cython.cast(ResponseParser, ll._owner).on_headers_complete()
+    except BaseException as exc:
+        ll._error = exc
+        return -1
+    return 1 if c.upgrade else 0  # as httptools: an upgrade has no body; llhttp pauses after it
+
+
+def _ll_on_body(c: Any, at: Any, length: int) -> int:
+    ll = cython.cast(LLParser, c.data)
+    try:
+        if ll._request:
+            cython.cast(RequestParser, ll._owner).on_body(at[:length])
+        else:
+            cython.cast(ResponseParser, ll._owner).on_body(at[:length])
+    except BaseException as exc:
+        ll._error = exc
+        llhttp_set_error_reason(c, b"`on_body` callback error")  # noqa: F821
+        return HPE_USER  # noqa: F821
+    return 0
+
+
+def _ll_on_message_complete(c: Any) -> int:
+    ll = cython.cast(LLParser, c.data)
+    try:
+        if ll._request:
+            cython.cast(RequestParser, ll._owner).on_message_complete()
+        else:
+            cython.cast(ResponseParser, ll._owner).on_message_complete()
+    except BaseException as exc:
+        ll._error = exc
+        return -1
+    return 0
+
+
 def _parser_bug(event: ParseEvent, state: Parse) -> RuntimeError:
     """An event in a state the table has no move for: a bug in the parser wrapper."""
     return RuntimeError(f"parser bug: {event.name} in state {state.name}")
@@ -294,6 +576,7 @@ class RequestParser:
         "_host_raw",
         "_hosts",
         "_limits",
+        "_ll",
         "_max_body_bytes",
         "_max_chunk_overhead_bytes",
         "_max_header_bytes",
@@ -318,7 +601,9 @@ class RequestParser:
         self._max_headers = limits.max_headers
         self._max_body_bytes = limits.max_body_bytes
         self._max_chunk_overhead_bytes = limits.max_chunk_overhead_bytes
-        self._parser: Any = httptools.HttpRequestParser(self)
+        # llhttp itself when compiled (LLParser), through httptools in the pure form.
+        self._ll: LLParser | None = LLParser(self, True) if _COMPILED else None
+        self._parser: Any = self._ll if _COMPILED else httptools.HttpRequestParser(self)
         # llhttp refuses HTTP/1.2 and the like; RFC 9110 (2.5, 6.2) says a recipient accepts a
         # higher minor version and answers as 1.1. Versions are then judged here (on_headers_complete).
         self._parser.set_dangerous_leniencies(lenient_version=True)
@@ -363,8 +648,12 @@ class RequestParser:
         self._feed_messages = 0
         self._feed_chunked = state_before is PARSE_BODY and self._head.chunked
         self._whole_feed = data if state_before is PARSE_IDLE else None
+        ll = self._ll  # a local reference: the parser must outlive its own feed_data
         try:
-            self._parser.feed_data(data)
+            if ll is not None:
+                ll.feed_data(data)  # a C call
+            else:
+                self._parser.feed_data(data)
             self._whole_feed = None
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
@@ -438,10 +727,17 @@ class RequestParser:
 
     def on_headers_complete(self) -> None:
         head = self._head
-        parser = self._parser
-        method: bytes = parser.get_method()
+        ll = self._ll
+        if ll is not None:  # compiled: llhttp's own fields, read in C
+            method = ll.get_method()
+            version = ll.get_http_version()
+            keep_alive = ll.should_keep_alive()
+        else:
+            parser = self._parser
+            method = parser.get_method()
+            version = "1.1" if self._is_http11(method) else parser.get_http_version()
+            keep_alive = parser.should_keep_alive()
         head.method = method
-        version = "1.1" if self._is_http11(method) else parser.get_http_version()
         if version == "1.1":
             head.version = b"1.1"
         elif version == "1.0":
@@ -454,7 +750,7 @@ class RequestParser:
             head.version = b"1.1"  # HTTP/1.2 and up: handled, forwarded and answered as 1.1
         if method == b"CONNECT":
             raise MethodNotAllowed("CONNECT is not supported by this proxy")
-        head.keep_alive = parser.should_keep_alive()  # before the analysis: an upgrade clears it
+        head.keep_alive = keep_alive  # before the analysis: an upgrade clears it
         self._analyse_headers(head)
         self._analyse_target(head, self._url if self._url_pieces is None else b"".join(self._url_pieces))
         if self.state is not _HEAD_DONE_FROM:
@@ -619,6 +915,7 @@ class RequestParser:
         if not any(type(e) is RequestHead and e.upgrade for e in events):  # pragma: no cover - defensive
             raise BadRequest("protocol upgrade is not supported")
         self._parser = _Upgraded(events)
+        self._ll = None
         if offset < len(data):
             events.append(data[offset:])
 
@@ -707,6 +1004,7 @@ class ResponseParser:
         "_head_bytes",
         "_http11",
         "_limits",
+        "_ll",
         "_max_header_bytes",
         "_max_headers",
         "_no_body",
@@ -724,7 +1022,8 @@ class ResponseParser:
         self._limits = limits
         self._max_header_bytes = limits.max_header_bytes
         self._max_headers = limits.max_headers
-        self._parser = httptools.HttpResponseParser(self)
+        self._ll: LLParser | None = LLParser(self, False) if _COMPILED else None
+        self._parser: Any = self._ll if _COMPILED else httptools.HttpResponseParser(self)
         self.state = PARSE_IDLE
         self._no_body = False
         self._whole_feed: bytes | None = None
@@ -746,8 +1045,13 @@ class ResponseParser:
 
     def feed(self, data: bytes) -> None:
         self._whole_feed = data if self.state is PARSE_IDLE else None
+        # A local reference: a HEAD response replaces the parser inside its own feed_data.
+        ll = self._ll
         try:
-            self._parser.feed_data(data)
+            if ll is not None:
+                ll.feed_data(data)
+            else:
+                self._parser.feed_data(data)
             self._whole_feed = None
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
@@ -801,9 +1105,16 @@ class ResponseParser:
 
     def on_headers_complete(self) -> None:
         head = self._head
-        parser = self._parser
-        head.status = parser.get_status_code()
-        version = "1.1" if self._http11 else parser.get_http_version()
+        ll = self._ll
+        if ll is not None:
+            head.status = ll.get_status_code()
+            version = ll.get_http_version()
+            keep_alive = ll.should_keep_alive()
+        else:
+            parser = self._parser
+            head.status = parser.get_status_code()
+            version = "1.1" if self._http11 else parser.get_http_version()
+            keep_alive = parser.should_keep_alive()
         if version == "1.1":
             head.version = b"1.1"
         elif version == "1.0":
@@ -855,7 +1166,7 @@ class ResponseParser:
                 raise BadGateway(f"pod used unsupported Transfer-Encoding {b','.join(self._te)!r}")
             head.chunked = True
             head.content_length = None
-        head.keep_alive = parser.should_keep_alive()
+        head.keep_alive = keep_alive
         if self.state is not _HEAD_DONE_FROM:
             raise _parser_bug(ParseEvent.HEAD_DONE, self.state)
         self.state = _HEAD_DONE_TO
@@ -866,7 +1177,8 @@ class ResponseParser:
             self._no_body = False
             self.state = PARSE_IDLE
             self._events.append(END)
-            self._parser = httptools.HttpResponseParser(self)
+            self._ll = LLParser(self, False) if _COMPILED else None
+            self._parser = self._ll if _COMPILED else httptools.HttpResponseParser(self)
             self._reset()
 
     def on_body(self, body: bytes) -> None:

@@ -23,7 +23,13 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ["FASTPROXY_PURE"] = "1"  # importing the package must not judge the extensions being rebuilt
 
-from fastproxy.compiled import COMPILED, STAMP_FILE, write_stamp  # noqa: E402  (the one list)
+from fastproxy.compiled import (  # noqa: E402  (the one list)
+    C_INCLUDE_DIRS,
+    C_SOURCES,
+    COMPILED,
+    STAMP_FILE,
+    write_stamp,
+)
 
 DIRECTIVES = {
     "language_level": 3,
@@ -56,8 +62,9 @@ def build() -> None:
     from setuptools import Distribution, Extension
 
     extensions = [
-        Extension(name, [str((ROOT / name.replace(".", "/")).with_suffix(".py").relative_to(ROOT))],
-                  extra_compile_args=["-O2"])
+        Extension(name, [str((ROOT / name.replace(".", "/")).with_suffix(".py").relative_to(ROOT)),
+                         *C_SOURCES.get(name, ())],
+                  include_dirs=list(C_INCLUDE_DIRS), extra_compile_args=["-O2"])
         for name in COMPILED
     ]  # fmt: skip
     os.chdir(ROOT)

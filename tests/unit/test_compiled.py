@@ -105,3 +105,41 @@ def test_a_stale_extension_is_detected(tmp_path: pathlib.Path, monkeypatch: pyte
     assert compiled.stale() == []
     (package / "proxy.py").write_text("X = 2\n")
     assert compiled.stale() == ["fastproxy.proxy"]
+
+
+def test_a_changed_vendored_c_source_makes_its_module_stale(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """exchange links llhttp's C sources: a different llhttp.c beside it is a different build."""
+    package = tmp_path / "fastproxy"
+    package.mkdir()
+    for name in compiled.COMPILED:
+        stem = name.split(".")[1]
+        (package / f"{stem}.py").write_text("X = 1\n")
+        (package / f"{stem}.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    sources = compiled.C_SOURCES["fastproxy.exchange"]
+    assert sources, "exchange is built with llhttp's C sources"
+    for source in sources:
+        (tmp_path / source).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / source).write_text("/* llhttp */\n")
+    monkeypatch.setattr(compiled, "_PACKAGE_ROOT", tmp_path)
+    monkeypatch.setattr(compiled, "STAMP_FILE", package / "compiled-sources.txt")
+    compiled.write_stamp()
+    assert compiled.stale() == []
+    (tmp_path / sources[0]).write_text("/* llhttp, patched */\n")
+    assert compiled.stale() == ["fastproxy.exchange"]
+    (tmp_path / sources[0]).unlink()  # an installed wheel without the C sources: stale, not a crash
+    assert compiled.stale() == ["fastproxy.exchange"]
+
+
+def test_the_vendored_llhttp_is_the_one_httptools_carries() -> None:
+    """Both forms parse with the same llhttp: the vendored header's version is httptools'."""
+    header = (ROOT / compiled.C_INCLUDE_DIRS[0] / "llhttp.h").read_text()
+    version = ".".join(
+        re.search(rf"#define LLHTTP_VERSION_{part} (\d+)", header).group(1)  # type: ignore[union-attr]
+        for part in ("MAJOR", "MINOR", "PATCH")
+    )
+    assert version == "9.4.3"
+    import httptools
+
+    assert httptools.__version__.startswith("0.9."), "upgrade fastproxy/vendor/llhttp with httptools"
