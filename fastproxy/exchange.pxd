@@ -4,7 +4,8 @@
 # added there must be declared here, or the compiled form raises AttributeError.
 cimport cython
 from libc.stdint cimport uint8_t, uint16_t, uint64_t
-from libc.string cimport memcmp
+from libc.string cimport memcmp, memcpy
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 
 # llhttp (fastproxy/vendor/llhttp), called directly by the compiled form (LLParser below): only the
 # fields and functions used here are declared; C has the whole struct.
@@ -243,8 +244,16 @@ cpdef bytes _status_line(int status, bytes reason)
 cpdef bytes _decimal(object number)
 @cython.locals(name=bytes, value=bytes)
 cpdef _append_fields(list parts, list fields)
-@cython.locals(parts=list)
+@cython.locals(field=object, size=Py_ssize_t)
+cdef Py_ssize_t _fields_size(list fields) except -1
+@cython.locals(size=Py_ssize_t)
+cdef inline char* _put(char* at, bytes piece) noexcept
+@cython.locals(field=tuple)
+cdef char* _put_fields(char* at, list fields) noexcept
+@cython.locals(parts=list, headers=list, length=bytes, framing=bytes, expect=bytes, method=bytes,
+               target=bytes, authority=bytes, size=Py_ssize_t, fields_size=Py_ssize_t, out=bytes, at="char*")
 cpdef bytes build_request_head(RequestHead head, list extra, bint expect_continue=*)
-@cython.locals(parts=list)
+@cython.locals(parts=list, headers=list, length=bytes, framing=bytes, connection=bytes,
+               status_line=bytes, size=Py_ssize_t, fields_size=Py_ssize_t, out=bytes, at="char*")
 cpdef bytes build_response_head(ResponseHead head, bint chunked, bint close, bint http10_keep_alive=*)
 cpdef list chunk(bytes data)

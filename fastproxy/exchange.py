@@ -1233,6 +1233,43 @@ def _append_fields(parts: list[bytes], fields: list[tuple[bytes, bytes]]) -> Non
         parts.append(_CRLF)
 
 
+# Heads are sent as one bytes object. The pure form joins a list of pieces; compiled, the sizes are
+# summed first and the pieces copied into one bytes object allocated at that size (bytes.join
+# would build the list, take a buffer of every piece and copy: ~4k instructions a head more).
+
+
+def _fields_size(fields: list[tuple[bytes, bytes]]) -> int:
+    """The bytes ``fields`` take in a head; checks each is a (bytes, bytes) pair first, so that
+    the compiled form's copy (_put_fields, unchecked) can rely on it."""
+    size = 0
+    for field in fields:
+        if type(field) is not tuple or len(field) != 2:
+            raise TypeError(f"a header field is a (name, value) pair of bytes, not {field!r}")
+        if type(field[0]) is not bytes or type(field[1]) is not bytes:
+            raise TypeError(f"a header field is a (name, value) pair of bytes, not {field!r}")
+        size += len(field[0]) + len(field[1]) + 4  # name ": " value CRLF
+    return size
+
+
+def _put(at: Any, piece: bytes) -> Any:
+    """Copies ``piece`` to ``at`` and returns where the next piece goes (compiled form only)."""
+    size = len(piece)
+    memcpy(at, cython.cast(cython.p_const_char, piece), size)  # noqa: F821
+    return at + size
+
+
+def _put_fields(at: Any, fields: list[tuple[bytes, bytes]]) -> Any:
+    for field in fields:
+        at = _put(at, field[0])
+        at[0] = 58  # ':'
+        at[1] = 32  # ' '
+        at = _put(at + 2, field[1])
+        at[0] = 13  # CR
+        at[1] = 10  # LF
+        at += 2
+    return at
+
+
 def build_request_head(
     head: RequestHead,
     extra: list[tuple[bytes, bytes]],
@@ -1240,39 +1277,99 @@ def build_request_head(
     expect_continue: bool = False,
 ) -> bytes:
     """The request head sent to a pod: HTTP/1.1, keep-alive, framing re-derived."""
-    parts = [head.method, b" ", head.target, b" HTTP/1.1\r\nhost: ", head.authority, _CRLF]
-    _append_fields(parts, head.headers)
-    _append_fields(parts, extra)
+    headers = head.headers
+    length = None
     if head.chunked:
-        parts.append(b"transfer-encoding: chunked\r\n")
+        framing = b"transfer-encoding: chunked\r\n"
     elif head.content_length is not None:
-        parts.append(b"content-length: ")
-        parts.append(_decimal(head.content_length))
+        framing = b"content-length: "
+        length = _decimal(head.content_length)
+    else:
+        framing = b""
+    expect = b"expect: 100-continue\r\n" if expect_continue and (head.chunked or head.content_length) else b""
+    fields_size = _fields_size(headers) + _fields_size(extra)  # checks them, in both forms
+    if not _COMPILED:
+        parts = [head.method, b" ", head.target, b" HTTP/1.1\r\nhost: ", head.authority, _CRLF]
+        _append_fields(parts, headers)
+        _append_fields(parts, extra)
+        parts.append(framing)
+        if length is not None:
+            parts.append(length)
+            parts.append(_CRLF)
+        parts.append(expect)
         parts.append(_CRLF)
-    if expect_continue and (head.chunked or head.content_length):  # head.has_body
-        parts.append(b"expect: 100-continue\r\n")
-    parts.append(_CRLF)
-    return b"".join(parts)
+        return b"".join(parts)
+    method = head.method
+    target = head.target
+    authority = head.authority
+    size = len(method) + len(target) + len(authority) + 20 + fields_size
+    size += len(framing) + len(expect) + 2
+    if length is not None:
+        size += len(length) + 2
+    out = PyBytes_FromStringAndSize(cython.NULL, size)  # noqa: F821
+    at = PyBytes_AS_STRING(out)  # noqa: F821
+    at = _put(at, method)
+    at = _put(at, b" ")
+    at = _put(at, target)
+    at = _put(at, b" HTTP/1.1\r\nhost: ")
+    at = _put(at, authority)
+    at = _put(at, _CRLF)
+    at = _put_fields(at, headers)
+    at = _put_fields(at, extra)
+    at = _put(at, framing)
+    if length is not None:
+        at = _put(at, length)
+        at = _put(at, _CRLF)
+    at = _put(at, expect)
+    _put(at, _CRLF)
+    return out
 
 
 def build_response_head(
     head: ResponseHead, *, chunked: bool, close: bool, http10_keep_alive: bool = False
 ) -> bytes:
     """The response head sent to the client. ``chunked``: we re-frame the body as chunks."""
-    parts = [_status_line(head.status, head.reason)]
-    _append_fields(parts, head.headers)
+    status_line = _status_line(head.status, head.reason)
+    headers = head.headers
+    length = None
     if chunked:
-        parts.append(b"transfer-encoding: chunked\r\n")
+        framing = b"transfer-encoding: chunked\r\n"
     elif head.content_length is not None:
-        parts.append(b"content-length: ")
-        parts.append(_decimal(head.content_length))
-        parts.append(_CRLF)
+        framing = b"content-length: "
+        length = _decimal(head.content_length)
+    else:
+        framing = b""
     if close:
-        parts.append(b"connection: close\r\n")
+        connection = b"connection: close\r\n"
     elif http10_keep_alive:
-        parts.append(b"connection: keep-alive\r\n")
-    parts.append(_CRLF)
-    return b"".join(parts)
+        connection = b"connection: keep-alive\r\n"
+    else:
+        connection = b""
+    fields_size = _fields_size(headers)
+    if not _COMPILED:
+        parts = [status_line]
+        _append_fields(parts, headers)
+        parts.append(framing)
+        if length is not None:
+            parts.append(length)
+            parts.append(_CRLF)
+        parts.append(connection)
+        parts.append(_CRLF)
+        return b"".join(parts)
+    size = len(status_line) + fields_size + len(framing) + len(connection) + 2
+    if length is not None:
+        size += len(length) + 2
+    out = PyBytes_FromStringAndSize(cython.NULL, size)  # noqa: F821
+    at = PyBytes_AS_STRING(out)  # noqa: F821
+    at = _put(at, status_line)
+    at = _put_fields(at, headers)
+    at = _put(at, framing)
+    if length is not None:
+        at = _put(at, length)
+        at = _put(at, _CRLF)
+    at = _put(at, connection)
+    _put(at, _CRLF)
+    return out
 
 
 def chunk(data: bytes) -> list[bytes]:

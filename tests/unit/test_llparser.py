@@ -10,6 +10,8 @@ and the comparison holds trivially; ``make test`` runs this file compiled first.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from fastproxy import compiled, exchange
@@ -142,3 +144,59 @@ def test_the_compiled_form_calls_llhttp_itself() -> None:
     parser = exchange.RequestParser([])
     assert type(parser._parser).__name__ == "LLParser"  # type: ignore[attr-defined]
     assert type(PURE.RequestParser([])._parser).__module__.startswith("httptools")
+
+
+def _heads(module: object, cls_name: str, data: bytes) -> list[object]:
+    events: list[object] = []
+    with contextlib.suppress(ProxyError):
+        getattr(module, cls_name)(events).feed(data)
+    return [e for e in events if type(e).__name__ == cls_name.replace("Parser", "Head")]
+
+
+EXTRA = [(b"x-forwarded-for", b"10.1.2.3"), (b"x-request-id", b"r-42"), (b"x-empty", b"")]
+
+
+@pytest.mark.parametrize("data", REQUESTS, ids=range(len(REQUESTS)))
+def test_request_heads_are_rebuilt_alike_in_both_forms(data: bytes) -> None:
+    """Compiled, a head is assembled in one allocation; the pure form joins: same bytes."""
+    for ours, theirs in zip(
+        _heads(exchange, "RequestParser", data), _heads(PURE, "RequestParser", data), strict=True
+    ):
+        for expect_continue in (False, True):
+            for extra in ([], EXTRA):
+                built = exchange.build_request_head(ours, extra, expect_continue=expect_continue)
+                assert built == PURE.build_request_head(theirs, extra, expect_continue=expect_continue)
+                assert built.endswith(b"\r\n\r\n") and built.count(b"\r\n\r\n") == 1
+
+
+@pytest.mark.parametrize("data", RESPONSES, ids=range(len(RESPONSES)))
+def test_response_heads_are_rebuilt_alike_in_both_forms(data: bytes) -> None:
+    for ours, theirs in zip(
+        _heads(exchange, "ResponseParser", data), _heads(PURE, "ResponseParser", data), strict=True
+    ):
+        for chunked, close, http10 in [
+            (False, False, False),
+            (True, False, False),
+            (False, True, False),
+            (False, False, True),
+        ]:
+            built = exchange.build_response_head(ours, chunked=chunked, close=close, http10_keep_alive=http10)
+            assert built == PURE.build_response_head(
+                theirs, chunked=chunked, close=close, http10_keep_alive=http10
+            )
+
+
+def test_a_field_that_is_not_a_pair_of_bytes_is_refused_before_anything_is_copied() -> None:
+    events: list[object] = []
+    exchange.RequestParser(events).feed(REQUESTS[1])
+    head = events[0]
+    for bad in (
+        [(b"x-a", "str")],
+        [("x-a", b"v")],
+        [(b"x-a",)],
+        [(b"x-a", b"v", b"w")],
+        [None],
+        [(b"x-a", None)],
+    ):
+        with pytest.raises(TypeError, match="pair of bytes"):
+            exchange.build_request_head(head, bad)  # type: ignore[arg-type]
