@@ -67,12 +67,14 @@ cdef dict _FIELD_NAMES
 cdef Py_ssize_t _FIELD_NAMES_MAX
 cdef dict _REQUEST_SPECIAL, _RESPONSE_SPECIAL
 cdef bint _COMPILED
-cdef list _METHOD_NAMES, _LL_NAMES
+cdef list _METHOD_NAMES, _LL_NAMES, _LL_ENTRIES
 cdef size_t _LL_NAMES_SIZE, _LL_NAMES_MAX_NAME
 cdef object _BEGIN_FROM, _BEGIN_TO, _HEAD_DONE_FROM, _HEAD_DONE_TO, _MESSAGE_DONE_FROM, _MESSAGE_DONE_TO
 
 @cython.locals(name=bytes)
 cpdef tuple _field_name(bytes raw_name)
+@cython.locals(entry=tuple)
+cpdef tuple _field_entry(bytes raw_name)
 cpdef object find_header(list headers, bytes name)
 cpdef list _split_tokens(bytes value)
 cpdef bytes _strip_port(bytes host)
@@ -99,8 +101,8 @@ cdef class LLParser:
     cpdef object content_length(self)
     cpdef set_dangerous_leniencies(self, bint lenient_version=*)
 
-@cython.locals(slot=size_t, name=bytes)
-cdef bytes _ll_name(const char* at, size_t length)
+@cython.locals(slot=size_t, name=bytes, entry=tuple)
+cdef tuple _ll_field(const char* at, size_t length)
 @cython.locals(ll=LLParser)
 cdef int _ll_on_message_begin(llhttp_t* c) noexcept
 @cython.locals(ll=LLParser)
@@ -111,7 +113,7 @@ cdef int _ll_on_status(llhttp_t* c, const char* at, size_t length) noexcept
 cdef int _ll_on_header_field(llhttp_t* c, const char* at, size_t length) noexcept
 @cython.locals(ll=LLParser)
 cdef int _ll_on_header_value(llhttp_t* c, const char* at, size_t length) noexcept
-@cython.locals(ll=LLParser, name=bytes, value=bytes)
+@cython.locals(ll=LLParser, entry=tuple, value=bytes, raw_headers=list)
 cdef int _ll_on_header_value_complete(llhttp_t* c) noexcept
 @cython.locals(ll=LLParser)
 cdef int _ll_on_headers_complete(llhttp_t* c) noexcept
@@ -184,8 +186,8 @@ cdef class RequestParser:
     cpdef bint _is_http11(self, bytes method)
     cpdef on_body(self, bytes body)
     cpdef on_message_complete(self)
-    @cython.locals(raw_headers=list, count=Py_ssize_t, kept=list, names=dict, size=Py_ssize_t,
-                   entry=tuple, name=bytes, kind=int, raw_name=bytes, value=bytes, i=Py_ssize_t)
+    @cython.locals(raw_headers=list, count=Py_ssize_t, kept=list, size=Py_ssize_t, ll=LLParser,
+                   entry=tuple, name=bytes, kind=int, value=bytes, i=Py_ssize_t)
     cpdef _analyse_headers(self, RequestHead head)
     cpdef _analyse_target(self, RequestHead head, bytes target)
 
@@ -231,8 +233,8 @@ cdef class ResponseParser:
     cpdef on_status(self, bytes reason)
     @cython.locals(raw_headers=list)
     cpdef on_header(self, bytes name, bytes value)
-    @cython.locals(head=ResponseHead, ll=LLParser, keep_alive=bint, raw_headers=list, count=Py_ssize_t, kept=list, names=dict,
-                   size=Py_ssize_t, entry=tuple, name=bytes, kind=int, raw_name=bytes, value=bytes,
+    @cython.locals(head=ResponseHead, ll=LLParser, keep_alive=bint, raw_headers=list, count=Py_ssize_t, kept=list,
+                   size=Py_ssize_t, entry=tuple, name=bytes, kind=int, value=bytes,
                    i=Py_ssize_t)
     cpdef on_headers_complete(self)
     cpdef on_body(self, bytes body)
@@ -244,7 +246,7 @@ cpdef bytes _status_line(int status, bytes reason)
 cpdef bytes _decimal(object number)
 @cython.locals(name=bytes, value=bytes)
 cpdef _append_fields(list parts, list fields)
-@cython.locals(field=object, size=Py_ssize_t)
+@cython.locals(field=tuple, name=bytes, value=bytes, size=Py_ssize_t)
 cdef Py_ssize_t _fields_size(list fields) except -1
 @cython.locals(size=Py_ssize_t)
 cdef inline char* _put(char* at, bytes piece) noexcept

@@ -203,6 +203,14 @@ def _field_name(raw_name: bytes) -> tuple[bytes, int, int]:
     return entry
 
 
+def _field_entry(raw_name: bytes) -> tuple[bytes, int, int]:
+    """A field name's ``_FIELD_NAMES`` entry: what the parsers collect in place of the raw name."""
+    entry = _FIELD_NAMES.get(raw_name)
+    if entry is None:
+        entry = _field_name(raw_name)
+    return entry
+
+
 # Re-derived or set by the router itself, never copied from the client.
 _REBUILT_REQUEST: Final = frozenset(
     {b"host", b"content-length", b"expect", b"x-forwarded-for", b"x-forwarded-proto", b"forwarded"}
@@ -228,31 +236,35 @@ _IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b
 
 _COMPILED: Final = not __file__.endswith(".py")
 
-# Field names as they arrive, interned: a client and an app send the same few names in the same
-# case every time, so each one's bytes is looked up here by (length, three of its bytes) and
-# compared, not allocated, hashed and freed per field. Direct-mapped: a colliding name replaces
-# the one in its slot; bounded (1024 names of at most 64 bytes), names only, never values.
+# Field names as they arrive, each with its ``_FIELD_NAMES`` entry: a client and an app send the
+# same few names in the same case every time, so a name lying in the read is found here by
+# (length, three of its bytes) and compared, not allocated, hashed, looked up and freed per field.
+# Direct-mapped: a colliding name replaces the one in its slot; bounded (1024 names of at most 64
+# bytes), names only, never values.
 _LL_NAMES_SIZE: Final = 1024
 _LL_NAMES_MAX_NAME: Final = 64
 _LL_NAMES: Final[list[bytes | None]] = [None] * _LL_NAMES_SIZE
+_LL_ENTRIES: Final[list[tuple[bytes, int, int] | None]] = [None] * _LL_NAMES_SIZE
 
 # llhttp's method number -> its name, filled as methods are seen (llhttp_method_name aborts on a
 # number it has no method for: only numbers llhttp itself set are asked for).
 _METHOD_NAMES: Final[list[bytes | None]] = [None] * 256
 
 
-def _ll_name(at: Any, length: int) -> bytes:
-    """The interned bytes of a field name lying at ``at`` (compiled form only)."""
+def _ll_field(at: Any, length: int) -> tuple[bytes, int, int]:
+    """The ``_FIELD_NAMES`` entry of the field name lying at ``at`` (compiled form only)."""
     if length == 0 or length > _LL_NAMES_MAX_NAME:
-        return at[:length]
+        return _field_entry(at[:length])
     slot = (length * 31 + at[0] * 7 + at[length - 1] * 131 + at[length >> 1]) & (_LL_NAMES_SIZE - 1)
     name = _LL_NAMES[slot]
     if name is not None and len(name) == length:  # noqa: SIM102  (memcmp only on an equal length)
         if memcmp(cython.cast(cython.p_const_char, name), at, length) == 0:  # noqa: F821
-            return name
+            return _LL_ENTRIES[slot]
     name = at[:length]
+    entry = _field_entry(name)
     _LL_NAMES[slot] = name
-    return name
+    _LL_ENTRIES[slot] = entry
+    return entry
 
 
 class LLParser:
@@ -295,7 +307,7 @@ class LLParser:
         error = llhttp_execute(c, buffer, len(data))  # noqa: F821
         if self._name_at != cython.NULL:
             # A field name ended this read without its value: keep it past the read.
-            self._name = _ll_name(self._name_at, self._name_length)
+            self._name = self._name_at[: self._name_length]
             self._name_at = cython.NULL
         if error == HPE_OK:  # noqa: F821
             return
@@ -401,10 +413,9 @@ def _ll_on_header_field(c: Any, at: Any, length: int) -> int:
         ll._name_length = length
         return 0
     try:
-        if ll._name_at != cython.NULL:  # pragma: no cover - llhttp gives one span per read
-            ll._name = _ll_name(ll._name_at, ll._name_length)
-            ll._name_at = cython.NULL
-        ll._name = ll._name + at[:length]  # the rest of a name split across reads
+        # The rest of a name split across reads (llhttp gives one span per read: the first part
+        # was copied to ``_name`` when its read ended).
+        ll._name = (b"" if ll._name is None else ll._name) + at[:length]
     except BaseException as exc:
         ll._error = exc
         llhttp_set_error_reason(c, b"`on_header_field` callback error")  # noqa: F821
@@ -430,20 +441,23 @@ def _ll_on_header_value_complete(c: Any) -> int:
     ll = cython.cast(LLParser, c.data)
     try:
         if ll._name_at != cython.NULL:
-            name = _ll_name(ll._name_at, ll._name_length)
+            entry = _ll_field(ll._name_at, ll._name_length)
             ll._name_at = cython.NULL
         else:
-            name = ll._name
+            entry = _field_entry(ll._name)
             ll._name = None
         value = ll._value
         if value is None:
             value = b""
         else:
             ll._value = None
+        # What on_header does, without the call: the entry and the value, appended.
         if ll._request:
-            cython.cast(RequestParser, ll._owner).on_header(name, value)
+            raw_headers = cython.cast(RequestParser, ll._owner)._raw_headers
         else:
-            cython.cast(ResponseParser, ll._owner).on_header(name, value)
+            raw_headers = cython.cast(ResponseParser, ll._owner)._raw_headers
+        raw_headers.append(entry)
+        raw_headers.append(value)
     except BaseException as exc:
         ll._error = exc
         return -1
@@ -625,8 +639,9 @@ class RequestParser:
         self._head = RequestHead()
         self._url = b""
         self._url_pieces: list[bytes] | None = None  # a target split across reads (rare)
-        # name, value, name, value...: two appends per field, no tuple (read pairwise at the head)
-        self._raw_headers: list[bytes] = []
+        # name's _FIELD_NAMES entry, value, entry, value...: two appends per field (read pairwise
+        # at the head); the entry says the name's lower-case form and kind, looked up once.
+        self._raw_headers: list[object] = []
         self._head_bytes = 0  # exact: URL and header fields seen so far
         self._head_raw = 0  # raw bytes fed while the head was incomplete (llhttp's own buffer)
         # Created only when such a field comes (most requests have neither TE nor a Connection
@@ -722,7 +737,7 @@ class RequestParser:
         # head completes (``_analyse_headers``). Trailers land here too, after the head was
         # analysed: they are never merged, bounded by the framing budget, and dropped at _reset.
         raw_headers = self._raw_headers
-        raw_headers.append(name)
+        raw_headers.append(_field_entry(name))
         raw_headers.append(value)
 
     def on_headers_complete(self) -> None:
@@ -797,17 +812,13 @@ class RequestParser:
         if count > self._max_headers:
             raise HeadersTooLarge(f"more than {self._max_headers} header fields")
         kept: list[tuple[bytes, bytes]] = []
-        names = _FIELD_NAMES
         size = 4 * count
         for i in range(0, 2 * count, 2):
-            raw_name = raw_headers[i]
+            entry = raw_headers[i]
             value = raw_headers[i + 1]
-            size += len(raw_name) + len(value)
-            entry = names.get(raw_name)
-            if entry is None:
-                entry = _field_name(raw_name)
             name = entry[0]
             kind = entry[1]
+            size += len(name) + len(value)
             if kind == 0:  # the common case: one dict lookup per field
                 kept.append((name, value))
             elif kind == _FIELD_HOST:
@@ -825,7 +836,9 @@ class RequestParser:
                         self._connection_tokens = []
                     self._connection_tokens.extend(_split_tokens(value))
             elif kind == _FIELD_CONTENT_LENGTH:
-                head.content_length = int(value)  # llhttp has checked digits and duplicates
+                # llhttp has checked digits and duplicates, and read the number (compiled: taken).
+                ll = self._ll
+                head.content_length = int(value) if ll is None else ll.content_length()
             elif kind == _FIELD_EXPECT:
                 if value.strip().lower() != b"100-continue":
                     raise ExpectationFailed(f"unsupported Expect: {value[:64]!r} (only 100-continue)")
@@ -1033,7 +1046,7 @@ class ResponseParser:
 
     def _reset(self) -> None:
         self._head = ResponseHead()
-        self._raw_headers: list[bytes] = []  # name, value, name, value... (as in RequestParser)
+        self._raw_headers: list[object] = []  # entry, value, entry, value... (as in RequestParser)
         self._te: list[bytes] | None = None  # created when such a field comes (see RequestParser)
         self._connection_tokens: list[bytes] | None = None
         self._head_bytes = 0
@@ -1100,7 +1113,7 @@ class ResponseParser:
         # Only collect (limits: after each feed and when the head completes). Trailers land here
         # too, after the head was analysed, and are dropped at _reset.
         raw_headers = self._raw_headers
-        raw_headers.append(name)
+        raw_headers.append(_field_entry(name))
         raw_headers.append(value)
 
     def on_headers_complete(self) -> None:
@@ -1126,17 +1139,13 @@ class ResponseParser:
         if count > 4 * self._max_headers:
             raise BadGateway("response head from pod too large")
         kept: list[tuple[bytes, bytes]] = []
-        names = _FIELD_NAMES
         size = 4 * count
         for i in range(0, 2 * count, 2):
-            raw_name = raw_headers[i]
+            entry = raw_headers[i]
             value = raw_headers[i + 1]
-            size += len(raw_name) + len(value)
-            entry = names.get(raw_name)
-            if entry is None:
-                entry = _field_name(raw_name)
             name = entry[0]
             kind = entry[2]
+            size += len(name) + len(value)
             if kind == 0:
                 kept.append((name, value))
             elif kind == _FIELD_TRANSFER_ENCODING:
@@ -1149,7 +1158,7 @@ class ResponseParser:
                         self._connection_tokens = []
                     self._connection_tokens.extend(_split_tokens(value))
             elif kind == _FIELD_CONTENT_LENGTH:
-                head.content_length = int(value)
+                head.content_length = int(value) if ll is None else ll.content_length()
             elif kind == _FIELD_UPGRADE:
                 head.upgrade = value.strip().lower()
             # else _FIELD_HOP_BY_HOP: dropped
@@ -1242,12 +1251,14 @@ def _fields_size(fields: list[tuple[bytes, bytes]]) -> int:
     """The bytes ``fields`` take in a head; checks each is a (bytes, bytes) pair first, so that
     the compiled form's copy (_put_fields, unchecked) can rely on it."""
     size = 0
-    for field in fields:
+    for field in fields:  # compiled: a field that is not a tuple raises TypeError here
         if type(field) is not tuple or len(field) != 2:
             raise TypeError(f"a header field is a (name, value) pair of bytes, not {field!r}")
-        if type(field[0]) is not bytes or type(field[1]) is not bytes:
+        name = field[0]  # compiled: bytes or None, else TypeError
+        value = field[1]
+        if type(name) is not bytes or type(value) is not bytes:
             raise TypeError(f"a header field is a (name, value) pair of bytes, not {field!r}")
-        size += len(field[0]) + len(field[1]) + 4  # name ": " value CRLF
+        size += len(name) + len(value) + 4  # name ": " value CRLF
     return size
 
 
