@@ -10,6 +10,8 @@ from fastproxy.metrics cimport RouterStats
 from fastproxy.routerbase cimport RouterBase
 from fastproxy.snapshot cimport RouteTable, RoutingSnapshot, ServiceRoute
 
+cdef int _ROUTING, _QUEUED, _CONNECTING, _AWAIT_CONTINUE, _SENT, _RESPONDING, _DONE
+
 cdef class Deadline:
     cdef public object _callback
     cdef public object _handle
@@ -85,7 +87,7 @@ cdef class Exchange:
     cdef public bint response_close
     cdef public str revision
     cdef public RouterBase router
-    cdef public object stage
+    cdef public int stage
     cdef public int status
     cdef public double t_head
     cdef public double t_response

@@ -40,7 +40,7 @@ import socket
 from asyncio.trsock import TransportSocket
 from collections.abc import Callable
 from time import perf_counter  # (a global, not time.perf_counter: no attribute lookup per read)
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from fastproxy.errors import (
     BadGateway,
@@ -465,6 +465,17 @@ class Stage:
     DONE = 6
 
 
+# The stages as module constants: ``Stage.SENT`` is a class attribute looked up per use (a type
+# getattr and a dict lookup); these are C ints once compiled, as ``Exchange.stage`` is.
+_ROUTING: Final = Stage.ROUTING
+_QUEUED: Final = Stage.QUEUED
+_CONNECTING: Final = Stage.CONNECTING
+_AWAIT_CONTINUE: Final = Stage.AWAIT_CONTINUE
+_SENT: Final = Stage.SENT
+_RESPONDING: Final = Stage.RESPONDING
+_DONE: Final = Stage.DONE
+
+
 class Exchange:
     __slots__ = (
         "_continue_timer",
@@ -501,7 +512,7 @@ class Exchange:
         self.client = client
         self.router = client.router
         self.head = head
-        self.stage = Stage.ROUTING
+        self.stage = _ROUTING
         self.revision = ""
         self.pod: PodRecord | None = None
         self.release: Callable[[], None] | None = None
@@ -567,7 +578,7 @@ class Exchange:
     def check_peek(self, now: float) -> None:
         """The sweeper's check of a body being peeked (ClientConnection.check_timeouts)."""
         request = self.llm
-        if request is None or not request.peeking or self.stage is Stage.DONE or now <= request.deadline:
+        if request is None or not request.peeking or self.stage == _DONE or now <= request.deadline:
             return
         request.peeking = False
         timeout = self.router.config.header_timeout
@@ -632,7 +643,7 @@ class Exchange:
             else:
                 self.fail(ServiceUnavailable(str(exc), retry_after=1))
             return
-        self.stage = Stage.QUEUED
+        self.stage = _QUEUED
         self._waiter = waiter
         if not self.queue_deadline:
             self.queue_deadline = router.loop.time() + router.config.queue_timeout
@@ -684,7 +695,7 @@ class Exchange:
         if conn is not None:
             self._send(conn)
             return
-        self.stage = Stage.CONNECTING
+        self.stage = _CONNECTING
         self.router.loop.create_task(self._connect(self.pod))
 
     async def _connect(self, pod: PodRecord) -> None:
@@ -702,7 +713,7 @@ class Exchange:
             kind = "unreachable" if exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH) else "reset"
             failure = UpstreamUnavailable(f"connect to {pod.ip}:{pod.port} failed: {exc.strerror}", kind)
         else:
-            if self.stage is not Stage.CONNECTING or self.pod is not pod:
+            if self.stage != _CONNECTING or self.pod is not pod:
                 router.pool.checkin(conn)  # the client left meanwhile; the connection is fresh
                 return
             if not conn.closed:
@@ -710,7 +721,7 @@ class Exchange:
                 return
             # (lost between connection_made and this task resuming: nothing was sent on it)
             failure = UpstreamUnavailable(f"{pod.ip}:{pod.port} closed a new connection at once", "reset")
-        if self.stage is Stage.CONNECTING and self.pod is pod:
+        if self.stage == _CONNECTING and self.pod is pod:
             self._unavailable(failure)
 
     def _unavailable(self, failure: UpstreamUnavailable) -> None:
@@ -758,7 +769,7 @@ class Exchange:
         if self.attempts >= router.config.max_attempts:
             self.fail(BadGateway(f"{failure.reason}; gave up after {self.attempts} attempts"))
             return
-        self.stage = Stage.ROUTING
+        self.stage = _ROUTING
         self._acquire()
 
     # ---- sending ----------------------------------------------------------------------------
@@ -798,10 +809,10 @@ class Exchange:
         data = build_request_head(head, extra, expect_continue=hold_back)
         if hold_back:
             write(data)
-            self.stage = Stage.AWAIT_CONTINUE
+            self.stage = _AWAIT_CONTINUE
             self._continue_timer = router.loop.call_later(router.config.continue_timeout, self._send_body)
         else:
-            self.stage = Stage.SENT
+            self.stage = _SENT
             if self.hold:
                 self._flush_hold(conn, data)
             else:
@@ -830,9 +841,9 @@ class Exchange:
     def _send_body(self) -> None:
         """100 Continue arrived (or its wait ran out): the body may go now."""
         self._continue_timer = None
-        if self.stage is not Stage.AWAIT_CONTINUE or self.upstream is None:
+        if self.stage != _AWAIT_CONTINUE or self.upstream is None:
             return
-        self.stage = Stage.SENT
+        self.stage = _SENT
         self._flush_hold(self.upstream, None)
         if self.request_complete:
             self._request_fully_sent()
@@ -841,7 +852,7 @@ class Exchange:
         self.request_sent = True
 
     def request_body(self, data: bytes) -> None:
-        if self.stage is Stage.SENT:
+        if self.stage == _SENT:
             if self.replay is not None:
                 self.replay_bytes += len(data)
                 if self.replay_bytes <= REPLAY_LIMIT:
@@ -855,7 +866,7 @@ class Exchange:
             else:
                 conn.transport_write(data)  # type: ignore[misc]
             return
-        if self.stage >= Stage.RESPONDING:
+        if self.stage >= _RESPONDING:
             return  # an early response was given; the rest of the body is dropped
         self.hold.append(data)
         self.hold_bytes += len(data)
@@ -869,11 +880,11 @@ class Exchange:
 
     def request_end(self) -> None:
         self.request_complete = True
-        if self.stage is Stage.SENT:
+        if self.stage == _SENT:
             if self.head.chunked:
                 self.upstream.transport_write(LAST_CHUNK)  # type: ignore[union-attr,misc]
             self._request_fully_sent()
-        elif self.stage is Stage.DONE:
+        elif self.stage == _DONE:
             self.client.exchange_finished(self)
         elif self.llm is not None and self.llm.peeking:
             self._end_peek()
@@ -883,7 +894,7 @@ class Exchange:
     def on_response_head(self, response: ResponseHead) -> None:
         status = response.status
         if status < 200:
-            if status == 100 and self.stage is Stage.AWAIT_CONTINUE:
+            if status == 100 and self.stage == _AWAIT_CONTINUE:
                 if self._continue_timer is not None:
                     self._continue_timer.cancel()
                 self._send_body()
@@ -901,8 +912,8 @@ class Exchange:
         if (
             status == 503
             and self.router.config.sidecar_protocol
-            and self.stage in (Stage.AWAIT_CONTINUE, Stage.SENT)
-            and (self.stage is Stage.AWAIT_CONTINUE or not self.head.has_body or self.replay is not None)
+            and self.stage in (_AWAIT_CONTINUE, _SENT)
+            and (self.stage == _AWAIT_CONTINUE or not self.head.has_body or self.replay is not None)
             and response.header(BUSY_HEADER) is not None
         ):
             # The sidecar refused before the app saw anything: not an error; once the refusal
@@ -914,7 +925,7 @@ class Exchange:
             return
         self.status = status
         self.t_response = perf_counter()
-        self.stage = Stage.RESPONDING
+        self.stage = _RESPONDING
         client = self.client
         head = self.head
         no_body = head.method == b"HEAD" or status in (204, 304)
@@ -946,7 +957,7 @@ class Exchange:
         assert conn is not None
         if not conn.parser.upgraded:
             return  # a 101 that switches nothing: an interim response like any other
-        if not self.head.upgrade or response.upgrade != b"websocket" or self.stage is not Stage.SENT:
+        if not self.head.upgrade or response.upgrade != b"websocket" or self.stage != _SENT:
             what = response.upgrade.decode("latin-1")[:32] or "?"
             self.on_upstream_error(
                 BadGateway(f"pod switched protocols (101, Upgrade: {what}) unasked")
@@ -959,7 +970,7 @@ class Exchange:
         conn.exchange = None
         conn.reusable = False  # never back to the pool: it carries the session
         self.upstream = None
-        self.stage = Stage.DONE
+        self.stage = _DONE
         self.status = 101
         release = self.release
         self.release = None  # the session holds the slot now
@@ -969,7 +980,7 @@ class Exchange:
         router.stats.added_latency.observe(self.request_side + perf_counter() - self.t_response)
 
     def on_response_body(self, data: bytes) -> None:
-        if self.stage is not Stage.RESPONDING:
+        if self.stage != _RESPONDING:
             return
         if self.out_chunked:
             self.client.queue_many(chunk(data))
@@ -1006,7 +1017,7 @@ class Exchange:
         outliers = router.outliers
         if outliers.failing:  # a pod with broken exchanges on record answered in full: streak over
             outliers.succeeded(self.pod.uid)
-        self.stage = Stage.DONE
+        self.stage = _DONE
         self.client.exchange_finished(self, now)
 
     def on_upstream_error(self, exc: ProxyError) -> None:
@@ -1029,7 +1040,7 @@ class Exchange:
             and conn.used > 1
             and conn.parser.state is PARSE_IDLE
             and self.request_complete
-            and (self.replay is not None or not self.head.has_body or self.stage is Stage.AWAIT_CONTINUE)
+            and (self.replay is not None or not self.head.has_body or self.stage == _AWAIT_CONTINUE)
             and not self.busy_refused
         ):
             # A reused connection reset before one byte of the response: the pod's kernel threw
@@ -1081,12 +1092,12 @@ class Exchange:
             self.upstream.abort()
             self.upstream = None
         client = self.client
-        if self.stage is Stage.RESPONDING:
+        if self.stage == _RESPONDING:
             # Part of the response went out: cutting the connection is the only honest signal.
-            self.stage = Stage.DONE
+            self.stage = _DONE
             client.abort()
             return
-        self.stage = Stage.DONE
+        self.stage = _DONE
         # A body still arriving is read and dropped so the connection survives (request_body),
         # unless the client waits for 100 Continue before sending it: then it never comes.
         close = (
@@ -1104,12 +1115,12 @@ class Exchange:
         client.exchange_finished(self)
 
     def _finish(self) -> None:
-        self.stage = Stage.DONE
+        self.stage = _DONE
         self.client.exchange_finished(self)
 
     def client_gone(self) -> None:
         """The client closed or reset its connection: free everything this request holds."""
-        if self.stage is Stage.DONE:
+        if self.stage == _DONE:
             return
         self.router.stats.client_aborts += 1
         self._leave_queue()
@@ -1121,7 +1132,7 @@ class Exchange:
             conn.abort()  # the app should stop generating for nobody
             self.upstream = None
         self._give_back_slot()
-        self.stage = Stage.DONE
+        self.stage = _DONE
 
 
 # ---- the client side ----------------------------------------------------------------------------
@@ -1273,8 +1284,8 @@ class ClientConnection:  # an asyncio.Protocol (duck-typed, as UpstreamConnectio
         log.info("client %s: %d %s", self.peer, exc.status, exc.reason)
         self._events.clear()
         exchange = self.exchange
-        if exchange is not None and exchange.stage is not Stage.DONE:
-            if exchange.stage is Stage.RESPONDING:
+        if exchange is not None and exchange.stage != _DONE:
+            if exchange.stage == _RESPONDING:
                 exchange.client_gone()
                 self.abort()
                 return
@@ -1361,8 +1372,8 @@ class ClientConnection:  # an asyncio.Protocol (duck-typed, as UpstreamConnectio
         exchange = self.exchange
         if (
             exchange is not None
-            and exchange.stage >= Stage.CONNECTING
-            and exchange.stage is not Stage.DONE
+            and exchange.stage >= _CONNECTING
+            and exchange.stage != _DONE
             and exchange.request_complete
         ):
             # Half-close after a complete request that a pod is already handling is legal: keep

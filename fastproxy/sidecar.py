@@ -209,7 +209,7 @@ class Sidecar:
         """Send every parked request back to its router now (it will pick another pod)."""
         for conn in list(self.router.connections):
             exchange = conn.exchange
-            if exchange is not None and exchange.stage is Stage.QUEUED:
+            if exchange is not None and exchange.stage == Stage.QUEUED:
                 exchange.fail(SidecarBusy(reason))
 
     async def probe_loop(self) -> None:
