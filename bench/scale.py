@@ -613,6 +613,8 @@ def _run_scale(
                 result["churn"] = churn
             if fleet is not None and before is not None:
                 result["router_state_before"] = before
+                after = harness.admin_get(fleet.admin_port, "/v1/state")
+                result["router_gc"] = gc_during(before, after)
             result["pods"] = fleet.pods if fleet else None
             return result
 
@@ -656,6 +658,21 @@ def _run_scale(
         "summary": summarise(runs, sizes, [t.name for t, _, _ in plan]),
         "runs": runs,
         "discarded_runs": discarded,
+    }
+
+
+def gc_during(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any] | None:
+    """The router's cyclic collections between two /v1/state reads: count and pause ms by generation."""
+    if "gc" not in before or "gc" not in after:
+        return None  # (a router that predates the figure)
+    first, last = before["gc"], after["gc"]
+    return {
+        "collections": [b - a for a, b in zip(first["collections"], last["collections"], strict=True)],
+        "pause_ms": [
+            round((b - a) * 1e3, 3)
+            for a, b in zip(first["pause_seconds"], last["pause_seconds"], strict=True)
+        ],
+        "frozen": last["frozen"],
     }
 
 

@@ -21,6 +21,7 @@ import msgspec
 from fastproxy.errors import ProxyError
 from fastproxy.exchange import END, RequestHead, RequestParser, error_response
 from fastproxy.exposition import MetricSource, render
+from fastproxy.gcwatch import PAUSES
 from fastproxy.metrics import RouterCollector
 from fastproxy.tunnel import SessionView
 
@@ -190,6 +191,7 @@ class AdminConnection(asyncio.Protocol):
                         "added_latency_p50": router.stats.added_latency.quantile(0.5),
                         "added_latency_p90": router.stats.added_latency.quantile(0.9),
                         "added_latency_p99": router.stats.added_latency.quantile(0.99),
+                        "gc": PAUSES.as_dict(),
                     }
                 ),
             )

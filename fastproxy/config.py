@@ -53,6 +53,9 @@ class RouterConfig(msgspec.Struct, kw_only=True):
     # A WebSocket session in which no byte moved either way for this long is closed (its pod's slot
     # is held meanwhile). Generous: a realtime voice session may be silent for minutes.
     websocket_idle_timeout: float = 600.0
+    # After loading a whole state, freeze what survives out of the cyclic collector's sight
+    # (fastproxy.gcwatch.settle): its passes then walk only what changed since, not 50k pods.
+    gc_freeze: bool = True
     instance: str = "router"
 
     def trusted_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:

@@ -289,6 +289,9 @@ class RouterCollector:
         up = GaugeMetricFamily("fastproxy_router_up", "1 while this router serves", labels=["instance"])
         up.add_metric([instance], 1)
         yield up
+        from fastproxy.gcwatch import PAUSES  # (here: gcwatch builds on this module's Histogram)
+
+        yield from PAUSES.collect()
 
     def _websocket_families(self) -> Iterator[MetricFamily]:
         tunnels = self.router.tunnels

@@ -7,7 +7,10 @@ replaced whole), the ``SlotTable`` beside it, the upstream pool and the statisti
 data path reads on every request (those, the loop, the configuration) are declared by its base,
 ``fastproxy.routerbase.RouterBase``: an extension type in the compiled form, read as C fields. The state path
 calls ``install`` (a whole state: bootstrap, resync, a static routes file) or ``apply_delta`` (one
-committed change, O(changed pods)); the data path only reads the snapshot and counts.
+committed change, O(changed pods)); the data path only reads the snapshot and counts. After a
+whole state is loaded and warmed, ``after_bulk_load`` freezes it out of the cyclic collector's
+sight (``fastproxy.gcwatch``: later collections walk only what changed since; their pauses are on
+``/metrics``) and trims the heap.
 
 When a request meets a transport failure that proves a pod cannot serve, the data path calls
 ``exclude_pod``: the pod leaves this router's rotation at once and a ``ConnectFailed`` report is
@@ -44,7 +47,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fastproxy import affinity
+from fastproxy import affinity, gcwatch
 from fastproxy.compiled import describe as describe_form
 from fastproxy.config import ConfigError, RouterConfig, RoutesFile, load_routes_file
 from fastproxy.exchange import Limits
@@ -127,6 +130,15 @@ class Router(RouterBase):
             self.slots.replace_all(snapshot.pods.values())
         self.snapshot = snapshot
         self.snapshot_changed_at = time.time()
+
+    def after_bulk_load(self, what: str) -> None:
+        """A whole state is in place (a routes file, a bootstrap's warm-up, a resync): collect what
+        loading it left behind and freeze the survivors (``gcwatch.settle``, unless configured
+        off), then give the freed heap back to the OS."""
+        if self.config.gc_freeze:
+            frozen = gcwatch.settle()
+            log.debug("after %s: %d objects frozen out of the collector's sight", what, frozen)
+        release_free_memory(what)
 
     def _reconcile(self, records: Sequence[PodRecord]) -> None:
         self.slots.update(records, self.snapshot.pods)  # (still the snapshot before the change)
@@ -326,13 +338,14 @@ async def serve(
     before binding anything; reading 50k pods twice would leave the first copy's pages behind)."""
     from fastproxy.admin import start_admin
 
+    gcwatch.install()
     loop = asyncio.get_running_loop()
     router = Router(config, loop)
     if args.routes:
         if routes is None:
             routes = load_routes_file(args.routes)
         router.install(RoutingSnapshot.build(0, 1, routes.pods, routes.routes))
-        release_free_memory("the static routes file")
+        router.after_bulk_load("the static routes file")
         log.info(
             "static routes from %s: %d routes, %d pods", args.routes, len(routes.routes), len(routes.pods)
         )
@@ -396,6 +409,7 @@ def _config_from_args(args: argparse.Namespace) -> RouterConfig:
         trusted_proxies=tuple(args.trusted_proxy),
         grace_period=args.grace_period,
         websocket_idle_timeout=args.websocket_idle_timeout,
+        gc_freeze=args.gc_freeze,
         instance=args.instance or f"router-{os.uname().nodename}-{args.worker_index}",
     )
 
@@ -513,5 +527,11 @@ def register(subparsers: Any) -> None:
         help="seconds a WebSocket session may pass no byte either way before it is closed "
              "(it holds its pod's slot meanwhile)",
     )  # fmt: skip
+    parser.add_argument(
+        "--no-gc-freeze",
+        dest="gc_freeze",
+        action="store_false",
+        help="leave a loaded state in the cyclic collector's sight (every full pass walks it)",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.set_defaults(func=run)

@@ -35,7 +35,9 @@ on a *fresh* connection. A session:
    installed in one step at the end. The cyclic garbage collector is paused from the first
    decoded chunk to the install: nothing built forms cycles worth collecting early, and a
    collection started by the allocation bursts would walk every live object, the old snapshot
-   included; the collector resumes right after. If the chunks are not at the state's version (a
+   included; the collector resumes right after. Once the warm-up after an adopted read is done,
+   ``Router.after_bulk_load`` collects once and freezes the survivors (``fastproxy.gcwatch``), so
+   later collections walk only what changed since. If the chunks are not at the state's version (a
    writer that predates them) or this router's ACL user may not read them, the per-pod hash is
    read instead.
 3. applies each delta only if it is of the snapshot's epoch (the leader's term) and its version is
@@ -70,7 +72,6 @@ import msgspec
 import valkey.asyncio as avalkey
 from valkey.exceptions import NoPermissionError
 
-from fastproxy.heap import release_free_memory
 from fastproxy.snapshot import SnapshotBuilder, VersionGap
 from statesync.keys import DELTA_PREFIX, HEARTBEAT_PREFIX, INDEX_MARKER_FIELD, REVISION_FIELD_PREFIX, Keys
 from statesync.pubsub import SubscriberProtocol, subscribe
@@ -173,7 +174,7 @@ class StateFollower:
             await asyncio.sleep(0)
         while self.router.slots.materialize_pending(WARM_SLICE_PODS):
             await asyncio.sleep(0)
-        release_free_memory("the bootstrap's warm-up")
+        self.router.after_bulk_load("the routing state's full read and warm-up")
 
     async def warmed(self) -> None:
         """Wait until the warm-up after the last bootstrap is done (for tests and benchmarks)."""

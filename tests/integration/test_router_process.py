@@ -68,6 +68,14 @@ async def test_admin_api_auth_metrics_and_tables(tmp_path: Path) -> None:
                        if line.startswith('fastproxy_added_latency_quantile_seconds{quantile="0.5"}'))  # fmt: skip
             assert 0 < float(p50.split()[-1]) < 1
             assert 'fastproxy_inflight{revision="chat-v1"} 0.0' in metrics
+            # the collector's pauses (the routes file's load ended with one full, timed collection)
+            # and what that load froze out of its sight
+            gc_figures = dict(
+                line.rsplit(" ", 1) for line in metrics.splitlines() if line.startswith("fastproxy_gc_")
+            )
+            assert float(gc_figures['fastproxy_gc_pause_seconds_count{generation="2"}']) >= 1
+            assert float(gc_figures['fastproxy_gc_pause_seconds_sum{generation="2"}']) > 0
+            assert float(gc_figures["fastproxy_gc_frozen_objects"]) > 1000
             pods = (await client.get(f"{base}/v1/pods", headers=auth)).json()
             assert pods[0]["uid"] == "p0" and pods[0]["state"] == "ready"
         status = await asyncio.create_subprocess_exec(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -109,6 +110,7 @@ class Cluster:
         )
 
     async def close(self) -> None:
+        gc.unfreeze()  # (what the routers' warm-ups froze: back in the collector's sight)
         self.writer.stop()
         for follower in self.followers:
             follower.stop()
@@ -138,6 +140,10 @@ async def test_events_reach_every_router_in_version_order(cluster: Cluster) -> N
     for router in cluster.routers:
         assert router.slots.pick("chat-v1") is not None
         assert router.snapshot.route_table.by_service["chat"].revisions == ("chat-v1",)
+    # every adopted full read ends its warm-up by freezing what it loaded (fastproxy.gcwatch)
+    for follower in cluster.followers:
+        await follower.warmed()
+    assert gc.get_freeze_count() > 0
 
 
 async def test_killed_pubsub_connection_is_resynced_with_nothing_missed(cluster: Cluster) -> None:
