@@ -121,6 +121,9 @@ class ScaleOptions(Options):
     state_nice: int = 10
     sat_duration: float = 0.0  # saturation is bench.e2e's job
     sync_timeout: float = 180.0
+    # Router arguments of a second router per pod count, following the same namespace and measured
+    # in the same rounds as ``base@N`` (before/after a change side by side: "--no-gc-freeze").
+    baseline_args: tuple[str, ...] = ()
     namespaces: dict[int, str] = field(default_factory=dict)
 
     def namespace(self, pods: int) -> str:
@@ -432,13 +435,15 @@ class ScaleHarness(Harness):
         self.lower_priority(child)
         return child
 
-    def start_following_router(self, url: str, namespace: str) -> tuple[Child, int, int]:
+    def start_following_router(
+        self, url: str, namespace: str, extra: tuple[str, ...] = (), label: str = "router"
+    ) -> tuple[Child, int, int]:
         child = self._spawn(
-            f"router-{namespace}",
+            f"{label}-{namespace}",
             [sys.executable, "-m", "fastproxy.cli", "router", "--valkey", url, "--namespace", namespace,
              "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--admin-token-file", str(self.token_file),
              "--workers", "1", "--grace-period", "2", "--log-level", "warning",
-             "--instance", f"bench-{namespace}"],
+             "--instance", f"bench-{label}-{namespace}", *extra],
         )  # fmt: skip
         line = self._wait_line(child, "listening ")
         parts = line.split()
@@ -554,6 +559,7 @@ def _run_scale(
     app, app_port = harness.start_app()
     agent = harness.agent = harness.start_agent(url, opts.seed, writers)
     fleets = harness.fleets
+    base_fleets: dict[int, Fleet] = {}
     for n in sizes:
         ns = opts.namespace(n)
         seeded = agent.call(
@@ -570,6 +576,13 @@ def _run_scale(
         log(f"router {ns} holds {fleet.synced['pods']} pods at version {fleet.synced['version']}")
         harness._wait_http(router, port)
         fleets[n] = fleet
+        if opts.baseline_args:
+            router, port, admin_port = harness.start_following_router(url, ns, opts.baseline_args, "base")
+            base = Fleet(n, ns, router, port, admin_port, seeded=seeded)
+            base.synced = wait_synced(harness, base, seeded["version"], opts.sync_timeout)
+            harness._wait_http(router, port)
+            base_fleets[n] = base
+            log(f"baseline router {ns} ({' '.join(opts.baseline_args)}) holds {base.synced['pods']} pods")
 
     direct = Target("direct", app_port, {"app": app})
     plan: list[tuple[Target, Fleet | None, Fleet | None]] = [(direct, None, None)]
@@ -581,6 +594,12 @@ def _run_scale(
         if opts.churn > 0:
             target = Target(f"router@{n}+churn", fleet.port, {"proxy": fleet.router, "app": app})
             plan.append((target, fleet, fleet))
+        base = base_fleets.get(n)
+        if base is not None:
+            plan.append((Target(f"base@{n}", base.port, {"proxy": base.router, "app": app}), base, None))
+            if opts.churn > 0:
+                target = Target(f"base@{n}+churn", base.port, {"proxy": base.router, "app": app})
+                plan.append((target, base, base))
     versions: dict[str, str] = {}
     for name, flag in (("nginx", "-v"), ("haproxy", "-v")):
         binary = binaries.get(name)
@@ -676,6 +695,33 @@ def gc_during(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any] |
     }
 
 
+def _gc_cell(gc_figures: dict[str, Any] | None) -> str:
+    if not gc_figures:
+        return "-"
+    counts = "/".join(str(c) for c in gc_figures["collections"])
+    paused = "/".join(f"{ms:.1f}" for ms in gc_figures["pause_ms"])
+    return f"{counts} ({paused})"
+
+
+def _baseline_verdicts(summary: dict[str, Any], sizes: list[str], args: list[str]) -> list[str]:
+    """The issue-15 ratios for the base@N routers (``--baseline-args``) beside the router's own."""
+    targets = summary["targets"]
+    if not sizes or f"base@{sizes[0]}" not in targets:
+        return []
+    small, large = targets[f"base@{sizes[0]}"], targets.get(f"base@{sizes[-1]}+churn")
+    if large is None or not small["cpu_us_per_req"].get("proxy") or small["added_us"]["p90"] <= 0:
+        return []
+    cpu = large["cpu_us_per_req"]["proxy"] / small["cpu_us_per_req"]["proxy"]
+    p90 = large["added_us"]["p90"] / small["added_us"]["p90"]
+    return [
+        f"- the baseline router (base@N, `{' '.join(args)}`), same rounds: "
+        f"CPU per request at {sizes[-1]} pods + churn / at {sizes[0]} pods {_f(cpu, 2)} "
+        f"({_f(large['cpu_us_per_req']['proxy'], 1)} / {_f(small['cpu_us_per_req']['proxy'], 1)} us); "
+        f"added p90 {_f(p90, 2)} ({_f(large['added_us']['p90'], signed=True)} / "
+        f"{_f(small['added_us']['p90'], signed=True)} us)"
+    ]
+
+
 def summarise(runs: list[dict[str, Any]], sizes: list[int], names: list[str]) -> dict[str, Any]:
     """Medians over rounds; added = minus the direct run of the same round (churned: direct+churn)."""
     by_round: dict[int, dict[str, dict[str, Any]]] = {}
@@ -700,6 +746,20 @@ def summarise(runs: list[dict[str, Any]], sizes: list[int], names: list[str]) ->
             "sent": sum(r["sent"] for r in rows),
             "ok": all(r["ok"] for r in rows),
             "foreign_cpu": _median([r["foreign_cpu"] for r in rows]),
+            # the router's cyclic collections during the run, summed over rounds, by generation
+            "gc": (
+                {
+                    "collections": [
+                        sum(g) for g in zip(*(r["router_gc"]["collections"] for r in rows), strict=True)
+                    ],
+                    "pause_ms": [
+                        round(sum(g), 3)
+                        for g in zip(*(r["router_gc"]["pause_ms"] for r in rows), strict=True)
+                    ],
+                }
+                if all(r.get("router_gc") for r in rows)
+                else None
+            ),
             "cdf_us": [
                 [q, _median([r["cdf_us"][i][1] for r in rows])] for i, (q, _) in enumerate(rows[0]["cdf_us"])
             ],
@@ -865,8 +925,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         "## Every target",
         "",
         "| target | baseline | p50 | p90 | p99 | p99.9 | max | added p50 | added p90 | added p99 "
-        "| proxy CPU us/req | churn/s | versions applied | sent | errors |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| proxy CPU us/req | churn/s | versions applied | router GC passes gen 0/1/2 (ms paused) | sent | errors |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|--:|",
     ]
     for name, e in summary["targets"].items():
         la, add, churn = e["latency_us"], e.get("added_us", {}), e.get("churn")
@@ -875,7 +935,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"| {_f(la['p99.9'])} | {_f(la['max'])} | {_f(add.get('p50'), signed=True)} "
             f"| {_f(add.get('p90'), signed=True)} | {_f(add.get('p99'), signed=True)} "
             f"| {_f(e['cpu_us_per_req'].get('proxy'), 1)} | {_f(churn['rate']) if churn else '-'} "
-            f"| {churn['versions'] if churn else '-'} | {e['sent']} | {e['errors']} |"
+            f"| {churn['versions'] if churn else '-'} | {_gc_cell(e.get('gc'))} | {e['sent']} | {e['errors']} |"
         )
     lines += ["", "## Verdicts", ""]
     disturbed = sum(1 for r in runs if r["disturbed"])
@@ -923,6 +983,7 @@ def render_markdown(results: dict[str, Any]) -> str:
                 f"{_f(heavy_p90, signed=True)} vs {_f(nginx['added_us']['p90'], signed=True)} us "
                 f"({_f(over, signed=True)}) -> **{_verdict(over <= TARGET_OVER_NGINX_P90_US)}**"
             )
+    lines += _baseline_verdicts(summary, sizes, opts.get("baseline_args") or [])
     for n, row in summary["sizes"].items():
         change = row.get("churn_p99_change_pct")
         if change is not None:
@@ -1015,6 +1076,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ScaleOptions
     parser.add_argument("--nice", default=-10, type=lambda v: v if v == "keep" else int(v),
                         help="niceness of every process started here (root only), or 'keep'")  # fmt: skip
     parser.add_argument("--seed", type=int, default=1, help="random seed of the churn")
+    parser.add_argument(
+        "--baseline-args",
+        default="",
+        metavar="ARGS",
+        help="also measure, in the same rounds, a router started with these arguments "
+        "(targets base@N), e.g. '--no-gc-freeze'",
+    )
     parser.add_argument("--state-nice", type=int, default=10,
                         help="valkey, writers and churn agent run this much nicer than the measured processes")  # fmt: skip
     parser.add_argument("--json", type=Path, default=RESULTS_DIR / "scale-latest.json", metavar="PATH")
@@ -1044,6 +1112,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ScaleOptions
         churn=args.churn,
         seed=args.seed,
         state_nice=args.state_nice,
+        baseline_args=tuple(args.baseline_args.split()),
     )
     return args, opts
 
