@@ -12,6 +12,7 @@ into a histogram per generation (``metrics.Histogram``: a bisect and three incre
 allocation). A collection happens every ~700 net container allocations, far less often than a
 request, so this costs a few hundred nanoseconds per collection and nothing per request.
 
+``RouterCollector`` (``fastproxy.metrics``) turns these figures into the ``fastproxy_gc_*`` families.
 The collector is process-wide, so is the watch: one ``PAUSES`` per process, ``install`` idempotent
 (the router's ``serve`` installs it; tests and benchmarks may too).
 
@@ -29,11 +30,9 @@ not the per-delta cost.
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
 from time import perf_counter
 from typing import Any
 
-from fastproxy.exposition import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, MetricFamily
 from fastproxy.metrics import Histogram
 
 GENERATIONS = 3
@@ -73,28 +72,6 @@ class CollectorPauses:
             "collected": list(self.collected),
             "frozen": gc.get_freeze_count(),
         }
-
-    def collect(self) -> Iterator[MetricFamily]:
-        """The Prometheus families (``RouterCollector`` yields them with the router's own)."""
-        pauses = HistogramMetricFamily(
-            "fastproxy_gc_pause_seconds",
-            "Event-loop pauses of the cyclic garbage collector, by generation (2: a full collection)",
-            labels=["generation"],
-        )
-        collected = CounterMetricFamily(
-            "fastproxy_gc_collected_objects", "Objects the cyclic collector freed, by generation",
-            labels=["generation"],
-        )  # fmt: skip
-        for generation, hist in enumerate(self.pauses):
-            pauses.add_metric([str(generation)], hist.cumulative(), hist.sum)
-            collected.add_metric([str(generation)], self.collected[generation])
-        yield pauses
-        yield collected
-        yield GaugeMetricFamily(
-            "fastproxy_gc_frozen_objects",
-            "Objects moved out of the collector's sight (gc.freeze) after loading the routing state",
-            value=gc.get_freeze_count(),
-        )  # fmt: skip
 
 
 PAUSES = CollectorPauses()

@@ -289,9 +289,7 @@ class RouterCollector:
         up = GaugeMetricFamily("fastproxy_router_up", "1 while this router serves", labels=["instance"])
         up.add_metric([instance], 1)
         yield up
-        from fastproxy.gcwatch import PAUSES  # (here: gcwatch builds on this module's Histogram)
-
-        yield from PAUSES.collect()
+        yield from _gc_families()
 
     def _websocket_families(self) -> Iterator[MetricFamily]:
         tunnels = self.router.tunnels
@@ -326,3 +324,30 @@ class RouterCollector:
             "fastproxy_websocket_idle_closes", "WebSocket sessions closed by the idle timeout",
             value=tunnels.idle_closes,
         )  # fmt: skip
+
+
+def _gc_families() -> Iterator[MetricFamily]:
+    """The cyclic collector's pauses (``fastproxy.gcwatch``), built with this module's families."""
+    import gc
+
+    from fastproxy.gcwatch import PAUSES  # (here: gcwatch builds on this module's Histogram)
+
+    pauses = HistogramMetricFamily(
+        "fastproxy_gc_pause_seconds",
+        "Event-loop pauses of the cyclic garbage collector, by generation (2: a full collection)",
+        labels=["generation"],
+    )
+    collected = CounterMetricFamily(
+        "fastproxy_gc_collected_objects", "Objects the cyclic collector freed, by generation",
+        labels=["generation"],
+    )  # fmt: skip
+    for generation, hist in enumerate(PAUSES.pauses):
+        pauses.add_metric([str(generation)], hist.cumulative(), hist.sum)
+        collected.add_metric([str(generation)], PAUSES.collected[generation])
+    yield pauses
+    yield collected
+    yield GaugeMetricFamily(
+        "fastproxy_gc_frozen_objects",
+        "Objects moved out of the collector's sight (gc.freeze) after loading the routing state",
+        value=gc.get_freeze_count(),
+    )  # fmt: skip
