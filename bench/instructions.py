@@ -38,6 +38,10 @@ counts; its time shares are the profiler's and only indicative).
 
 Results go to ``bench/results/instructions-latest.json`` and ``.md``; the per-exchange figure is
 printed on stdout. The issue's baseline is ~231k instructions; its target <= 60k.
+
+``--route llm-prefix`` runs the same exchange on an LLM route with ``policy: prefix`` (issue 17:
+the body is held and peeked, the prompt hashed, the pick walks the Maglev table): its figure less
+the plain route's is what the peek adds to a request (results in ``instructions-llm-prefix.*``).
 """
 
 from __future__ import annotations
@@ -65,20 +69,31 @@ BASELINE_PER_EXCHANGE = 231_000  # the issue's figure when it was filed
 # ---- the child: N in-memory exchanges -----------------------------------------------------------
 
 
-def run_child(exchanges: int, warmup: int, calls: int = 0) -> dict[str, Any]:
+ROUTES: dict[str, dict[str, Any] | None] = {"plain": None, "llm-prefix": {"policy": "prefix"}}
+
+
+def run_child(exchanges: int, warmup: int, calls: int = 0, route: str = "plain") -> dict[str, Any]:
     """Build the rig, check it, warm up, run ``exchanges``; a summary as a dict.
 
     ``calls``: profile the ``exchanges`` with cProfile and add the ``calls`` functions called most
     per exchange (deterministic counts; the profiler's times are not, they are only a share)."""
+    import msgspec
     import uvloop
 
     import fastproxy.exchange
     import fastproxy.proxy
     from bench.bench_exchange import BODY, REQUEST, RESPONSE, RESPONSE_BODY, InMemoryExchange
+    from statesync.schema import Route
 
+    llm = ROUTES[route]
     loop = uvloop.new_event_loop()  # as in the router: its clock and handles are C
     try:
-        rig = InMemoryExchange(loop)
+        if llm is None:
+            rig = InMemoryExchange(loop)
+        else:
+            raw = {"service": "chat", "hosts": ["chat.inference.example.com"],
+                   "revisions": [{"revision": "chat-v1"}], "llm": llm}  # fmt: skip
+            rig = InMemoryExchange(loop, msgspec.convert(raw, Route))
         rig.client.data_received(REQUEST)
         sent = rig.pod_side.take()
         if not (sent.startswith(b"POST /v1/chat/completions HTTP/1.1\r\n") and sent.endswith(BODY)):
@@ -114,7 +129,8 @@ def run_child(exchanges: int, warmup: int, calls: int = 0) -> dict[str, Any]:
         client_bytes = len(rig.client_side.take())
     finally:
         loop.close()
-    out: dict[str, Any] = {"exchanges": exchanges, "pod_bytes": pod_bytes, "client_bytes": client_bytes}
+    out: dict[str, Any] = {"exchanges": exchanges, "route": route, "pod_bytes": pod_bytes,
+                           "client_bytes": client_bytes}  # fmt: skip
     if profile is not None:
         out["python_calls"] = _profile_table(profile, exchanges, calls)
     return {
@@ -148,11 +164,11 @@ def _profile_table(profile: Any, exchanges: int, top: int) -> list[dict[str, Any
     ]
 
 
-def python_calls(exchanges: int, warmup: int, top: int) -> list[dict[str, Any]]:
+def python_calls(exchanges: int, warmup: int, top: int, route: str = "plain") -> list[dict[str, Any]]:
     """The child once, without valgrind, under cProfile: Python-level calls per exchange."""
     out = subprocess.run(
         [sys.executable, "-m", "bench.instructions", "--child", str(exchanges), "--warmup", str(warmup),
-         "--calls", str(top)],
+         "--calls", str(top), "--route", route],
         cwd=ROOT, env={**os.environ, "PYTHONHASHSEED": "0"}, capture_output=True, text=True, check=False,
     )  # fmt: skip
     if out.returncode != 0:
@@ -172,7 +188,7 @@ class InstructionsError(RuntimeError):
     pass
 
 
-def _callgrind(exchanges: int, warmup: int, out: Path) -> subprocess.Popen[bytes]:
+def _callgrind(exchanges: int, warmup: int, out: Path, route: str = "plain") -> subprocess.Popen[bytes]:
     valgrind = shutil.which("valgrind")
     if valgrind is None:
         raise InstructionsError("valgrind is not installed (apt-get install valgrind)")
@@ -181,6 +197,7 @@ def _callgrind(exchanges: int, warmup: int, out: Path) -> subprocess.Popen[bytes
     argv = [
         valgrind, "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-line=no",
         sys.executable, "-m", "bench.instructions", "--child", str(exchanges), "--warmup", str(warmup),
+        "--route", route,
     ]  # fmt: skip
     return subprocess.Popen(
         argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
@@ -241,11 +258,11 @@ def _merge(costs: dict[str, int]) -> dict[str, int]:
     return {objects.get(function, function): cost for function, cost in merged.items()}
 
 
-def measure(exchanges: int, warmup: int, annotate: int = 0) -> dict[str, Any]:
+def measure(exchanges: int, warmup: int, annotate: int = 0, route: str = "plain") -> dict[str, Any]:
     """One N / 2N pair under callgrind (run side by side: the counts do not depend on timing)."""
     with tempfile.TemporaryDirectory(prefix="fastproxy-callgrind-") as tmp:
         outs = {n: Path(tmp) / f"callgrind.{n}.out" for n in (exchanges, 2 * exchanges)}
-        procs = {n: _callgrind(n, warmup, path) for n, path in outs.items()}
+        procs = {n: _callgrind(n, warmup, path, route) for n, path in outs.items()}
         children: dict[int, dict[str, Any]] = {}
         for n, proc in procs.items():
             stdout, stderr = proc.communicate()
@@ -271,8 +288,10 @@ def measure(exchanges: int, warmup: int, annotate: int = 0) -> dict[str, Any]:
     return result
 
 
-def run(exchanges: int, warmup: int, repeats: int, annotate: int, calls: int = 0) -> dict[str, Any]:
-    rounds = [measure(exchanges, warmup, annotate if i == 0 else 0) for i in range(repeats)]
+def run(
+    exchanges: int, warmup: int, repeats: int, annotate: int, calls: int = 0, route: str = "plain"
+) -> dict[str, Any]:
+    rounds = [measure(exchanges, warmup, annotate if i == 0 else 0, route) for i in range(repeats)]
     per = [r["per_exchange"] for r in rounds]
     compiled = [m for m in rounds[0]["modules"].values() if not m.endswith(".py")]
     return {
@@ -281,6 +300,7 @@ def run(exchanges: int, warmup: int, repeats: int, annotate: int, calls: int = 0
         "python": platform.python_version(),
         "valgrind": subprocess.run(["valgrind", "--version"], capture_output=True, text=True).stdout.strip(),
         "form": "compiled" if compiled else "pure Python",
+        "route": route,
         "modules": rounds[0]["modules"],
         "exchanges": exchanges,
         "warmup": warmup,
@@ -291,7 +311,7 @@ def run(exchanges: int, warmup: int, repeats: int, annotate: int, calls: int = 0
         "target_met": statistics.median(per) <= TARGET_PER_EXCHANGE,
         "rounds": rounds,
         "top_functions": rounds[0].get("top_functions", []),
-        "python_calls": python_calls(exchanges, warmup, calls) if calls else [],
+        "python_calls": python_calls(exchanges, warmup, calls, route) if calls else [],
     }
 
 
@@ -313,7 +333,7 @@ def markdown(result: dict[str, Any]) -> str:
         "# Instructions per in-memory exchange (callgrind)",
         "",
         f"{result['when']} · commit {result['commit']} · Python {result['python']} · {result['valgrind']} · "
-        f"router: {result['form']}",
+        f"router: {result['form']} · route: {result.get('route', 'plain')}",
         "",
         f"One OpenAI-style POST (10 fields, 1 KB JSON) and its 1 KB answer through parse, route, pick, "
         f"rebuild and response; (Ir({2 * result['exchanges']}) - Ir({result['exchanges']})) / "
@@ -368,19 +388,24 @@ def main(argv: list[str] | None = None) -> int:
         "--calls", type=int, nargs="?", const=40, default=0, metavar="TOP",
         help="also list the TOP (default 40) Python functions by self time, with calls per exchange (cProfile)",
     )  # fmt: skip
-    parser.add_argument("--json", type=Path, default=RESULTS_DIR / "instructions-latest.json", metavar="PATH")
     parser.add_argument(
-        "--markdown", type=Path, default=RESULTS_DIR / "instructions-latest.md", metavar="PATH"
-    )
+        "--route", choices=sorted(ROUTES), default="plain",
+        help="plain (default) or llm-prefix: an LLM route with prefix affinity (the body peek)",
+    )  # fmt: skip
+    parser.add_argument("--json", type=Path, metavar="PATH", help="default bench/results/instructions-latest.json")
+    parser.add_argument("--markdown", type=Path, metavar="PATH", help="default bench/results/instructions-latest.md")
     parser.add_argument("--child", type=int, metavar="N", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:
-        print(json.dumps(run_child(args.child, args.warmup, args.calls)), flush=True)
+        print(json.dumps(run_child(args.child, args.warmup, args.calls, args.route)), flush=True)
         return 0
+    stem = "instructions-latest" if args.route == "plain" else f"instructions-{args.route}"
+    args.json = args.json or RESULTS_DIR / f"{stem}.json"
+    args.markdown = args.markdown or RESULTS_DIR / f"{stem}.md"
     if args.exchanges < 1 or args.warmup < 0 or args.repeats < 1:
         parser.error("--exchanges and --repeats must be >= 1, --warmup >= 0")
     try:
-        result = run(args.exchanges, args.warmup, args.repeats, args.annotate, args.calls)
+        result = run(args.exchanges, args.warmup, args.repeats, args.annotate, args.calls, args.route)
     except (InstructionsError, subprocess.CalledProcessError) as exc:
         print(f"bench.instructions: {exc}", file=sys.stderr)
         return 1
