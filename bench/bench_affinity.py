@@ -14,7 +14,8 @@ Targets (issue 17): the pick stays <= 2 us at 50k pods, and the body peek adds <
   the raw prompt, hash the prompt's first 1 KB); and one whole request in memory through a real
   router (bench_exchange's rig) on a plain route and on an LLM route with ``policy: prefix``:
   their difference is what the peek adds to a request (holding the body, reading it, the ring
-  walk instead of the level pick).
+  walk instead of the level pick), in three interleaved rounds. ``python -m bench.instructions
+  --route llm-prefix`` against ``--route plain`` is the same difference in instructions.
 """
 
 from __future__ import annotations
@@ -153,9 +154,14 @@ class Rig(InMemoryExchange):
         super().__init__(loop, msgspec.convert(raw, Route))
 
 
+# Plain and LLM routes in turn, three times each, in one run: on this shared machine the load
+# moves between suites, so the peek's cost is the difference of neighbouring rounds' medians.
+INTERLEAVED = [(route, round_) for round_ in (1, 2, 3) for route in ("plain", "llm-prefix")]
+
+
 @pytest.mark.benchmark(group="peek")
-@pytest.mark.parametrize("route", ["plain", "llm-prefix"])
-def bench_exchange_with_and_without_peek(benchmark, route: str) -> None:
+@pytest.mark.parametrize(("route", "round_"), INTERLEAVED, ids=[f"{r}-{i}" for r, i in INTERLEAVED])
+def bench_exchange_with_and_without_peek(benchmark, route: str, round_: int) -> None:
     loop = uvloop.new_event_loop()
     try:
         rig = Rig(loop, None if route == "plain" else {"policy": "prefix"})

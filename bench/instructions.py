@@ -392,8 +392,12 @@ def main(argv: list[str] | None = None) -> int:
         "--route", choices=sorted(ROUTES), default="plain",
         help="plain (default) or llm-prefix: an LLM route with prefix affinity (the body peek)",
     )  # fmt: skip
-    parser.add_argument("--json", type=Path, metavar="PATH", help="default bench/results/instructions-latest.json")
-    parser.add_argument("--markdown", type=Path, metavar="PATH", help="default bench/results/instructions-latest.md")
+    parser.add_argument(
+        "--json", type=Path, metavar="PATH", help="default bench/results/instructions-latest.json"
+    )
+    parser.add_argument(
+        "--markdown", type=Path, metavar="PATH", help="default bench/results/instructions-latest.md"
+    )
     parser.add_argument("--child", type=int, metavar="N", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:

@@ -2,6 +2,7 @@
 # by scripts/build_compiled.py. Attributes are public (Python reads and writes them as in the pure
 # form). Keep in step with the .py: an attribute added there must be declared here.
 cimport cython
+from fastproxy.slots cimport PodSlots, RevisionSlots, SlotTable, least_inflight, take
 
 @cython.locals(count=Py_ssize_t, i=Py_ssize_t, at=Py_ssize_t, skip=Py_ssize_t, filled=Py_ssize_t,
                entries=list)
@@ -29,5 +30,11 @@ cpdef Maglev maglev_of(object revision)
 cpdef Py_ssize_t rebuild_due(object slots, Py_ssize_t budget=*)
 
 @cython.locals(size=Py_ssize_t, entries=list, at=Py_ssize_t, end=Py_ssize_t, inflight=Py_ssize_t,
-               concurrency=Py_ssize_t)
-cpdef object _walk(Maglev table, object key, double bound)
+               concurrency=Py_ssize_t, pod=PodSlots)
+cpdef object _walk(Maglev table, unsigned long long key, double bound)
+
+@cython.locals(capacity=Py_ssize_t, table=Maglev, bound=double, sub=Maglev)
+cpdef object prefix_affinity(RevisionSlots revision, object key, object adapter=*, double epsilon=*)
+
+@cython.locals(slots=RevisionSlots, maglev=Maglev, index=Maglev, sub=Maglev, capacity=Py_ssize_t, bound=double)
+cpdef object pick(SlotTable table, str revision, object key, object adapter, double epsilon)

@@ -66,7 +66,7 @@ import hashlib
 from collections.abc import Iterable
 from typing import Final
 
-from fastproxy.slots import Lease, PodSlots, RevisionSlots, SlotTable, least_inflight
+from fastproxy.slots import Lease, PodSlots, RevisionSlots, SlotTable, least_inflight, take
 from statesync.schema import PodRecord
 
 # Table sizes: the smallest prime above each power of two from 2^12. One size holds revisions of up
@@ -247,7 +247,7 @@ def _walk(table: Maglev, key: int, bound: float) -> Lease | None:
         concurrency = pod.concurrency
         # inflight + 1 <= ceil(bound * concurrency)  <=>  inflight < bound * concurrency
         if inflight < concurrency and inflight < bound * concurrency and pod.routable:
-            pod._take()
+            take(pod)
             return (pod.release, pod.record)
         at += 1
     return None

@@ -2,11 +2,19 @@
 # scripts/build_compiled.py. Attributes are public (the exchange and tests read and write them as in
 # the pure form). Keep in step with the .py: an attribute added there must be declared here.
 cimport cython
+from fastproxy cimport affinity
 from fastproxy.exchange cimport RequestHead
 
 cdef class LLMRequest
 
+cdef unsigned long long _M64, _MUL, _FMIX, _SEED
+cdef bint _LITTLE_ENDIAN
+
 cpdef object prompt_of(object peeked)
+@cython.locals(p="const unsigned char*", q=cython.p_ulonglong, h=cython.ulonglong, w=cython.ulonglong,
+               i=Py_ssize_t, words=Py_ssize_t, end=Py_ssize_t)
+cpdef unsigned long long word_hash(bytes data, Py_ssize_t n)
+@cython.locals(n=Py_ssize_t)
 cpdef object prefix_key(object data, Py_ssize_t prefix_bytes)
 
 cdef class LLMRoute:

@@ -6,6 +6,7 @@ cimport cython
 from fastproxy.exchange cimport (
     RequestHead, RequestParser, ResponseHead, ResponseParser, build_request_head, build_response_head, chunk
 )
+from fastproxy.llm cimport LLMRequest, LLMRoute
 from fastproxy.metrics cimport RouterStats
 from fastproxy.routerbase cimport RouterBase
 from fastproxy.snapshot cimport RouteTable, RoutingSnapshot, ServiceRoute
@@ -74,7 +75,7 @@ cdef class Exchange:
     cdef public RequestHead head
     cdef public list hold
     cdef public Py_ssize_t hold_bytes
-    cdef public object llm
+    cdef public LLMRequest llm
     cdef public bint out_chunked
     cdef public object pod
     cdef public double queue_deadline
@@ -94,7 +95,11 @@ cdef class Exchange:
     cdef public UpstreamConnection upstream
     @cython.locals(router=RouterBase, snapshot=RoutingSnapshot, table=RouteTable, route=ServiceRoute)
     cpdef start(self)
-    @cython.locals(router=RouterBase)
+    @cython.locals(request=LLMRequest)
+    cpdef _start_peek(self, LLMRoute llm)
+    @cython.locals(request=LLMRequest, route=LLMRoute, table=RouteTable, target=ServiceRoute)
+    cpdef _end_peek(self)
+    @cython.locals(router=RouterBase, llm=LLMRequest)
     cpdef _acquire(self)
     cpdef _leave_queue(self)
     @cython.locals(pool=UpstreamPool)
@@ -105,6 +110,7 @@ cdef class Exchange:
     cpdef _flush_hold(self, UpstreamConnection conn, object head_bytes)
     cpdef _send_body(self)
     cpdef _request_fully_sent(self)
+    @cython.locals(llm=LLMRequest)
     cpdef request_body(self, bytes data)
     cpdef request_end(self)
     @cython.locals(stats=RouterStats)

@@ -57,6 +57,8 @@ cdef class RevisionSlots:
     cdef public object waiters
     cpdef bint hand_over(self, PodSlots pod)
 
+@cython.locals(revision=RevisionSlots, levels=list, inflight=int)
+cpdef take(PodSlots pod)
 @cython.locals(levels=list, level=Level, pod=PodSlots, after=PodSlots, inflight=int)
 cpdef object least_inflight(RevisionSlots revision)
 

@@ -115,17 +115,6 @@ class PodSlots:
                 _unlink(levels[inflight], self)
             _push(levels[inflight - 1], self)
 
-    def _take(self) -> None:
-        """Count one more request and move the pod up a level (or out, when full). For a routable
-        pod below its concurrency (so linked into its level), as a policy picks one."""
-        levels = self.revision.levels
-        inflight = self.inflight
-        _unlink(levels[inflight], self)
-        inflight = self.inflight = inflight + 1
-        self.revision.inflight_total += 1
-        if inflight < self.concurrency:
-            _push(levels[inflight], self)
-
     def _enter(self) -> None:
         """Put the pod into rotation (it became routable)."""
         self.routable = True
@@ -478,6 +467,20 @@ class RevisionSlots:
         if self.pending is not None:
             return any(r.state is not draining for r in self.pending_records())
         return any(p.record.state is not draining for p in self.member_list)
+
+
+def take(pod: PodSlots) -> None:
+    """Count one more request on ``pod`` and move it up a level (or out, when full). For a routable
+    pod below its concurrency (so linked into its level), as a policy picks one. (A function, not a
+    method: PodSlots has no cpdef method, and a policy in another module calls this in C.)"""
+    revision = pod.revision
+    levels = revision.levels
+    inflight = pod.inflight
+    _unlink(levels[inflight], pod)
+    inflight = pod.inflight = inflight + 1
+    revision.inflight_total += 1
+    if inflight < pod.concurrency:
+        _push(levels[inflight], pod)
 
 
 def least_inflight(revision: RevisionSlots) -> Lease | None:

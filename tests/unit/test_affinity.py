@@ -212,6 +212,49 @@ def test_the_compiled_and_the_pure_table_are_the_same() -> None:
     assert [p.uid for p in sql.entries] == [p.uid for p in sql_pure.entries]
 
 
+# word_hash of the first n bytes of _COUNTING for a few n, and of a prompt: the values every router must
+# compute. A change here sends every key to another pod (a rolling upgrade moves them once).
+_COUNTING = bytes(range(256)) * 4
+GOLDEN_HASHES = {0: 0x1ECEECEA7E170282, 1: 0x4DC1262558BBC246, 7: 0xD0D5FF9EB5423B33, 8: 0xBEC423FAE944C03A,
+                 9: 0x2837385916360CDC, 64: 0x0704FE2D78A47722, 1000: 0xA8F8924CF60AA762}  # fmt: skip
+GOLDEN_PROMPT = (b'[{"role":"system","content":"You are a helpful assistant."}]', 0xA7DC1C3E8A72A06C)
+
+
+def test_prompt_hash_is_the_same_in_the_compiled_and_the_pure_form_and_fixed() -> None:
+    """Routers agree only if every router hashes a prompt to the same key (the compiled hash reads
+    the words from memory, the pure one unpacks them): both forms, every tail length, pinned values."""
+    from fastproxy import llm
+
+    source = pathlib.Path(llm.__file__).with_name("llm.py")
+    spec = importlib.util.spec_from_file_location("llm_pure_copy", source)
+    assert spec is not None and spec.loader is not None
+    pure = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pure)
+    rng = random.Random(5)
+    for n in [*range(0, 80), 1000, 1023, 4096, 5003]:
+        data = rng.randbytes(n)
+        for cut in {n, n // 2, max(0, n - 1)}:
+            assert llm.word_hash(data, cut) == pure.word_hash(data, cut), (n, cut)
+    assert {n: llm.word_hash(_COUNTING, n) for n in GOLDEN_HASHES} == GOLDEN_HASHES
+    assert {n: pure.word_hash(_COUNTING, n) for n in GOLDEN_HASHES} == GOLDEN_HASHES
+    prompt, value = GOLDEN_PROMPT
+    assert llm.prefix_key(msgspec.Raw(prompt), 1024) == pure.prefix_key(prompt, 1024) == value
+    with pytest.raises(ValueError, match="word_hash of 9 bytes of 8"):
+        llm.word_hash(b"12345678", 9)  # (the compiled form would read past the end)
+
+
+def test_prefix_key_hashes_only_the_first_prefix_bytes() -> None:
+    base = b'[{"role":"system","content":"' + b"x" * 100
+    assert (
+        prefix_key(msgspec.Raw(base + b"A"), 64) == prefix_key(base + b"B", 64) == prefix_key(base[:64], 64)
+    )
+    assert prefix_key(base + b"A", 1024) != prefix_key(base + b"B", 1024)
+    assert prefix_key(b"ab", 1024) != prefix_key(b"ab\0", 1024)  # (the length is hashed too)
+    # one byte changed anywhere in the prefix changes the key
+    keys_seen = {prefix_key(base[:i] + b"!" + base[i + 1 :], 1024) for i in range(len(base))}
+    assert len(keys_seen) == len(base)
+
+
 def test_busy_affine_pod_spills_to_the_next_and_never_double_books() -> None:
     table = table_of([pod(f"p{i}") for i in range(4)])
     key = keys(1)[0]
