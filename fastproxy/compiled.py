@@ -8,7 +8,8 @@ extension. ``FASTPROXY_PURE=1`` in the environment installs ``PureSourceFinder``
 ``sys.meta_path`` (from ``fastproxy/__init__.py``, before any of them is imported), which loads those
 modules from their ``.py`` files instead: the same code, interpreted, for tests and debugging.
 An extension built from other source than the ``.py``/``.pxd`` now beside it is never loaded: the
-build records each module's source hash in ``STAMP_FILE``, and ``stale()`` (checked in
+build records each module's source hash (its .py, .pxd and any C sources it links, ``C_SOURCES``:
+llhttp for exchange) in ``STAMP_FILE``, and ``stale()`` (checked in
 ``fastproxy/__init__.py`` at import, ~0.1 ms) compares them; any difference means the pure form,
 with a warning that says to run ``make compiled``. An edited source can therefore not be shadowed
 by an old binary. ``form()`` says which form each module was loaded in, ``describe()`` says it in one

@@ -90,8 +90,8 @@ def test_the_form_is_the_one_asked_for() -> None:
     assert set(compiled.form().values()) == {expected}, compiled.form()
 
 
-def test_a_stale_extension_is_detected(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An extension whose recorded source hash differs from the source beside it is stale."""
+def _fake_package(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pathlib.Path:
+    """A package root holding every compiled module as a one-line .py beside an (empty) extension."""
     package = tmp_path / "fastproxy"
     package.mkdir()
     for name in compiled.COMPILED:
@@ -100,6 +100,12 @@ def test_a_stale_extension_is_detected(tmp_path: pathlib.Path, monkeypatch: pyte
         (package / f"{stem}.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
     monkeypatch.setattr(compiled, "_PACKAGE_ROOT", tmp_path)
     monkeypatch.setattr(compiled, "STAMP_FILE", package / "compiled-sources.txt")
+    return package
+
+
+def test_a_stale_extension_is_detected(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An extension whose recorded source hash differs from the source beside it is stale."""
+    package = _fake_package(tmp_path, monkeypatch)
     assert compiled.stale() == list(compiled.COMPILED)  # no stamp at all
     compiled.write_stamp()
     assert compiled.stale() == []
@@ -111,19 +117,12 @@ def test_a_changed_vendored_c_source_makes_its_module_stale(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """exchange links llhttp's C sources: a different llhttp.c beside it is a different build."""
-    package = tmp_path / "fastproxy"
-    package.mkdir()
-    for name in compiled.COMPILED:
-        stem = name.split(".")[1]
-        (package / f"{stem}.py").write_text("X = 1\n")
-        (package / f"{stem}.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    _fake_package(tmp_path, monkeypatch)
     sources = compiled.C_SOURCES["fastproxy.exchange"]
     assert sources, "exchange is built with llhttp's C sources"
     for source in sources:
         (tmp_path / source).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / source).write_text("/* llhttp */\n")
-    monkeypatch.setattr(compiled, "_PACKAGE_ROOT", tmp_path)
-    monkeypatch.setattr(compiled, "STAMP_FILE", package / "compiled-sources.txt")
     compiled.write_stamp()
     assert compiled.stale() == []
     (tmp_path / sources[0]).write_text("/* llhttp, patched */\n")
