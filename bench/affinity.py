@@ -56,6 +56,9 @@ from fastproxy.devtools.simulator import KvCache, PodSimulator, SharedPrefixWork
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+# "prefix-wait": prefix affinity on routers started with --affinity-wait-ms (the option's value, or
+# N in "prefix-wait:N", so that several waits run side by side).
+ALL_POLICIES = ("least-inflight", "prefix", "prefix-wait")
 POLICIES = ("least-inflight", "prefix")
 
 
@@ -116,13 +119,13 @@ class Client:
 
 
 async def spawn_router(
-    routes: Path, index: int, log_dir: Path
+    routes: Path, index: int, log_dir: Path, extra: tuple[str, ...] = ()
 ) -> tuple[asyncio.subprocess.Process, tuple[str, int]]:
     with open(log_dir / f"router-{index}.log", "wb") as log:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "fastproxy.cli", "router", "--routes", str(routes), "--listen", "127.0.0.1:0",
             "--admin", "127.0.0.1:0", "--sidecar-protocol", "--instance", f"bench-affinity-{index}",
-            "--log-level", "warning", "--queue-timeout", "30",
+            "--log-level", "warning", "--queue-timeout", "30", *extra,
             stdout=asyncio.subprocess.PIPE, stderr=log, cwd=ROOT, start_new_session=True,
             env=dict(os.environ, PYTHONUNBUFFERED="1"),
         )  # fmt: skip
@@ -145,6 +148,10 @@ def least_inflight_service_s(kv: KvCache, workload: SharedPrefixWorkload) -> flo
     return (kv.first_token_ms + blocks * kv.prefill_ms_per_block + (kv.tokens - 1) * kv.ms_per_token) / 1000
 
 
+def wait_ms(policy: str, opts: argparse.Namespace) -> float:
+    return float(policy.split(":", 1)[1]) if ":" in policy else float(opts.affinity_wait_ms)
+
+
 async def run_policy(policy: str, opts: argparse.Namespace, run: int, log_dir: Path) -> dict[str, Any]:
     kv = {"blocks": opts.kv_blocks, "block_bytes": opts.block_bytes, "prefill_ms_per_block": opts.prefill_ms,
           "first_token_ms": opts.first_token_ms, "tokens": opts.tokens, "ms_per_token": opts.ms_per_token,
@@ -161,8 +168,9 @@ async def run_policy(policy: str, opts: argparse.Namespace, run: int, log_dir: P
     try:
         await sim.start(churn=False, route=False)
         await sim.wait_serving(30)
-        llm: dict[str, Any] = {"policy": policy, "require_model": True}
-        if policy == "prefix":
+        llm: dict[str, Any] = {"policy": "least-inflight" if policy == "least-inflight" else "prefix",
+                               "require_model": True}  # fmt: skip
+        if policy != "least-inflight":
             llm |= {"prefix_bytes": opts.prefix_bytes, "epsilon": opts.epsilon}
         routes = {
             "routes": [{"service": "chat", "hosts": ["chat.local"], "revisions": [{"revision": "llm"}], "llm": llm}],
@@ -172,8 +180,11 @@ async def run_policy(policy: str, opts: argparse.Namespace, run: int, log_dir: P
         routes_file = log_dir / f"routes-{run}.json"
         routes_file.write_bytes(msgspec.json.encode(routes))
         addresses = []
+        extra = (
+            ("--affinity-wait-ms", f"{wait_ms(policy, opts):g}") if policy.startswith("prefix-wait") else ()
+        )
         for index in range(opts.routers):
-            proc, address = await spawn_router(routes_file, index, log_dir)
+            proc, address = await spawn_router(routes_file, index, log_dir, extra)
             procs.append(proc)
             addresses.append(address)
         client = Client(addresses, opts.timeout)
@@ -279,6 +290,8 @@ async def drive(
 
 
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    policies = tuple(runs)
+
     def med(policy: str, *path: str) -> float:
         values = []
         for run in runs[policy]:
@@ -289,7 +302,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         return statistics.median(values)
 
     summary: dict[str, Any] = {}
-    for policy in POLICIES:
+    for policy in policies:
         summary[policy] = {
             "ttft_p50_ms": med(policy, "ttft_ms", "p50"), "ttft_p90_ms": med(policy, "ttft_ms", "p90"),
             "throughput_per_s": med(policy, "throughput_per_s"), "spread": med(policy, "spread"),
@@ -297,15 +310,21 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "errors": sum(r["error_count"] for r in runs[policy]),
             "double_booked": sum(r["double_booked"] for r in runs[policy]),
         }  # fmt: skip
-    base, affine = summary["least-inflight"], summary["prefix"]
-    reduction = 1 - affine["ttft_p50_ms"] / base["ttft_p50_ms"]
-    summary["targets"] = {
-        "ttft_p50_reduction": round(reduction, 3),
-        "ttft_p50_reduction_met": reduction >= 0.40,
-        "spread_met": affine["spread"] <= 1.25,
-        "no_double_booking_met": base["double_booked"] == 0 and affine["double_booked"] == 0,
-        "no_extra_errors_met": affine["errors"] <= base["errors"],
-    }
+    base = summary["least-inflight"]
+    by_policy = {}
+    for policy in policies[1:]:
+        affine = summary[policy]
+        reduction = 1 - affine["ttft_p50_ms"] / base["ttft_p50_ms"]
+        by_policy[policy] = {
+            "ttft_p50_reduction": round(reduction, 3),
+            "ttft_p50_reduction_met": reduction >= 0.40,
+            "spread_met": affine["spread"] <= 1.25,
+            "no_double_booking_met": base["double_booked"] == 0 and affine["double_booked"] == 0,
+            "no_extra_errors_met": affine["errors"] <= base["errors"],
+        }
+    # (the targets are the last policy's: prefix-wait when it ran, else prefix)
+    summary["targets"] = by_policy[policies[-1]]
+    summary["targets_by_policy"] = by_policy
     return summary
 
 
@@ -322,33 +341,39 @@ def render_markdown(result: dict[str, Any]) -> str:
         "| policy | TTFT p50 ms | TTFT p90 ms | throughput /s | utilization | spread max/min | KV hit | errors | double-booked |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for policy in POLICIES:
+    for policy in opts.get("policies", POLICIES):
         s = summary[policy]
         lines.append(
             f"| {policy} | {s['ttft_p50_ms']} | {s['ttft_p90_ms']} | {s['throughput_per_s']} | {s['utilization']} | "
             f"{s['spread']} | {s['kv_hit_ratio']} | {s['errors']} | {s['double_booked']} |"
         )
-    t = summary["targets"]
-    lines += [
-        "",
-        f"TTFT p50 reduction: {t['ttft_p50_reduction']:.1%} (target >= 40%: {'met' if t['ttft_p50_reduction_met'] else 'NOT met'}); "
-        f"spread <= 1.25: {'met' if t['spread_met'] else 'NOT met'}; 0 double-booked: "
-        f"{'met' if t['no_double_booking_met'] else 'NOT met'}; no extra errors: {'met' if t['no_extra_errors_met'] else 'NOT met'}.",
-        "",
-        "Per run: see `affinity-latest.json`.",
-    ]
+    if any(p.startswith("prefix-wait") for p in summary):
+        lines += [
+            "",
+            f"prefix-wait: routers with `--affinity-wait-ms {opts['affinity_wait_ms']:g}`; "
+            "prefix-wait:N: with `--affinity-wait-ms N`.",
+        ]
+    for policy, t in summary.get("targets_by_policy", {"prefix": summary["targets"]}).items():
+        lines += [
+            "",
+            f"{policy}: TTFT p50 reduction: {t['ttft_p50_reduction']:.1%} (target >= 40%: {'met' if t['ttft_p50_reduction_met'] else 'NOT met'}); "
+            f"spread <= 1.25: {'met' if t['spread_met'] else 'NOT met'}; 0 double-booked: "
+            f"{'met' if t['no_double_booking_met'] else 'NOT met'}; no extra errors: {'met' if t['no_extra_errors_met'] else 'NOT met'}.",
+        ]
+    lines += ["", "Per run: see the `.json` beside this file."]
     return "\n".join(lines) + "\n"
 
 
 async def main_async(opts: argparse.Namespace) -> dict[str, Any]:
-    runs: dict[str, list[dict[str, Any]]] = {p: [] for p in POLICIES}
+    policies = tuple(opts.policies)
+    runs: dict[str, list[dict[str, Any]]] = {p: [] for p in policies}
     loadavg = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="fastproxy-affinity-") as tmp:
         log_dir = Path(opts.log_dir) if opts.log_dir else Path(tmp)
         log_dir.mkdir(parents=True, exist_ok=True)
         run = 0
         for round_ in range(opts.rounds):
-            for policy in POLICIES if round_ % 2 == 0 else tuple(reversed(POLICIES)):
+            for policy in policies if round_ % 2 == 0 else tuple(reversed(policies)):
                 result = await run_policy(policy, opts, run, log_dir)
                 run += 1
                 runs[policy].append(result)
@@ -375,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     add("--rounds", type=int, default=1, help="runs of each policy, interleaved")
     add("--prefix-bytes", type=int, default=4352, help="the route's prefix_bytes (system prompt + a little)")
     add("--epsilon", type=float, default=0.25, help="the route's bounded-load epsilon")
+    add("--policies", default=",".join(POLICIES),
+        help=f"comma-separated, least-inflight first, of {', '.join(ALL_POLICIES)} (or prefix-wait:MS)")  # fmt: skip
+    add("--affinity-wait-ms", type=float, default=20.0, help="the prefix-wait routers' --affinity-wait-ms")
     add("--system-prompts", type=int, default=8, help="shared system prompts")
     add("--system-bytes", type=int, default=4096)
     add("--turns", type=int, default=6, help="turns per conversation")
@@ -399,6 +427,10 @@ def main(argv: list[str] | None = None) -> int:
     add("--log-dir", default="", help="keep the routers' logs and routes files here")
     add("--out", default=str(RESULTS / "affinity-latest"), help="results path without extension ('' : none)")
     opts = parser.parse_args(argv)
+    opts.policies = [p.strip() for p in opts.policies.split(",") if p.strip()]
+    known = {p.split(":", 1)[0] for p in opts.policies}
+    if opts.policies[:1] != ["least-inflight"] or len(opts.policies) < 2 or not known <= set(ALL_POLICIES):
+        parser.error(f"--policies: least-inflight first, then one or more of {', '.join(ALL_POLICIES[1:])}")
     import uvloop
 
     result = uvloop.run(main_async(opts))

@@ -9,7 +9,8 @@ Targets (issue 17): the pick stays <= 2 us at 50k pods, and the body peek adds <
   state the other suites use (``bench.conftest``: 1k and 50k pods over 1000 revisions, a quarter
   of them CC=4) -- the target -- and on the worst case, one revision of all 50k pods (a Maglev
   table of 1M entries: the key's entry is a cache miss), beside the plain least-in-flight pick of
-  one revision of 1k and of 50k pods.
+  one revision of 1k and of 50k pods; and ``affinity.pick_or_wait`` (a router that may wait for
+  a busy affine pod) in the target's state at 50k pods.
 - ``peek``: ``LLMRoute.read`` alone on bench_exchange's 1 KB chat completion (decode the model and
   the raw prompt, hash the prompt's first 1 KB); and one whole request in memory through a real
   router (bench_exchange's rig) on a plain route and on an LLM route with ``policy: prefix``:
@@ -90,6 +91,30 @@ def bench_prefix_pick(benchmark, n_pods: int) -> None:
     pick_and_release()
     benchmark(pick_and_release)
     assert revision.inflight_total == busy
+
+
+@pytest.mark.benchmark(group="affinity-pick")
+@pytest.mark.parametrize("n_pods", [50_000])
+def bench_prefix_pick_or_wait(benchmark, n_pods: int) -> None:
+    """``affinity.pick_or_wait`` (a router with --affinity-wait-ms) plus the release of what it
+    took, in the same state: about half the keys find both candidates full and get them named
+    (no slot taken), the others a pod."""
+    table, name, keys = routing_state(n_pods)
+    revision = table.revisions[name]
+    busy = revision.inflight_total
+    pick_or_wait = affinity.pick_or_wait
+    state = {"i": 0, "waits": 0}
+
+    def pick_and_release() -> None:
+        i = state["i"] = (state["i"] + 1) & 4095
+        found = pick_or_wait(table, name, keys[i], None, 0.25)
+        if type(found) is tuple:
+            found[0]()
+        else:
+            state["waits"] += 1
+
+    benchmark(pick_and_release)
+    assert revision.inflight_total == busy and state["waits"] > 0
 
 
 @pytest.mark.benchmark(group="affinity-pick")

@@ -2,7 +2,7 @@
 # by scripts/build_compiled.py. Attributes are public (Python reads and writes them as in the pure
 # form). Keep in step with the .py: an attribute added there must be declared here.
 cimport cython
-from fastproxy.slots cimport PodSlots, RevisionSlots, SlotTable, least_inflight, take
+from fastproxy.slots cimport Level, PodSlots, RevisionSlots, SlotTable, least_inflight, take
 
 @cython.locals(count=Py_ssize_t, i=Py_ssize_t, at=Py_ssize_t, skip=Py_ssize_t, filled=Py_ssize_t,
                entries=list)
@@ -38,3 +38,11 @@ cpdef object prefix_affinity(RevisionSlots revision, object key, object adapter=
 
 @cython.locals(slots=RevisionSlots, maglev=Maglev, index=Maglev, sub=Maglev, capacity=Py_ssize_t, bound=double)
 cpdef object pick(SlotTable table, str revision, object key, object adapter, double epsilon)
+
+@cython.locals(level=Level)
+cpdef bint _any_free(RevisionSlots revision)
+
+@cython.locals(slots=RevisionSlots, maglev=Maglev, candidates=Maglev, sub=Maglev, capacity=Py_ssize_t,
+               bound=double, size=Py_ssize_t, entries=list, at=Py_ssize_t, i=Py_ssize_t, pod=PodSlots,
+               inflight=Py_ssize_t, concurrency=Py_ssize_t, full=list)
+cpdef object pick_or_wait(SlotTable table, str revision, object key, object adapter, double epsilon)

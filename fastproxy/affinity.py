@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 A pod that already holds a prompt's prefix in its KV cache answers the first token far sooner, so
 requests that share a prefix (a system prompt, the earlier turns of a conversation) should go to
-the same pod -- but never at the price of overloading it or of waiting while another pod is free.
+the same pod -- but never at the price of overloading it, nor of waiting while another pod is free
+unless the router is configured to (a bounded wait).
 
 ``prefix_affinity`` is consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam
 2018) on top of the slot table's exact counts, with Maglev's lookup table (Eisenbud et al. 2016)
@@ -23,7 +24,22 @@ counted) takes it. After ``MAX_PROBES`` entries without one (adjacent entries be
 pods, so the spill of one pod's keys spreads), any free pod does (``least_inflight``); with no free
 pod at all the request waits in the revision's FIFO like any other and takes the first slot freed
 anywhere. So affinity only ever chooses *among free pods*: it cannot double-book a pod, and it
-never waits for an affine pod while another is free.
+never waits for an affine pod while another is free -- unless the router is told to
+(``--affinity-wait-ms``, off by default; below).
+
+The bounded wait (``pick_or_wait``): a router with ``affinity_wait_ms`` looks at the key's first
+``WAIT_CANDIDATES`` entries (its own pod, and the next, which took its earlier turns whenever the
+first was busy). One that is free and within the bound takes the request, as above. When none can,
+some of them are *full* (a pod with a free slot but over the bound is never waited for: the bound
+is what keeps the spread) and some other pod is free, the request waits for the next slot freed on
+one of the full ones -- the slot table hands that slot over exactly, as to a FIFO waiter
+(``SlotTable.wait_for_pods``: after the revision's FIFO, whose requests found no free pod at all;
+at most ``concurrency`` such waiters per pod, counted in the revision's queue bounds) -- for
+``affinity_wait_ms`` at most and never past the request's queue deadline; then it takes any free
+pod at once (``pick``), or the FIFO if none is. A request waits once. It pays off only when the
+wait is short against the prefill a hit saves: at CC=1 the affine pod is busy with another
+conversation, whose remaining time is mostly decoding (the figures are in the README and
+``bench/results/affinity-cc1-3rounds.md``).
 
 The table holds every member of the revision the router knows (from the snapshot), routable or
 not, and is a function of the UIDs alone: routers with the same snapshot build the same table and
@@ -78,6 +94,10 @@ TABLE_SIZES: Final = (4099, 8209, 16411, 32771, 65537, 131101, 262147, 524309, 1
 ENTRIES_PER_POD: Final = 16
 # Entries looked at (the key's own, then the next ones) before any free pod will do.
 MAX_PROBES: Final = 8
+# Entries (from the key's own) whose pods a request may wait for, when it is configured to
+# (``pick_or_wait``): the key's pod, and the next, which took the key's earlier turns when the
+# first was busy (so it too holds much of the prompt).
+WAIT_CANDIDATES: Final = 2
 # A table is due for the sweep's rebuild once more than pods >> REBUILD_SHIFT changes are pending,
 # and a pick rebuilds it itself past pods >> STALE_SHIFT (see above).
 REBUILD_SHIFT: Final = 3
@@ -273,6 +293,63 @@ def prefix_affinity(
     if lease is not None:
         return lease
     return least_inflight(revision)
+
+
+def _any_free(revision: RevisionSlots) -> bool:
+    """Has any routable pod of the revision a free slot? (O(levels): the levels hold exactly those.)"""
+    for level in revision.levels:  # noqa: SIM110  (a C loop compiled; any() would be a generator)
+        if level.first is not None:
+            return True
+    return False
+
+
+def pick_or_wait(
+    table: SlotTable, revision: str, key: int, adapter: str | None, epsilon: float
+) -> Lease | list[PodSlots] | None:
+    """``pick`` for a route that may wait for its affine pods (``--affinity-wait-ms``): the
+    first ``WAIT_CANDIDATES`` pods of the key's entries (in the adapter's table when the request
+    names an adapter some pod advertises) are its candidates. One that is free and within the
+    bound takes the request. When none can, some are full (every slot taken; a pod merely over
+    the bound is never waited for, the bound is what keeps the load spread) and another pod is
+    free, the full candidates are returned: the caller waits for one of them, for a bounded time
+    (``SlotTable.wait_for_pods``), then picks with ``pick`` (any free pod at once). Otherwise
+    this is ``pick``: the rest of the walk, else any free pod, else None (the revision's FIFO)."""
+    slots = table.revisions.get(revision)
+    if slots is None:
+        return None
+    if slots.pending is not None:
+        table._materialize(slots)
+    capacity = slots.capacity
+    if capacity <= 0:
+        return None
+    maglev = maglev_of(slots)
+    candidates = maglev
+    if adapter is not None and maglev.adapters:
+        sub = maglev.adapters.get(adapter)
+        if sub is not None:
+            candidates = sub
+    size = candidates.size
+    if not size:
+        return pick(table, revision, key, adapter, epsilon)
+    bound = (1.0 + epsilon) * (slots.inflight_total + 1) / capacity
+    entries = candidates.entries
+    at = key % size
+    full: list[PodSlots] = []
+    for i in range(WAIT_CANDIDATES):
+        pod = entries[(at + i) % size]
+        inflight = pod.inflight
+        concurrency = pod.concurrency
+        if not pod.routable:
+            continue
+        if inflight < concurrency:
+            if inflight < bound * concurrency:
+                take(pod)
+                return (pod.release, pod.record)
+        elif pod not in full:
+            full.append(pod)
+    if full and _any_free(slots):
+        return full
+    return pick(table, revision, key, adapter, epsilon)
 
 
 def adapter_key(adapter: str) -> int:

@@ -27,6 +27,10 @@ class RouterConfig(msgspec.Struct, kw_only=True):
     connect_timeout: float = 1.0  # upstream connect; on expiry another pod is tried
     first_byte_timeout: float = 300.0  # request fully sent -> response head (504)
     queue_timeout: float = 10.0  # max wait for a free slot (503 + Retry-After)
+    # LLM routes with policy: prefix: a request whose affine pods are full while another pod is
+    # free may wait this long for one of them (fastproxy.affinity.pick_or_wait), then takes any
+    # free pod. 0: never (the default). At most queue_timeout.
+    affinity_wait_ms: float = 0.0
     continue_timeout: float = 1.0  # wait for 100 Continue before sending the body anyway
     max_queued: int = 1000  # waiters per revision
     max_queue_bytes: int = 64 * 1024 * 1024  # buffered request bytes of waiters per revision

@@ -41,4 +41,7 @@ cdef class LLMRequest:
     cdef public bint peeking
     cdef public LLMRoute route
     cdef public object service
-    cpdef object pick(self, object table, str revision)
+    cdef public list wait_for
+    cdef public bint waited
+    @cython.locals(found=object)
+    cpdef object pick(self, object table, str revision, bint wait=*)

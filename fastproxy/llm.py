@@ -17,7 +17,9 @@ revisions), the affinity key and the adapter. The key, for ``policy: prefix``, i
 header's value if the request carries it, else the first ``prefix_bytes`` of the prompt as sent
 (``messages``, else ``prompt``), hashed into a 64-bit key (``word_hash``): turns of one
 conversation, and conversations that share a system prompt, share those first bytes. The pick
-itself is ``fastproxy.affinity``.
+itself is ``fastproxy.affinity``; on a router with ``--affinity-wait-ms`` a keyed request may be
+told to wait for its busy affine pods instead (``LLMRequest.pick`` returns None and names them in
+``wait_for``; the exchange waits once, bounded, then picks any free pod).
 
 The hash is part of what routers agree on (the same prompt must give the same key in every router,
 compiled or pure, on every host), so it is defined here in a few lines rather than taken from a
@@ -51,7 +53,7 @@ from statesync.schema import AffinityPolicy, LLMRouting
 
 if TYPE_CHECKING:
     from fastproxy.exchange import RequestHead
-    from fastproxy.slots import Lease, SlotTable
+    from fastproxy.slots import Lease, PodSlots, SlotTable
 
 log = logging.getLogger("fastproxy.llm")
 
@@ -222,7 +224,7 @@ def _what(exc: msgspec.ValidationError, model_key: str) -> str:
 class LLMRequest:
     """What the body peek found for one request; ``peeking`` until the body is read."""
 
-    __slots__ = ("adapter", "deadline", "key", "model", "peeking", "route", "service")
+    __slots__ = ("adapter", "deadline", "key", "model", "peeking", "route", "service", "wait_for", "waited")
 
     def __init__(self, route: LLMRoute) -> None:
         self.route = route
@@ -232,11 +234,25 @@ class LLMRequest:
         self.key: int | None = None
         self.adapter: str | None = None
         self.deadline = 0.0  # loop time by which the body must have arrived (the router's sweeper)
+        # The affine pods to wait for, when ``pick`` (with ``wait``) returned None for that; and
+        # whether it did already (a request waits for its affine pods once at most).
+        self.wait_for: list[PodSlots] | None = None
+        self.waited = False
 
-    def pick(self, table: SlotTable, revision: str) -> Lease | None:
-        if self.key is None and self.adapter is None:
+    def pick(self, table: SlotTable, revision: str, wait: bool = False) -> Lease | None:
+        """The pod for this request. With ``wait`` (the router's ``affinity_wait_ms`` is set), a
+        prefix-keyed request whose affine pods are full while another is free gets None and the
+        pods in ``wait_for``: the caller waits for one of them, then picks again (``waited``)."""
+        key = self.key
+        if key is None and self.adapter is None:
             return table.pick(revision)
-        return affinity.pick(table, revision, self.key, self.adapter, self.route.epsilon)
+        if wait and key is not None and not self.waited:
+            found = affinity.pick_or_wait(table, revision, key, self.adapter, self.route.epsilon)
+            if type(found) is list:
+                self.wait_for = found
+                return None
+            return found  # type: ignore[return-value]
+        return affinity.pick(table, revision, key, self.adapter, self.route.epsilon)
 
 
 def target_unavailable(model: str, service: str) -> ServiceUnavailable:

@@ -620,7 +620,13 @@ class Exchange:
     def _acquire(self) -> None:
         router = self.router
         llm = self.llm
-        lease = router.slots.pick(self.revision) if llm is None else llm.pick(router.slots, self.revision)
+        if llm is None:
+            lease = router.slots.pick(self.revision)
+        else:
+            lease = llm.pick(router.slots, self.revision, router.config.affinity_wait_ms > 0)
+            if lease is None and llm.wait_for is not None:
+                self._wait_affine(llm)
+                return
         if lease is not None:
             self._on_lease(lease)
             return
@@ -649,6 +655,41 @@ class Exchange:
             self.queue_deadline = router.loop.time() + router.config.queue_timeout
         self._waiter_timer = router.loop.call_at(self.queue_deadline, self._queue_deadline)
         waiter.add_done_callback(self._on_waiter_done)
+
+    def _wait_affine(self, llm: LLMRequest) -> None:
+        """Wait for one of the request's affine pods (``llm.wait_for``; they are full, another
+        pod is free: ``fastproxy.affinity.pick_or_wait``) for ``affinity_wait_ms`` at most, never
+        past the request's queue deadline; then pick any free pod at once (``_affine_expired``).
+        A freed slot of one of them is handed over exactly, as to a FIFO waiter."""
+        router = self.router
+        pods = llm.wait_for
+        llm.wait_for = None
+        llm.waited = True  # (once: the next pick takes any free pod)
+        loop = router.loop
+        now = loop.time()
+        config = router.config
+        until = now + min(config.affinity_wait_ms / 1000.0, config.queue_timeout)
+        if self.queue_deadline and self.queue_deadline < until:
+            until = self.queue_deadline
+        waiter = (
+            router.slots.wait_for_pods(self.revision, pods, self.hold_bytes, loop) if until > now else None
+        )
+        if waiter is None:  # (a bound: nothing to wait for)
+            self._acquire()
+            return
+        self.stage = _QUEUED
+        self._waiter = waiter
+        self._waiter_timer = loop.call_at(until, self._affine_expired)
+        waiter.add_done_callback(self._on_waiter_done)
+
+    def _affine_expired(self) -> None:
+        self._waiter_timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
+        self._leave_queue()
+        self.stage = _ROUTING
+        self._acquire()
 
     def _leave_queue(self) -> None:
         waiter = self._waiter

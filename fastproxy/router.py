@@ -391,6 +391,11 @@ def _config_from_args(args: argparse.Namespace) -> RouterConfig:
         raise ConfigError(f"--outlier-failures must be at least 1, got {args.outlier_failures}")
     if args.recheck_interval < 0:
         raise ConfigError(f"--recheck-interval must be >= 0 seconds (0: off), got {args.recheck_interval:g}")
+    if not 0 <= args.affinity_wait_ms <= args.queue_timeout * 1000:
+        raise ConfigError(
+            f"--affinity-wait-ms must be between 0 (off) and --queue-timeout ({args.queue_timeout * 1000:g} ms), "
+            f"got {args.affinity_wait_ms:g}"
+        )
     return RouterConfig(
         limits=Limits(max_body_bytes=args.max_body_bytes),
         header_timeout=args.header_timeout,
@@ -398,6 +403,7 @@ def _config_from_args(args: argparse.Namespace) -> RouterConfig:
         connect_timeout=args.connect_timeout,
         first_byte_timeout=args.first_byte_timeout,
         queue_timeout=args.queue_timeout,
+        affinity_wait_ms=args.affinity_wait_ms,
         max_queued=args.max_queued,
         max_attempts=args.max_attempts,
         exclusion_seconds=args.exclusion_seconds,
@@ -497,6 +503,10 @@ def register(subparsers: Any) -> None:
         "--queue-timeout", type=float, default=10.0, help="max seconds waiting for a slot (503)"
     )
     parser.add_argument("--max-queued", type=int, default=1000, help="waiting requests per revision")
+    parser.add_argument(
+        "--affinity-wait-ms", type=float, default=0.0, metavar="MS",
+        help="LLM prefix routes: ms a request may wait for its busy affine pod while another is free (0: never)",
+    )  # fmt: skip
     parser.add_argument("--max-attempts", type=int, default=4, help="pods tried per request")
     parser.add_argument(
         "--exclusion-seconds", type=float, default=5.0,

@@ -45,6 +45,9 @@ cdef class UnreadRecords:
 
 @cython.final
 cdef class RevisionSlots:
+    cdef public dict affine
+    cdef public dict affine_of
+    cdef public Py_ssize_t affine_queued
     cdef public Py_ssize_t capacity
     cdef public Py_ssize_t inflight_total
     cdef public list levels
@@ -56,6 +59,7 @@ cdef class RevisionSlots:
     cdef public object ring
     cdef public object waiters
     cpdef bint hand_over(self, PodSlots pod)
+    cpdef bint hand_over_affine(self, PodSlots pod)
 
 @cython.locals(revision=RevisionSlots, levels=list, inflight=int)
 cpdef take(PodSlots pod)

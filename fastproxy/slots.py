@@ -20,7 +20,10 @@ slots at the front of its entries array, which finding "the first" scans until t
 A released slot is handed straight to the oldest live waiter of the revision (exactly one waiter
 wakes per freed slot, and the slot cannot be stolen in between); only if nobody waits does the pod
 go back into its level. A waiter whose deadline passes or whose client leaves is cancelled and
-skipped.
+skipped. A request may also wait for a few given pods only (``wait_for_pods``: an affinity
+policy's bounded wait for the pods holding its prompt's KV cache, ``fastproxy.affinity``): each pod
+keeps a FIFO of those (at most its concurrency), and its freed slot goes to them after the
+revision's FIFO, in the same exact hand-over.
 
 ``update(records)`` reconciles only the pods a delta changed; ``exclude(uid)`` takes a pod out of
 rotation at once after a transport failure, until the writer's view of that pod moves past the
@@ -107,6 +110,8 @@ class PodSlots:
         concurrency = self.concurrency
         if revision.queued and inflight <= concurrency and revision.hand_over(self):
             return  # (the slot went on to a waiter: still taken, the pod stays where it is)
+        if revision.affine_queued and inflight <= concurrency and revision.hand_over_affine(self):
+            return  # (likewise, to a request waiting for this very pod: fastproxy.affinity)
         self.inflight = inflight - 1
         revision.inflight_total -= 1
         if inflight <= concurrency:  # (concurrency may have shrunk under in-flight requests)
@@ -370,6 +375,9 @@ class RevisionSlots:
     """The pods of one revision that this router knows, plus its FIFO of waiting requests."""
 
     __slots__ = (
+        "affine",
+        "affine_of",
+        "affine_queued",
         "capacity",
         "inflight_total",
         "levels",
@@ -398,6 +406,11 @@ class RevisionSlots:
         self.inflight_total = 0  # requests in flight on its pods (routable or not)
         self.capacity = 0  # slots of its routable pods
         self.ring: MemberIndex | None = None  # an affinity policy's index, once one is used
+        # Requests waiting for one of a few given pods (``SlotTable.wait_for_pods``): each pod's
+        # FIFO of them, and each waiter's pods; made by the first such wait.
+        self.affine: dict[PodSlots, collections.deque[asyncio.Future[Lease]]] | None = None
+        self.affine_of: dict[asyncio.Future[Lease], list[PodSlots]] | None = None
+        self.affine_queued = 0  # live (not cancelled, not served) such waiters
 
     @property
     def members(self) -> dict[str, PodSlots]:
@@ -445,6 +458,21 @@ class RevisionSlots:
             if waiter.done():
                 continue
             self.queued -= 1
+            waiter.set_result((pod.release, pod.record))
+            return True
+        return False
+
+    def hand_over_affine(self, pod: PodSlots) -> bool:
+        """``hand_over`` to the oldest live request waiting for ``pod`` itself (``wait_for_pods``)."""
+        affine = self.affine
+        if affine is None:
+            return False
+        waiters = affine.get(pod)
+        while waiters:
+            waiter = waiters.popleft()
+            if waiter.done():
+                continue  # (served by another of its pods, or cancelled: leave_queue unlists it)
+            self.affine_queued -= 1
             waiter.set_result((pod.release, pod.record))
             return True
         return False
@@ -575,6 +603,40 @@ class SlotTable:
         slots.queued_bytes += body_bytes
         return waiter
 
+    def wait_for_pods(
+        self, revision: str, pods: list[PodSlots], body_bytes: int, loop: asyncio.AbstractEventLoop
+    ) -> asyncio.Future[Lease] | None:
+        """Wait for the next slot freed on any of ``pods`` (routable members of ``revision``): an
+        affinity policy's bounded wait for the pods that likely hold a prompt's KV cache
+        (``fastproxy.affinity.pick_or_wait``). A freed slot goes to the revision's FIFO first
+        (those requests found no free pod at all), then to the pod's oldest such waiter. Bounded:
+        each pod has at most ``concurrency`` waiters (one more would wait longer than a whole
+        request of it), and they count towards the revision's ``max_queued`` and
+        ``max_queue_bytes``. None when a bound leaves no pod to wait for: the caller picks any
+        free pod. ``leave_queue`` ends the wait, as for a FIFO waiter."""
+        slots = self.revisions.get(revision)
+        if slots is None or slots.queued + slots.affine_queued >= self.max_queued:
+            return None
+        if slots.queued_bytes + body_bytes > self.max_queue_bytes:
+            return None
+        affine = slots.affine
+        if affine is None:
+            affine = slots.affine = {}
+            slots.affine_of = {}
+        chosen = [pod for pod in pods if pod.revision is slots and len(affine.get(pod, ())) < pod.concurrency]
+        if not chosen:
+            return None
+        waiter: asyncio.Future[Lease] = loop.create_future()
+        for pod in chosen:
+            waiters = affine.get(pod)
+            if waiters is None:
+                waiters = affine[pod] = collections.deque()
+            waiters.append(waiter)
+        slots.affine_of[waiter] = chosen  # type: ignore[index]
+        slots.affine_queued += 1
+        slots.queued_bytes += body_bytes
+        return waiter
+
     def leave_queue(self, revision: str, waiter: asyncio.Future[Lease], body_bytes: int) -> None:
         """The waiter stops waiting (served, deadline, client gone). A slot it was handed but will
         not use goes back. Idempotent per waiter only if called once; the router calls it once."""
@@ -582,12 +644,31 @@ class SlotTable:
         if slots is None:
             return
         slots.queued_bytes -= body_bytes
+        if slots.affine_of and waiter in slots.affine_of:
+            self._leave_affine(slots, waiter)
+            return
         if waiter.done():
             if not waiter.cancelled():
                 return  # it was handed a slot; the caller owns it now
         else:
             waiter.cancel()
             slots.queued -= 1
+
+    def _leave_affine(self, slots: RevisionSlots, waiter: asyncio.Future[Lease]) -> None:
+        """``leave_queue`` for a ``wait_for_pods`` waiter: off every pod's list (so the lists hold
+        only live waiters, at most ``concurrency`` each), its wait counted off unless served."""
+        affine = slots.affine
+        assert affine is not None and slots.affine_of is not None
+        for pod in slots.affine_of.pop(waiter):
+            waiters = affine.get(pod)
+            if waiters is not None:
+                if waiter in waiters:  # (else popped by the hand-over that served it, or skipped as done)
+                    waiters.remove(waiter)
+                if not waiters:
+                    del affine[pod]
+        if not waiter.done():
+            waiter.cancel()
+            slots.affine_queued -= 1
 
     # ---- the state path ------------------------------------------------------------------
 
@@ -797,7 +878,12 @@ class SlotTable:
             pending[record.uid] = record
 
     def _drop_if_unused(self, revision: RevisionSlots) -> None:
-        if not revision.member_list and not revision.pending and not revision.queued:
+        if (
+            not revision.member_list
+            and not revision.pending
+            and not revision.queued
+            and not revision.affine_queued
+        ):
             self.revisions.pop(revision.name, None)
 
     def exclude(self, uid: str) -> bool:

@@ -1,5 +1,7 @@
 """LLM routes over real sockets: model routing by the JSON body, bodies forwarded unchanged, clear
-refusals, prefix affinity that two routers agree on, adapter affinity, the body's deadline."""
+refusals, prefix affinity that two routers agree on, adapter affinity, the body's deadline, and
+the bounded wait for busy affine pods (off by default, bounded, deadline kept, never two requests
+on a CC=1 pod)."""
 
 from __future__ import annotations
 
@@ -8,8 +10,12 @@ import asyncio
 import httpx
 import msgspec
 
+from fastproxy.affinity import WAIT_CANDIDATES, maglev_of
+from fastproxy.devtools.upstream import AppServer
+from fastproxy.llm import prefix_key
+from fastproxy.router import Router
 from statesync.schema import Route, WeightedRevision
-from tests.conftest import RouterHarness, exchange, pod_record, status_of
+from tests.conftest import RouterHarness, exchange, pod_record, status_of, wait_for
 
 
 def llm_route(service: str = "chat", revision: str = "chat-v1", **llm: object) -> Route:
@@ -192,3 +198,172 @@ async def test_service_named_by_models_without_a_route_is_503(harness: RouterHar
     r = await post(port, chat_body("m", "s", "u"))
     assert r.status_code == 503 and b"served by service 'nowhere', which has no route" in r.content
     assert app.requests == []
+
+
+# ---- the bounded wait for the affine pods (--affinity-wait-ms) ------------------------------------
+
+
+async def three_pods_and_a_busy_key(
+    harness: RouterHarness, **config: object
+) -> tuple[Router, int, list[AppServer], dict[str, AppServer], str, list[str]]:
+    """Three CC=1 pods on a prefix route keyed by a session header, and a session whose two
+    affine pods (the candidates a request may wait for) are distinct."""
+    apps = [await harness.app(concurrency_limit=1) for _ in range(3)]
+    by_uid = {f"p{i}": app for i, app in enumerate(apps)}
+    pods = [pod_record(uid, app.address) for uid, app in by_uid.items()]
+    routes = [llm_route(policy="prefix", session_header="x-session"), plain_route("plain", "chat-v1")]
+    router, port = await harness.router(pods, routes, **config)
+    router.slots.materialize_pending(100)  # (as a first request would: the table needs the pods)
+    maglev = maglev_of(router.slots.revisions["chat-v1"])
+    for n in range(100):
+        session = f"conversation-{n}"
+        at = prefix_key(session.encode(), 1024) % maglev.size
+        candidates = [maglev.entries[(at + i) % maglev.size].uid for i in range(WAIT_CANDIDATES)]
+        if len(set(candidates)) == len(candidates):
+            return router, port, apps, by_uid, session, candidates
+    raise AssertionError("no session with distinct candidates")
+
+
+async def timed_post(port: int, session: str, path: str = "/v1/chat/completions", host: str = "api.local"):
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+        r = await client.post(path, content=chat_body("m", "sys", "hi"),
+                              headers={"host": host, "x-session": session})  # fmt: skip
+    return r, loop.time() - began
+
+
+async def occupy(
+    port: int,
+    session: str,
+    by_uid: dict[str, AppServer],
+    uid: str,
+    path: str = "/hang",
+    host: str = "api.local",
+) -> asyncio.Task:
+    """A request of ``session`` that holds pod ``uid`` (``/hang``: until ``release`` cancels it;
+    a timed hold could end while a loaded machine starves the test); it must land there."""
+    app = by_uid[uid]
+    before = app.request_count
+    task = asyncio.create_task(timed_post(port, session, path, host))
+    await app.wait_until(lambda: app.request_count > before, timeout=5)
+    return task
+
+
+async def release(holds: list[asyncio.Task], apps: list[AppServer]) -> None:
+    """End held requests: their pods' apps stop (dropping the hung connections; the router answers
+    those requests 502 and gets its slots back)."""
+    for app in apps:
+        await app.close()
+    await asyncio.gather(*holds, return_exceptions=True)
+
+
+def served(by_uid: dict[str, AppServer], path: str = "/v1/chat/completions") -> list[str]:
+    return [uid for uid, app in by_uid.items() for req in app.requests if req.target == path.encode()]
+
+
+async def test_affinity_wait_is_off_by_default_a_busy_affine_pod_spills_at_once(
+    harness: RouterHarness,
+) -> None:
+    router, port, apps, by_uid, session, candidates = await three_pods_and_a_busy_key(harness)
+    assert router.config.affinity_wait_ms == 0
+    holds = [await occupy(port, session, by_uid, uid) for uid in candidates]
+    r, _ = await timed_post(port, session)
+    assert r.status_code == 200  # (waiting for a hung pod would never end)
+    (other,) = set(by_uid) - set(candidates)
+    assert served(by_uid) == [other]
+    await release(holds, apps)
+    assert all(app.violations == 0 and app.max_concurrent_seen <= 1 for app in apps)
+
+
+async def test_affinity_wait_hands_the_first_freed_affine_pod_over_and_never_double_books(
+    harness: RouterHarness,
+) -> None:
+    router, port, apps, by_uid, session, candidates = await three_pods_and_a_busy_key(
+        harness, affinity_wait_ms=8000
+    )
+    revision = router.slots.revisions["chat-v1"]
+    first = await occupy(port, session, by_uid, candidates[0], "/delay/300")
+    hung = await occupy(port, session, by_uid, candidates[1])
+    r, elapsed = await timed_post(port, session)
+    # it waited for the first candidate (the free third pod was not taken) and got its slot
+    assert r.status_code == 200 and 0.2 < elapsed < 7.0
+    assert served(by_uid) == [candidates[0]]
+    assert revision.affine_queued == 0 and not revision.affine
+    await first
+    await release([hung], apps)
+    await wait_for(lambda: revision.inflight_total == 0, what="every slot back")
+    assert all(app.violations == 0 and app.max_concurrent_seen <= 1 for app in apps)
+
+
+async def test_affinity_wait_is_bounded_then_any_free_pod_at_once(harness: RouterHarness) -> None:
+    router, port, apps, by_uid, session, candidates = await three_pods_and_a_busy_key(
+        harness, affinity_wait_ms=300
+    )
+    holds = [await occupy(port, session, by_uid, uid) for uid in candidates]
+    (other,) = set(by_uid) - set(candidates)
+    for turn in (1, 2):  # each request waits once, for its own bound
+        r, elapsed = await timed_post(port, session)
+        assert r.status_code == 200 and served(by_uid) == [other] * turn
+        # the bound (not the hung pods, not the 10 s queue timeout); the upper end allows for
+        # a loaded machine
+        assert 0.28 < elapsed < 5.0
+    await release(holds, apps)
+    revision = router.slots.revisions["chat-v1"]
+    assert revision.affine_queued == 0 and not revision.affine
+    assert all(app.violations == 0 and app.max_concurrent_seen <= 1 for app in apps)
+
+
+async def test_affinity_wait_keeps_the_queue_deadline(harness: RouterHarness) -> None:
+    # a wait longer than queue_timeout is cut to it; then, no pod free, the FIFO and its deadline
+    router, port, apps, by_uid, session, candidates = await three_pods_and_a_busy_key(
+        harness, affinity_wait_ms=30_000, queue_timeout=1.5
+    )
+    holds = [await occupy(port, session, by_uid, uid) for uid in candidates]
+    r, elapsed = await timed_post(port, session)
+    assert r.status_code == 200 and 1.45 < elapsed < 10.0
+    (other,) = set(by_uid) - set(candidates)
+    assert served(by_uid) == [other]
+    # the third pod taken by a plain request meanwhile: the wait ends, no pod is free -> 503
+    waiting = asyncio.create_task(timed_post(port, session))
+    revision = router.slots.revisions["chat-v1"]
+    await wait_for(lambda: revision.affine_queued == 1, what="the affine wait")
+    holds.append(await occupy(port, "", by_uid, other, host="plain.local"))  # (least-in-flight: the free pod)
+    r, elapsed = await waiting
+    assert r.status_code == 503 and b"no free slot in revision chat-v1 within 1.5s" in r.content
+    assert 2.9 < elapsed < 10.0  # the wait (1.5 s), then the FIFO's own deadline (1.5 s)
+    assert revision.affine_queued == 0 and revision.queued == 0
+    await release(holds, apps)
+    assert all(app.violations == 0 for app in apps)
+
+
+async def test_a_client_leaving_during_an_affinity_wait_frees_everything(harness: RouterHarness) -> None:
+    router, port, apps, by_uid, session, candidates = await three_pods_and_a_busy_key(
+        harness, affinity_wait_ms=8000
+    )
+    revision = router.slots.revisions["chat-v1"]
+    holds = [await occupy(port, session, by_uid, uid) for uid in candidates]
+    body = chat_body("m", "sys", "hi")
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: api.local\r\nx-session: %s\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (session.encode(), len(body), body))  # fmt: skip
+    await wait_for(lambda: revision.affine_queued == 1, what="the affine wait")
+    writer.close()
+    await wait_for(lambda: revision.affine_queued == 0 and not revision.affine, what="the wait's end")
+    assert revision.queued_bytes == 0
+    await release(holds, apps)
+    await wait_for(lambda: revision.inflight_total == 0, what="every slot back")
+    assert served(by_uid) == [] and all(app.violations == 0 for app in apps)
+
+
+async def test_affinity_wait_under_load_never_double_books_a_cc1_pod(harness: RouterHarness) -> None:
+    apps = [await harness.app(concurrency_limit=1) for _ in range(3)]
+    pods = [pod_record(f"p{i}", app.address) for i, app in enumerate(apps)]
+    router, port = await harness.router(
+        pods, [llm_route(policy="prefix", session_header="x-session")], affinity_wait_ms=100
+    )
+    results = await asyncio.gather(*(timed_post(port, f"s{i % 3}", "/delay/20") for i in range(24)))
+    assert [r.status_code for r, _ in results] == [200] * 24
+    assert all(app.violations == 0 and app.max_concurrent_seen <= 1 for app in apps)
+    revision = router.slots.revisions["chat-v1"]
+    assert revision.inflight_total == 0 and revision.affine_queued == 0 and revision.queued == 0

@@ -475,3 +475,144 @@ def test_a_model_name_no_pod_advertises_leaves_least_inflight_as_it_is() -> None
     assert sorted(p.inflight for p in table.pods.values()) == [2] * 8
     index = table.revisions["r"].ring  # (and no table was built to look for the adapter)
     assert isinstance(index, Maglev) and not index.built and index.entries == []
+
+
+# ---- the bounded wait for the affine pods (--affinity-wait-ms) ------------------------------------
+
+
+def busy_key_table(pods: int = 4, cc: int = 1) -> tuple[SlotTable, int, list[str]]:
+    """A table and a key whose first WAIT_CANDIDATES pods are full (every other pod is free)."""
+    table = table_of([pod(f"p{i}", cc=cc) for i in range(pods)])
+    maglev = maglev_of(table.revisions["r"])
+    for key in keys(100):  # (one whose candidates are distinct pods)
+        candidates = [maglev.entries[(key + i) % maglev.size].uid for i in range(affinity.WAIT_CANDIDATES)]
+        if len(set(candidates)) == len(candidates):
+            break
+    for uid in candidates:
+        slots = table.pods[uid]
+        for _ in range(cc):
+            affinity.take(slots)
+    return table, key, candidates
+
+
+def test_pick_or_wait_takes_a_free_affine_pod_and_never_waits_for_one_merely_over_the_bound() -> None:
+    table = table_of([pod(f"p{i}") for i in range(4)])
+    key = keys(1)[0]
+    lease = affinity.pick_or_wait(table, "r", key, None, 0.25)
+    assert isinstance(lease, tuple) and lease[1].uid == affine_pod_after(table, lease, key)
+    # CC=8 pods: the affine one is over the bound (not full) -> the walk spills, nobody waits
+    table = table_of([pod(f"p{i}", cc=8) for i in range(4)])
+    got = [affinity.pick_or_wait(table, "r", key, None, 0.25) for _ in range(16)]
+    assert all(isinstance(lease, tuple) for lease in got)
+    assert max(p.inflight for p in table.pods.values()) <= 5
+
+
+def affine_pod_after(table: SlotTable, lease: tuple, key: int) -> str:
+    lease[0]()
+    return affine_pod(table, key)
+
+
+def test_pick_or_wait_names_the_full_affine_pods_only_while_another_pod_is_free() -> None:
+    table, key, candidates = busy_key_table()
+    found = affinity.pick_or_wait(table, "r", key, None, 0.25)
+    assert isinstance(found, list) and [p.uid for p in found] == candidates
+    revision = table.revisions["r"]
+    assert revision.inflight_total == len(candidates)  # (naming them took no slot)
+    # the other pods busy too: nothing to choose between -> None, the revision's FIFO
+    while affinity.least_inflight(revision) is not None:
+        pass
+    assert affinity.pick_or_wait(table, "r", key, None, 0.25) is None
+    # an unroutable full candidate is not waited for
+    table, key, candidates = busy_key_table()
+    for uid in candidates:
+        table.exclude(uid)
+    lease = affinity.pick_or_wait(table, "r", key, None, 0.25)
+    assert isinstance(lease, tuple) and lease[1].uid not in candidates
+
+
+async def test_a_freed_affine_slot_is_handed_over_exactly_fifo_waiters_first() -> None:
+    loop = asyncio.get_running_loop()
+    table, key, candidates = busy_key_table(pods=4)
+    revision = table.revisions["r"]
+    found = affinity.pick_or_wait(table, "r", key, None, 0.25)
+    assert isinstance(found, list)
+    waiter = table.wait_for_pods("r", found, 100, loop)
+    assert waiter is not None and revision.affine_queued == 1 and revision.queued_bytes == 100
+    # a second waiter for a CC=1 pod would wait longer than a whole request: refused (None)
+    assert table.wait_for_pods("r", found, 100, loop) is None
+    # another request takes a free pod meanwhile; the affine pods' slots are not touched
+    other = table.pick("r")
+    assert other is not None and other[1].uid not in candidates
+    first = table.pods[candidates[0]]
+    first.release()
+    assert waiter.done() and waiter.result()[1].uid == candidates[0]
+    assert first.inflight == 1  # handed over: still taken, by the waiter now (never two)
+    table.leave_queue("r", waiter, 100)
+    assert revision.affine_queued == 0 and revision.queued_bytes == 0 and not revision.affine
+    # a FIFO waiter (it found no free pod at all) comes before an affine one
+    table2, _, candidates2 = busy_key_table(pods=2)
+    rev2 = table2.revisions["r"]
+    fifo = table2.enqueue("r", 0, loop)
+    affine_waiter = table2.wait_for_pods("r", [table2.pods[candidates2[0]]], 0, loop)
+    assert affine_waiter is not None
+    table2.pods[candidates2[0]].release()
+    assert fifo.done() and not affine_waiter.done()
+    table2.leave_queue("r", fifo, 0)
+    table2.leave_queue("r", affine_waiter, 0)
+    assert rev2.affine_queued == 0 and rev2.queued == 0 and affine_waiter.cancelled()
+    assert table2.pods[candidates2[0]].inflight == 1 and rev2.inflight_total == 2
+
+
+async def test_an_affine_wait_is_unlisted_everywhere_when_it_ends_and_counts_towards_max_queued() -> None:
+    loop = asyncio.get_running_loop()
+    table, _, candidates = busy_key_table(pods=6)
+    pods = [table.pods[uid] for uid in candidates]
+    revision = table.revisions["r"]
+    waiter = table.wait_for_pods("r", pods, 10, loop)
+    assert waiter is not None and all(len(revision.affine[p]) == 1 for p in pods)
+    pods[1].release()  # the second candidate frees first: it is the one handed over
+    assert waiter.result()[1].uid == candidates[1]
+    pods[0].release()  # the other one's list still names the served waiter: skipped, not handed twice
+    assert pods[0].inflight == 0 and pods[1].inflight == 1
+    table.leave_queue("r", waiter, 10)
+    assert not revision.affine and not revision.affine_of and revision.affine_queued == 0
+    # a waiter that times out (or whose client leaves) is cancelled and unlisted
+    affinity.take(pods[0])
+    waiter = table.wait_for_pods("r", pods[:1], 0, loop)
+    assert waiter is not None
+    table.leave_queue("r", waiter, 0)
+    assert waiter.cancelled() and revision.affine_queued == 0 and not revision.affine
+    pods[0].release()
+    assert pods[0].inflight == 0  # nobody waits: back to its level
+    # an affine wait counts towards the revision's max_queued and max_queue_bytes (a FIFO waiter
+    # is never refused for affine ones: they end within their bound)
+    small = SlotTable(seed=0, max_queued=1, max_queue_bytes=100)
+    small.update([pod(f"p{i}") for i in range(4)])
+    for uid in ("p0", "p1"):
+        affinity.take(small.pods[uid])
+    first = small.wait_for_pods("r", [small.pods["p0"]], 0, loop)
+    assert first is not None
+    assert small.wait_for_pods("r", [small.pods["p1"]], 0, loop) is None  # max_queued
+    small.leave_queue("r", first, 0)
+    assert small.wait_for_pods("r", [small.pods["p1"]], 101, loop) is None  # max_queue_bytes
+    fifo = small.enqueue("r", 0, loop)
+    assert small.wait_for_pods("r", [small.pods["p1"]], 0, loop) is None
+    small.leave_queue("r", fifo, 0)
+
+
+def _router_args(extra: list[str]) -> object:
+    from fastproxy.cli import build_parser
+
+    argv = ["router", "--routes", "routes.yaml", *extra]
+    return build_parser(argv).parse_args(argv)
+
+
+def test_router_flag_affinity_wait_is_off_by_default_and_validated() -> None:
+    from fastproxy.router import _config_from_args
+
+    assert RouterConfig().affinity_wait_ms == 0
+    assert _config_from_args(_router_args([])).affinity_wait_ms == 0  # type: ignore[arg-type]
+    assert _config_from_args(_router_args(["--affinity-wait-ms", "25"])).affinity_wait_ms == 25  # type: ignore[arg-type]
+    for bad in (["--affinity-wait-ms", "-1"], ["--affinity-wait-ms", "3000", "--queue-timeout", "2"]):
+        with pytest.raises(ConfigError, match="--affinity-wait-ms must be between 0"):
+            _config_from_args(_router_args(bad))  # type: ignore[arg-type]
