@@ -101,7 +101,7 @@ cdef class Exchange:
     cpdef _end_peek(self)
     @cython.locals(router=RouterBase, llm=LLMRequest)
     cpdef _acquire(self)
-    cpdef _leave_queue(self)
+    cpdef _leave_queue(self, bint taking=*)
     @cython.locals(router=RouterBase, now=double, until=double)
     cpdef _wait_affine(self, LLMRequest llm)
     cpdef _affine_expired(self)

@@ -691,7 +691,7 @@ class Exchange:
         self.stage = _ROUTING
         self._acquire()
 
-    def _leave_queue(self) -> None:
+    def _leave_queue(self, taking: bool = False) -> None:
         waiter = self._waiter
         if waiter is None:
             return
@@ -700,11 +700,15 @@ class Exchange:
             self._waiter_timer.cancel()
             self._waiter_timer = None
         self.router.slots.leave_queue(self.revision, waiter, self.hold_bytes)
+        if not taking and waiter.done() and not waiter.cancelled():
+            # It was handed a slot, and it ends (client gone, failed) before its callback took it
+            # (the hand-over and the end in one loop iteration): the slot goes back, or it leaks.
+            waiter.result()[0]()
 
     def _on_waiter_done(self, waiter: asyncio.Future[Any]) -> None:
         if waiter.cancelled() or self._waiter is not waiter:
             return
-        self._leave_queue()
+        self._leave_queue(True)
         now = perf_counter()
         self.router.stats.queue_wait.observe(now - self.t_head)
         self.t_head = now  # added latency counts the router's own time, not the wait for a slot

@@ -9,10 +9,12 @@ import asyncio
 
 import httpx
 import msgspec
+import pytest
 
 from fastproxy.affinity import WAIT_CANDIDATES, maglev_of
 from fastproxy.devtools.upstream import AppServer
 from fastproxy.llm import prefix_key
+from fastproxy.proxy import Exchange
 from fastproxy.router import Router
 from statesync.schema import Route, WeightedRevision
 from tests.conftest import RouterHarness, exchange, pod_record, status_of, wait_for
@@ -367,3 +369,44 @@ async def test_affinity_wait_under_load_never_double_books_a_cc1_pod(harness: Ro
     assert all(app.violations == 0 and app.max_concurrent_seen <= 1 for app in apps)
     revision = router.slots.revisions["chat-v1"]
     assert revision.inflight_total == 0 and revision.affine_queued == 0 and revision.queued == 0
+
+
+def exchange_on(router: Router, uid: str) -> Exchange:
+    (found,) = [c.exchange for c in router.connections if c.exchange is not None and c.exchange.pod
+                is not None and c.exchange.pod.uid == uid]  # fmt: skip
+    return found
+
+
+def waiting_exchange(router: Router) -> Exchange:
+    (found,) = [c.exchange for c in router.connections if c.exchange is not None and c.exchange._waiter]
+    return found
+
+
+@pytest.mark.parametrize("kind", ["affine", "fifo"])
+async def test_a_slot_handed_to_a_waiter_whose_client_leaves_at_once_goes_back(
+    harness: RouterHarness, kind: str
+) -> None:
+    """The hand-over and the client's leaving in one loop iteration (before the waiter's callback
+    ran): the handed slot goes back, for an affine and for a FIFO waiter (it leaked before: the
+    pod stayed full in this router's count for ever)."""
+    router, port, apps, by_uid, session, candidates = await three_pods_and_a_busy_key(
+        harness, affinity_wait_ms=8000
+    )
+    revision = router.slots.revisions["chat-v1"]
+    holds = [await occupy(port, session, by_uid, uid) for uid in candidates]
+    if kind == "fifo":  # every pod full: the request queues in the revision's FIFO
+        (other,) = set(by_uid) - set(candidates)
+        holds.append(await occupy(port, "", by_uid, other, host="plain.local"))
+    request = asyncio.create_task(timed_post(port, session))
+    await wait_for(lambda: revision.affine_queued + revision.queued == 1, what=f"the {kind} wait")
+    assert (revision.affine_queued, revision.queued) == ((1, 0) if kind == "affine" else (0, 1))
+    holder, waiter = exchange_on(router, candidates[0]), waiting_exchange(router)
+    holder._give_back_slot()  # (as its response's end would) -> handed to the waiter
+    assert waiter._waiter is not None and waiter._waiter.done()
+    waiter.client_gone()  # ... whose client leaves before its callback runs
+    assert router.slots.pods[candidates[0]].inflight == 0
+    assert revision.affine_queued == 0 and revision.queued == 0 and revision.queued_bytes == 0
+    waiter.client.abort()  # (and its connection goes, as it would have)
+    await asyncio.gather(request, return_exceptions=True)
+    await release(holds, apps)
+    await wait_for(lambda: revision.inflight_total == 0, what="every slot back")
