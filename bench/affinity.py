@@ -6,7 +6,9 @@ Targets (issue 17): with prefix affinity, time to first token p50 at least 40% l
 least-in-flight, at 70% load, with the load spread (max/min time-averaged in-flight across pods)
 <= 1.25, no CC=1 pod ever running two requests, and no more errors than least-in-flight.
 
-One run per policy, interleaved (``--rounds`` of each, in turn, so both meet the same machine):
+One run per policy, interleaved (``--rounds`` of each, in turn, so all meet the same machine;
+``--policies``: least-inflight first, then ``prefix`` and/or ``prefix-wait[:MS]``, prefix affinity on
+routers started with ``--affinity-wait-ms MS``, so several waits run side by side):
 
 - the pods: ``--pods`` simulated LLM servers (``fastproxy.devtools.simulator`` with a ``kv_cache``:
   a per-pod LRU of prompt blocks; time to first token = ``first_token_ms`` + ``prefill_ms`` per
@@ -32,7 +34,10 @@ One run per policy, interleaved (``--rounds`` of each, in turn, so both meet the
   busy seconds in the window (-> time-averaged in-flight per pod -> spread max/min), the pods'
   KV hit ratio, busy refusals and concurrency violations ("double-booked").
 
-Results: a table on stdout, ``bench/results/affinity-latest.json`` and ``.md``.
+Results: a table on stdout, ``bench/results/affinity-latest.json`` and ``.md``; the targets are
+judged for each affine policy against least-inflight (the exit status: the last one's).
+``bench.affinity_model`` replays the same workload and TTFT model in virtual time, one router with
+exact counts: what a policy could reach at best, and what a policy no router can run would.
 """
 
 from __future__ import annotations
@@ -347,12 +352,10 @@ def render_markdown(result: dict[str, Any]) -> str:
             f"| {policy} | {s['ttft_p50_ms']} | {s['ttft_p90_ms']} | {s['throughput_per_s']} | {s['utilization']} | "
             f"{s['spread']} | {s['kv_hit_ratio']} | {s['errors']} | {s['double_booked']} |"
         )
-    if any(p.startswith("prefix-wait") for p in summary):
-        lines += [
-            "",
-            f"prefix-wait: routers with `--affinity-wait-ms {opts['affinity_wait_ms']:g}`; "
-            "prefix-wait:N: with `--affinity-wait-ms N`.",
-        ]
+    if "prefix-wait" in summary:
+        lines += ["", f"prefix-wait: routers with `--affinity-wait-ms {opts['affinity_wait_ms']:g}`."]
+    if any(p.startswith("prefix-wait:") for p in summary):
+        lines += ["", "prefix-wait:N: routers with `--affinity-wait-ms N`."]
     for policy, t in summary.get("targets_by_policy", {"prefix": summary["targets"]}).items():
         lines += [
             "",

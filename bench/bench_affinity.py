@@ -200,3 +200,20 @@ def bench_exchange_with_and_without_peek(benchmark, route: str, round_: int) -> 
         assert not rig.client_side.closed and rig.router.stats.responses[200] >= 2
     finally:
         loop.close()
+
+
+def bench_affinity_model_runs_the_real_policies_in_virtual_time() -> None:
+    """``bench.affinity_model`` (no timing; it runs once under ``make test``): a few virtual seconds
+    of each kind of policy on a small fleet, the waiting ones waiting through the real slot table."""
+    import argparse
+
+    from bench import affinity_model
+
+    opts = argparse.Namespace(pods=4, concurrency=1, load=0.7, warmup=1.0, duration=4.0, prefix_bytes=4352,
+                              epsilon=0.25, system_prompts=2, system_bytes=4096, turns=3, user_bytes=512,
+                              reply_bytes=512, think_s=0.5, kv_blocks=512, block_bytes=256, prefill_ms=6.0,
+                              first_token_ms=20.0, tokens=20, ms_per_token=8.0, routers=2)  # fmt: skip
+    for policy in ("least-inflight", "prefix", "prefix-wait:50", "oracle:50", "memory", "least-of:2"):
+        result = affinity_model.simulate(policy, opts, 0)
+        assert result["ttft"] and 0 < result["kv_hit_ratio"] <= 1, policy
+        assert (result["waits_per_request"] > 0) == policy.endswith(":50"), policy
