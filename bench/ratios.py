@@ -265,10 +265,9 @@ class PinnedHarness(e2e.Harness):
             env=env,
         )  # fmt: skip
         deadline = time.monotonic() + 30
-        while (
-            sum(line.startswith("listening ") for line in child.log.read_text(errors="replace").splitlines())
-            < workers
-        ):
+        # Counted as occurrences, not line starts: workers write to one shared log ("listening <ip>",
+        # not the log's "listening on").
+        while len(re.findall(r"listening \d", child.log.read_text(errors="replace"))) < workers:
             if not child.alive() or time.monotonic() > deadline:
                 raise e2e.HarnessError(f"{name} did not start its {workers} workers:\n{child.tail()}")
             time.sleep(0.05)

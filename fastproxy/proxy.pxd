@@ -11,7 +11,17 @@ from fastproxy.metrics cimport RouterStats
 from fastproxy.routerbase cimport RouterBase
 from fastproxy.snapshot cimport RouteTable, RoutingSnapshot, ServiceRoute
 
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+
+cdef extern from "<sys/socket.h>":
+    int c_getsockopt "getsockopt" (int fd, int level, int optname, void *optval, unsigned int *optlen)
+
 cdef int _ROUTING, _QUEUED, _CONNECTING, _AWAIT_CONTINUE, _SENT, _RESPONDING, _DONE
+cdef int _TCP_ESTABLISHED, _IPPROTO_TCP, _TCP_INFO
+cdef bint _COMPILED
+
+@cython.locals(now=timespec)
+cdef double _monotonic()
 
 cdef class Deadline:
     cdef public object _callback
@@ -37,6 +47,7 @@ cdef class UpstreamConnection:
     cdef public UpstreamPool pool
     cdef public bint reusable
     cdef public object socket
+    cdef public int socket_fd
     cdef public object socket_getsockopt
     cdef public bint socket_wrapped
     cdef public object transport
@@ -46,6 +57,7 @@ cdef class UpstreamConnection:
     cdef public Py_ssize_t used
     cpdef pause_reading(self, int reason)
     cpdef resume_reading(self, int reason)
+    @cython.locals(tcp_state=cython.uchar, length=cython.uint, fd=cython.int)
     cpdef bint peer_closed(self)
     cpdef bint is_usable(self)
     cpdef close(self)

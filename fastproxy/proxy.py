@@ -42,6 +42,11 @@ from collections.abc import Callable
 from time import perf_counter  # (a global, not time.perf_counter: no attribute lookup per read)
 from typing import TYPE_CHECKING, Any, Final
 
+try:  # the compiled form's helpers (Cython is only needed to build it)
+    import cython
+except ImportError:  # pragma: no cover - the pure form without Cython installed
+    cython = None
+
 from fastproxy.errors import (
     BadGateway,
     GatewayTimeout,
@@ -102,6 +107,18 @@ _TCP_INFO = socket.TCP_INFO
 # the sockets a transport may hand out that are cheap to ask (uvloop's PseudoSocket is not: see
 # UpstreamConnection.connection_made)
 _STDLIB_SOCKETS = (socket.socket, TransportSocket)
+
+_COMPILED: Final = not __file__.endswith(".py")
+
+
+def _monotonic() -> float:
+    """``perf_counter()`` (CLOCK_MONOTONIC on Linux), the clock of the added-latency samples: four
+    readings per request. Compiled, it is read in C: no call through Python and no float object
+    per reading. (Deadlines and idle times keep the loop's own, injectable clock.)"""
+    if _COMPILED:
+        clock_gettime(CLOCK_MONOTONIC, cython.address(now))  # noqa: F821
+        return now.tv_sec + now.tv_nsec * 1e-9  # noqa: F821
+    return perf_counter()
 
 
 class Deadline:
@@ -173,6 +190,7 @@ class UpstreamConnection:  # an asyncio.Protocol (duck-typed: compiled, it is an
         "pool",
         "reusable",
         "socket",
+        "socket_fd",
         "socket_getsockopt",
         "socket_wrapped",
         "transport",
@@ -191,6 +209,7 @@ class UpstreamConnection:  # an asyncio.Protocol (duck-typed: compiled, it is an
         self.transport: asyncio.Transport | None = None
         self.socket: Any = None  # the transport's socket, for TCP state (peer_closed)
         self.socket_getsockopt: Callable[..., Any] | None = None  # its bound getsockopt
+        self.socket_fd = -1  # its fd, asked directly when compiled (-1: no socket)
         self.socket_wrapped = False  # self.socket wraps the transport's fd: detach, never close
         # The transport's methods used per request, bound once in connection_made: a call by name
         # on an untyped object is a method lookup each time (see ClientConnection.connection_made).
@@ -223,6 +242,7 @@ class UpstreamConnection:  # an asyncio.Protocol (duck-typed: compiled, it is an
             self.socket_wrapped = True
         self.socket = sock
         self.socket_getsockopt = None if sock is None else sock.getsockopt
+        self.socket_fd = -1 if sock is None else sock.fileno()
 
     def data_received(self, data: bytes) -> None:
         exchange = self.exchange
@@ -311,6 +331,7 @@ class UpstreamConnection:  # an asyncio.Protocol (duck-typed: compiled, it is an
             self.socket.detach()
         self.socket = None
         self.socket_getsockopt = None
+        self.socket_fd = -1
 
     def peer_closed(self) -> bool:
         """Has the pod closed this idle connection, its FIN already in our socket but not yet seen
@@ -327,7 +348,17 @@ class UpstreamConnection:  # an asyncio.Protocol (duck-typed: compiled, it is an
         read reported by the same poll may be handled before the pod's fd. Nor does "idle for less
         than X" help: a pod that dies or shuts down closes its idle connections at any moment, not
         after a keep-alive timeout. What the loop has seen (``is_usable``: the transport closing)
-        is checked first, free; the kernel is asked only about a connection the loop thinks open."""
+        is checked first, free; the kernel is asked only about a connection the loop thinks open.
+        Compiled, getsockopt(2) is called on the fd itself (no argument parsing, no bytes object);
+        only the first byte of struct tcp_info, tcpi_state, is asked for."""
+        if _COMPILED:
+            if self.socket_fd < 0:
+                return False
+            length = 1
+            fd = self.socket_fd
+            if c_getsockopt(fd, _IPPROTO_TCP, _TCP_INFO, cython.address(tcp_state), cython.address(length)):  # noqa: F821
+                return True
+            return tcp_state != _TCP_ESTABLISHED  # noqa: F821
         getsockopt = self.socket_getsockopt
         if getsockopt is None:
             return False  # no socket behind the transport (the benchmarks' in-memory ones)
@@ -530,7 +561,7 @@ class Exchange:
         self.replay_bytes = 0
         self.continue_sent = False
         self.status = 0
-        self.t_head = perf_counter()
+        self.t_head = _monotonic()
         self.t_response = 0.0
         self.request_side = 0.0  # the router's own time from the head to the pod (no queueing)
         self._waiter: asyncio.Future[Any] | None = None
@@ -709,7 +740,7 @@ class Exchange:
         if waiter.cancelled() or self._waiter is not waiter:
             return
         self._leave_queue(True)
-        now = perf_counter()
+        now = _monotonic()
         self.router.stats.queue_wait.observe(now - self.t_head)
         self.t_head = now  # added latency counts the router's own time, not the wait for a slot
         self._on_lease(waiter.result())
@@ -867,7 +898,7 @@ class Exchange:
         conn.deadline.set_after(router.config.first_byte_timeout)
         # One added-latency sample per request, observed with the response head: this side's
         # share now, the response side's there.
-        self.request_side = perf_counter() - self.t_head
+        self.request_side = _monotonic() - self.t_head
 
     def _flush_hold(self, conn: UpstreamConnection, head_bytes: bytes | None) -> None:
         pieces: list[bytes] = [] if head_bytes is None else [head_bytes]
@@ -969,7 +1000,7 @@ class Exchange:
                 self._continue_timer = None
             return
         self.status = status
-        self.t_response = perf_counter()
+        self.t_response = _monotonic()
         self.stage = _RESPONDING
         client = self.client
         head = self.head
@@ -993,7 +1024,7 @@ class Exchange:
             )
         )
         stats = self.router.stats  # (typed in proxy.pxd: observe is a C call)
-        stats.added_latency.observe(self.request_side + perf_counter() - self.t_response)
+        stats.added_latency.observe(self.request_side + _monotonic() - self.t_response)
 
     def _switching_protocols(self, response: ResponseHead) -> None:
         """A 101. With ``Upgrade: websocket`` in answer to a WebSocket handshake, the exchange ends
@@ -1010,7 +1041,7 @@ class Exchange:
                 else BadGateway(f"pod switched to {what!r} in answer to a WebSocket handshake")
             )
             return
-        self.t_response = perf_counter()
+        self.t_response = _monotonic()
         conn.deadline.cancel()
         conn.exchange = None
         conn.reusable = False  # never back to the pool: it carries the session
@@ -1022,7 +1053,7 @@ class Exchange:
         router = self.router
         router.stats.responses[101] = router.stats.responses.get(101, 0) + 1
         router.tunnels.open_session(self, self.client, conn, response, release)
-        router.stats.added_latency.observe(self.request_side + perf_counter() - self.t_response)
+        router.stats.added_latency.observe(self.request_side + _monotonic() - self.t_response)
 
     def on_response_body(self, data: bytes) -> None:
         if self.stage != _RESPONDING:

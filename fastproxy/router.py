@@ -370,7 +370,10 @@ async def serve(
         config.instance, bound[0], bound[1], admin_host, admin_port,
         "" if token else " (no admin token: only /healthz and /readyz answer)", describe_form(),
     )  # fmt: skip
-    print(f"listening {bound[0]}:{bound[1]} admin {admin_host}:{admin_port}", flush=True)
+    # One write of the whole line: workers share stdout, and print's separate "\n" write can land
+    # after another worker's line when stdout is unbuffered (PYTHONUNBUFFERED), gluing two together.
+    sys.stdout.write(f"listening {bound[0]}:{bound[1]} admin {admin_host}:{admin_port}\n")
+    sys.stdout.flush()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
