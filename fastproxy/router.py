@@ -40,6 +40,7 @@ import collections
 import ipaddress
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -311,6 +312,22 @@ class Router(RouterBase):
         self.pool.close_all()
 
 
+_INSTANCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+
+
+def instance_name(text: str) -> str:
+    """``--instance``: it becomes the prefix of every request id this router sends to pods (a
+    header value), the observer named in its reports and a label in /metrics, so only characters
+    that are safe in all three are taken; anything else is refused at the command line (exit 2),
+    not discovered as 400s from the pods."""
+    if _INSTANCE_RE.fullmatch(text) is None:
+        raise argparse.ArgumentTypeError(
+            f"{text[:80]!r} is not an instance name: 1-64 of letters, digits and . _ : - "
+            "(starting with a letter or digit); it goes into request ids and metric labels"
+        )
+    return text
+
+
 def parse_address(text: str, default_host: str = "0.0.0.0") -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -490,7 +507,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)")
     parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--instance", default="", help="name in reports and metrics (default: router-HOST-N)")
+    parser.add_argument("--instance", type=instance_name, default=None,
+                        help="name in request ids, reports and metrics: letters, digits, . _ : - "
+                             "(default: router-HOST-N)")  # fmt: skip
     parser.add_argument("--service-header", default="x-fastproxy-service", help="header naming the service")
     parser.add_argument("--sidecar-protocol", action="store_true",
                         help="pods run behind the fastproxy sidecar (busy refusals, Expect: 100-continue)")  # fmt: skip

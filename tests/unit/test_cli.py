@@ -50,3 +50,22 @@ def test_an_unknown_subcommand_is_refused_naming_the_choices(capsys: pytest.Capt
     with pytest.raises(SystemExit):
         build_parser(["rooter"]).parse_args(["rooter"])
     assert "invalid choice: 'rooter'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["router-a", "edge-1.us-east:2", "r_0", "A" * 64])
+def test_an_instance_name_safe_in_headers_and_labels_is_taken(name: str) -> None:
+    args = build_parser(["router"]).parse_args(["router", "--instance", name])
+    assert args.instance == name
+
+
+@pytest.mark.parametrize("name", ['say "hi"', "two\nlines", "with space", "", "-leading", "é", "A" * 65])
+def test_an_instance_name_that_would_break_request_ids_is_refused(
+    name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It prefixes the X-Request-Id sent to pods: a quote or a newline there made every proxied
+    # request a 400 from the pod instead of an error at start.
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser(["router"]).parse_args(["router", f"--instance={name}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--instance" in err and "is not an instance name" in err
