@@ -193,7 +193,7 @@ def bench_exchange_with_and_without_peek(benchmark, route: str, round_: int) -> 
         rig.client.data_received(REQUEST)
         sent = rig.pod_side.take()
         assert sent.endswith(BODY)  # the body went to the pod as the client sent it
-        rig.upstream.data_received(RESPONSE)
+        rig.respond(RESPONSE)
         assert rig.client_side.take().endswith(RESPONSE_BODY)
         assert rig.router.slots.pods["pod-a"].inflight == 0 and rig.client.exchange is None
         benchmark(rig.one)

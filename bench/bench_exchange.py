@@ -36,7 +36,7 @@ from fastproxy.exchange import (
     build_request_head,
     build_response_head,
 )
-from fastproxy.proxy import ClientConnection, UpstreamConnection
+from fastproxy.proxy import ClientConnection, UpstreamConnection, flush_queued_writes
 from fastproxy.router import Router
 from fastproxy.snapshot import RoutingSnapshot
 from statesync.schema import PodRecord, PodState, Route, WeightedRevision
@@ -192,9 +192,16 @@ class InMemoryExchange:
         self.client_side = MemoryTransport(("10.1.2.3", 40000))
         self.client.connection_made(self.client_side)  # type: ignore[arg-type]
 
+    def respond(self, data: bytes) -> None:
+        """The pod's bytes arrive, then what the loop does once it has handled its poll's sockets:
+        the responses queued for the clients are written (fastproxy.proxy.flush_queued_writes).
+        (Each exchange here is a poll of its own: the write queue's call_soon is counted in full.)"""
+        self.upstream.data_received(data)
+        flush_queued_writes(self.router)
+
     def one(self) -> None:
         self.client.data_received(REQUEST)
-        self.upstream.data_received(RESPONSE)
+        self.respond(RESPONSE)
         self.pod_side.written.clear()
         self.client_side.written.clear()
 
@@ -209,7 +216,7 @@ def bench_exchange_in_memory(benchmark) -> None:
         assert sent.startswith(b"POST /v1/chat/completions HTTP/1.1\r\nhost: chat.inference.example.com\r\n")
         assert sent.endswith(BODY) and b"x-forwarded-for: 10.1.2.3\r\n" in sent
         assert rig.router.slots.pods["pod-a"].inflight == 1
-        rig.upstream.data_received(RESPONSE)
+        rig.respond(RESPONSE)
         answer = rig.client_side.take()
         assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(RESPONSE_BODY)
         assert rig.router.slots.pods["pod-a"].inflight == 0 and rig.client.exchange is None

@@ -98,7 +98,7 @@ def run_child(exchanges: int, warmup: int, calls: int = 0, route: str = "plain")
         sent = rig.pod_side.take()
         if not (sent.startswith(b"POST /v1/chat/completions HTTP/1.1\r\n") and sent.endswith(BODY)):
             raise SystemExit(f"the pod did not get the rebuilt request: {sent[:200]!r}")
-        rig.upstream.data_received(RESPONSE)
+        rig.respond(RESPONSE)
         answer = rig.client_side.take()
         if not (answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(RESPONSE_BODY)):
             raise SystemExit(f"the client did not get the response: {answer[:200]!r}")
@@ -125,7 +125,7 @@ def run_child(exchanges: int, warmup: int, calls: int = 0, route: str = "plain")
         # are C callables, which cProfile does not see when compiled code calls them).
         rig.client.data_received(REQUEST)
         pod_bytes = len(rig.pod_side.take())
-        rig.upstream.data_received(RESPONSE)
+        rig.respond(RESPONSE)
         client_bytes = len(rig.client_side.take())
     finally:
         loop.close()

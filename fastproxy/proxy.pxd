@@ -141,12 +141,16 @@ cdef class Exchange:
     cpdef _finish(self)
     cpdef client_gone(self)
 
+@cython.locals(queue=list, client=ClientConnection)
+cpdef flush_queued_writes(RouterBase router)
+
 cdef class ClientConnection:
     cdef public list _events
     cdef public list _out
     cdef public int _paused
     cdef public bint closing
     cdef public Exchange exchange
+    cdef public bint flush_queued
     cdef public double head_since
     cdef public Py_ssize_t linger_budget
     cdef public double linger_since
@@ -170,6 +174,7 @@ cdef class ClientConnection:
     cpdef pause_reading(self, int reason)
     cpdef resume_reading(self, int reason)
     cpdef queue(self, bytes data)
+    cpdef flush_soon(self)
     cpdef queue_many(self, list data)
     cpdef flush(self)
     cpdef write(self, bytes data)

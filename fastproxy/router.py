@@ -37,6 +37,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextvars
+import functools
 import ipaddress
 import logging
 import os
@@ -55,7 +57,7 @@ from fastproxy.exchange import Limits
 from fastproxy.heap import release_free_memory
 from fastproxy.metrics import RouterStats
 from fastproxy.outlier import MAX_RECHECKS, Evidence, OutlierDetector, classify, connect_ok
-from fastproxy.proxy import ClientConnection, UpstreamPool
+from fastproxy.proxy import ClientConnection, UpstreamPool, flush_queued_writes
 from fastproxy.routerbase import RouterBase
 from fastproxy.slots import SlotTable
 from fastproxy.snapshot import RoutingSnapshot
@@ -86,6 +88,10 @@ class Router(RouterBase):
             max_idle_per_pod=config.pool_max_idle_per_pod,
         )
         self.stats = RouterStats()
+        # Responses written at the end of each loop iteration (fastproxy.proxy.flush_queued_writes).
+        self.write_queue: list[Any] = []
+        self.write_flusher = functools.partial(flush_queued_writes, self)
+        self.write_context = contextvars.Context()
         self.connections: set[ClientConnection] = set()
         self.tunnels = Tunnels(self)  # open WebSocket sessions
         self._sweeper: asyncio.TimerHandle | None = None

@@ -18,4 +18,7 @@ cdef class RouterBase:
     cdef public object slots
     cdef public RoutingSnapshot snapshot
     cdef public RouterStats stats
+    cdef public object write_context
+    cdef public object write_flusher
+    cdef public list write_queue
     cpdef list forwarding_headers(self, bytes peer_bytes, bint trusted, RequestHead head)

@@ -31,7 +31,10 @@ _FORWARDED_PROTO_HTTP = (b"x-forwarded-proto", b"http")
 class RouterBase:
     # config: RouterConfig, draining: bool, loop: the event loop, outliers: OutlierDetector,
     # pool: UpstreamPool, service_header: bytes (lower case), slots: SlotTable, snapshot:
-    # RoutingSnapshot, stats: RouterStats; _request_prefix and _request_count make request ids.
+    # RoutingSnapshot, stats: RouterStats; _request_prefix and _request_count make request ids;
+    # write_queue: client connections with a response to write at the end of this loop iteration,
+    # write_flusher: the callable that writes them (fastproxy.proxy.flush_queued_writes, bound to
+    # this router), write_context: the (empty) contextvars context it runs in.
     __slots__ = (
         "_request_count",
         "_request_prefix",
@@ -44,6 +47,9 @@ class RouterBase:
         "slots",
         "snapshot",
         "stats",
+        "write_context",
+        "write_flusher",
+        "write_queue",
     )
 
     def forwarding_headers(
