@@ -29,6 +29,12 @@ the two connections into a session of ``fastproxy.tunnel`` (``Exchange._switchin
 
 Timers: each connection owns one ``Deadline`` whose ``TimerHandle`` is rescheduled lazily, so
 per-request deadlines do not create and cancel a timer per request.
+
+Writes to clients: a response is queued on its connection and the connection on the router's
+``write_queue``; the loop writes them all once it has handled every socket its poll reported
+(``flush_queued_writes``, one ``call_soon`` per poll), so a client process asleep is woken once for
+a poll's worth of responses. Whatever writes to or closes a client's transport directly flushes
+that client first, so bytes leave in the order they were produced.
 """
 
 from __future__ import annotations
