@@ -266,10 +266,14 @@ def bench_refused_connect_to_router_snapshot(benchmark, storm_agent: tuple[Agent
         router = Router(RouterConfig(), loop)
         follower = StateFollower(router, agent_url, keys=keys, heartbeat_timeout=3.0, retry_delay=0.05)
         changed = asyncio.Event()
-        apply_delta, install = router.apply_delta, router.install
+        apply_delta, apply_deltas, install = router.apply_delta, router.apply_deltas, router.install
 
         def on_delta(delta: object) -> None:
             apply_delta(delta)  # type: ignore[arg-type]
+            changed.set()
+
+        def on_deltas(deltas: object) -> None:
+            apply_deltas(deltas)  # type: ignore[arg-type]
             changed.set()
 
         def on_install(snapshot: object, *grouped: object, **index: object) -> None:
@@ -277,6 +281,7 @@ def bench_refused_connect_to_router_snapshot(benchmark, storm_agent: tuple[Agent
             changed.set()
 
         router.apply_delta, router.install = on_delta, on_install  # type: ignore[method-assign]
+        router.apply_deltas = on_deltas  # type: ignore[method-assign]
         tasks = [asyncio.create_task(writer.run())]
         try:
             await asyncio.wait_for(writer.became_leader.wait(), 10)

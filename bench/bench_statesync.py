@@ -479,17 +479,29 @@ class ReceiveBench:
         self.marks: list[float] = []
         self.last = 0
         self.done: asyncio.Event | None = None
-        apply = self.router.apply_delta
+        apply, apply_many = self.router.apply_delta, self.router.apply_deltas
+
+        def mark(first: int, last: int) -> None:
+            for version in (self.last - self.expected + 1, self.last):
+                if first <= version <= last:
+                    self.marks.append(time.thread_time())
+            if last >= self.last and self.done is not None:
+                self.done.set()
 
         def timed_apply(delta: Delta) -> None:
             apply(delta)
-            if delta.version == self.last - self.expected + 1 or delta.version == self.last:
-                self.marks.append(time.thread_time())
-                if delta.version == self.last and self.done is not None:
-                    self.done.set()
+            mark(delta.version, delta.version)
+
+        def timed_apply_many(deltas: list[Delta]) -> None:
+            if len(deltas) == 1:
+                timed_apply(deltas[0])
+                return
+            apply_many(deltas)
+            mark(deltas[0].version, deltas[-1].version)
 
         self.expected = 0
         self.router.apply_delta = timed_apply  # type: ignore[method-assign]
+        self.router.apply_deltas = timed_apply_many  # type: ignore[method-assign]
 
     async def _valkey_py_receiver(self, ready: asyncio.Event) -> None:
         """The receive loop the router had before statesync.pubsub (StateFollower._session's)."""

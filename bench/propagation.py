@@ -53,6 +53,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,15 @@ async def _follower(args: argparse.Namespace) -> int:
             for record in delta.pods:
                 if record.uid in pending:
                     observe(record.uid, record.generation, at)
+
+        def apply_deltas(self, deltas: Sequence[Delta]) -> None:
+            super().apply_deltas(deltas)  # (one delta: through apply_delta above)
+            if len(deltas) > 1:
+                at = time.time()
+                for delta in deltas:
+                    for record in delta.pods:
+                        if record.uid in pending:
+                            observe(record.uid, record.generation, at)
 
         def install(self, snapshot: RoutingSnapshot, *args: Any, **kwargs: Any) -> None:
             super().install(snapshot, *args, **kwargs)  # (whatever else Router.install takes)
@@ -377,6 +387,9 @@ async def measure(
             class ProbeSink:
                 def message(self, payload: bytes) -> None:
                     arrivals.append((time.time(), payload))
+
+                def received(self) -> None:
+                    pass
 
                 def subscribed(self, count: int) -> None:
                     probe_subscribed.set()

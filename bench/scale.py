@@ -128,6 +128,14 @@ class ScaleOptions(Options):
     # Router arguments of a second router per pod count, following the same namespace and measured
     # in the same rounds as ``base@N`` (before/after a change side by side: "--no-gc-freeze").
     baseline_args: tuple[str, ...] = ()
+    # A checkout of another commit (with its own .venv, ``make .venv compiled``) whose code the
+    # base@N routers run: before and after a change measured side by side in the same rounds.
+    baseline_root: str | None = None
+    baseline_commit: str | None = None  # (filled in: the baseline checkout's HEAD)
+    # With two or more sizes: also measure the smallest router while the churn goes into the
+    # largest namespace (``router@N+churn-elsewhere``): the same writer/Valkey/agent load on this
+    # machine, but no delta for the measured router, so its own receive cost is the difference.
+    churn_elsewhere: bool = True
     namespaces: dict[int, str] = field(default_factory=dict)
 
     def namespace(self, pods: int) -> str:
@@ -445,15 +453,37 @@ class ScaleHarness(Harness):
         return child
 
     def start_following_router(
-        self, url: str, namespace: str, extra: tuple[str, ...] = (), label: str = "router"
+        self,
+        url: str,
+        namespace: str,
+        extra: tuple[str, ...] = (),
+        label: str = "router",
+        root: str | None = None,
     ) -> tuple[Child, int, int]:
-        child = self._spawn(
-            f"{label}-{namespace}",
-            [sys.executable, "-m", "fastproxy.cli", "router", "--valkey", url, "--namespace", namespace,
-             "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--admin-token-file", str(self.token_file),
-             "--workers", "1", "--grace-period", "2", "--log-level", "warning",
-             "--instance", f"bench-{label}-{namespace}", *extra],
-        )  # fmt: skip
+        """A router following ``namespace``; ``root``: run the code of that checkout instead (its
+        own .venv's Python, started in it), for before/after side by side."""
+        python, cwd = sys.executable, None
+        if root is not None:
+            python = str(Path(root).resolve() / ".venv" / "bin" / "python")
+            cwd = str(Path(root).resolve())
+            if not os.access(python, os.X_OK):
+                raise HarnessError(f"--baseline-root {root}: no {python} (make .venv compiled there)")
+        argv = [python, "-m", "fastproxy.cli", "router", "--valkey", url, "--namespace", namespace,
+                "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--admin-token-file", str(self.token_file),
+                "--workers", "1", "--grace-period", "2", "--log-level", "warning",
+                "--instance", f"bench-{label}-{namespace}", *extra]  # fmt: skip
+        name = f"{label}-{namespace}"
+        if cwd is None:
+            child = self._spawn(name, argv)
+        else:
+            log = self.tmp / f"{name}.log"
+            env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+            with open(log, "wb") as out:
+                popen = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env
+                )
+            child = Child(name, popen, log)
+            self.children.append(child)
         line = self._wait_line(child, "listening ")
         parts = line.split()
         return child, int(parts[1].rsplit(":", 1)[1]), int(parts[3].rsplit(":", 1)[1])
@@ -563,6 +593,12 @@ def _run_scale(
     skipped: list[str],
 ) -> dict[str, Any]:
     sizes = sorted(set(opts.pods))
+    if opts.baseline_root:
+        with contextlib.suppress(OSError, subprocess.CalledProcessError):
+            opts.baseline_commit = subprocess.run(
+                ["git", "-C", opts.baseline_root, "rev-parse", "--short", "HEAD"],
+                capture_output=True, text=True, check=True,
+            ).stdout.strip()  # fmt: skip
     url = harness.start_valkey()
     writers = [harness.start_writer(url, opts.namespace(n)) for n in sizes]
     app, app_port = harness.start_app()
@@ -585,13 +621,15 @@ def _run_scale(
         log(f"router {ns} holds {fleet.synced['pods']} pods at version {fleet.synced['version']}")
         harness._wait_http(router, port)
         fleets[n] = fleet
-        if opts.baseline_args:
-            router, port, admin_port = harness.start_following_router(url, ns, opts.baseline_args, "base")
+        if opts.baseline_args or opts.baseline_root:
+            router, port, admin_port = harness.start_following_router(
+                url, ns, opts.baseline_args, "base", opts.baseline_root
+            )
             base = Fleet(n, ns, router, port, admin_port, seeded=seeded)
             base.synced = wait_synced(harness, base, seeded["version"], opts.sync_timeout)
             harness._wait_http(router, port)
             base_fleets[n] = base
-            log(f"baseline router {ns} ({' '.join(opts.baseline_args)}) holds {base.synced['pods']} pods")
+            log(f"baseline router {ns} ({baseline_label(opts)}) holds {base.synced['pods']} pods")
 
     direct = Target("direct", app_port, {"app": app})
     plan: list[tuple[Target, Fleet | None, Fleet | None]] = [(direct, None, None)]
@@ -603,12 +641,22 @@ def _run_scale(
         if opts.churn > 0:
             target = Target(f"router@{n}+churn", fleet.port, {"proxy": fleet.router, "app": app})
             plan.append((target, fleet, fleet))
+            if n == sizes[0] and len(sizes) > 1 and opts.churn_elsewhere:
+                target = Target(
+                    f"router@{n}+churn-elsewhere", fleet.port, {"proxy": fleet.router, "app": app}
+                )
+                plan.append((target, fleet, fleets[sizes[-1]]))
         base = base_fleets.get(n)
         if base is not None:
             plan.append((Target(f"base@{n}", base.port, {"proxy": base.router, "app": app}), base, None))
             if opts.churn > 0:
                 target = Target(f"base@{n}+churn", base.port, {"proxy": base.router, "app": app})
                 plan.append((target, base, base))
+                if n == sizes[0] and len(sizes) > 1 and opts.churn_elsewhere:
+                    target = Target(
+                        f"base@{n}+churn-elsewhere", base.port, {"proxy": base.router, "app": app}
+                    )
+                    plan.append((target, base, fleets[sizes[-1]]))
     versions: dict[str, str] = {}
     for name, flag in (("nginx", "-v"), ("haproxy", "-v")):
         binary = binaries.get(name)
@@ -712,8 +760,21 @@ def _gc_cell(gc_figures: dict[str, Any] | None) -> str:
     return f"{counts} ({paused})"
 
 
-def _baseline_verdicts(summary: dict[str, Any], sizes: list[str], args: list[str]) -> list[str]:
-    """The issue-15 ratios for the base@N routers (``--baseline-args``) beside the router's own."""
+def baseline_label(opts: ScaleOptions | dict[str, Any]) -> str:
+    """What the base@N routers are: another checkout's code and/or other arguments."""
+    get = opts.get if isinstance(opts, dict) else lambda key: getattr(opts, key)
+    parts = []
+    if get("baseline_root"):
+        commit = get("baseline_commit")
+        parts.append(f"code of {get('baseline_root')}" + (f" at {commit}" if commit else ""))
+    if get("baseline_args"):
+        parts.append(f"`{' '.join(get('baseline_args'))}`")
+    return ", ".join(parts) or "-"
+
+
+def _baseline_verdicts(summary: dict[str, Any], sizes: list[str], label: str) -> list[str]:
+    """The issue-15 ratios for the base@N routers (``--baseline-args``/``--baseline-root``) beside
+    the router's own."""
     targets = summary["targets"]
     if not sizes or f"base@{sizes[0]}" not in targets:
         return []
@@ -723,7 +784,7 @@ def _baseline_verdicts(summary: dict[str, Any], sizes: list[str], args: list[str
     cpu = large["cpu_us_per_req"]["proxy"] / small["cpu_us_per_req"]["proxy"]
     p90 = large["added_us"]["p90"] / small["added_us"]["p90"]
     return [
-        f"- the baseline router (base@N, `{' '.join(args)}`), same rounds: "
+        f"- the baseline router (base@N, {label}), same rounds: "
         f"CPU per request at {sizes[-1]} pods + churn / at {sizes[0]} pods {_f(cpu, 2)} "
         f"({_f(large['cpu_us_per_req']['proxy'], 1)} / {_f(small['cpu_us_per_req']['proxy'], 1)} us); "
         f"added p90 {_f(p90, 2)} ({_f(large['added_us']['p90'], signed=True)} / "
@@ -739,7 +800,8 @@ def summarise(runs: list[dict[str, Any]], sizes: list[int], names: list[str]) ->
     rounds = list(by_round.values())
 
     def baseline(name: str) -> str:
-        return "direct+churn" if name.endswith("+churn") and "direct+churn" in names else "direct"
+        # (direct+churn churns the largest namespace, as +churn-elsewhere does)
+        return "direct+churn" if "+churn" in name and "direct+churn" in names else "direct"
 
     targets: dict[str, Any] = {}
     for name in names:
@@ -816,6 +878,21 @@ def summarise(runs: list[dict[str, Any]], sizes: list[int], names: list[str]) ->
             row["churn_p99_change_pct"] = _median(
                 [(c["latency_us"]["p99"] / q["latency_us"]["p99"] - 1) * 100 for q, c in pairs]
             )
+            elsewhere = f"router@{n}+churn-elsewhere"
+            if elsewhere in targets:
+                # The same machine load (writer, Valkey, agent) without the deltas: what receiving
+                # and applying them costs the router itself, per version applied.
+                triples = [(r[elsewhere], r[churned]) for r in rounds if elsewhere in r and churned in r]
+                row["elsewhere_added_us"] = targets[elsewhere]["added_us"]
+                row["elsewhere_cpu_us_per_req"] = targets[elsewhere]["cpu_us_per_req"].get("proxy")
+                row["own_cpu_us_per_delta"] = _median(
+                    [
+                        (c["cpu_s"]["proxy"] - e["cpu_s"]["proxy"])
+                        * 1e6
+                        / max(1, c["churn"]["version_after"] - c["churn"]["version_before"])
+                        for e, c in triples
+                    ]
+                )
             quiet_added = row["added_us"]["p99"]
             row["churn_added_p99_change_pct"] = (
                 (row["churn_added_us"]["p99"] - quiet_added) / quiet_added * 100
@@ -993,7 +1070,15 @@ def render_markdown(results: dict[str, Any]) -> str:
                 f"{_f(heavy_p90, signed=True)} vs {_f(nginx['added_us']['p90'], signed=True)} us "
                 f"({_f(over, signed=True)}) -> **{_verdict(over <= TARGET_OVER_NGINX_P90_US)}**"
             )
-    lines += _baseline_verdicts(summary, sizes, opts.get("baseline_args") or [])
+    lines += _baseline_verdicts(summary, sizes, baseline_label(opts))
+    for n, row in summary["sizes"].items():
+        if "own_cpu_us_per_delta" in row:
+            lines.append(
+                f"- at {n} pods, churn into another namespace (the same writer/Valkey/agent load, no delta "
+                f"for this router): CPU {_f(row['elsewhere_cpu_us_per_req'], 1)} us/req, added p90 "
+                f"{_f(row['elsewhere_added_us']['p90'], signed=True)} us; the router's own cost per delta "
+                f"received and applied (its churned CPU minus this, per version) {_f(row['own_cpu_us_per_delta'], 1)} us"
+            )
     for n, row in summary["sizes"].items():
         change = row.get("churn_p99_change_pct")
         if change is not None:
@@ -1093,6 +1178,14 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ScaleOptions
         help="also measure, in the same rounds, a router started with these arguments "
         "(targets base@N), e.g. '--no-gc-freeze'",
     )
+    parser.add_argument(
+        "--baseline-root",
+        metavar="DIR",
+        help="the base@N routers run the code of this checkout (its .venv; e.g. a worktree of main), "
+        "for before/after in the same rounds",
+    )
+    parser.add_argument("--no-churn-elsewhere", action="store_true",
+                        help="no router@N+churn-elsewhere target (smallest router, churn into the largest namespace)")  # fmt: skip
     parser.add_argument("--state-nice", type=int, default=10,
                         help="valkey, writers and churn agent run this much nicer than the measured processes")  # fmt: skip
     parser.add_argument("--state-sched", choices=["nice", "idle"], default="nice",
@@ -1126,6 +1219,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ScaleOptions
         state_nice=args.state_nice,
         state_sched=args.state_sched,
         baseline_args=tuple(args.baseline_args.split()),
+        baseline_root=args.baseline_root,
+        churn_elsewhere=not args.no_churn_elsewhere,
     )
     return args, opts
 

@@ -6,8 +6,9 @@ Theory of operation
 replaced whole), the ``SlotTable`` beside it, the upstream pool and the statistics. The fields the
 data path reads on every request (those, the loop, the configuration) are declared by its base,
 ``fastproxy.routerbase.RouterBase``: an extension type in the compiled form, read as C fields. The state path
-calls ``install`` (a whole state: bootstrap, resync, a static routes file) or ``apply_delta`` (one
-committed change, O(changed pods)); the data path only reads the snapshot and counts. After a
+calls ``install`` (a whole state: bootstrap, resync, a static routes file), ``apply_delta`` (one
+committed change, O(changed pods)) or ``apply_deltas`` (consecutive changes received together, as
+one: one snapshot swap); the data path only reads the snapshot and counts. After a
 whole state is loaded and warmed, ``after_bulk_load`` freezes it out of the cyclic collector's
 sight (``fastproxy.gcwatch``: later collections walk only what changed since; their pauses are on
 ``/metrics``) and trims the heap.
@@ -60,9 +61,9 @@ from fastproxy.outlier import MAX_RECHECKS, Evidence, OutlierDetector, classify,
 from fastproxy.proxy import ClientConnection, UpstreamPool, flush_queued_writes
 from fastproxy.routerbase import RouterBase
 from fastproxy.slots import SlotTable
-from fastproxy.snapshot import RoutingSnapshot
+from fastproxy.snapshot import RoutingSnapshot, VersionGap
 from fastproxy.tunnel import ABORT_AFTER_CLOSE, Tunnels
-from statesync.schema import ConnectFailed, ConnectFailureKind, Delta, PodRecord, PodState, Source
+from statesync.schema import ConnectFailed, ConnectFailureKind, Delta, PodRecord, PodState, Route, Source
 
 log = logging.getLogger("fastproxy.router")
 
@@ -164,6 +165,35 @@ class Router(RouterBase):
         """Adopt one committed change; raises ``VersionGap`` if it does not follow."""
         snapshot = self.snapshot.apply(delta)
         self._reconcile(delta.pods)
+        self.snapshot = snapshot
+        self.snapshot_changed_at = time.time()
+
+    def apply_deltas(self, deltas: Sequence[Delta]) -> None:
+        """Adopt consecutive committed changes in one step, as if applied one by one: each pod and
+        route takes its last record of the batch, the slot table reconciles each once, and the
+        snapshot is swapped once, to the last delta's version. Raises ``VersionGap`` (nothing
+        applied) unless the batch follows the snapshot without a gap, all of its epoch."""
+        if len(deltas) == 1:
+            self.apply_delta(deltas[0])
+            return
+        first, last = deltas[0], deltas[-1]
+        pods: dict[str, PodRecord] = {}
+        routes: dict[str, Route] = {}
+        version = first.version
+        for delta in deltas:
+            if delta.version != version or delta.epoch != first.epoch:
+                raise VersionGap((first.epoch, version - 1), (delta.epoch, delta.version))
+            version += 1
+            for record in delta.pods:
+                pods[record.uid] = record  # (a uid repeated in the batch: the later record wins)
+            for route in delta.routes:
+                routes[route.service] = route
+        changed = tuple(pods.values())
+        # (the merged change at the first version passes apply's check; the swap carries the last)
+        merged = self.snapshot.apply(Delta(epoch=first.epoch, version=first.version, pods=changed,
+                                           routes=tuple(routes.values())))  # fmt: skip
+        snapshot = RoutingSnapshot(last.epoch, last.version, merged.pods, merged.routes, merged.route_table)
+        self._reconcile(changed)
         self.snapshot = snapshot
         self.snapshot_changed_at = time.time()
 

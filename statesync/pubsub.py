@@ -8,7 +8,9 @@ per message: a timeout context and its timer, a stream-reader future, a retry wr
 round trip, a dict per message); the delta itself decodes and applies in ~5 µs. This module does
 only what a subscriber needs: ``data_received`` parses the RESP2 replies of the handshake and the
 pub/sub push arrays straight out of the received bytes and calls ``sink.message(payload)`` for each
-``message`` array -- no task, future, timer or dict per message.
+``message`` array -- no task, future, timer or dict per message -- then ``sink.received()`` once:
+every message that arrived together has been handed on, so the sink may act on them as one batch
+(the router applies consecutive deltas in one step).
 
 The connection parameters come from a valkey-py client (``statesync.connect.connect(url)``), so
 every URL form it accepts works the same here: ``valkey://``, ACL
@@ -51,6 +53,8 @@ class PubSubProtocolError(ValkeyConnectionError):
 
 class Sink(Protocol):
     def message(self, payload: bytes) -> None: ...
+
+    def received(self) -> None: ...
 
     def subscribed(self, count: int) -> None: ...
 
@@ -98,6 +102,8 @@ class SubscriberProtocol(asyncio.Protocol):
         self._need = 0
         try:
             consumed = self._parse(data)
+            if not self._done:
+                self.sink.received()
         except Exception as exc:  # a sink's exception or a bad frame: this subscription is over
             self._finish(exc)
             return

@@ -27,6 +27,7 @@ class Recorder:
 
     def __init__(self, raise_on: bytes | None = None) -> None:
         self.messages: list[bytes] = []
+        self.reads: list[int] = []  # messages handed on before each ``received()``
         self.confirmations: list[int] = []
         self.ended: list[BaseException | None] = []
         self.raise_on = raise_on
@@ -35,6 +36,9 @@ class Recorder:
         if payload == self.raise_on:
             raise ValueError("sink refused")
         self.messages.append(payload)
+
+    def received(self) -> None:
+        self.reads.append(len(self.messages) - sum(self.reads))
 
     def subscribed(self, count: int) -> None:
         self.confirmations.append(count)
@@ -269,3 +273,13 @@ async def test_sentinel_finds_the_master(server: EmbeddedValkey, tmp_path: Path)
     finally:
         process.kill()
         process.wait(5)
+
+
+def test_received_is_called_once_per_read_after_its_messages() -> None:
+    sink = Recorder()
+    proto, _ = protocol(sink)
+    proto.data_received(confirmation() + message(b"D1") + message(b"D2"))
+    proto.data_received(message(b"D3")[:10])  # incomplete: nothing handed on, nothing to act on
+    proto.data_received(message(b"D3")[10:] + message(b"D4"))
+    assert sink.messages == [b"D1", b"D2", b"D3", b"D4"]
+    assert [n for n in sink.reads if n] == [2, 2]
