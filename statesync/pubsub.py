@@ -70,10 +70,24 @@ def encode_command(*args: bytes | str | int) -> bytes:
 
 
 class SubscriberProtocol(asyncio.Protocol):
-    __slots__ = ("_buffer", "_done", "_handshake", "_need", "_pending_oks", "sink", "transport")
+    __slots__ = (
+        "_buffer",
+        "_done",
+        "_frame_head",
+        "_handshake",
+        "_need",
+        "_pending_oks",
+        "sink",
+        "transport",
+    )
 
-    def __init__(self, sink: Sink, handshake: bytes, pending_oks: int) -> None:
+    def __init__(self, sink: Sink, handshake: bytes, pending_oks: int, channel: bytes | None = None) -> None:
         self.sink = sink
+        # A message on the one channel subscribed to starts with these bytes, up to the payload's
+        # length: the steady state's frames are recognised in one comparison (None: any channel).
+        self._frame_head = (
+            b"%s%d\r\n%s\r\n$" % (_MESSAGE_HEAD, len(channel), channel) if channel is not None else None
+        )
         self.transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._need = 0  # bytes the buffered incomplete frame needs at least before parsing again
@@ -150,7 +164,23 @@ class SubscriberProtocol(asyncio.Protocol):
         pos = 0
         end = len(data)
         sink = self.sink
+        head = self._frame_head
+        skip = len(head) if head is not None else 0
         while pos < end and not self._done:
+            if head is not None and data.startswith(head, pos):
+                # the steady state: *3 $7 message $<n> <our channel> $<n> payload
+                at = pos + skip
+                eol = data.find(_CRLF, at)
+                if eol < 0:
+                    return pos
+                start = eol + 2
+                stop = start + int(data[at:eol])
+                if stop + 2 > end:
+                    self._need = stop + 2 - pos
+                    return pos
+                pos = stop + 2
+                sink.message(data[start:stop])
+                continue
             if data.startswith(_MESSAGE_HEAD, pos):
                 # *3 $7 message $<n> channel $<n> payload: the only frame of the steady state
                 at = self._skip_bulk(data, pos + len(_MESSAGE_HEAD) - 1, pos)
@@ -239,7 +269,9 @@ async def subscribe(
         handshake.append(encode_command("SELECT", conn.db))
         oks += 1
     handshake.append(encode_command("SUBSCRIBE", channel))
-    protocol = SubscriberProtocol(sink, b"".join(handshake), oks)
+    protocol = SubscriberProtocol(
+        sink, b"".join(handshake), oks, channel if isinstance(channel, bytes) else channel.encode()
+    )
     path: str | None = getattr(conn, "path", None)
     if path:
         connecting: Any = loop.create_unix_connection(lambda: protocol, path)

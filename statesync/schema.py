@@ -441,7 +441,11 @@ def pack_array(items: list[bytes]) -> bytes:
 
 
 def decode_delta(data: bytes) -> Delta:
-    result: Delta = _decode_either_form(_delta_decoder, _legacy_delta_decoder, data, "delta", _delta_from_map)
+    try:  # (the router's receive path: one decoder call, no frame in between, for current data)
+        result: Delta = _delta_decoder.decode(data)
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError):
+        # the earlier map form, or bytes that are no delta: the general path converts or names it
+        result = _decode_either_form(_delta_decoder, _legacy_delta_decoder, data, "delta", _delta_from_map)
     share_values(result.pods)
     return result
 

@@ -77,8 +77,21 @@ def confirmation(channel: bytes = b"fastproxy:deltas", count: int = 1) -> bytes:
     return b"*3\r\n$9\r\nsubscribe\r\n$%d\r\n%s\r\n:%d\r\n" % (len(channel), channel, count)
 
 
+_CHANNEL_KNOWN = [False]
+
+
+@pytest.fixture(params=["any-channel", "channel-known"])
+def parse_path(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every bytes-driven test twice: the general frame parser, and the fast path for the one
+    channel subscribed to (which ``subscribe`` always uses)."""
+    _CHANNEL_KNOWN[0] = request.param == "channel-known"
+    yield
+    _CHANNEL_KNOWN[0] = False
+
+
 def protocol(sink: Recorder, oks: int = 0) -> tuple[SubscriberProtocol, FakeTransport]:
-    proto = SubscriberProtocol(sink, encode_command("SUBSCRIBE", "fastproxy:deltas"), oks)
+    channel = b"fastproxy:deltas" if _CHANNEL_KNOWN[0] else None
+    proto = SubscriberProtocol(sink, encode_command("SUBSCRIBE", "fastproxy:deltas"), oks, channel)
     transport = FakeTransport()
     proto.connection_made(transport)  # type: ignore[arg-type]
     return proto, transport
@@ -87,6 +100,7 @@ def protocol(sink: Recorder, oks: int = 0) -> tuple[SubscriberProtocol, FakeTran
 # ---- bytes in, callbacks out -----------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("parse_path")
 def test_handshake_is_written_on_connect() -> None:
     _, transport = protocol(Recorder())
     assert transport.written == b"*2\r\n$9\r\nSUBSCRIBE\r\n$16\r\nfastproxy:deltas\r\n"
@@ -96,6 +110,7 @@ def test_handshake_is_written_on_connect() -> None:
     )
 
 
+@pytest.mark.usefixtures("parse_path")
 def test_oks_confirmation_and_messages_in_one_read() -> None:
     sink = Recorder()
     proto, _ = protocol(sink, oks=2)
@@ -106,6 +121,7 @@ def test_oks_confirmation_and_messages_in_one_read() -> None:
     assert sink.ended == []
 
 
+@pytest.mark.usefixtures("parse_path")
 @pytest.mark.parametrize("step", [1, 2, 3, 7, 64])
 def test_frames_split_anywhere_are_reassembled(step: int) -> None:
     payloads = [b"D" * 10, b"H" * 3000, b"D" + b"\r\n" * 50, b"x"]
@@ -119,6 +135,7 @@ def test_frames_split_anywhere_are_reassembled(step: int) -> None:
     assert sink.ended == []
 
 
+@pytest.mark.usefixtures("parse_path")
 def test_error_reply_ends_the_subscription_with_valkeys_exception() -> None:
     sink = Recorder()
     proto, transport = protocol(sink, oks=1)
@@ -134,6 +151,7 @@ def test_error_reply_ends_the_subscription_with_valkeys_exception() -> None:
     assert isinstance(sink.ended[0], NoPermissionError)
 
 
+@pytest.mark.usefixtures("parse_path")
 def test_unexpected_frames_and_sink_errors_end_the_subscription() -> None:
     sink = Recorder()
     proto, _ = protocol(sink)
@@ -275,6 +293,7 @@ async def test_sentinel_finds_the_master(server: EmbeddedValkey, tmp_path: Path)
         process.wait(5)
 
 
+@pytest.mark.usefixtures("parse_path")
 def test_received_is_called_once_per_read_after_its_messages() -> None:
     sink = Recorder()
     proto, _ = protocol(sink)
@@ -283,3 +302,11 @@ def test_received_is_called_once_per_read_after_its_messages() -> None:
     proto.data_received(message(b"D3")[10:] + message(b"D4"))
     assert sink.messages == [b"D1", b"D2", b"D3", b"D4"]
     assert [n for n in sink.reads if n] == [2, 2]
+
+
+def test_a_message_of_another_channel_takes_the_general_parser() -> None:
+    sink = Recorder()
+    proto = SubscriberProtocol(sink, b"", 0, b"fastproxy:deltas")
+    proto.connection_made(FakeTransport())  # type: ignore[arg-type]
+    proto.data_received(message(b"D1") + message(b"X", channel=b"other") + message(b"D2"))
+    assert sink.messages == [b"D1", b"X", b"D2"] and sink.ended == []
