@@ -4,6 +4,7 @@ Usage::
 
     python -m bench.scale [--pods 1000,10000,50000] [--churn 500] [--rate 2000] [--duration 5]
                           [--repeats 5] [--nginx] [--haproxy] [--max-foreign-cpu 0.15]
+                          [--baseline-root DIR] [--baseline-args ARGS] [--no-churn-elsewhere]
                           [--json PATH] [--markdown PATH] [--plots DIR]
 
 Theory of operation
@@ -38,7 +39,13 @@ event; the run records the events sent and how far the router's snapshot version
 
 Rounds: each round measures, one after the other, ``direct``, ``direct+churn`` (churn into the
 largest namespace: what the writer, Valkey and agent take from this 2-vCPU machine),
-``router@N`` and ``router@N+churn`` for every N, then nginx and haproxy. Each run is the open-loop
+``router@N`` and ``router@N+churn`` for every N, then nginx and haproxy. With two sizes or more,
+``router@N+churn-elsewhere`` measures the smallest router while the churn goes into the largest
+namespace: the same state-path load on the machine, no delta for the measured router, so its
+churned CPU minus this, per version applied, is what receiving and applying a delta costs the
+router itself (the verdicts say it). ``--baseline-args`` / ``--baseline-root DIR`` add a second
+router per size (``base@N``, the same targets) started with other arguments or running another
+checkout's code (its own ``.venv``, e.g. a worktree of main): before and after side by side. Each run is the open-loop
 generator of ``bench.loadgen`` through ``bench.e2e.open_loop_run`` with the same foreign-CPU
 guard (a run disturbed by other sessions is run again; the least disturbed attempt is kept).
 Added latency = router percentile - direct percentile of the same round (with churn: minus
