@@ -10,7 +10,9 @@ its current ``Exchange``; the events of pipelined requests wait (bounded: readin
 response before them is complete, so responses go out in order.
 
 ``Exchange`` routes (snapshot read once), picks a pod from the slot table (or waits in the
-revision's FIFO, with a deadline), takes a pooled connection or opens one, writes the rebuilt head
+revision's FIFO, with a deadline; or, on an LLM prefix route of a router with
+``--affinity-wait-ms``, briefly for its busy affine pods: ``_wait_affine``), takes a pooled
+connection or opens one, writes the rebuilt head
 and streams the body. Body bytes that arrive before a pod is ready are held (reading pauses past a
 bound), so a request whose pod refuses the connection, times out connecting, or (sidecar protocol)
 answers "busy" before the app saw anything, goes to a *different* pod with nothing lost: the pod is
