@@ -7,6 +7,10 @@ nothing there dispatches on these paths). Requests are parsed by the same strict
 the data path. ``/healthz`` and ``/readyz`` answer without credentials (a kubelet probes them);
 everything else needs ``Authorization: Bearer <token>`` and answers 401 without it. With no token
 configured, only the probes answer.
+
+``/v1/routes`` shows each route as the router holds it (its ``llm`` section with the fields it
+sets), and for a ``policy: prefix`` route the affinity wait it runs with: the route's
+``affinity_wait_ms`` if set, else the router's ``--affinity-wait-ms`` (``affinity_wait_from``).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from fastproxy.exposition import MetricSource, render
 from fastproxy.gcwatch import PAUSES
 from fastproxy.metrics import RouterCollector
 from fastproxy.tunnel import SessionView
+from statesync.schema import Route
 
 if TYPE_CHECKING:
     from fastproxy.router import Router
@@ -53,6 +58,28 @@ class RevisionView(msgspec.Struct):
     queued: int
     free_slots: int
     websocket: SessionView = msgspec.field(default_factory=SessionView)
+
+
+class RouteView(msgspec.Struct):
+    route: Route
+    # policy: prefix only: the wait its requests may make for busy affine pods (ms; 0: none),
+    # and whose setting that is ("route", or "router" when the route leaves it unset).
+    affinity_wait_ms: float | None = None
+    affinity_wait_from: str = ""
+
+
+def routes_view(router: Router) -> list[RouteView]:
+    out = []
+    for name, compiled in sorted(router.snapshot.route_table.by_service.items()):
+        view = RouteView(route=compiled.route)
+        llm = compiled.llm
+        if llm is not None and llm.prefix:
+            if llm.affinity_wait >= 0:
+                view.affinity_wait_ms, view.affinity_wait_from = llm.affinity_wait * 1000.0, "route"
+            else:
+                view.affinity_wait_ms, view.affinity_wait_from = router.config.affinity_wait_ms, "router"
+        out.append(view)
+    return out
 
 
 def pods_view(router: Router) -> list[PodView]:
@@ -171,6 +198,8 @@ class AdminConnection(asyncio.Protocol):
             return 200, b"application/json", _json.encode(pods_view(router))
         if path == "/v1/revisions":
             return 200, b"application/json", _json.encode(revisions_view(router))
+        if path == "/v1/routes":
+            return 200, b"application/json", _json.encode(routes_view(router))
         if path == "/v1/state":
             snapshot = router.snapshot
             return (

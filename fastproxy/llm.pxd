@@ -19,6 +19,7 @@ cpdef object prefix_key(object data, Py_ssize_t prefix_bytes)
 
 cdef class LLMRoute:
     cdef public str adapter_key
+    cdef public double affinity_wait
     cdef public object config
     cdef public object decoder
     cdef public double epsilon
@@ -41,6 +42,7 @@ cdef class LLMRequest:
     cdef public bint peeking
     cdef public LLMRoute route
     cdef public object service
+    cdef public double wait_began
     cdef public list wait_for
     cdef public bint waited
     @cython.locals(found=object)

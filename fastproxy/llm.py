@@ -17,9 +17,12 @@ revisions), the affinity key and the adapter. The key, for ``policy: prefix``, i
 header's value if the request carries it, else the first ``prefix_bytes`` of the prompt as sent
 (``messages``, else ``prompt``), hashed into a 64-bit key (``word_hash``): turns of one
 conversation, and conversations that share a system prompt, share those first bytes. The pick
-itself is ``fastproxy.affinity``; on a router with ``--affinity-wait-ms`` a keyed request may be
-told to wait for its busy affine pods instead (``LLMRequest.pick`` returns None and names them in
-``wait_for``; the exchange waits once, bounded, then picks any free pod).
+itself is ``fastproxy.affinity``; on a route with ``affinity_wait_ms`` (or, where the route leaves
+it unset, a router with ``--affinity-wait-ms``) a keyed request may be told to wait for its busy
+affine pods instead (``LLMRequest.pick`` returns None and names them in ``wait_for``; the exchange
+waits once, bounded, then picks any free pod). ``LLMRoute.affinity_wait`` holds the route's value
+in seconds, resolved when the snapshot is built (-1: the router's flag), so the exchange finds it
+beside the rest of the route.
 
 The hash is part of what routers agree on (the same prompt must give the same key in every router,
 compiled or pure, on every host), so it is defined here in a few lines rather than taken from a
@@ -144,6 +147,7 @@ class LLMRoute:
 
     __slots__ = (
         "adapter_key",
+        "affinity_wait",
         "config",
         "decoder",
         "epsilon",
@@ -170,6 +174,10 @@ class LLMRoute:
         self.prefix_bytes = config.prefix_bytes
         self.session_header = config.session_header.encode() if config.session_header else None
         self.epsilon = config.epsilon
+        # The route's affinity wait in seconds, resolved here once per snapshot so the exchange
+        # reads one C field per request; -1.0: unset, the router's --affinity-wait-ms holds.
+        wait_ms = config.affinity_wait_ms
+        self.affinity_wait = wait_ms / 1000.0 if wait_ms is not None else -1.0
 
     def begin(self) -> LLMRequest:
         return LLMRequest(self)
@@ -224,7 +232,9 @@ def _what(exc: msgspec.ValidationError, model_key: str) -> str:
 class LLMRequest:
     """What the body peek found for one request; ``peeking`` until the body is read."""
 
-    __slots__ = ("adapter", "deadline", "key", "model", "peeking", "route", "service", "wait_for", "waited")
+    __slots__ = (
+        "adapter", "deadline", "key", "model", "peeking", "route", "service", "wait_began", "wait_for", "waited",
+    )  # fmt: skip
 
     def __init__(self, route: LLMRoute) -> None:
         self.route = route
@@ -238,9 +248,11 @@ class LLMRequest:
         # whether it did already (a request waits for its affine pods once at most).
         self.wait_for: list[PodSlots] | None = None
         self.waited = False
+        # Loop time the affine wait began, while it lasts (0 otherwise): the wait's metrics.
+        self.wait_began = 0.0
 
     def pick(self, table: SlotTable, revision: str, wait: bool = False) -> Lease | None:
-        """The pod for this request. With ``wait`` (the router's ``affinity_wait_ms`` is set), a
+        """The pod for this request. With ``wait`` (the route's wait, or the router's, is set), a
         prefix-keyed request whose affine pods are full while another is free gets None and the
         pods in ``wait_for``: the caller waits for one of them, then picks again (``waited``)."""
         key = self.key

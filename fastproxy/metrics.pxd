@@ -22,6 +22,10 @@ cdef class LatencyHistogram:
 
 cdef class RouterStats:
     cdef public LatencyHistogram added_latency
+    cdef public Histogram affinity_wait_abandoned
+    cdef public Histogram affinity_wait_affine
+    cdef public Histogram affinity_wait_other_pod
+    cdef public Histogram affinity_wait_queue
     cdef public Py_ssize_t busy_refusals
     cdef public Py_ssize_t client_aborts
     cdef public dict errors
@@ -34,3 +38,4 @@ cdef class RouterStats:
     cdef public dict retries
     cdef public double started
     cpdef count_error(self, str kind)
+    cpdef list affinity_waits(self)

@@ -48,6 +48,13 @@ LATENCY_GROWTH = 1.05  # each bucket's upper edge / its lower edge: the resoluti
 LATENCY_EXPORT_STRIDE = 2  # /metrics keeps every 2nd edge (growth 1.1025)
 QUANTILES = (0.5, 0.9, 0.99)
 QUEUE_WAIT_BOUNDS = (1e-3, 5e-3, 10e-3, 50e-3, 100e-3, 500e-3, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Affinity waits (a route's affinity_wait_ms, up to 10 s): a wait pays only when shorter than the
+# prefill a cache hit saves, tens to hundreds of ms, so the buckets are finest there.
+AFFINITY_WAIT_BOUNDS = (1e-3, 2e-3, 5e-3, 10e-3, 20e-3, 50e-3, 100e-3, 200e-3, 500e-3, 1.0, 2.0, 5.0, 10.0)
+# How an affinity wait ended (the ``outcome`` label), in RouterStats' order: handed a slot of one
+# of its affine pods; expired, then took another free pod; expired with no pod free, then the
+# revision's FIFO (or its refusal when full); the client left (or the request failed) meanwhile.
+AFFINITY_WAIT_OUTCOMES = ("affine", "other_pod", "queue", "abandoned")
 
 
 class Histogram:
@@ -163,6 +170,10 @@ def merged_quantiles(hists: list[LatencyHistogram], qs: tuple[float, ...] = QUAN
 class RouterStats:
     __slots__ = (
         "added_latency",
+        "affinity_wait_abandoned",
+        "affinity_wait_affine",
+        "affinity_wait_other_pod",
+        "affinity_wait_queue",
         "busy_refusals",
         "client_aborts",
         "errors",
@@ -188,7 +199,24 @@ class RouterStats:
         self.queue_rejections = 0
         self.added_latency = LatencyHistogram()
         self.queue_wait = Histogram(QUEUE_WAIT_BOUNDS)
+        # Affinity waits by how they ended (AFFINITY_WAIT_OUTCOMES), each a histogram of the time
+        # waited: its count is the number of such waits. Only a request that waits touches them.
+        self.affinity_wait_affine = Histogram(AFFINITY_WAIT_BOUNDS)
+        self.affinity_wait_other_pod = Histogram(AFFINITY_WAIT_BOUNDS)
+        self.affinity_wait_queue = Histogram(AFFINITY_WAIT_BOUNDS)
+        self.affinity_wait_abandoned = Histogram(AFFINITY_WAIT_BOUNDS)
         self.started = time.time()
+
+    def affinity_waits(self) -> list[tuple[str, Histogram]]:
+        """The affinity waits' histograms by outcome, in AFFINITY_WAIT_OUTCOMES' order."""
+        return list(
+            zip(
+                AFFINITY_WAIT_OUTCOMES,
+                (self.affinity_wait_affine, self.affinity_wait_other_pod, self.affinity_wait_queue,
+                 self.affinity_wait_abandoned),
+                strict=True,
+            )
+        )  # fmt: skip
 
     def count_error(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
@@ -257,6 +285,7 @@ class RouterCollector:
             figures.add_metric([str(q)], added.quantile(q))
         yield figures
         yield _histogram("fastproxy_queue_wait_seconds", "Time waited for a free slot", stats.queue_wait)
+        yield from _affinity_wait_families(stats)
         inflight = GaugeMetricFamily(
             "fastproxy_inflight", "Requests in flight per revision", labels=["revision"]
         )
@@ -324,6 +353,24 @@ class RouterCollector:
             "fastproxy_websocket_idle_closes", "WebSocket sessions closed by the idle timeout",
             value=tunnels.idle_closes,
         )  # fmt: skip
+
+
+def _affinity_wait_families(stats: RouterStats) -> Iterator[MetricFamily]:
+    """The waits of prefix-route requests for their busy affine pods, by how each ended."""
+    waits = CounterMetricFamily(
+        "fastproxy_affinity_waits",
+        "Requests that waited for a busy affine pod, by outcome (affine: handed its slot; other_pod: "
+        "expired, took another free pod; queue: expired, no pod free; abandoned: client gone)",
+        labels=["outcome"],
+    )  # fmt: skip
+    seconds = HistogramMetricFamily(
+        "fastproxy_affinity_wait_seconds", "Time waited for a busy affine pod, by outcome", labels=["outcome"]
+    )  # fmt: skip
+    for outcome, hist in stats.affinity_waits():
+        waits.add_metric([outcome], hist.count)
+        seconds.add_metric([outcome], hist.cumulative(), hist.sum)
+    yield waits
+    yield seconds
 
 
 def _gc_families() -> Iterator[MetricFamily]:

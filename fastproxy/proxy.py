@@ -10,8 +10,9 @@ its current ``Exchange``; the events of pipelined requests wait (bounded: readin
 response before them is complete, so responses go out in order.
 
 ``Exchange`` routes (snapshot read once), picks a pod from the slot table (or waits in the
-revision's FIFO, with a deadline; or, on an LLM prefix route of a router with
-``--affinity-wait-ms``, briefly for its busy affine pods: ``_wait_affine``), takes a pooled
+revision's FIFO, with a deadline; or, on an LLM prefix route with ``affinity_wait_ms`` -- the
+route's, else the router's ``--affinity-wait-ms`` -- briefly for its busy affine pods:
+``_wait_affine``, each wait's outcome and time counted), takes a pooled
 connection or opens one, writes the rebuilt head
 and streams the body. Body bytes that arrive before a pod is ready are held (reading pauses past a
 bound), so a request whose pod refuses the connection, times out connecting, or (sidecar protocol)
@@ -665,9 +666,13 @@ class Exchange:
         if llm is None:
             lease = router.slots.pick(self.revision)
         else:
-            lease = llm.pick(router.slots, self.revision, router.config.affinity_wait_ms > 0)
+            # The route's affinity wait (seconds; resolved at snapshot build), else the router's.
+            wait = llm.route.affinity_wait
+            if wait < 0.0:
+                wait = router.config.affinity_wait_ms / 1000.0
+            lease = llm.pick(router.slots, self.revision, wait > 0.0)
             if lease is None and llm.wait_for is not None:
-                self._wait_affine(llm)
+                self._wait_affine(llm, wait)
                 return
         if lease is not None:
             self._on_lease(lease)
@@ -698,11 +703,13 @@ class Exchange:
         self._waiter_timer = router.loop.call_at(self.queue_deadline, self._queue_deadline)
         waiter.add_done_callback(self._on_waiter_done)
 
-    def _wait_affine(self, llm: LLMRequest) -> None:
+    def _wait_affine(self, llm: LLMRequest, wait: float) -> None:
         """Wait for one of the request's affine pods (``llm.wait_for``; they are full, another
-        pod is free: ``fastproxy.affinity.pick_or_wait``) for ``affinity_wait_ms`` at most, never
-        past the request's queue deadline; then pick any free pod at once (``_affine_expired``).
-        A freed slot of one of them is handed over exactly, as to a FIFO waiter."""
+        pod is free: ``fastproxy.affinity.pick_or_wait``) for ``wait`` seconds (the route's
+        ``affinity_wait_ms``, else the router's) at most, never past the request's queue
+        deadline; then pick any free pod at once (``_affine_expired``). A freed slot of one of
+        them is handed over exactly, as to a FIFO waiter (``_on_affine_done``). How the wait
+        ends is counted (``RouterStats.affinity_waits``)."""
         router = self.router
         pods = llm.wait_for
         llm.wait_for = None
@@ -710,7 +717,7 @@ class Exchange:
         loop = router.loop
         now = loop.time()
         config = router.config
-        until = now + min(config.affinity_wait_ms / 1000.0, config.queue_timeout)
+        until = now + min(wait, config.queue_timeout)
         if self.queue_deadline and self.queue_deadline < until:
             until = self.queue_deadline
         waiter = (
@@ -721,17 +728,38 @@ class Exchange:
             return
         self.stage = _QUEUED
         self._waiter = waiter
+        llm.wait_began = now  # (non-zero while it waits: _leave_queue counts a wait abandoned)
         self._waiter_timer = loop.call_at(until, self._affine_expired)
-        waiter.add_done_callback(self._on_waiter_done)
+        waiter.add_done_callback(self._on_affine_done)
+
+    def _on_affine_done(self, waiter: asyncio.Future[Any]) -> None:
+        """An affine wait handed a slot of one of its pods (the FIFO's ``_on_waiter_done`` then)."""
+        llm = self.llm
+        if not waiter.cancelled() and self._waiter is waiter and llm is not None and llm.wait_began:
+            self.router.stats.affinity_wait_affine.observe(self.router.loop.time() - llm.wait_began)
+            llm.wait_began = 0.0
+        self._on_waiter_done(waiter)
 
     def _affine_expired(self) -> None:
         self._waiter_timer = None
         waiter = self._waiter
         if waiter is None or waiter.done():
             return
+        llm = self.llm
+        began = 0.0
+        if llm is not None:  # (always: only an LLM request waits for affine pods)
+            began = llm.wait_began
+            llm.wait_began = 0.0  # (not abandoned: it ends here)
         self._leave_queue()
         self.stage = _ROUTING
+        attempts = self.attempts
         self._acquire()
+        stats = self.router.stats
+        waited = self.router.loop.time() - began
+        if self.attempts > attempts:  # (_on_lease counts each pod it is given)
+            stats.affinity_wait_other_pod.observe(waited)
+        else:  # no pod free: the revision's FIFO, or its refusal
+            stats.affinity_wait_queue.observe(waited)
 
     def _leave_queue(self, taking: bool = False) -> None:
         waiter = self._waiter
@@ -742,6 +770,10 @@ class Exchange:
             self._waiter_timer.cancel()
             self._waiter_timer = None
         self.router.slots.leave_queue(self.revision, waiter, self.hold_bytes)
+        llm = self.llm
+        if llm is not None and llm.wait_began:  # an affine wait ends with nothing handed over
+            self.router.stats.affinity_wait_abandoned.observe(self.router.loop.time() - llm.wait_began)
+            llm.wait_began = 0.0
         if not taking and waiter.done() and not waiter.cancelled():
             # It was handed a slot, and it ends (client gone, failed) before its callback took it
             # (the hand-over and the end in one loop iteration): the slot goes back, or it leaks.

@@ -225,12 +225,15 @@ class AffinityPolicy(enum.StrEnum):
 
 
 JsonKey = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+# A route's affinity wait, at most (ms): far above any wait that pays (a prefill saved), far below
+# a request's patience.
+MAX_AFFINITY_WAIT_MS: Final = 10_000
 # The prompt fields the body peek reads; a model or adapter key cannot be one of them.
 PROMPT_KEYS: Final = ("messages", "prompt")
 _HEADER_NAME: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z-]+$")
 
 
-class LLMRouting(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class LLMRouting(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
     """How a route reads an OpenAI-style JSON body before it picks a pod (``fastproxy.llm``).
 
     The body is read up to ``max_body_bytes`` (only for routes that have this), then streamed to
@@ -242,7 +245,14 @@ class LLMRouting(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     pods advertising that adapter are preferred. ``policy: prefix`` keys the pick by the
     ``session_header`` value when the request has one, else by the first ``prefix_bytes`` of the
     prompt (``messages``, else ``prompt``, as sent); ``epsilon`` bounds an affine pod's load to
-    (1 + epsilon) times the revision's average."""
+    (1 + epsilon) times the revision's average. ``affinity_wait_ms`` (``policy: prefix`` only): a
+    request whose affine pods are full while another pod is free waits up to this long for one of
+    them (0: never; ``fastproxy.affinity.pick_or_wait``); unset (None), the router's
+    ``--affinity-wait-ms`` holds. Every router caps it at its own queue timeout.
+
+    Fields left at their defaults are not encoded (``omit_defaults``): a router that predates a
+    field (it refuses unknown ones) still reads every section that does not set it, so a new
+    writer can roll out before the routers -- set a new field only once they all know it."""
 
     policy: AffinityPolicy = AffinityPolicy.LEAST_INFLIGHT
     model_key: JsonKey = "model"
@@ -253,6 +263,7 @@ class LLMRouting(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     prefix_bytes: Annotated[int, msgspec.Meta(ge=16, le=1024 * 1024)] = 1024
     session_header: str = ""
     epsilon: Annotated[float, msgspec.Meta(gt=0, le=100)] = 0.25
+    affinity_wait_ms: Annotated[int, msgspec.Meta(ge=0, le=MAX_AFFINITY_WAIT_MS)] | None = None
 
     def __post_init__(self) -> None:
         if self.model_key in PROMPT_KEYS:
@@ -267,6 +278,11 @@ class LLMRouting(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
                 raise ValueError(f"session_header {self.session_header!r}: a lower-case header name")
             if self.policy is not AffinityPolicy.PREFIX:
                 raise ValueError("session_header is used only by policy: prefix")
+        if self.affinity_wait_ms is not None and self.policy != AffinityPolicy.PREFIX:
+            raise ValueError(
+                "affinity_wait_ms is used only by policy: prefix (a request of another policy has no "
+                "affine pod to wait for)"
+            )
 
 
 class Route(msgspec.Struct, frozen=True, kw_only=True):
