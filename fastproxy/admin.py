@@ -70,7 +70,9 @@ class RouteView(msgspec.Struct):
 
 def routes_view(router: Router) -> list[RouteView]:
     out = []
-    for name, compiled in sorted(router.snapshot.route_table.by_service.items()):
+    by_service = router.snapshot.route_table.by_service
+    for name in sorted(by_service):
+        compiled = by_service[name]
         view = RouteView(route=compiled.route)
         llm = compiled.llm
         if llm is not None and llm.prefix:

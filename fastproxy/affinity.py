@@ -24,10 +24,10 @@ counted) takes it. After ``MAX_PROBES`` entries without one (adjacent entries be
 pods, so the spill of one pod's keys spreads), any free pod does (``least_inflight``); with no free
 pod at all the request waits in the revision's FIFO like any other and takes the first slot freed
 anywhere. So affinity only ever chooses *among free pods*: it cannot double-book a pod, and it
-never waits for an affine pod while another is free -- unless the router is told to
-(``--affinity-wait-ms``, off by default; below).
+never waits for an affine pod while another is free -- unless configured to (the route's
+``llm.affinity_wait_ms``, else the router's ``--affinity-wait-ms``; off by default; below).
 
-The bounded wait (``pick_or_wait``): a router with ``affinity_wait_ms`` looks at the key's first
+The bounded wait (``pick_or_wait``): a request of a route with a wait looks at the key's first
 ``WAIT_CANDIDATES`` entries (its own pod, and the next, which took its earlier turns whenever the
 first was busy). One that is free and within the bound takes the request, as above. When none can,
 some of them are *full* (a pod with a free slot but over the bound is never waited for: the bound
@@ -35,7 +35,7 @@ is what keeps the spread) and some other pod is free, the request waits for the 
 one of the full ones -- the slot table hands that slot over exactly, as to a FIFO waiter
 (``SlotTable.wait_for_pods``: after the revision's FIFO, whose requests found no free pod at all;
 at most ``concurrency`` such waiters per pod, counted in the revision's queue bounds) -- for
-``affinity_wait_ms`` at most and never past the request's queue deadline; then it takes any free
+the route's wait at most and never past the request's queue deadline; then it takes any free
 pod at once (``pick``), or the FIFO if none is. A request waits once. It pays off only when the
 wait is short against the prefill a hit saves: at CC=1 the affine pod is busy with another
 conversation, whose remaining time is mostly decoding (the figures are in the README and
@@ -306,7 +306,7 @@ def _any_free(revision: RevisionSlots) -> bool:
 def pick_or_wait(
     table: SlotTable, revision: str, key: int, adapter: str | None, epsilon: float
 ) -> Lease | list[PodSlots] | None:
-    """``pick`` for a route that may wait for its affine pods (``--affinity-wait-ms``): the
+    """``pick`` for a route that may wait for its affine pods (``affinity_wait_ms``): the
     first ``WAIT_CANDIDATES`` pods of the key's entries (in the adapter's table when the request
     names an adapter some pod advertises) are its candidates. One that is free and within the
     bound takes the request. When none can, some are full (every slot taken; a pod merely over

@@ -18,6 +18,11 @@ The Prometheus exposition keeps every other edge (10.25% apart: 143 edges, 144 `
 +Inf), the resolution ``histogram_quantile``'s linear in-bucket interpolation needs to stay within
 ~5%, at half the series; the exact p50/p90/p99 are exported beside it as gauges.
 
+Affinity waits (a prefix route's request waiting for its busy affine pods, ``fastproxy.proxy``'s
+``_wait_affine``) are four histograms of the time waited, one per way a wait ends: their counts
+are the waits. Only a request that waits observes one (``fastproxy_affinity_waits`` and
+``fastproxy_affinity_wait_seconds``, labelled ``outcome``).
+
 The module is compiled with the data path (``fastproxy.compiled``; types in ``metrics.pxd``): the
 compiled ``Exchange`` bumps ``RouterStats``' counters as C fields and calls ``observe`` as a C call.
 """

@@ -532,7 +532,7 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--listen", type=parse_address, default=("0.0.0.0", 8080), help="proxy HOST:PORT")
     parser.add_argument("--admin", type=parse_address, default=("127.0.0.1", 9090),
-                        help="admin HOST:PORT (/healthz /readyz /metrics /v1/pods /v1/revisions)")  # fmt: skip
+                        help="admin HOST:PORT (/healthz /readyz /metrics /v1/pods /v1/revisions /v1/routes)")  # fmt: skip
     parser.add_argument(
         "--admin-token-file", help="bearer token for the admin API (else $FASTPROXY_ADMIN_TOKEN)"
     )
@@ -563,7 +563,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--max-queued", type=int, default=1000, help="waiting requests per revision")
     parser.add_argument(
         "--affinity-wait-ms", type=float, default=0.0, metavar="MS",
-        help="LLM prefix routes: ms a request may wait for its busy affine pod while another is free (0: never)",
+        help="LLM prefix routes that do not set llm.affinity_wait_ms: ms a request may wait for its busy "
+        "affine pod while another is free (0: never)",
     )  # fmt: skip
     parser.add_argument("--max-attempts", type=int, default=4, help="pods tried per request")
     parser.add_argument(

@@ -30,7 +30,7 @@ from tests.conftest import RouterHarness, chat_route, exchange, pod_record, stat
 from tests.faults.conftest import FaultReport
 
 TOKEN = "s3cret-admin-token"
-PROTECTED = ("/metrics", "/v1/pods", "/v1/revisions", "/v1/state")
+PROTECTED = ("/metrics", "/v1/pods", "/v1/revisions", "/v1/routes", "/v1/state")
 ADMIN_MARKERS = (b"fastproxy_", b'"uid"', b'"revision"', b'"epoch"', b"missing or wrong bearer token",
                  b"no such admin path", b"www-authenticate", b"not ready:")  # fmt: skip
 ADMIN_PROBE_BODIES = (b"ok\n", b"ready\n", b"ready (stale)\n")

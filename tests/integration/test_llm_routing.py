@@ -1,7 +1,7 @@
 """LLM routes over real sockets: model routing by the JSON body, bodies forwarded unchanged, clear
 refusals, prefix affinity that two routers agree on, adapter affinity, the body's deadline, and
 the bounded wait for busy affine pods (off by default, bounded, deadline kept, never two requests
-on a CC=1 pod)."""
+on a CC=1 pod; per route, over the router's flag; each wait's outcome in /metrics)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import httpx
 import msgspec
 import pytest
 
+from fastproxy.admin import start_admin
 from fastproxy.affinity import WAIT_CANDIDATES, maglev_of
 from fastproxy.devtools.upstream import AppServer
 from fastproxy.llm import prefix_key
@@ -206,14 +207,16 @@ async def test_service_named_by_models_without_a_route_is_503(harness: RouterHar
 
 
 async def three_pods_and_a_busy_key(
-    harness: RouterHarness, **config: object
+    harness: RouterHarness, route_wait_ms: int | None = None, **config: object
 ) -> tuple[Router, int, list[AppServer], dict[str, AppServer], str, list[str]]:
-    """Three CC=1 pods on a prefix route keyed by a session header, and a session whose two
-    affine pods (the candidates a request may wait for) are distinct."""
+    """Three CC=1 pods on a prefix route keyed by a session header (with ``affinity_wait_ms:
+    route_wait_ms`` unless None), and a session whose two affine pods (the candidates a request
+    may wait for) are distinct."""
     apps = [await harness.app(concurrency_limit=1) for _ in range(3)]
     by_uid = {f"p{i}": app for i, app in enumerate(apps)}
     pods = [pod_record(uid, app.address) for uid, app in by_uid.items()]
-    routes = [llm_route(policy="prefix", session_header="x-session"), plain_route("plain", "chat-v1")]
+    wait = {} if route_wait_ms is None else {"affinity_wait_ms": route_wait_ms}
+    routes = [llm_route(policy="prefix", session_header="x-session", **wait), plain_route("plain", "chat-v1")]
     router, port = await harness.router(pods, routes, **config)
     router.slots.materialize_pending(100)  # (as a first request would: the table needs the pods)
     maglev = maglev_of(router.slots.revisions["chat-v1"])
@@ -410,3 +413,118 @@ async def test_a_slot_handed_to_a_waiter_whose_client_leaves_at_once_goes_back(
     await asyncio.gather(request, return_exceptions=True)
     await release(holds, apps)
     await wait_for(lambda: revision.inflight_total == 0, what="every slot back")
+
+
+# ---- the wait per route (LLMRouting.affinity_wait_ms) and its metrics --------------------------
+
+
+async def admin_get(router: Router, path: str) -> httpx.Response:
+    """``path`` from the router's real admin listener (bearer token), over a socket."""
+    admin = await start_admin(router, "127.0.0.1", 0, "t0ken")
+    try:
+        base = f"http://127.0.0.1:{admin.sockets[0].getsockname()[1]}"
+        async with httpx.AsyncClient(base_url=base, headers={"authorization": "Bearer t0ken"}) as client:
+            return await client.get(path)
+    finally:
+        admin.close()
+
+
+def wait_counts(router: Router) -> dict[str, int]:
+    return {outcome: hist.count for outcome, hist in router.stats.affinity_waits()}
+
+
+NO_WAITS = {"affine": 0, "other_pod": 0, "queue": 0, "abandoned": 0}
+
+
+async def test_a_routes_affinity_wait_is_used_when_the_router_flag_is_off(harness: RouterHarness) -> None:
+    router, port, apps, by_uid, session, candidates = await three_pods_and_a_busy_key(
+        harness, route_wait_ms=8000
+    )
+    assert router.config.affinity_wait_ms == 0  # the router's flag: off
+    revision = router.slots.revisions["chat-v1"]
+    first = await occupy(port, session, by_uid, candidates[0], "/delay/500")
+    hung = await occupy(port, session, by_uid, candidates[1])
+    r, elapsed = await timed_post(port, session)
+    # it waited for its first candidate (the free third pod was not taken) and got its slot
+    assert r.status_code == 200 and 0.3 < elapsed < 7.0
+    assert served(by_uid) == [candidates[0]]
+    assert wait_counts(router) == {**NO_WAITS, "affine": 1}
+    assert 0.3 < router.stats.affinity_wait_affine.sum < 7.0
+    (chat, _) = (await admin_get(router, "/v1/routes")).json()
+    assert chat["route"]["llm"]["affinity_wait_ms"] == 8000
+    assert (chat["affinity_wait_ms"], chat["affinity_wait_from"]) == (8000, "route")
+    await first
+    await release([hung], apps)
+    await wait_for(lambda: revision.inflight_total == 0, what="every slot back")
+    assert all(app.violations == 0 and app.max_concurrent_seen <= 1 for app in apps)
+
+
+async def test_a_routes_affinity_wait_of_0_overrides_the_router_flag(harness: RouterHarness) -> None:
+    apps = [await harness.app(concurrency_limit=1) for _ in range(3)]
+    pods = [pod_record(f"p{i}", app.address) for i, app in enumerate(apps)]
+    routes = [llm_route(policy="prefix", session_header="x-session", affinity_wait_ms=0),
+              llm_route("other", policy="prefix", session_header="x-session")]  # fmt: skip
+    router, _ = await harness.router(pods, routes, affinity_wait_ms=8000)
+    by_service = router.snapshot.route_table.by_service
+    chat, other = by_service["chat"].llm, by_service["other"].llm
+    assert chat is not None and other is not None
+    assert (chat.affinity_wait, other.affinity_wait) == (0.0, -1.0)  # -1: the router's flag holds
+    views = {view["route"]["service"]: view for view in (await admin_get(router, "/v1/routes")).json()}
+    assert (views["chat"]["affinity_wait_ms"], views["chat"]["affinity_wait_from"]) == (0, "route")
+    assert (views["other"]["affinity_wait_ms"], views["other"]["affinity_wait_from"]) == (8000, "router")
+    # A router flag of 8 s, but this route says 0: a busy affine pair spills to the free pod at once.
+    router, port, apps, by_uid, session, candidates = await three_pods_and_a_busy_key(
+        harness, route_wait_ms=0, affinity_wait_ms=8000
+    )
+    holds = [await occupy(port, session, by_uid, uid) for uid in candidates]
+    r, elapsed = await timed_post(port, session)
+    assert r.status_code == 200 and elapsed < 4.0  # (waiting would take 8 s: the pods hang)
+    (free,) = set(by_uid) - set(candidates)
+    assert served(by_uid) == [free]
+    assert wait_counts(router) == NO_WAITS
+    await release(holds, apps)
+    assert all(app.violations == 0 and app.max_concurrent_seen <= 1 for app in apps)
+
+
+@pytest.mark.parametrize("outcome", ["affine", "other_pod", "queue", "abandoned"])
+async def test_each_affinity_wait_is_counted_by_how_it_ended(harness: RouterHarness, outcome: str) -> None:
+    """One wait of a route with affinity_wait_ms (300 ms; 8 s to be handed a pod busy for 1 s)
+    on a router without the flag, ending each way: handed its affine pod; expired, then the free
+    pod; expired with no pod free (the FIFO, then its deadline); the client gone. /metrics counts
+    it under that outcome, with its time."""
+    router, port, apps, by_uid, session, candidates = await three_pods_and_a_busy_key(
+        harness, route_wait_ms=8000 if outcome == "affine" else 300, queue_timeout=1.0
+    )
+    revision = router.slots.revisions["chat-v1"]
+    (free,) = set(by_uid) - set(candidates)
+    holds = [await occupy(port, session, by_uid, candidates[0], "/delay/1000" if outcome == "affine" else "/hang"),
+             await occupy(port, session, by_uid, candidates[1])]  # fmt: skip
+    if outcome == "abandoned":
+        body = chat_body("m", "sys", "hi")
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: api.local\r\nx-session: %s\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (session.encode(), len(body), body))  # fmt: skip
+        await wait_for(lambda: revision.affine_queued == 1, what="the affine wait")
+        writer.close()
+        await wait_for(lambda: revision.affine_queued == 0, what="the wait's end")
+    else:
+        waiting = asyncio.create_task(timed_post(port, session))
+        await wait_for(lambda: revision.affine_queued == 1, what="the affine wait")
+        if outcome == "queue":  # the free pod taken meanwhile: the wait ends with no pod free
+            holds.append(await occupy(port, "", by_uid, free, host="plain.local"))
+        r, _ = await waiting
+        expected = {"affine": (200, [candidates[0]]), "other_pod": (200, [free]), "queue": (503, [])}
+        assert (r.status_code, served(by_uid)) == expected[outcome]
+    assert wait_counts(router) == {**NO_WAITS, outcome: 1}
+    waited = dict(router.stats.affinity_waits())[outcome].sum
+    assert waited < 5.0 and (outcome in ("affine", "abandoned") or waited >= 0.29)  # (the bound: 300 ms)
+    metrics = (await admin_get(router, "/metrics")).text
+    for name in NO_WAITS:
+        count = 1 if name == outcome else 0
+        assert f'fastproxy_affinity_waits_total{{outcome="{name}"}} {count}.0' in metrics
+        assert f'fastproxy_affinity_wait_seconds_count{{outcome="{name}"}} {count}.0' in metrics
+    assert f'fastproxy_affinity_wait_seconds_bucket{{le="+Inf",outcome="{outcome}"}} 1.0' in metrics
+    await release(holds, apps)
+    await wait_for(lambda: revision.inflight_total == 0, what="every slot back")
+    assert revision.affine_queued == 0 and revision.queued == 0 and revision.queued_bytes == 0
+    assert all(app.violations == 0 and app.max_concurrent_seen <= 1 for app in apps)

@@ -26,8 +26,10 @@ from statesync.keys import (
     stream_id_key,
 )
 from statesync.schema import (
+    AffinityPolicy,
     ConnectFailed,
     ConnectFailureKind,
+    LLMRouting,
     PodDiscovered,
     PodRecord,
     PodRemoved,
@@ -144,6 +146,40 @@ async def test_events_reach_every_router_in_version_order(cluster: Cluster) -> N
     for follower in cluster.followers:
         await follower.warmed()
     assert gc.get_freeze_count() > 0
+
+
+async def test_a_routes_affinity_wait_reaches_every_router_through_the_writer(cluster: Cluster) -> None:
+    """RouteChanged with an llm section's affinity_wait_ms: the writer commits it, every router's
+    compiled route carries it (seconds), and a change that unsets it hands back to the router's flag."""
+
+    def with_wait(**wait: int) -> RouteChanged:
+        llm = LLMRouting(policy=AffinityPolicy.PREFIX, session_header="x-session", **wait)
+        return RouteChanged(route=msgspec.structs.replace(ROUTE.route, llm=llm))
+
+    def waits() -> list[float]:
+        return [r.snapshot.route_table.by_service["chat"].llm.affinity_wait for r in cluster.routers]  # type: ignore[union-attr]
+
+    await cluster.submit(with_wait(affinity_wait_ms=250), discovered("a"))
+    await cluster.converged()
+    assert waits() == [0.25, 0.25]
+    assert cluster.writer.state.routes["chat"].llm.affinity_wait_ms == 250  # type: ignore[union-attr]
+    await cluster.submit(with_wait())
+    await cluster.converged()
+    assert waits() == [-1.0, -1.0]  # unset: each router's --affinity-wait-ms
+    # a router that starts now reads the route from Valkey's whole state, not from a delta
+    late = Router(RouterConfig(), asyncio.get_running_loop())
+    follower = StateFollower(late, cluster.server.url, heartbeat_timeout=1.5, retry_delay=0.05)
+    await cluster.submit(with_wait(affinity_wait_ms=0))
+    await cluster.converged()
+    task = asyncio.create_task(follower.run())
+    try:
+        await asyncio.wait_for(follower.synced.wait(), 10)
+        assert late.snapshot.route_table.by_service["chat"].llm.affinity_wait == 0.0  # type: ignore[union-attr]
+    finally:
+        follower.stop()
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
 
 
 async def test_killed_pubsub_connection_is_resynced_with_nothing_missed(cluster: Cluster) -> None:

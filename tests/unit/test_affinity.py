@@ -414,6 +414,17 @@ def test_unroutable_bodies_are_refused_clearly_or_go_to_the_default(
         ({"epsilon": 0}, "Expected `float` > 0"),
         ({"max_body_bytes": 10}, "Expected `int` >= 256"),
         ({"unknown": 1}, "unknown field `unknown`"),
+        ({"affinity_wait_ms": 50}, "affinity_wait_ms is used only by policy: prefix"),
+        (
+            {"affinity_wait_ms": 0, "policy": "least-inflight"},
+            "affinity_wait_ms is used only by policy: prefix",
+        ),
+        (
+            {"affinity_wait_ms": 10_001, "policy": "prefix"},
+            "Expected `int` <= 10000 - at `$.llm.affinity_wait_ms`",
+        ),
+        ({"affinity_wait_ms": -1, "policy": "prefix"}, "Expected `int` >= 0 - at `$.llm.affinity_wait_ms`"),
+        ({"affinity_wait_ms": 2.5, "policy": "prefix"}, "Expected `int | null`, got `float`"),
     ],
 )
 def test_route_config_is_validated_with_the_field_named(config: dict[str, object], text: str) -> None:
@@ -443,6 +454,53 @@ def test_routes_file_takes_the_llm_section_and_names_a_bad_field(tmp_path: pathl
     bad = tmp_path / "bad.yaml"
     bad.write_text("routes:\n- service: chat\n  revisions: [{revision: v1}]\n  llm: {prefix_bytes: 4}\n")
     with pytest.raises(ConfigError, match=r"Expected `int` >= 16 - at `\$.routes\[0\].llm.prefix_bytes`"):
+        load_routes_file(bad)
+
+
+def test_route_affinity_wait_reaches_the_llm_route_and_unset_means_the_routers() -> None:
+    assert route(policy="prefix", affinity_wait_ms=250).affinity_wait == 0.25
+    assert route(policy="prefix", affinity_wait_ms=0).affinity_wait == 0.0  # never, whatever the router says
+    assert route(policy="prefix").affinity_wait == -1.0  # unset: the router's --affinity-wait-ms
+    assert route(policy="prefix", affinity_wait_ms=10_000).affinity_wait == 10.0
+    # through the writer's wire form (msgpack), as a router decodes it from Valkey
+    llm = LLMRouting(policy=AffinityPolicy.PREFIX, affinity_wait_ms=40)
+    r = Route(service="chat", revisions=(WeightedRevision(revision="v1"),), llm=llm)
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(r), type=Route).llm == llm
+
+
+def test_an_llm_section_encodes_only_the_fields_it_sets() -> None:
+    """A router that predates affinity_wait_ms refuses unknown fields: a section that leaves it
+    unset must not carry it, so a new writer can serve routers not yet upgraded."""
+    older = msgspec.defstruct(
+        "OlderLLMRouting",
+        [(f.name, f.type, f.default if f.default is not msgspec.NODEFAULT else msgspec.field(
+            default_factory=f.default_factory)) for f in msgspec.structs.fields(LLMRouting) if f.name != "affinity_wait_ms"],
+        kw_only=True, forbid_unknown_fields=True,
+    )  # fmt: skip
+    unset = LLMRouting(policy=AffinityPolicy.PREFIX, session_header="x-session")
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(unset), type=older).session_header == "x-session"
+    assert msgspec.json.decode(msgspec.json.encode(unset)) == {
+        "policy": "prefix",
+        "session_header": "x-session",
+    }
+    with pytest.raises(msgspec.ValidationError, match="unknown field `affinity_wait_ms`"):
+        msgspec.msgpack.decode(
+            msgspec.msgpack.encode(LLMRouting(policy=AffinityPolicy.PREFIX, affinity_wait_ms=0)), type=older
+        )
+
+
+def test_routes_file_takes_affinity_wait_ms_and_names_it_when_wrong(tmp_path: pathlib.Path) -> None:
+    good = tmp_path / "routes.yaml"
+    good.write_text(
+        "routes:\n- service: chat\n  revisions: [{revision: v1}]\n  llm: {policy: prefix, affinity_wait_ms: 30}\n"
+    )
+    (route_,) = load_routes_file(good).routes
+    assert route_.llm is not None and route_.llm.affinity_wait_ms == 30
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("routes:\n- service: chat\n  revisions: [{revision: v1}]\n  llm: {affinity_wait_ms: 30}\n")
+    with pytest.raises(
+        ConfigError, match=r"routes file .*bad.yaml: affinity_wait_ms is used only by policy: prefix"
+    ):
         load_routes_file(bad)
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from fastproxy.config import ConfigError, load_routes_file
-from statesync.schema import PodState
+from statesync.schema import LLMRouting, PodState
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -39,3 +40,16 @@ def test_a_wrong_field_in_the_readme_file_is_named(tmp_path: Path) -> None:
     path.write_text(readme_block("# routes.yaml").replace("port: 8012}", "port: http}", 1))
     with pytest.raises(ConfigError, match=r"pods\[2\]: .*\$\.port"):
         load_routes_file(path)
+
+
+def test_the_readme_llm_table_lists_every_field_with_its_default() -> None:
+    """The routes-file reference for ``llm:`` is the schema's: every field, in order, no other."""
+    text = README.read_text()
+    table = text[text.index("| field | default | what it does |") :]
+    table = table[: table.index("\n\n")]
+    rows = [line.split(" | ")[:2] for line in table.splitlines()[2:]]
+    names = [row[0].strip("| `") for row in rows]
+    assert names == [f.name for f in msgspec.structs.fields(LLMRouting)]
+    defaults = {row[0].strip("| `"): row[1] for row in rows}
+    assert defaults["affinity_wait_ms"] == "unset"
+    assert defaults["prefix_bytes"] == str(LLMRouting().prefix_bytes)
