@@ -8,7 +8,9 @@ least-in-flight, at 70% load, with the load spread (max/min time-averaged in-fli
 
 One run per policy, interleaved (``--rounds`` of each, in turn, so all meet the same machine;
 ``--policies``: least-inflight first, then ``prefix`` and/or ``prefix-wait[:MS]``, prefix affinity on
-routers started with ``--affinity-wait-ms MS``, so several waits run side by side):
+routers started with ``--affinity-wait-ms MS``, so several waits run side by side, and/or
+``route-wait[:MS]``, the same wait set by the route's ``llm.affinity_wait_ms`` on routers without the
+flag):
 
 - the pods: ``--pods`` simulated LLM servers (``fastproxy.devtools.simulator`` with a ``kv_cache``:
   a per-pod LRU of prompt blocks; time to first token = ``first_token_ms`` + ``prefill_ms`` per
@@ -62,8 +64,9 @@ from fastproxy.devtools.simulator import KvCache, PodSimulator, SharedPrefixWork
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 # "prefix-wait": prefix affinity on routers started with --affinity-wait-ms (the option's value, or
-# N in "prefix-wait:N", so that several waits run side by side).
-ALL_POLICIES = ("least-inflight", "prefix", "prefix-wait")
+# N in "prefix-wait:N", so that several waits run side by side); "route-wait[:N]": the same wait
+# set by the route (llm.affinity_wait_ms: N, whole ms), the routers without the flag.
+ALL_POLICIES = ("least-inflight", "prefix", "prefix-wait", "route-wait")
 POLICIES = ("least-inflight", "prefix")
 
 
@@ -177,6 +180,8 @@ async def run_policy(policy: str, opts: argparse.Namespace, run: int, log_dir: P
                                "require_model": True}  # fmt: skip
         if policy != "least-inflight":
             llm |= {"prefix_bytes": opts.prefix_bytes, "epsilon": opts.epsilon}
+        if policy.startswith("route-wait"):
+            llm["affinity_wait_ms"] = round(wait_ms(policy, opts))
         routes = {
             "routes": [{"service": "chat", "hosts": ["chat.local"], "revisions": [{"revision": "llm"}], "llm": llm}],
             "pods": [{"uid": p.uid, "namespace": "sim", "revision": "llm", "ip": p.ip, "port": p.port,
@@ -356,6 +361,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         lines += ["", f"prefix-wait: routers with `--affinity-wait-ms {opts['affinity_wait_ms']:g}`."]
     if any(p.startswith("prefix-wait:") for p in summary):
         lines += ["", "prefix-wait:N: routers with `--affinity-wait-ms N`."]
+    if any(p.startswith("route-wait") for p in summary):
+        lines += ["", "route-wait[:N]: the route's `llm.affinity_wait_ms: N`, routers without the flag."]
     for policy, t in summary.get("targets_by_policy", {"prefix": summary["targets"]}).items():
         lines += [
             "",
@@ -404,8 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     add("--prefix-bytes", type=int, default=4352, help="the route's prefix_bytes (system prompt + a little)")
     add("--epsilon", type=float, default=0.25, help="the route's bounded-load epsilon")
     add("--policies", default=",".join(POLICIES),
-        help=f"comma-separated, least-inflight first, of {', '.join(ALL_POLICIES)} (or prefix-wait:MS)")  # fmt: skip
-    add("--affinity-wait-ms", type=float, default=20.0, help="the prefix-wait routers' --affinity-wait-ms")
+        help=f"comma-separated, least-inflight first, of {', '.join(ALL_POLICIES)} (or prefix-wait:MS, route-wait:MS)")  # fmt: skip
+    add("--affinity-wait-ms", type=float, default=20.0,
+        help="the prefix-wait routers' --affinity-wait-ms (and the route-wait route's affinity_wait_ms)")  # fmt: skip
     add("--system-prompts", type=int, default=8, help="shared system prompts")
     add("--system-bytes", type=int, default=4096)
     add("--turns", type=int, default=6, help="turns per conversation")
