@@ -101,6 +101,17 @@ class BadGateway(ProxyError):
     reason_phrase = "Bad Gateway"
 
 
+class BytesAfterHead(BadGateway):
+    """The pod sent bytes after its response to a HEAD request (which ends at its head, RFC 9112
+    section 6.3): a body it must not send, garbage, or a response nobody asked for. The response
+    itself is complete and good (the parser delivered it before raising); ``tail`` is what
+    followed it in the same read. The connection is what is broken: never reused."""
+
+    def __init__(self, tail: bytes) -> None:
+        super().__init__(f"{len(tail)} bytes after a HEAD response (first: {tail[:32]!r})")
+        self.tail = tail
+
+
 class ServiceUnavailable(ProxyError):
     """No pod can serve now: queue full, queue deadline passed, or none exists."""
 

@@ -44,6 +44,7 @@ cdef extern from "llhttp.h":
         HPE_CB_MESSAGE_COMPLETE
         HPE_CB_CHUNK_HEADER
         HPE_CB_CHUNK_COMPLETE
+        HPE_PAUSED
         HPE_PAUSED_UPGRADE
         HPE_USER
     enum:
@@ -51,6 +52,7 @@ cdef extern from "llhttp.h":
     void llhttp_settings_init(llhttp_settings_t* settings)
     void llhttp_init(llhttp_t* parser, llhttp_type_t type, const llhttp_settings_t* settings)
     llhttp_errno_t llhttp_execute(llhttp_t* parser, const char* data, size_t length)
+    void llhttp_reset(llhttp_t* parser)
     void llhttp_resume_after_upgrade(llhttp_t* parser)
     int llhttp_should_keep_alive(const llhttp_t* parser)
     const char* llhttp_get_error_pos(const llhttp_t* parser)
@@ -115,11 +117,11 @@ cdef int _ll_on_header_field(llhttp_t* c, const char* at, size_t length) noexcep
 cdef int _ll_on_header_value(llhttp_t* c, const char* at, size_t length) noexcept
 @cython.locals(ll=LLParser, entry=tuple, value=bytes, raw_headers=list)
 cdef int _ll_on_header_value_complete(llhttp_t* c) noexcept
-@cython.locals(ll=LLParser)
+@cython.locals(ll=LLParser, response=ResponseParser)
 cdef int _ll_on_headers_complete(llhttp_t* c) noexcept
 @cython.locals(ll=LLParser)
 cdef int _ll_on_body(llhttp_t* c, const char* at, size_t length) noexcept
-@cython.locals(ll=LLParser)
+@cython.locals(ll=LLParser, response=ResponseParser)
 cdef int _ll_on_message_complete(llhttp_t* c) noexcept
 
 cdef class RequestHead:
@@ -221,12 +223,18 @@ cdef class ResponseParser:
     cdef list _connection_tokens
     cdef Py_ssize_t _head_bytes
     cdef bint _no_body
+    cdef public bint _head_only
+    cdef public bint after_head
+    cdef Py_ssize_t _feed_events
+    cdef object _carry
     cdef object _whole_feed
     cdef bint _http11
     cpdef _reset(self)
     cpdef expect_no_body(self)
     @cython.locals(ll=LLParser)
     cpdef feed(self, bytes data)
+    @cython.locals(buffer=bytes, heads=Py_ssize_t, at=Py_ssize_t, n=Py_ssize_t)
+    cpdef Py_ssize_t _head_end(self, bytes data) except -1
     cpdef bint feed_eof(self)
     @cython.locals(data=bytes)
     cpdef on_message_begin(self)

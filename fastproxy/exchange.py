@@ -50,6 +50,7 @@ except ImportError:  # pragma: no cover - the pure form without Cython installed
 from fastproxy.errors import (
     BadGateway,
     BadRequest,
+    BytesAfterHead,
     ExpectationFailed,
     HeadersTooLarge,
     MethodNotAllowed,
@@ -311,6 +312,15 @@ class LLParser:
             self._name_at = cython.NULL
         if error == HPE_OK:  # noqa: F821
             return
+        if error == HPE_PAUSED:  # noqa: F821
+            # A response to HEAD ended at its head and llhttp paused there (_ll_on_message_complete):
+            # the rest of this read, if any, is not part of it (ResponseParser.feed says so). The
+            # next read starts a fresh message, as a fresh httptools parser does in the pure form.
+            offset = llhttp_get_error_pos(c) - buffer  # noqa: F821
+            llhttp_reset(c)  # noqa: F821
+            if offset < len(data):
+                raise _HeadEnded(offset)
+            return
         if c.upgrade == 1 and error == HPE_PAUSED_UPGRADE:  # noqa: F821
             offset = llhttp_get_error_pos(c) - buffer  # noqa: F821
             llhttp_resume_after_upgrade(c)  # noqa: F821
@@ -470,7 +480,10 @@ def _ll_on_headers_complete(c: Any) -> int:
         if ll._request:
             cython.cast(RequestParser, ll._owner).on_headers_complete()
         else:
-            cython.cast(ResponseParser, ll._owner).on_headers_complete()
+            response = cython.cast(ResponseParser, ll._owner)
+            response.on_headers_complete()
+            if response._head_only:
+                return 1  # llhttp's "no body": the message ends at its head (an answer to HEAD)
     except BaseException as exc:
         ll._error = exc
         return -1
@@ -497,11 +510,25 @@ def _ll_on_message_complete(c: Any) -> int:
         if ll._request:
             cython.cast(RequestParser, ll._owner).on_message_complete()
         else:
-            cython.cast(ResponseParser, ll._owner).on_message_complete()
+            response = cython.cast(ResponseParser, ll._owner)
+            response.on_message_complete()
+            if response._head_only:
+                # An answer to HEAD, ended at its head: pause, so that llhttp does not go on to
+                # parse what follows in this read as another response (LLParser.feed_data).
+                response._head_only = False
+                response.after_head = True
+                return HPE_PAUSED  # noqa: F821
     except BaseException as exc:
         ll._error = exc
         return -1
     return 0
+
+
+class _HeadEnded(Exception):  # noqa: N818  (a signal inside the parser, never seen outside it)
+    """A response to HEAD ended at its head and the parser stopped there: raised by LLParser's
+    feed_data with the offset in the read where it stopped when bytes follow (compiled), or by
+    ResponseParser.on_headers_complete to stop httptools (pure). ResponseParser.feed turns it
+    into ``BytesAfterHead`` when bytes follow the head."""
 
 
 def _parser_bug(event: ParseEvent, state: Parse) -> RuntimeError:
@@ -1008,13 +1035,26 @@ class ResponseHead:
 
 
 class ResponseParser:
-    """Strict parsing of one pod's responses. ``expect_no_body()`` before a HEAD request."""
+    """Strict parsing of one pod's responses. ``expect_no_body()`` before a HEAD request.
+
+    A response to HEAD ends at its head whatever its framing says (RFC 9112 section 6.3), and the
+    parser stops there: bytes after it in the same read are no part of it, nor of a response the
+    pod may send (it has one request at a time). ``feed`` then delivers the response's events and
+    raises ``BytesAfterHead`` with those bytes; the connection cannot be trusted with another
+    request. Compiled, llhttp ends the message itself (on_headers_complete's "no body") and pauses
+    after it; httptools cannot be told either, so the pure form stops it by raising inside its
+    callback, starts a fresh one, and finds where the head ended in the read (``_head_end``).
+    ``after_head``: the last response ended at its head and no head was parsed since, so bytes
+    arriving on the idle connection are bytes after a HEAD response (proxy.UpstreamConnection)."""
 
     __slots__ = (
+        "_carry",
         "_connection_tokens",
         "_events",
+        "_feed_events",
         "_head",
         "_head_bytes",
+        "_head_only",
         "_http11",
         "_limits",
         "_ll",
@@ -1025,6 +1065,7 @@ class ResponseParser:
         "_raw_headers",
         "_te",
         "_whole_feed",
+        "after_head",
         "state",
         "upgraded",
         "upgraded_tail",
@@ -1039,6 +1080,13 @@ class ResponseParser:
         self._parser: Any = self._ll if _COMPILED else httptools.HttpResponseParser(self)
         self.state = PARSE_IDLE
         self._no_body = False
+        self._head_only = False  # compiled: the message whose head just completed ends there
+        self.after_head = False
+        # The pure form, while an answer to HEAD is awaited (see _head_end): the events list's
+        # length when the read began, and the read before's last 3 bytes (None: this read starts
+        # a message).
+        self._feed_events = 0
+        self._carry: bytes | None = None
         self._whole_feed: bytes | None = None
         self.upgraded = False  # the pod switched protocols (a 101 with Upgrade): no longer HTTP
         self.upgraded_tail = b""  # bytes the pod sent after its 101 head, in the same read
@@ -1055,21 +1103,38 @@ class ResponseParser:
     def expect_no_body(self) -> None:
         """The next response answers HEAD: it ends with its head whatever its framing says."""
         self._no_body = True
+        self._carry = None
 
     def feed(self, data: bytes) -> None:
+        """Parse ``data``; events go to the list given at construction. Raises ``ProxyError``:
+        ``BytesAfterHead`` after delivering a complete answer to HEAD that bytes followed."""
         self._whole_feed = data if self.state is PARSE_IDLE else None
-        # A local reference: a HEAD response replaces the parser inside its own feed_data.
         ll = self._ll
         try:
             if ll is not None:
                 ll.feed_data(data)
+            elif self._no_body:
+                self._feed_events = len(self._events)
+                if self.state is PARSE_IDLE:
+                    self._carry = None
+                self._parser.feed_data(data)  # (bound: the parser outlives its own feed_data)
+                self._carry = (data if self._carry is None else self._carry + data)[-3:]
             else:
                 self._parser.feed_data(data)
             self._whole_feed = None
+        except _HeadEnded as exc:  # compiled: llhttp stopped at the head's end, bytes follow
+            self._whole_feed = None
+            raise BytesAfterHead(data[exc.args[0] :]) from None
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             if isinstance(cause, ProxyError):
                 raise cause from None
+            if type(cause) is _HeadEnded:  # pure: httptools stopped at the head's end
+                self._whole_feed = None
+                end = self._head_end(data)
+                if end < len(data):
+                    raise BytesAfterHead(data[end:]) from None
+                return
             raise
         except httptools.HttpParserUpgrade as exc:
             # The 101 head is in the events; the exchange refuses it unless it asked for it.
@@ -1079,6 +1144,8 @@ class ResponseParser:
             self.upgraded_tail = data[offset:]
             return
         except httptools.HttpParserError as exc:
+            if self.after_head:  # no head parsed since an answer to HEAD: what followed it?
+                raise BadGateway(f"malformed response from pod (after a HEAD response): {exc}") from None
             raise BadGateway(f"malformed response from pod: {exc}") from None
         if self.state is PARSE_HEAD:
             self._head_bytes += len(data)
@@ -1086,6 +1153,26 @@ class ResponseParser:
                 raise BadGateway("response head from pod too large")
         if len(self._raw_headers) > 8 * self._max_headers:  # a head, or endless trailers: 4x fields
             raise BadGateway("response head or trailers from pod too large")
+
+    def _head_end(self, data: bytes) -> int:
+        """Where in ``data`` the head of the answer to HEAD ended (pure form). httptools says no
+        position; the heads completed in this read are the events added since it began, all but
+        the last interim (1xx, no body), and llhttp ends each at CRLF CRLF (it refuses bare LF): so
+        it is the end of the last of theirs, counted from where the first began -- in an earlier
+        read when ``_carry`` holds that read's last bytes (a CRLF CRLF may straddle the two)."""
+        carry = self._carry
+        buffer = data if carry is None else carry + data
+        heads = 0
+        for event in self._events[self._feed_events :]:
+            if type(event) is ResponseHead:
+                heads += 1
+        at = 0
+        for n in range(heads):
+            if n or carry is None:
+                while at < len(buffer) and buffer[at] in b"\r\n":
+                    at += 1  # empty lines llhttp skips before a message
+            at = buffer.index(b"\r\n\r\n", at) + 4
+        return at - (0 if carry is None else len(carry))
 
     def feed_eof(self) -> bool:
         """The pod closed the connection. True if that ends a close-delimited body."""
@@ -1179,23 +1266,29 @@ class ResponseParser:
         if self.state is not _HEAD_DONE_FROM:
             raise _parser_bug(ParseEvent.HEAD_DONE, self.state)
         self.state = _HEAD_DONE_TO
+        self.after_head = False
         self._events.append(head)
         if self._no_body and head.status >= 200:
-            # llhttp would wait for the body a HEAD response never has: end here, and start a
-            # fresh parser for the next response on this connection.
+            # An answer to HEAD: it ends here, whatever its framing says.
             self._no_body = False
+            if self._ll is not None:
+                self._head_only = True  # llhttp ends it and pauses (_ll_on_headers_complete)
+                return
+            # httptools would wait for the body: end the message here, and stop that parser
+            # (raising in its callback is the only way) for a fresh one; feed finds the head's end.
             self.state = PARSE_IDLE
             self._events.append(END)
-            self._ll = LLParser(self, False) if _COMPILED else None
-            self._parser = self._ll if _COMPILED else httptools.HttpResponseParser(self)
+            self._parser = httptools.HttpResponseParser(self)
             self._reset()
+            self.after_head = True
+            raise _HeadEnded()
 
     def on_body(self, body: bytes) -> None:
         self._events.append(body)
 
     def on_message_complete(self) -> None:
         if self.state is not _MESSAGE_DONE_FROM:
-            return  # a HEAD response already ended at its head
+            raise _parser_bug(ParseEvent.MESSAGE_DONE, self.state)
         self.state = _MESSAGE_DONE_TO
         if self._head.status >= 200:  # an interim (1xx) response is a head only; the final one follows
             self._events.append(END)
