@@ -55,6 +55,10 @@ cdef class UpstreamConnection:
     cdef public object transport_write
     cdef public object transport_writelines
     cdef public Py_ssize_t used
+    # asyncio's callback, cpdef for its typed locals (the loop calls it as a Python method)
+    @cython.locals(exchange=Exchange, events=list, last=Py_ssize_t, i=Py_ssize_t)
+    cpdef data_received(self, bytes data)
+    cpdef broken(self, str reason)
     cpdef pause_reading(self, int reason)
     cpdef resume_reading(self, int reason)
     @cython.locals(tcp_state=cython.uchar, length=cython.uint, fd=cython.int)

@@ -58,6 +58,7 @@ except ImportError:  # pragma: no cover - the pure form without Cython installed
 
 from fastproxy.errors import (
     BadGateway,
+    BytesAfterHead,
     GatewayTimeout,
     NotFound,
     ProxyError,
@@ -257,28 +258,46 @@ class UpstreamConnection:  # an asyncio.Protocol (duck-typed: compiled, it is an
     def data_received(self, data: bytes) -> None:
         exchange = self.exchange
         if exchange is None:
-            # Bytes nobody asked for: the next response would be misattributed. Never reuse.
+            # Bytes nobody asked for (the pod has no request of ours): the next response would be
+            # misattributed. Closed, never reused.
+            self.broken(
+                f"{len(data)} bytes after a HEAD response, on the idle connection"
+                if self.parser.after_head
+                else f"{len(data)} unsolicited bytes on an idle connection"
+            )
             self.close()
             return
         events = self._events
         try:
             self.parser.feed(data)
         except ProxyError as exc:
-            events.clear()
-            self.reusable = False
-            exchange.on_upstream_error(exc)
-            return
+            if END not in events:
+                events.clear()
+                self.reusable = False
+                exchange.on_upstream_error(exc)
+                return
+            # The response ended before the bytes that broke the protocol (a body after an answer
+            # to HEAD: BytesAfterHead; garbage after a whole response): it is whole and goes to the
+            # client; the connection is what the pod broke, closed when it ends (on_response_end).
+            del events[events.index(END) + 1 :]
+            if type(exc) is BytesAfterHead:
+                self.broken(exc.reason)
+            else:
+                self.broken(f"bytes after a complete response: {exc.reason}")
         if not events:
             return
-        if events[-1] is not END and END in events:
-            self.reusable = False  # bytes after a complete response
         client = exchange.client
-        for event in events:
+        last = len(events) - 1
+        for i in range(last + 1):
             if self.exchange is not exchange:
                 break
+            event = events[i]
             if type(event) is bytes:
                 exchange.on_response_body(event)
             elif event is END:
+                if (i < last or self.parser.state is not PARSE_IDLE) and self.reusable:
+                    # More after the response's end: another response (whole or begun), unasked.
+                    self.broken("bytes after a complete response: another response, unasked")
                 exchange.on_response_end(self)
             else:
                 exchange.on_response_head(event)  # type: ignore[arg-type]
@@ -286,6 +305,19 @@ class UpstreamConnection:  # an asyncio.Protocol (duck-typed: compiled, it is an
         # One write for everything this read produced (head + body + end), made when the loop has
         # handled every socket its poll reported (flush_queued_writes).
         client.flush_soon()
+
+    def broken(self, reason: str) -> None:
+        """The pod broke the protocol on this connection: never reuse it, and say so (a pod that
+        does this every time is misbehaving, not one request going wrong)."""
+        self.reusable = False
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.router.stats.count_error("pod_protocol_violation")
+        peer = None if self.transport is None else self.transport.get_extra_info("peername")
+        log.warning(
+            "pod %s at %s: %s; its connection is closed, not reused",
+            self.pod_uid, "?" if peer is None else f"{peer[0]}:{peer[1]}", reason,
+        )  # fmt: skip
 
     def eof_received(self) -> bool:
         exchange = self.exchange
