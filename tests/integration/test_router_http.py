@@ -606,3 +606,91 @@ async def test_pod_that_read_the_request_then_closed_is_502_not_resent(harness: 
     assert status_of(response) == 502
     assert len(pod.requests) == 2 and router.stats.retries == {}
     pod.listener.close()
+
+
+# ---- a pod that sends bytes after its answer to HEAD ----------------------------------------------
+
+HEAD_ANSWER = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 5\r\n\r\n"
+AFTER_HEAD = b"hello" + b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"  # a body, then a response
+
+
+@pytest.mark.parametrize("when", ["same_read", "later_read"])
+async def test_bytes_after_a_head_answer_drop_the_pod_connection_not_the_clients_answer(
+    harness: RouterHarness, caplog: pytest.LogCaptureFixture, when: str
+) -> None:
+    """A pod answers HEAD with a head and then a body it must not send (and more), in the same
+    write or once the router's connection to it is idle in the pool. The client gets the HEAD
+    response as the pod gave it (head only: a response to HEAD ends there) and its connection
+    stays good; the pod connection is closed, never reused, and a warning names the pod's address
+    and what it did. The next request goes to the pod on a new connection."""
+    pod = RawPod()
+    # (idle connections outlive the test: only the router's decision can close this one)
+    router, port = await harness.router([pod_record("p1", pod.address)], pool_idle_timeout=60.0)
+    loop = asyncio.get_running_loop()
+
+    async def misbehave() -> socket.socket:
+        conn, _ = await loop.sock_accept(pod.listener)
+        conn.setblocking(False)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += await loop.sock_recv(conn, 65536)
+        pod.requests.append(data)
+        if when == "same_read":
+            await loop.sock_sendall(conn, HEAD_ANSWER + AFTER_HEAD)
+        else:
+            await loop.sock_sendall(conn, HEAD_ANSWER)
+            await wait_for(lambda: router.pool.idle_count == 1, what="the connection idle in the pool")
+            await loop.sock_sendall(conn, AFTER_HEAD)
+        return conn
+
+    serving = asyncio.create_task(misbehave())
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"HEAD /file HTTP/1.1\r\nHost: a\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"content-length: 5\r\n" in head.lower()
+    pod_side = await asyncio.wait_for(serving, 5)
+    # The router closes its end of that pod connection: the pod reads EOF (with a deadline).
+    assert await asyncio.wait_for(loop.sock_recv(pod_side, 65536), 5) == b""
+    pod_side.close()
+    await wait_for(lambda: router.pool.idle_count == 0, what="the connection out of the pool")
+
+    # The client's connection is intact: its next request is answered next, by a fresh connection.
+    second = asyncio.create_task(pod.serve_one())
+    writer.write(b"GET /next HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    rest = await asyncio.wait_for(reader.read(-1), 5)
+    await asyncio.wait_for(second, 5)
+    assert rest.startswith(b"HTTP/1.1 200 OK\r\n") and rest.endswith(b"\r\n\r\nok"), rest
+    assert rest.count(b"HTTP/1.1") == 1  # nothing of the pod's stray bytes reached the client
+    assert [r.split(b" ", 2)[:2] for r in pod.requests] == [[b"HEAD", b"/file"], [b"GET", b"/next"]]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "fastproxy.proxy" and r.levelname == "WARNING"]
+    address = f"{pod.address[0]}:{pod.address[1]}"
+    assert any(address in m and "bytes after a HEAD response" in m for m in warnings), warnings
+    assert router.slots.pods["p1"].inflight == 0
+    writer.close()
+    pod.listener.close()
+
+
+async def test_a_response_after_a_complete_one_drops_the_pod_connection(
+    harness: RouterHarness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same rule for a GET: a pod that writes a second, unasked response right after its
+    answer has broken the connection's framing. The client gets the first; the pod connection is
+    closed with a warning, not put back in the pool for the next request to read that response."""
+    pod = RawPod()
+    pod.RESPONSE = RawPod.RESPONSE + b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
+    # (idle connections outlive the test: only the router's decision can close this one)
+    router, port = await harness.router([pod_record("p1", pod.address)], pool_idle_timeout=60.0)
+    loop = asyncio.get_running_loop()
+    serving = asyncio.create_task(pod.serve_one())
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    response = await asyncio.wait_for(reader.read(-1), 5)
+    assert response.startswith(b"HTTP/1.1 200 OK\r\n") and response.endswith(b"\r\n\r\nok"), response
+    pod_side = await asyncio.wait_for(serving, 5)
+    assert await asyncio.wait_for(loop.sock_recv(pod_side, 65536), 5) == b""  # closed, not pooled
+    assert router.pool.idle_count == 0
+    warnings = [r.getMessage() for r in caplog.records if r.name == "fastproxy.proxy" and r.levelname == "WARNING"]
+    assert any("bytes after a complete response" in m for m in warnings), warnings
+    pod_side.close()
+    writer.close()
+    pod.listener.close()
