@@ -24,6 +24,10 @@ head are handed on raw (``_Upgraded``), for the tunnel to relay once the pod has
 A ``ResponseParser`` that meets a ``101`` upgrade likewise records it and the bytes after the head
 (``upgraded``, ``upgraded_tail``); whether it was asked for is the exchange's to decide.
 
+A response to HEAD ends at its head (``expect_no_body``), and ``ResponseParser`` stops there: what
+follows in the same read is handed back in ``BytesAfterHead``, after the response's events (see
+``ResponseParser``; the connection code delivers the response and drops the connection).
+
 The parse side of a message moves through one table, ``PARSE_TRANSITIONS``: a message begins,
 its head completes, its body ends. Any other order is a bug in the parser wrapper and raises.
 
@@ -524,7 +528,7 @@ def _ll_on_message_complete(c: Any) -> int:
     return 0
 
 
-class _HeadEnded(Exception):  # noqa: N818  (a signal inside the parser, never seen outside it)
+class _HeadEnded(Exception):  # a signal inside the parser, never seen outside it
     """A response to HEAD ended at its head and the parser stopped there: raised by LLParser's
     feed_data with the offset in the read where it stopped when bytes follow (compiled), or by
     ResponseParser.on_headers_complete to stop httptools (pure). ResponseParser.feed turns it

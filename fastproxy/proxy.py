@@ -26,6 +26,16 @@ from the client pauses, and when the client's socket cannot take more, reading f
 pauses. Pause and resume are idempotent and keyed by reason. Nothing is accumulated beyond one
 socket read plus the bounded pre-connect hold, so SSE and hour-long responses stream through.
 
+A pod connection carries one request at a time, so bytes from the pod after the response's end
+are no part of anything: a body after an answer to HEAD (``BytesAfterHead``: that response ends at
+its head), a second response, garbage, or bytes on an idle pooled connection. The response, whole
+before the violation, goes to the client as the pod gave it (for HEAD: its head; the client asked
+for nothing more and cannot tell, so a 502 would only lose a good answer); the connection, whose
+framing can no longer be trusted, is closed and never reused, with a warning naming the pod, its
+address and what it sent (``UpstreamConnection.broken``). Bytes that come after the connection
+went back to the pool and was taken for the next request cannot be told from that request's
+response: it fails 502 as malformed, its log saying what came before (``after a HEAD response``).
+
 WebSocket: a handshake is an exchange like any other until the pod answers; a ``101`` to it turns
 the two connections into a session of ``fastproxy.tunnel`` (``Exchange._switching_protocols``,
 ``ClientConnection.hand_over``), which holds the pod's slot until the session ends.

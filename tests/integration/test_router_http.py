@@ -610,6 +610,13 @@ async def test_pod_that_read_the_request_then_closed_is_502_not_resent(harness: 
 
 # ---- a pod that sends bytes after its answer to HEAD ----------------------------------------------
 
+
+def proxy_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage() for r in caplog.records if r.name == "fastproxy.proxy" and r.levelname == "WARNING"
+    ]
+
+
 HEAD_ANSWER = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 5\r\n\r\n"
 AFTER_HEAD = b"hello" + b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"  # a body, then a response
 
@@ -662,7 +669,7 @@ async def test_bytes_after_a_head_answer_drop_the_pod_connection_not_the_clients
     assert rest.startswith(b"HTTP/1.1 200 OK\r\n") and rest.endswith(b"\r\n\r\nok"), rest
     assert rest.count(b"HTTP/1.1") == 1  # nothing of the pod's stray bytes reached the client
     assert [r.split(b" ", 2)[:2] for r in pod.requests] == [[b"HEAD", b"/file"], [b"GET", b"/next"]]
-    warnings = [r.getMessage() for r in caplog.records if r.name == "fastproxy.proxy" and r.levelname == "WARNING"]
+    warnings = proxy_warnings(caplog)
     address = f"{pod.address[0]}:{pod.address[1]}"
     assert any(address in m and "bytes after a HEAD response" in m for m in warnings), warnings
     assert router.slots.pods["p1"].inflight == 0
@@ -689,7 +696,7 @@ async def test_a_response_after_a_complete_one_drops_the_pod_connection(
     pod_side = await asyncio.wait_for(serving, 5)
     assert await asyncio.wait_for(loop.sock_recv(pod_side, 65536), 5) == b""  # closed, not pooled
     assert router.pool.idle_count == 0
-    warnings = [r.getMessage() for r in caplog.records if r.name == "fastproxy.proxy" and r.levelname == "WARNING"]
+    warnings = proxy_warnings(caplog)
     assert any("bytes after a complete response" in m for m in warnings), warnings
     pod_side.close()
     writer.close()

@@ -10,6 +10,9 @@ parsed as a new response, with an error that says what preceded them.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -102,11 +105,9 @@ def test_whatever_follows_an_answer_to_head_only_a_proxy_error_escapes(
     parser = ResponseParser(events)
     parser.expect_no_body()
     delivered = None
-    for start, end in zip(bounds, bounds[1:], strict=False):
-        try:
+    for start, end in itertools.pairwise(bounds):
+        with contextlib.suppress(ProxyError):  # anything else fails the test
             parser.feed(data[start:end])
-        except ProxyError:
-            pass
         if delivered is None and END in events:
             delivered = events[: events.index(END) + 1]
     assert delivered is not None
