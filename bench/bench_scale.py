@@ -36,6 +36,8 @@ def bench_scale_tiny_run_holds_the_pods_applies_churn_and_serves(tmp_path: Path)
         install=False,
         nice=None,
         sync_timeout=30.0,
+        saturation=0.5,  # (wrk when installed, else the Python closed loop)
+        sat_connections=8,
     )
     lines: list[str] = []
     with ScaleHarness(lines.append) as harness:
@@ -74,11 +76,22 @@ def bench_scale_tiny_run_holds_the_pods_applies_churn_and_serves(tmp_path: Path)
     assert router_ready == agent_model
     assert any(not ready for ready in router_ready.values())  # some flips stuck at "not ready"
 
+    # Saturation: every proxy target once per round, with and without churn, all answered; the
+    # proxy's own CPU measured; the scale line computed from them.
+    sat = {run["target"]: run for run in results["saturation_runs"]}
+    assert list(sat) == [f"router@{PODS}", f"router@{PODS}+churn"]
+    for run in sat.values():
+        assert run["ok"] and run["errors"] == 0 and run["requests"] > 0, run
+        assert run["cpu_us_per_req"]["proxy"] > 0, run
+    assert sat[f"router@{PODS}+churn"]["churn"]["events"] > 0
+    assert results["saturation"]["targets"][f"router@{PODS}"]["throughput"] > 0
+
     # The report and the plots come out of these results.
     results["environment"] = {"date": "-", "cpus": 2, "cpu_model": "-", "kernel": "-", "python": "-",
                               "commit": "-", "loadavg": (0, 0, 0)}  # fmt: skip
     markdown = write_results(results, tmp_path / "s.json", tmp_path / "s.md", tmp_path)
     assert f"| {PODS} |" in markdown and "router p99 change" in markdown
+    assert "## Saturation" in markdown and f"| router@{PODS}+churn |" in markdown
     assert json.loads((tmp_path / "s.json").read_text())["summary"]["sizes"][str(PODS)]["added_us"]
     for png in ("scale-added-latency.png", "scale-latency-cdf.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

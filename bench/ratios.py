@@ -389,7 +389,7 @@ def run_wrk(
 
 
 def saturation_run(
-    harness: PinnedHarness,
+    harness: e2e.Harness,
     target: e2e.Target,
     opts: Options,
     wrk: str | None,

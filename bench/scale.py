@@ -5,6 +5,7 @@ Usage::
     python -m bench.scale [--pods 1000,10000,50000] [--churn 500] [--rate 2000] [--duration 5]
                           [--repeats 5] [--nginx] [--haproxy] [--max-foreign-cpu 0.15]
                           [--baseline-root DIR] [--baseline-args ARGS] [--no-churn-elsewhere]
+                          [--saturation SECONDS] [--sat-connections 50]
                           [--json PATH] [--markdown PATH] [--plots DIR]
 
 Theory of operation
@@ -54,6 +55,18 @@ largest to the smallest N, and the change of the router's p99 under churn (media
 the per-round ratio). A latency CDF (quantile by quantile median over rounds) per target feeds
 the plots (``bench.plots``).
 
+Saturation (``--saturation SECONDS``): issue 15's scale line is "the same targets with 50k pods
+and 500 state changes/s, no worse than 10%", and its CPU and throughput targets are *at
+saturation*. An open-loop run at 2k req/s charges each request the router's fixed per-second work
+(a delta costs it tens of microseconds; 500/s of them is a quarter of a request's cost at that
+rate), so each round also runs wrk at ``--sat-connections`` against every proxy target -- with
+and without churn, as above -- with the proxy's process tree alone on vCPU 0 and every other
+process (app, Valkey, writers, agent, the other routers, wrk) on vCPU 1, bench.ratios' layout:
+the state path off the router's vCPU, as on other machines. The verdicts compare, per round, the
+largest state under churn with the smallest without (CPU per request <= 1.1x, req/s >= 0.91x) and
+give the median. The backend is the stand-in app, so req/s is bounded by it as much as by the
+proxy; CPU per request is the proxy's own (/proc of its tree).
+
 Results: ``bench/results/scale-latest.json``, ``scale-latest.md``, ``scale-added-latency.png``
 and ``scale-latency-cdf.png`` (``--json``, ``--markdown``, ``--plots``).
 """
@@ -78,6 +91,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from bench import ratios
 from bench.e2e import (
     RESULTS_DIR,
     Child,
@@ -130,7 +144,12 @@ class ScaleOptions(Options):
     # once instead of waiting out its time slice (EEVDF lets a running task finish its slice, ~0.75-3
     # ms, even against a much higher priority): closer to a state path on other machines.
     state_sched: str = "nice"
-    sat_duration: float = 0.0  # saturation is bench.e2e's job
+    sat_duration: float = 0.0  # (bench.e2e's closed loop: not used here; see ``saturation``)
+    # Seconds per saturation run (0: none): wrk closed loop against every proxy target, the proxy
+    # alone on vCPU 0 and everything else on vCPU 1, as bench.ratios pins; issue 15's CPU per
+    # request and req/s at saturation, with and without churn.
+    saturation: float = 0.0
+    sat_connections: int = 50
     sync_timeout: float = 180.0
     # Router arguments of a second router per pod count, following the same namespace and measured
     # in the same rounds as ``base@N`` (before/after a change side by side: "--no-gc-freeze").
@@ -679,15 +698,22 @@ def _run_scale(
         f"pids: {', '.join(f'{c.name}={c.pid}' for c in harness.children)}"
     )
 
-    def make_run(target: Target, fleet: Fleet | None, churned: Fleet | None) -> Callable[[], dict[str, Any]]:
+    def make_run(
+        target: Target,
+        fleet: Fleet | None,
+        churned: Fleet | None,
+        measure: Callable[[Target], dict[str, Any]] | None = None,
+    ) -> Callable[[], dict[str, Any]]:
+        measure = measure or (lambda t: open_loop_run(harness, t, opts, keep_cdf))
+
         def run() -> dict[str, Any]:
             before = harness.admin_get(fleet.admin_port, "/v1/state") if fleet else None
             if churned is None:
-                result = open_loop_run(harness, target, opts, keep_cdf)
+                result = measure(target)
             else:
                 agent.call(cmd="go", ns=churned.namespace, rate=opts.churn, timeout=30)
                 try:
-                    result = open_loop_run(harness, target, opts, keep_cdf)
+                    result = measure(target)
                 finally:
                     churn = agent.call(cmd="halt", timeout=30)
                 state = wait_version(harness, churned, churn["version_after"])
@@ -703,9 +729,34 @@ def _run_scale(
 
         return run
 
+    wrk = e2e_find_wrk(opts, log) if opts.saturation > 0 else None
+    sat_opts = ratios.Options(
+        sat_connections=opts.sat_connections, sat_duration=opts.saturation, sat_warmup=0.5
+    )
+
+    def saturate(target: Target) -> dict[str, Any]:
+        with pinned_alone(harness, target):
+            cpus = sorted(os.sched_getaffinity(0))
+            generator_cpu = str(cpus[1]) if len(cpus) > 1 else None  # (beside the app, off the proxy's)
+            return ratios.saturation_run(harness, target, sat_opts, wrk, None, generator_cpu)
+
     runs: list[dict[str, Any]] = []
+    sat_runs: list[dict[str, Any]] = []
     discarded: list[dict[str, Any]] = []
     for rnd in range(opts.repeats):
+        if opts.saturation > 0:
+            for target, fleet, churned in plan:
+                if target.name.startswith("direct"):
+                    continue  # (the app alone: no proxy to measure)
+                run = attempt_run(
+                    harness, opts, make_run(target, fleet, churned, saturate), sat_runs, discarded, log,
+                    phase="saturation", round=rnd, busy_loops=False,
+                )  # fmt: skip
+                log(
+                    f"[r{rnd + 1}/{opts.repeats}] {target.name:18} saturation {run['throughput']:7.0f} req/s  "
+                    f"proxy {run['cpu_us_per_req'].get('proxy', math.nan):5.1f} us/req  errors {run['errors']}  "
+                    f"foreign {run['foreign_cpu']:.2f} vCPU"
+                )
         for target, fleet, churned in plan:
             run = attempt_run(
                 harness, opts, make_run(target, fleet, churned), runs, discarded, log,
@@ -737,11 +788,141 @@ def _run_scale(
             str(n): {"namespace": f.namespace, "seeded": f.seeded, "synced": f.synced, "final": final[n]}
             for n, f in fleets.items()
         },
-        "ok": all(run["ok"] for run in runs),
+        "ok": all(run["ok"] for run in (*runs, *sat_runs)),
         "summary": summarise(runs, sizes, [t.name for t, _, _ in plan]),
+        "saturation": summarise_saturation(sat_runs, sizes) if sat_runs else None,
         "runs": runs,
+        "saturation_runs": sat_runs,
         "discarded_runs": discarded,
     }
+
+
+# ---- saturation (issue 15's CPU per request and req/s, with and without churn) -------------------
+
+
+def e2e_find_wrk(opts: ScaleOptions, log: Callable[[str], None]) -> str | None:
+    """wrk when installed (or installable); else None: bench.ratios' Python closed loop."""
+    wrk = find_or_install(["wrk"], opts.install, log).get("wrk")
+    if wrk is None:
+        log("saturation: wrk unavailable, using the Python closed loop (a costlier generator)")
+    return wrk
+
+
+@contextlib.contextmanager
+def pinned_alone(harness: ScaleHarness, target: Target) -> Any:
+    """The target's proxy (its whole process tree) alone on vCPU 0, every other process of the
+    harness (app, Valkey, writers, churn agent, other routers) on vCPU 1 -- bench.ratios' layout:
+    the proxy's CPU per request is its own, and the state path's load stays off its vCPU as it
+    would on other machines. Everything is let back onto every vCPU afterwards."""
+    cpus = os.sched_getaffinity(0)
+    if len(cpus) < 2:
+        yield
+        return
+    first, second = sorted(cpus)[:2]
+    proxy = target.procs.get("proxy")
+    alone = set(ratios.process_tree(proxy.pid)) if proxy is not None else set()
+    others = {pid for child in harness.children for pid in ratios.process_tree(child.pid)} - alone
+    moved: list[int] = []
+
+    def place(pids: set[int], where: set[int]) -> None:
+        for pid in pids:  # (affinity is per thread: every task of the process)
+            with contextlib.suppress(OSError):
+                for task in os.listdir(f"/proc/{pid}/task"):
+                    os.sched_setaffinity(int(task), where)
+                    moved.append(int(task))
+
+    try:
+        place(alone, {first})
+        place(others, {second})
+        yield
+    finally:
+        for pid in moved:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.sched_setaffinity(pid, cpus)
+
+
+def summarise_saturation(runs: list[dict[str, Any]], sizes: list[int]) -> dict[str, Any]:
+    """Medians over rounds per target, and issue 15's scale line at saturation: the largest
+    state under churn against the smallest without, per round, then the median of those ratios."""
+    by_round: dict[int, dict[str, dict[str, Any]]] = {}
+    for run in runs:
+        by_round.setdefault(run["round"], {})[run["target"]] = run
+    targets: dict[str, Any] = {}
+    for name in dict.fromkeys(run["target"] for run in runs):
+        rows = [r[name] for r in by_round.values() if name in r]
+        targets[name] = {
+            "rounds": len(rows),
+            "throughput": _median([r["throughput"] for r in rows]),
+            "cpu_us_per_req": _median([r["cpu_us_per_req"].get("proxy", math.nan) for r in rows]),
+            "errors": sum(r["errors"] for r in rows),
+            "ok": all(r["ok"] for r in rows),
+        }
+    out: dict[str, Any] = {"targets": targets}
+    small = f"router@{sizes[0]}"
+    large = f"router@{sizes[-1]}+churn" if f"router@{sizes[-1]}+churn" in targets else f"router@{sizes[-1]}"
+    pairs = [(r[small], r[large]) for r in by_round.values() if small in r and large in r]
+    if pairs and small != large:
+        out["scale"] = {
+            "small": small,
+            "large": large,
+            "cpu_ratio": _median(
+                [b["cpu_us_per_req"]["proxy"] / a["cpu_us_per_req"]["proxy"] for a, b in pairs]
+            ),
+            "throughput_ratio": _median([b["throughput"] / a["throughput"] for a, b in pairs]),
+            "cpu_ratios": [b["cpu_us_per_req"]["proxy"] / a["cpu_us_per_req"]["proxy"] for a, b in pairs],
+            "throughput_ratios": [b["throughput"] / a["throughput"] for a, b in pairs],
+        }
+    nginx = targets.get("nginx")
+    if nginx:
+        out["vs_nginx"] = {
+            name: {
+                "cpu_ratio": t["cpu_us_per_req"] / nginx["cpu_us_per_req"],
+                "throughput_ratio": t["throughput"] / nginx["throughput"],
+            }
+            for name, t in targets.items()
+            if name.startswith("router@")
+        }
+    return out
+
+
+def render_saturation(results: dict[str, Any]) -> list[str]:
+    sat = results.get("saturation")
+    if not sat:
+        return []
+    opts = results["options"]
+    lines = [
+        "",
+        "## Saturation (issue 15's CPU per request and req/s, with the state's size and churn)",
+        "",
+        f"wrk (or the Python closed loop) at {opts['sat_connections']} connections for {opts['saturation']:g} s "
+        "per run after 0.5 s unmeasured, GET /; the proxy alone on vCPU 0, every other process (app, "
+        "Valkey, writers, churn agent, generator) on vCPU 1 during the run. The backend is the stand-in app "
+        "(Python), so req/s is the app's as much as the proxy's; CPU per request is the proxy's own.",
+        "",
+        "| target | req/s | proxy CPU us/req | vs nginx CPU | vs nginx req/s | errors |",
+        "|---|--:|--:|--:|--:|--:|",
+    ]
+    vs = sat.get("vs_nginx", {})
+    for name, t in sat["targets"].items():
+        v = vs.get(name, {})
+        lines.append(
+            f"| {name} | {_f(t['throughput'])} | {_f(t['cpu_us_per_req'], 1)} | {_f(v.get('cpu_ratio'), 2)} "
+            f"| {_f(v.get('throughput_ratio'), 2)} | {t['errors']} |"
+        )
+    scale = sat.get("scale")
+    if scale:
+        cpu_ok = scale["cpu_ratio"] <= TARGET_SCALE_WORSENING
+        tput_ok = scale["throughput_ratio"] >= 1 / TARGET_SCALE_WORSENING
+        lines += [
+            "",
+            f"- issue 15 at saturation, router CPU per request {scale['large']} / {scale['small']} <= "
+            f"{TARGET_SCALE_WORSENING:g} (per-round ratios {', '.join(_f(x, 2) for x in scale['cpu_ratios'])}; "
+            f"median): {_f(scale['cpu_ratio'], 2)} -> **{_verdict(cpu_ok)}**",
+            f"- issue 15 at saturation, router req/s {scale['large']} / {scale['small']} >= "
+            f"{1 / TARGET_SCALE_WORSENING:.2f} (per-round {', '.join(_f(x, 2) for x in scale['throughput_ratios'])}; "
+            f"median): {_f(scale['throughput_ratio'], 2)} -> **{_verdict(tput_ok)}**",
+        ]
+    return lines
 
 
 def gc_during(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any] | None:
@@ -1103,6 +1284,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"- for scale: the same churn moves *direct* p99 by {_f(summary['direct_churn_p99_change_pct'], 1, True)}% "
             "(the writer, Valkey and the churn agent share this machine's 2 vCPUs with the measured processes)"
         )
+    lines += render_saturation(results)
     lines += [
         "",
         "## Runs",
@@ -1197,6 +1379,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ScaleOptions
                         help="valkey, writers and churn agent run this much nicer than the measured processes")  # fmt: skip
     parser.add_argument("--state-sched", choices=["nice", "idle"], default="nice",
                         help="idle: the state path also runs SCHED_IDLE (preempted at once by the measured processes)")  # fmt: skip
+    parser.add_argument("--saturation", type=float, default=0.0, metavar="SECONDS",
+                        help="also a saturation run (wrk) of this many seconds per proxy target and round, "
+                        "the proxy alone on vCPU 0: CPU per request and req/s (0: none)")  # fmt: skip
+    parser.add_argument("--sat-connections", type=int, default=50, help="saturation connections")
     parser.add_argument("--json", type=Path, default=RESULTS_DIR / "scale-latest.json", metavar="PATH")
     parser.add_argument("--markdown", type=Path, default=RESULTS_DIR / "scale-latest.md", metavar="PATH")
     parser.add_argument("--plots", type=Path, default=RESULTS_DIR, metavar="DIR", help="PNG directory")
@@ -1228,6 +1414,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ScaleOptions
         baseline_args=tuple(args.baseline_args.split()),
         baseline_root=args.baseline_root,
         churn_elsewhere=not args.no_churn_elsewhere,
+        saturation=max(0.0, args.saturation),
+        sat_connections=max(1, args.sat_connections),
     )
     return args, opts
 
