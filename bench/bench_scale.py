@@ -38,6 +38,7 @@ def bench_scale_tiny_run_holds_the_pods_applies_churn_and_serves(tmp_path: Path)
         sync_timeout=30.0,
         saturation=0.5,  # (wrk when installed, else the Python closed loop)
         sat_connections=8,
+        pin=True,  # (the open-loop runs too: the proxy alone on one vCPU)
     )
     lines: list[str] = []
     with ScaleHarness(lines.append) as harness:

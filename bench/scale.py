@@ -5,7 +5,7 @@ Usage::
     python -m bench.scale [--pods 1000,10000,50000] [--churn 500] [--rate 2000] [--duration 5]
                           [--repeats 5] [--nginx] [--haproxy] [--max-foreign-cpu 0.15]
                           [--baseline-root DIR] [--baseline-args ARGS] [--no-churn-elsewhere]
-                          [--saturation SECONDS] [--sat-connections 50]
+                          [--saturation SECONDS] [--sat-connections 50] [--pin]
                           [--json PATH] [--markdown PATH] [--plots DIR]
 
 Theory of operation
@@ -64,7 +64,9 @@ and without churn, as above -- with the proxy's process tree alone on vCPU 0 and
 process (app, Valkey, writers, agent, the other routers, wrk) on vCPU 1, bench.ratios' layout:
 the state path off the router's vCPU, as on other machines. The verdicts compare, per round, the
 largest state under churn with the smallest without (CPU per request <= 1.1x, req/s >= 0.91x) and
-give the median. The backend is the stand-in app, so req/s is bounded by it as much as by the
+give the median. ``--pin`` runs the open-loop runs in the same layout (direct: everything on
+vCPU 1): the router's added latency under churn then excludes the state path's competition for
+its vCPU, which the unpinned layout (the default, as earlier results) includes. The backend is the stand-in app, so req/s is bounded by it as much as by the
 proxy; CPU per request is the proxy's own (/proc of its tree).
 
 Results: ``bench/results/scale-latest.json``, ``scale-latest.md``, ``scale-added-latency.png``
@@ -150,6 +152,9 @@ class ScaleOptions(Options):
     # request and req/s at saturation, with and without churn.
     saturation: float = 0.0
     sat_connections: int = 50
+    # The open-loop runs in the same layout (the proxy alone on vCPU 0; app, state path and this
+    # process, the generator, on vCPU 1); off: every process floats over both vCPUs.
+    pin: bool = False
     sync_timeout: float = 180.0
     # Router arguments of a second router per pod count, following the same namespace and measured
     # in the same rounds as ``base@N`` (before/after a change side by side: "--no-gc-freeze").
@@ -698,13 +703,19 @@ def _run_scale(
         f"pids: {', '.join(f'{c.name}={c.pid}' for c in harness.children)}"
     )
 
+    def open_loop(target: Target) -> dict[str, Any]:
+        if not opts.pin:
+            return open_loop_run(harness, target, opts, keep_cdf)
+        with pinned_alone(harness, target, generator_here=True):
+            return open_loop_run(harness, target, opts, keep_cdf)
+
     def make_run(
         target: Target,
         fleet: Fleet | None,
         churned: Fleet | None,
         measure: Callable[[Target], dict[str, Any]] | None = None,
     ) -> Callable[[], dict[str, Any]]:
-        measure = measure or (lambda t: open_loop_run(harness, t, opts, keep_cdf))
+        measure = measure or open_loop
 
         def run() -> dict[str, Any]:
             before = harness.admin_get(fleet.admin_port, "/v1/state") if fleet else None
@@ -809,11 +820,12 @@ def e2e_find_wrk(opts: ScaleOptions, log: Callable[[str], None]) -> str | None:
 
 
 @contextlib.contextmanager
-def pinned_alone(harness: ScaleHarness, target: Target) -> Any:
+def pinned_alone(harness: ScaleHarness, target: Target, generator_here: bool = False) -> Any:
     """The target's proxy (its whole process tree) alone on vCPU 0, every other process of the
-    harness (app, Valkey, writers, churn agent, other routers) on vCPU 1 -- bench.ratios' layout:
-    the proxy's CPU per request is its own, and the state path's load stays off its vCPU as it
-    would on other machines. Everything is let back onto every vCPU afterwards."""
+    harness (app, Valkey, writers, churn agent, other routers; with ``generator_here`` this one,
+    whose loop is the open-loop generator) on vCPU 1 -- bench.ratios' layout: the proxy's CPU per
+    request is its own, and the state path's load stays off its vCPU as it would on other
+    machines. Everything is let back onto every vCPU afterwards."""
     cpus = os.sched_getaffinity(0)
     if len(cpus) < 2:
         yield
@@ -822,6 +834,8 @@ def pinned_alone(harness: ScaleHarness, target: Target) -> Any:
     proxy = target.procs.get("proxy")
     alone = set(ratios.process_tree(proxy.pid)) if proxy is not None else set()
     others = {pid for child in harness.children for pid in ratios.process_tree(child.pid)} - alone
+    if generator_here:
+        others.add(os.getpid())
     moved: list[int] = []
 
     def place(pids: set[int], where: set[int]) -> None:
@@ -1147,7 +1161,12 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"The state path (valkey-server, writers, churn agent) runs at niceness +{opts.get('state_nice', 0)} "
         + ("under SCHED_IDLE " if opts.get("state_sched") == "idle" else "")
         + "relative to the measured processes (in production it is on other machines). "
-        "Added = target minus direct of the same round (churned runs: minus direct+churn). Latencies in us.",
+        "Added = target minus direct of the same round (churned runs: minus direct+churn). Latencies in us. "
+        + (
+            "Pinned (`--pin`): in every open-loop run the proxy alone on vCPU 0; app, state path and generator on vCPU 1."
+            if opts.get("pin")
+            else "Not pinned: every process floats over both vCPUs."
+        ),
         "",
         f"Foreign CPU (other sessions on this machine) during the kept runs: median {_f(_median(foreign), 2)}, "
         f"max {_f(max(foreign) if foreign else math.nan, 2)} vCPU; runs repeated because it exceeded "
@@ -1383,6 +1402,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ScaleOptions
                         help="also a saturation run (wrk) of this many seconds per proxy target and round, "
                         "the proxy alone on vCPU 0: CPU per request and req/s (0: none)")  # fmt: skip
     parser.add_argument("--sat-connections", type=int, default=50, help="saturation connections")
+    parser.add_argument("--pin", action="store_true",
+                        help="open-loop runs too with the proxy alone on vCPU 0 (app, state path, generator on vCPU 1)")  # fmt: skip
     parser.add_argument("--json", type=Path, default=RESULTS_DIR / "scale-latest.json", metavar="PATH")
     parser.add_argument("--markdown", type=Path, default=RESULTS_DIR / "scale-latest.md", metavar="PATH")
     parser.add_argument("--plots", type=Path, default=RESULTS_DIR, metavar="DIR", help="PNG directory")
@@ -1416,6 +1437,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ScaleOptions
         churn_elsewhere=not args.no_churn_elsewhere,
         saturation=max(0.0, args.saturation),
         sat_connections=max(1, args.sat_connections),
+        pin=args.pin,
     )
     return args, opts
 
