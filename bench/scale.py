@@ -5,7 +5,7 @@ Usage::
     python -m bench.scale [--pods 1000,10000,50000] [--churn 500] [--rate 2000] [--duration 5]
                           [--repeats 5] [--nginx] [--haproxy] [--max-foreign-cpu 0.15]
                           [--baseline-root DIR] [--baseline-args ARGS] [--no-churn-elsewhere]
-                          [--saturation SECONDS] [--sat-connections 50] [--pin]
+                          [--saturation SECONDS] [--sat-connections 50] [--pin] [--backend app|nginx]
                           [--json PATH] [--markdown PATH] [--plots DIR]
 
 Theory of operation
@@ -67,7 +67,9 @@ largest state under churn with the smallest without (CPU per request <= 1.1x, re
 give the median. ``--pin`` runs the open-loop runs in the same layout (direct: everything on
 vCPU 1): the router's added latency under churn then excludes the state path's competition for
 its vCPU, which the unpinned layout (the default, as earlier results) includes. The backend is the stand-in app, so req/s is bounded by it as much as by the
-proxy; CPU per request is the proxy's own (/proc of its tree).
+proxy; CPU per request is the proxy's own (/proc of its tree). ``--backend nginx`` makes the one
+real pod an nginx answering from memory (bench.ratios' backend), so the proxy, not the app, is
+what saturates.
 
 Results: ``bench/results/scale-latest.json``, ``scale-latest.md``, ``scale-added-latency.png``
 and ``scale-latency-cdf.png`` (``--json``, ``--markdown``, ``--plots``).
@@ -155,6 +157,7 @@ class ScaleOptions(Options):
     # The open-loop runs in the same layout (the proxy alone on vCPU 0; app, state path and this
     # process, the generator, on vCPU 1); off: every process floats over both vCPUs.
     pin: bool = False
+    backend: str = "app"  # app (the stand-in, Python) | nginx (answering from memory)
     sync_timeout: float = 180.0
     # Router arguments of a second router per pod count, following the same namespace and measured
     # in the same rounds as ``base@N`` (before/after a change side by side: "--no-gc-freeze").
@@ -599,6 +602,10 @@ def run_scale(opts: ScaleOptions, log: Callable[[str], None] = print) -> dict[st
     env = environment()
     wanted = [name for name, on in (("nginx", opts.nginx), ("haproxy", opts.haproxy)) if on]
     binaries = find_or_install(wanted, opts.install, log) if wanted else {}
+    if opts.backend == "nginx":
+        binaries["nginx-backend"] = find_or_install(["nginx"], opts.install, log).get("nginx")
+        if binaries["nginx-backend"] is None:
+            log("--backend nginx: nginx is not installed; the stand-in app is the backend")
     skipped = [name for name in wanted if binaries.get(name) is None]
     niceness = os.getpriority(os.PRIO_PROCESS, 0)
     if opts.nice is not None and opts.nice != niceness:
@@ -632,7 +639,12 @@ def _run_scale(
             ).stdout.strip()  # fmt: skip
     url = harness.start_valkey()
     writers = [harness.start_writer(url, opts.namespace(n)) for n in sizes]
-    app, app_port = harness.start_app()
+    if opts.backend == "nginx" and binaries.get("nginx-backend"):
+        # nginx answering from memory (bench.ratios' backend): the pod costs ~nothing, so neither a
+        # saturation run nor the open loop measures the stand-in app's Python on the other vCPU.
+        app, app_port = ratios.PinnedHarness.start_backend_nginx(harness, binaries["nginx-backend"])  # type: ignore[arg-type]
+    else:
+        app, app_port = harness.start_app()
     agent = harness.agent = harness.start_agent(url, opts.seed, writers)
     fleets = harness.fleets
     base_fleets: dict[int, Fleet] = {}
@@ -911,7 +923,9 @@ def render_saturation(results: dict[str, Any]) -> list[str]:
         f"wrk (or the Python closed loop) at {opts['sat_connections']} connections for {opts['saturation']:g} s "
         "per run after 0.5 s unmeasured, GET /; the proxy alone on vCPU 0, every other process (app, "
         "Valkey, writers, churn agent, generator) on vCPU 1 during the run. The backend is the stand-in app "
-        "(Python), so req/s is the app's as much as the proxy's; CPU per request is the proxy's own.",
+        "(Python), so req/s is the app's as much as the proxy's; CPU per request is the proxy's own."
+        if opts.get("backend", "app") == "app"
+        else "The backend is nginx answering from memory.",
         "",
         "| target | req/s | proxy CPU us/req | vs nginx CPU | vs nginx req/s | errors |",
         "|---|--:|--:|--:|--:|--:|",
@@ -1402,6 +1416,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ScaleOptions
                         help="also a saturation run (wrk) of this many seconds per proxy target and round, "
                         "the proxy alone on vCPU 0: CPU per request and req/s (0: none)")  # fmt: skip
     parser.add_argument("--sat-connections", type=int, default=50, help="saturation connections")
+    parser.add_argument("--backend", choices=["app", "nginx"], default="app",
+                        help="the one real pod: the stand-in app, or nginx answering from memory (as bench.ratios)")  # fmt: skip
     parser.add_argument("--pin", action="store_true",
                         help="open-loop runs too with the proxy alone on vCPU 0 (app, state path, generator on vCPU 1)")  # fmt: skip
     parser.add_argument("--json", type=Path, default=RESULTS_DIR / "scale-latest.json", metavar="PATH")
@@ -1438,6 +1454,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ScaleOptions
         saturation=max(0.0, args.saturation),
         sat_connections=max(1, args.sat_connections),
         pin=args.pin,
+        backend=args.backend,
     )
     return args, opts
 
