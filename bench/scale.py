@@ -112,6 +112,7 @@ from bench.e2e import (
     free_port,
     open_loop_run,
     program_version,
+    system_cpu,
 )
 from bench.loadgen import LoadResult
 
@@ -763,10 +764,41 @@ def _run_scale(
             generator_cpu = str(cpus[1]) if len(cpus) > 1 else None  # (beside the app, off the proxy's)
             return ratios.saturation_run(harness, target, sat_opts, wrk, None, generator_cpu)
 
+    # Paired saturation (both at once, sharing vCPU 0): the smallest router against the largest,
+    # without churn and with churn into the largest's namespace.
+    pairs: list[tuple[Target, Target, Fleet, Fleet | None]] = []
+    if opts.saturation > 0 and wrk and len(sizes) > 1:
+        small, large = fleets[sizes[0]], fleets[sizes[-1]]
+        small_t = Target(f"router@{small.pods}", small.port, {"proxy": small.router})
+        pairs.append(
+            (small_t, Target(f"router@{large.pods}", large.port, {"proxy": large.router}), large, None)
+        )
+        if opts.churn > 0:
+            churned_t = Target(f"router@{large.pods}+churn", large.port, {"proxy": large.router})
+            pairs.append((small_t, churned_t, large, large))
+
+    def paired(first: Target) -> Callable[[Target], dict[str, Any]]:
+        assert wrk is not None
+        return lambda second: paired_saturation_run(
+            harness, (first, second), wrk, opts.saturation, max(1, opts.sat_connections // 2)
+        )
+
     runs: list[dict[str, Any]] = []
     sat_runs: list[dict[str, Any]] = []
+    paired_runs: list[dict[str, Any]] = []
     discarded: list[dict[str, Any]] = []
     for rnd in range(opts.repeats):
+        for first, second, fleet, churned in pairs:
+            run = attempt_run(
+                harness, opts, make_run(second, fleet, churned, paired(first)), paired_runs, discarded, log,
+                phase="paired", round=rnd, busy_loops=False,
+            )  # fmt: skip
+            log(
+                f"[r{rnd + 1}/{opts.repeats}] {run['target']:36} at once: CPU/req "
+                f"{run['pair'][0]['cpu_us_per_req']:5.1f} / {run['pair'][1]['cpu_us_per_req']:5.1f} us "
+                f"(x{run['cpu_ratio']:.3f})  req/s {run['pair'][0]['throughput']:6.0f} / "
+                f"{run['pair'][1]['throughput']:6.0f}  foreign {run['foreign_cpu']:.2f} vCPU"
+            )
         if opts.saturation > 0:
             for target, fleet, churned in plan:
                 if target.name.startswith("direct"):
@@ -814,8 +846,10 @@ def _run_scale(
         "ok": all(run["ok"] for run in (*runs, *sat_runs)),
         "summary": summarise(runs, sizes, [t.name for t, _, _ in plan]),
         "saturation": summarise_saturation(sat_runs, sizes) if sat_runs else None,
+        "paired": summarise_paired(paired_runs),
         "runs": runs,
         "saturation_runs": sat_runs,
+        "paired_runs": paired_runs,
         "discarded_runs": discarded,
     }
 
@@ -832,19 +866,25 @@ def e2e_find_wrk(opts: ScaleOptions, log: Callable[[str], None]) -> str | None:
 
 
 @contextlib.contextmanager
-def pinned_alone(harness: ScaleHarness, target: Target, generator_here: bool = False) -> Any:
+def pinned_alone(
+    harness: ScaleHarness, target: Target, generator_here: bool = False, together: tuple[Target, ...] = ()
+) -> Any:
     """The target's proxy (its whole process tree) alone on vCPU 0, every other process of the
     harness (app, Valkey, writers, churn agent, other routers; with ``generator_here`` this one,
     whose loop is the open-loop generator) on vCPU 1 -- bench.ratios' layout: the proxy's CPU per
     request is its own, and the state path's load stays off its vCPU as it would on other
-    machines. Everything is let back onto every vCPU afterwards."""
+    machines. ``together``: more proxies sharing vCPU 0 with it (a paired run). Everything is let
+    back onto every vCPU afterwards."""
     cpus = os.sched_getaffinity(0)
     if len(cpus) < 2:
         yield
         return
     first, second = sorted(cpus)[:2]
-    proxy = target.procs.get("proxy")
-    alone = set(ratios.process_tree(proxy.pid)) if proxy is not None else set()
+    alone: set[int] = set()
+    for each in (target, *together):
+        proxy = each.procs.get("proxy")
+        if proxy is not None:
+            alone.update(ratios.process_tree(proxy.pid))
     others = {pid for child in harness.children for pid in ratios.process_tree(child.pid)} - alone
     if generator_here:
         others.add(os.getpid())
@@ -865,6 +905,58 @@ def pinned_alone(harness: ScaleHarness, target: Target, generator_here: bool = F
         for pid in moved:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.sched_setaffinity(pid, cpus)
+
+
+def paired_saturation_run(
+    harness: ScaleHarness, pair: tuple[Target, Target], wrk: str, seconds: float, connections: int
+) -> dict[str, Any]:
+    """Both proxies loaded at once, each by its own wrk, sharing vCPU 0 (the generators, the app
+    and the state path on vCPU 1): whatever disturbs the machine during the run disturbs both
+    alike, so the ratio of their CPU per request is a figure this shared machine can give."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cpus = sorted(os.sched_getaffinity(0))
+    generator_cpu = str(cpus[1]) if len(cpus) > 1 else None
+    sat_opts = ratios.Options()
+    with pinned_alone(harness, pair[0], together=(pair[1],)), ThreadPoolExecutor(2) as pool:
+        warm = [
+            pool.submit(ratios.run_wrk, wrk, t.port, sat_opts, 0.5, connections, generator_cpu, None)
+            for t in pair
+        ]
+        for future in warm:
+            future.result()
+        before = [ratios.tree_cpu(t.procs["proxy"].pid) for t in pair]
+        ours0, kids0 = harness.our_cpu(), ratios._children_cpu()
+        sys0, t0 = system_cpu()[0], time.perf_counter()
+        jobs = [
+            pool.submit(ratios.run_wrk, wrk, t.port, sat_opts, seconds, connections, generator_cpu, None)
+            for t in pair
+        ]
+        outs = [job.result() for job in jobs]
+        wall = time.perf_counter() - t0
+        after = [ratios.tree_cpu(t.procs["proxy"].pid) for t in pair]
+        kids = ratios._children_cpu() - kids0  # (the two wrk, reaped by now)
+        foreign = max(0.0, (system_cpu()[0] - sys0) - (harness.our_cpu() - ours0) - kids) / wall
+    runs = []
+    for t, out, b, a in zip(pair, outs, before, after, strict=True):
+        n = max(out["requests"], 1)
+        runs.append(
+            {
+                "target": t.name,
+                "throughput": out["requests"] / out["seconds"],
+                "requests": out["requests"],
+                "errors": out["non_2xx"] + out["socket_errors"],
+                "cpu_us_per_req": (a - b) * 1e6 / n,
+            }
+        )
+    return {
+        "target": f"{pair[0].name} & {pair[1].name}",
+        "pair": runs,
+        "cpu_ratio": runs[1]["cpu_us_per_req"] / runs[0]["cpu_us_per_req"],
+        "throughput_ratio": runs[1]["throughput"] / runs[0]["throughput"],
+        "ok": all(r["errors"] == 0 for r in runs),
+        "foreign_cpu": foreign,
+    }
 
 
 def summarise_saturation(runs: list[dict[str, Any]], sizes: list[int]) -> dict[str, Any]:
@@ -911,12 +1003,63 @@ def summarise_saturation(runs: list[dict[str, Any]], sizes: list[int]) -> dict[s
     return out
 
 
+def render_paired(results: dict[str, Any]) -> list[str]:
+    paired = results.get("paired")
+    if not paired:
+        return []
+    opts = results["options"]
+    lines = [
+        "",
+        "## Saturation, two routers at once (issue 15's scale line)",
+        "",
+        f"The smallest and the largest router loaded at the same time, each by its own wrk at "
+        f"{max(1, opts['sat_connections'] // 2)} connections for {opts['saturation']:g} s, both routers on vCPU 0 "
+        "(every other process on vCPU 1): whatever disturbs this shared machine during a run disturbs both. "
+        "With churn, 500 state changes/s go into the largest router's namespace while it serves.",
+        "",
+        "| pair | rounds | CPU us/req (first / second) | second / first, per round | median | req/s second / first | errors |",
+        "|---|--:|--:|---|--:|--:|--:|",
+    ]
+    for name, p in paired.items():
+        lines.append(
+            f"| {name} | {p['rounds']} | {_f(p['cpu_us_per_req'][0], 1)} / {_f(p['cpu_us_per_req'][1], 1)} "
+            f"| {', '.join(_f(x, 3) for x in p['cpu_ratios'])} | **{_f(p['cpu_ratio'], 3)}** "
+            f"| {_f(p['throughput_ratio'], 3)} | {p['errors']} |"
+        )
+    heavy = [name for name in paired if name.endswith("+churn")] or list(paired)
+    p = paired[heavy[-1]]
+    lines += [
+        "",
+        f"- issue 15 at saturation, side by side: router CPU per request {heavy[-1].split(' & ')[1]} / "
+        f"{heavy[-1].split(' & ')[0]} <= {TARGET_SCALE_WORSENING:g}: {_f(p['cpu_ratio'], 3)} -> "
+        f"**{_verdict(p['cpu_ratio'] <= TARGET_SCALE_WORSENING)}**",
+    ]
+    return lines
+
+
+def summarise_paired(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per pair, the median over rounds of the second router's CPU per request over the first's."""
+    out: dict[str, Any] = {}
+    for name in dict.fromkeys(run["target"] for run in runs):
+        rows = [r for r in runs if r["target"] == name]
+        out[name] = {
+            "rounds": len(rows),
+            "cpu_ratio": _median([r["cpu_ratio"] for r in rows]),
+            "cpu_ratios": [r["cpu_ratio"] for r in rows],
+            "throughput_ratio": _median([r["throughput_ratio"] for r in rows]),
+            "cpu_us_per_req": [_median([r["pair"][i]["cpu_us_per_req"] for r in rows]) for i in range(2)],
+            "errors": sum(p["errors"] for r in rows for p in r["pair"]),
+        }
+    return out
+
+
 def render_saturation(results: dict[str, Any]) -> list[str]:
     sat = results.get("saturation")
     if not sat:
         return []
     opts = results["options"]
-    lines = [
+    lines = render_paired(results)
+    lines += [
         "",
         "## Saturation (issue 15's CPU per request and req/s, with the state's size and churn)",
         "",
