@@ -1015,14 +1015,17 @@ def render_paired(results: dict[str, Any]) -> list[str]:
         f"The smallest and the largest router loaded at the same time, each by its own wrk at "
         f"{max(1, opts['sat_connections'] // 2)} connections for {opts['saturation']:g} s, both routers on vCPU 0 "
         "(every other process on vCPU 1): whatever disturbs this shared machine during a run disturbs both. "
-        "With churn, 500 state changes/s go into the largest router's namespace while it serves.",
+        f"With churn, {opts['churn']:g} state changes/s are asked of the churn agent, into the largest router's "
+        "namespace while it serves (churn/s: what it achieved).",
         "",
-        "| pair | rounds | CPU us/req (first / second) | second / first, per round | median | req/s second / first | errors |",
-        "|---|--:|--:|---|--:|--:|--:|",
+        "| pair | rounds | churn/s | CPU us/req (first / second) | second / first, per round | median "
+        "| req/s second / first | errors |",
+        "|---|--:|--:|--:|---|--:|--:|--:|",
     ]
     for name, p in paired.items():
         lines.append(
-            f"| {name} | {p['rounds']} | {_f(p['cpu_us_per_req'][0], 1)} / {_f(p['cpu_us_per_req'][1], 1)} "
+            f"| {name} | {p['rounds']} | {_f(p['churn_rate'])} "
+            f"| {_f(p['cpu_us_per_req'][0], 1)} / {_f(p['cpu_us_per_req'][1], 1)} "
             f"| {', '.join(_f(x, 3) for x in p['cpu_ratios'])} | **{_f(p['cpu_ratio'], 3)}** "
             f"| {_f(p['throughput_ratio'], 3)} | {p['errors']} |"
         )
@@ -1049,6 +1052,10 @@ def summarise_paired(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "throughput_ratio": _median([r["throughput_ratio"] for r in rows]),
             "cpu_us_per_req": [_median([r["pair"][i]["cpu_us_per_req"] for r in rows]) for i in range(2)],
             "errors": sum(p["errors"] for r in rows for p in r["pair"]),
+            # the churn the agent achieved (on vCPU 1 beside two wrk and the backend)
+            "churn_rate": _median([r["churn"]["rate"] for r in rows if "churn" in r])
+            if any("churn" in r for r in rows)
+            else None,
         }
     return out
 
