@@ -776,6 +776,10 @@ def _run_scale(
         if opts.churn > 0:
             churned_t = Target(f"router@{large.pods}+churn", large.port, {"proxy": large.router})
             pairs.append((small_t, churned_t, large, large))
+        base = base_fleets.get(sizes[-1])
+        if base is not None and opts.churn > 0:  # the baseline's largest router, against the same small one
+            based_t = Target(f"base@{base.pods}+churn", base.port, {"proxy": base.router})
+            pairs.append((small_t, based_t, base, base))
 
     def paired(first: Target) -> Callable[[Target], dict[str, Any]]:
         assert wrk is not None
@@ -1029,7 +1033,7 @@ def render_paired(results: dict[str, Any]) -> list[str]:
             f"| {', '.join(_f(x, 3) for x in p['cpu_ratios'])} | **{_f(p['cpu_ratio'], 3)}** "
             f"| {_f(p['throughput_ratio'], 3)} | {p['errors']} |"
         )
-    heavy = [name for name in paired if name.endswith("+churn")] or list(paired)
+    heavy = [name for name in paired if name.endswith("+churn") and " & router@" in name] or list(paired)
     p = paired[heavy[-1]]
     lines += [
         "",

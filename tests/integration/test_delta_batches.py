@@ -30,8 +30,17 @@ from fastproxy.router import Router
 from fastproxy.snapshot import RoutingSnapshot
 from statesync.connect import connect
 from statesync.embedded import EmbeddedValkey
-from statesync.keys import DELTA_PREFIX, Keys
-from statesync.schema import Delta, PodRecord, PodState, Route, WeightedRevision, decode_event, encode
+from statesync.keys import DELTA_PREFIX, HEARTBEAT_PREFIX, Keys
+from statesync.schema import (
+    Delta,
+    Heartbeat,
+    PodRecord,
+    PodState,
+    Route,
+    WeightedRevision,
+    decode_event,
+    encode,
+)
 from statesync.subscriber import ReportForwarder, StateFollower
 from tests.conftest import wait_for
 
@@ -56,11 +65,13 @@ def fresh_router() -> Router:
 class Followed:
     """A router following KEYS on the real Valkey (no state there: it keeps its own, v0)."""
 
-    def __init__(self, server: EmbeddedValkey) -> None:
+    def __init__(self, server: EmbeddedValkey, coalesce: float = 0.0) -> None:
         self.server = server
         self.client = connect(server.url)
         self.router = fresh_router()
-        self.follower = StateFollower(self.router, server.url, keys=KEYS, heartbeat_timeout=30)
+        self.follower = StateFollower(
+            self.router, server.url, keys=KEYS, heartbeat_timeout=30, coalesce=coalesce
+        )
         self.task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -88,7 +99,9 @@ class Followed:
         fcntl.ioctl(sock.fileno(), termios.FIONREAD, buf)
         return buf[0]
 
-    async def arrive_together(self, deltas: list[Delta], *, publish: list[Delta] | None = None) -> None:
+    async def arrive_together(
+        self, deltas: list[Delta], *, publish: list[Delta] | None = None, extra: list[bytes] = ()
+    ) -> None:
         """Log every delta (as the writer's commit does), publish ``publish`` (default: all) in one
         pipeline while the follower does not read, then let it read them in one go."""
         session = self.follower.session
@@ -98,7 +111,7 @@ class Followed:
                 pipe.xadd(KEYS.changes, {"d": encode(delta)}, id=f"{delta.version}-0")
             await pipe.execute()
         sent = publish if publish is not None else deltas
-        payloads = [DELTA_PREFIX + encode(delta) for delta in sent]
+        payloads = [DELTA_PREFIX + encode(delta) for delta in sent] + list(extra)
         channel = KEYS.channel.encode() if isinstance(KEYS.channel, str) else KEYS.channel
         # the frame the subscriber receives per message: *3 $7 message $<channel> $<payload>
         frames = sum(len(f"*3\r\n$7\r\nmessage\r\n${len(channel)}\r\n\r\n${len(p)}\r\n\r\n") + len(channel) + len(p)
@@ -110,6 +123,11 @@ class Followed:
             await pipe.execute()
         await wait_for(lambda: self.pending_bytes() >= frames, timeout=10, what="every delta in the socket")
         session.subscription.resume_reading()
+
+    async def read_all(self) -> None:
+        """Until the follower has read everything the socket held (its data_received ran)."""
+        await wait_for(lambda: self.pending_bytes() == 0, timeout=10, what="the socket read")
+        await asyncio.sleep(0)  # (one more loop turn: the read's callback has run)
 
 
 @pytest.fixture
@@ -224,6 +242,62 @@ async def test_batches_across_reads_continue_from_the_last_one(followed: Followe
         await wait_for(lambda v=start + 10: followed.router.snapshot.version == v, timeout=10, what="version")
     assert (followed.follower.delta_batches, followed.follower.deltas_batched) == (3, 30)
     assert_same_state(followed.router, one_by_one(deltas))
+
+
+COALESCE = 1.0  # seconds: far longer than the test's three reads take, so they share one window
+
+
+@pytest.fixture
+async def coalescing(valkey_server: EmbeddedValkey) -> AsyncIterator[Followed]:
+    f = Followed(valkey_server, coalesce=COALESCE)
+    await f.start()
+    yield f
+    await f.stop()
+
+
+async def test_coalescing_applies_deltas_of_several_reads_together_when_the_window_ends(
+    coalescing: Followed,
+) -> None:
+    deltas = churn(9)
+    loop = asyncio.get_running_loop()
+    applied: list[tuple[int, int, float]] = []
+    apply_deltas = coalescing.router.apply_deltas
+
+    def recording(batch: list[Delta]) -> None:
+        applied.append((batch[0].version, batch[-1].version, loop.time()))
+        apply_deltas(batch)
+
+    coalescing.router.apply_deltas = recording  # type: ignore[method-assign]
+    started = loop.time()
+    for start in range(0, 9, 3):  # three reads
+        await coalescing.arrive_together(deltas[start : start + 3])
+        await coalescing.read_all()
+    # all three reads gathered, none applied: the window of the first delta is still open
+    session = coalescing.follower.session
+    assert session is not None and session.coalesce_timer is not None
+    assert coalescing.router.snapshot.version == 0 and len(session.batch) == 9
+    await wait_for(lambda: coalescing.router.snapshot.version == 9, timeout=10, what="version 9")
+    assert [(a, b) for a, b, _ in applied] == [(1, 9)]  # one batch, one swap
+    assert applied[0][2] - started >= COALESCE - 0.005  # not before the window ended
+    assert (coalescing.follower.delta_batches, coalescing.follower.deltas_batched) == (1, 9)
+    assert session.coalesce_timer is None
+    assert_same_state(coalescing.router, one_by_one(deltas))
+
+
+async def test_a_heartbeat_in_the_window_applies_what_is_gathered_at_once(coalescing: Followed) -> None:
+    deltas = churn(4)
+    await coalescing.arrive_together(deltas[:2])
+    await coalescing.read_all()
+    assert coalescing.router.snapshot.version == 0  # gathered, waiting for the window
+    # the writer's heartbeat says version 4 was committed: compared with the snapshot, so what is
+    # gathered goes in first, and the two it has not seen are read from the change log
+    beat = HEARTBEAT_PREFIX + encode(Heartbeat(epoch=1, version=4))
+    await coalescing.arrive_together(deltas[2:], publish=[], extra=[beat])
+    await wait_for(lambda: coalescing.router.snapshot.version == 4, timeout=5, what="version 4")
+    session = coalescing.follower.session
+    assert session is not None and session.coalesce_timer is None
+    assert coalescing.follower.gap_fills == 1
+    assert_same_state(coalescing.router, one_by_one(deltas))
 
 
 async def test_the_report_forwarder_sleeps_until_a_report_then_sends_them_in_one_pipeline(

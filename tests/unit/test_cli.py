@@ -69,3 +69,15 @@ def test_an_instance_name_that_would_break_request_ids_is_refused(
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "--instance" in err and "is not an instance name" in err
+
+
+def test_the_delta_coalescing_window_reaches_the_config_and_is_bounded() -> None:
+    from fastproxy.config import ConfigError
+    from fastproxy.router import MAX_DELTA_COALESCE_MS, _config_from_args
+
+    parse = build_parser(["router"]).parse_args
+    assert _config_from_args(parse(["router"])).delta_coalesce_ms == 0  # off unless asked for
+    assert _config_from_args(parse(["router", "--delta-coalesce-ms", "10"])).delta_coalesce_ms == 10
+    for bad in (-1, MAX_DELTA_COALESCE_MS + 1):
+        with pytest.raises(ConfigError, match="--delta-coalesce-ms must be between 0"):
+            _config_from_args(parse(["router", f"--delta-coalesce-ms={bad}"]))
