@@ -244,16 +244,22 @@ def bench_writer_throughput(benchmark, runner: asyncio.Runner, valkey_server: Em
 # ---- b. router delta decode + apply at 50k pods ------------------------------------------------
 
 
-@pytest.mark.benchmark(group="statesync-delta")
-def bench_router_decode_apply_delta_50k(benchmark, runner: asyncio.Runner) -> None:
-    """One published one-pod delta: msgpack decode + Router.apply_delta (snapshot + slot table)."""
+def _served_router_50k(runner: asyncio.Runner) -> tuple[Router, list[PodRecord]]:
+    """A router holding 50k pods that has served every revision once (each has its slots)."""
     router = Router(RouterConfig(), runner.get_loop())
     pods = big_pods()
     router.install(RoutingSnapshot.build(1, 1, pods, make_routes()))
-    for revision in list(router.slots.revisions):  # (a router that has served every revision once)
+    for revision in list(router.slots.revisions):
         lease = router.slots.pick(revision)
         assert lease is not None
         lease[0]()
+    return router, pods
+
+
+@pytest.mark.benchmark(group="statesync-delta")
+def bench_router_decode_apply_delta_50k(benchmark, runner: asyncio.Runner) -> None:
+    """One published one-pod delta: msgpack decode + Router.apply_delta (snapshot + slot table)."""
+    router, pods = _served_router_50k(runner)
     target = pods[BIG // 3]
     flip = {PodState.READY: PodState.NOT_READY, PodState.NOT_READY: PodState.READY}
 
@@ -301,13 +307,7 @@ def bench_router_decode_apply_delta_50k_cold(benchmark, runner: asyncio.Runner, 
     under load is its cache misses, and it is paid per batch more than per delta."""
     import random
 
-    router = Router(RouterConfig(), runner.get_loop())
-    pods = big_pods()
-    router.install(RoutingSnapshot.build(1, 1, pods, make_routes()))
-    for revision in list(router.slots.revisions):  # (a router that has served every revision once)
-        lease = router.slots.pick(revision)
-        assert lease is not None
-        lease[0]()
+    router, pods = _served_router_50k(runner)
     flip = {PodState.READY: PodState.NOT_READY, PodState.NOT_READY: PodState.READY}
     evict_bytes = bytearray(_EVICT_BYTES)
     evict_objects = [[i] for i in range(_EVICT_OBJECTS)]
