@@ -31,9 +31,9 @@ class RouterConfig(msgspec.Struct, kw_only=True):
     # free may wait this long for one of them (fastproxy.affinity.pick_or_wait), then takes any
     # free pod. 0: never (the default). At most queue_timeout.
     affinity_wait_ms: float = 0.0
-    # A router following Valkey: a delta may wait this long to be applied together with the ones
-    # after it (statesync.subscriber._Session.received): less CPU per delta under load, that much
-    # more propagation delay. 0: applied at the end of the read that brought it (the default).
+    # A router following Valkey: after a read that brought state changes, the next read waits
+    # this long, so a burst is read and applied together (statesync.subscriber._Session.received):
+    # less CPU per change under load, up to that much more propagation delay. 0: off (default).
     delta_coalesce_ms: float = 0.0
     continue_timeout: float = 1.0  # wait for 100 Continue before sending the body anyway
     max_queued: int = 1000  # waiters per revision

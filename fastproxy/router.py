@@ -576,8 +576,9 @@ def register(subparsers: Any) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--delta-coalesce-ms", type=float, default=0.0, metavar="MS",
-        help="with --valkey: ms a state change may wait to be applied together with the ones after it "
-        f"(less CPU per change under load, that much later in effect; 0: at once; at most {MAX_DELTA_COALESCE_MS:g})",
+        help="with --valkey: after reading state changes, wait this many ms before reading more, so a burst is "
+        "applied together (less CPU per change under load; a change in a burst takes effect up to that much later; "
+        f"0: off; at most {MAX_DELTA_COALESCE_MS:g})",
     )  # fmt: skip
     parser.add_argument("--max-attempts", type=int, default=4, help="pods tried per request")
     parser.add_argument(

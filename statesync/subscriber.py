@@ -468,13 +468,16 @@ class _Session:
     batch before it is applied), a delta already in the batch is not gathered twice, and a batch
     is applied whole or, if the subscription ends while it is gathered, not at all.
 
-    With ``coalesce`` (the router's ``--delta-coalesce-ms``), the end of a read does not apply the
-    batch: the first delta gathered starts one timer, and the batch is applied when it fires, with
-    every delta that arrived by then -- at most ``coalesce`` after the first. Why: under load a
-    delta's cost is its cache misses (its code and the records it touches are cold after serving;
-    ``bench_router_decode_apply_delta_50k_cold``: 116 us alone, 21 us each in sixteens), and those
-    are paid per batch. The price is that much more propagation delay. Anything that must see the
-    snapshot up to date (a heartbeat, a deferral) still applies the batch first, at once."""
+    With ``coalesce`` (the router's ``--delta-coalesce-ms``), a read that brought deltas is applied
+    at once as above, and then the socket is not read for ``coalesce`` seconds: whatever arrives
+    meanwhile waits in the kernel and comes in one read, one batch. Why: under load a delta's cost
+    is its cache misses -- its code (parse, decode, apply) and the records it touches are cold
+    after serving (``bench_router_decode_apply_delta_50k_cold``: 116 us alone, 21 us each in
+    sixteens) -- and those are paid per read more than per delta. A change after a quiet spell
+    takes effect at once; one in a burst, up to ``coalesce`` later. Heartbeats wait the same (the
+    heartbeat timeout is seconds). The backlog's own pause (``paused``) is kept apart: reading
+    resumes only when neither holds it.
+    """
 
     __slots__ = (
         "backlog",
@@ -504,7 +507,7 @@ class _Session:
         self.batch: list[Delta] = []  # consecutive deltas received together, not applied yet
         self.batch_version = 0  # the last one's version (0: none gathered)
         self.coalesce = follower.coalesce
-        self.coalesce_timer: asyncio.TimerHandle | None = None  # (pending while a batch waits)
+        self.coalesce_timer: asyncio.TimerHandle | None = None  # (pending while reading waits)
         self.busy = True
         self.confirmed = False
         self.last_beat = self.last_heard = loop.time()
@@ -558,30 +561,22 @@ class _Session:
 
     def received(self) -> None:
         """The end of what arrived together: apply the consecutive deltas gathered since as one
-        step (``Router.apply_deltas``), or, coalescing, when the window of the first one ends."""
+        step (``Router.apply_deltas``); coalescing, then leave the socket unread for the window."""
         if not self.batch:
             return
-        if self.coalesce <= 0:
-            self.apply_batch()
-        elif self.coalesce_timer is None:
-            self.coalesce_timer = self.loop.call_later(self.coalesce, self._coalesced)
+        self.apply_batch()
+        if self.coalesce > 0 and self.coalesce_timer is None and self.subscription is not None:
+            self.subscription.pause_reading()
+            self.coalesce_timer = self.loop.call_later(self.coalesce, self._window_over)
 
-    def _coalesced(self) -> None:
+    def _window_over(self) -> None:
         self.coalesce_timer = None
-        try:
-            self.apply_batch()
-        except Exception as exc:  # (as a sink's exception in data_received: this session is over)
-            self.lost(exc)
-            if self.subscription is not None:
-                self.subscription.close()
+        if not self.paused and self.subscription is not None:  # (else the backlog resumes it)
+            self.subscription.resume_reading()
 
     def apply_batch(self) -> None:
-        """Apply what is gathered now (a message that must see the snapshot up to date, the end
-        of a read, or of a coalescing window)."""
-        timer = self.coalesce_timer
-        if timer is not None:
-            self.coalesce_timer = None
-            timer.cancel()
+        """Apply what is gathered now (the end of a read, or a message that must see the
+        snapshot up to date)."""
         batch = self.batch
         if batch:
             self.batch = []
@@ -658,7 +653,8 @@ class _Session:
                 await follower.on_heartbeat(client, decode_heartbeat(payload[1:]))
             if self.paused and len(backlog) <= BACKLOG_RESUME and self.subscription is not None:
                 self.paused = False
-                self.subscription.resume_reading()
+                if self.coalesce_timer is None:  # (else the window's end resumes it)
+                    self.subscription.resume_reading()
         self.busy = False  # (no await since the last check: nothing can have slipped in between)
 
 

@@ -30,17 +30,8 @@ from fastproxy.router import Router
 from fastproxy.snapshot import RoutingSnapshot
 from statesync.connect import connect
 from statesync.embedded import EmbeddedValkey
-from statesync.keys import DELTA_PREFIX, HEARTBEAT_PREFIX, Keys
-from statesync.schema import (
-    Delta,
-    Heartbeat,
-    PodRecord,
-    PodState,
-    Route,
-    WeightedRevision,
-    decode_event,
-    encode,
-)
+from statesync.keys import DELTA_PREFIX, Keys
+from statesync.schema import Delta, PodRecord, PodState, Route, WeightedRevision, decode_event, encode
 from statesync.subscriber import ReportForwarder, StateFollower
 from tests.conftest import wait_for
 
@@ -99,9 +90,7 @@ class Followed:
         fcntl.ioctl(sock.fileno(), termios.FIONREAD, buf)
         return buf[0]
 
-    async def arrive_together(
-        self, deltas: list[Delta], *, publish: list[Delta] | None = None, extra: list[bytes] = ()
-    ) -> None:
+    async def arrive_together(self, deltas: list[Delta], *, publish: list[Delta] | None = None) -> None:
         """Log every delta (as the writer's commit does), publish ``publish`` (default: all) in one
         pipeline while the follower does not read, then let it read them in one go."""
         session = self.follower.session
@@ -111,7 +100,7 @@ class Followed:
                 pipe.xadd(KEYS.changes, {"d": encode(delta)}, id=f"{delta.version}-0")
             await pipe.execute()
         sent = publish if publish is not None else deltas
-        payloads = [DELTA_PREFIX + encode(delta) for delta in sent] + list(extra)
+        payloads = [DELTA_PREFIX + encode(delta) for delta in sent]
         channel = KEYS.channel.encode() if isinstance(KEYS.channel, str) else KEYS.channel
         # the frame the subscriber receives per message: *3 $7 message $<channel> $<payload>
         frames = sum(len(f"*3\r\n$7\r\nmessage\r\n${len(channel)}\r\n\r\n${len(p)}\r\n\r\n") + len(channel) + len(p)
@@ -124,10 +113,13 @@ class Followed:
         await wait_for(lambda: self.pending_bytes() >= frames, timeout=10, what="every delta in the socket")
         session.subscription.resume_reading()
 
-    async def read_all(self) -> None:
-        """Until the follower has read everything the socket held (its data_received ran)."""
-        await wait_for(lambda: self.pending_bytes() == 0, timeout=10, what="the socket read")
-        await asyncio.sleep(0)  # (one more loop turn: the read's callback has run)
+    async def publish(self, deltas: list[Delta]) -> None:
+        """Log and publish ``deltas`` in one pipeline (as the writer's commit does), reading as usual."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for delta in deltas:
+                pipe.xadd(KEYS.changes, {"d": encode(delta)}, id=f"{delta.version}-0")
+                pipe.publish(KEYS.channel, DELTA_PREFIX + encode(delta))
+            await pipe.execute()
 
 
 @pytest.fixture
@@ -244,7 +236,7 @@ async def test_batches_across_reads_continue_from_the_last_one(followed: Followe
     assert_same_state(followed.router, one_by_one(deltas))
 
 
-COALESCE = 1.0  # seconds: far longer than the test's three reads take, so they share one window
+COALESCE = 1.0  # seconds: far longer than the test's three publishes take, so they share one window
 
 
 @pytest.fixture
@@ -255,10 +247,8 @@ async def coalescing(valkey_server: EmbeddedValkey) -> AsyncIterator[Followed]:
     await f.stop()
 
 
-async def test_coalescing_applies_deltas_of_several_reads_together_when_the_window_ends(
-    coalescing: Followed,
-) -> None:
-    deltas = churn(9)
+async def test_coalescing_reads_what_arrives_in_the_window_at_once_after_it(coalescing: Followed) -> None:
+    deltas = churn(7)
     loop = asyncio.get_running_loop()
     applied: list[tuple[int, int, float]] = []
     apply_deltas = coalescing.router.apply_deltas
@@ -268,36 +258,33 @@ async def test_coalescing_applies_deltas_of_several_reads_together_when_the_wind
         apply_deltas(batch)
 
     coalescing.router.apply_deltas = recording  # type: ignore[method-assign]
-    started = loop.time()
-    for start in range(0, 9, 3):  # three reads
-        await coalescing.arrive_together(deltas[start : start + 3])
-        await coalescing.read_all()
-    # all three reads gathered, none applied: the window of the first delta is still open
+    # a change after a quiet spell: applied at the end of its read, at once
+    await coalescing.publish(deltas[:1])
+    await wait_for(lambda: coalescing.router.snapshot.version == 1, timeout=5, what="version 1")
     session = coalescing.follower.session
-    assert session is not None and session.coalesce_timer is not None
-    assert coalescing.router.snapshot.version == 0 and len(session.batch) == 9
-    await wait_for(lambda: coalescing.router.snapshot.version == 9, timeout=10, what="version 9")
-    assert [(a, b) for a, b, _ in applied] == [(1, 9)]  # one batch, one swap
-    assert applied[0][2] - started >= COALESCE - 0.005  # not before the window ended
-    assert (coalescing.follower.delta_batches, coalescing.follower.deltas_batched) == (1, 9)
-    assert session.coalesce_timer is None
+    assert session is not None and session.coalesce_timer is not None  # the window is open
+    # three more publishes in the window: they wait in the socket, unread
+    for start in (1, 3, 5):
+        await coalescing.publish(deltas[start : start + 2])
+    await wait_for(lambda: coalescing.pending_bytes() > 0, timeout=5, what="deltas in the socket")
+    assert coalescing.router.snapshot.version == 1
+    # the window ends: one read, one batch, one swap
+    await wait_for(lambda: coalescing.router.snapshot.version == 7, timeout=10, what="version 7")
+    assert [(a, b) for a, b, _ in applied] == [(1, 1), (2, 7)]
+    assert applied[1][2] - applied[0][2] >= COALESCE - 0.005  # not read before the window ended
+    assert (coalescing.follower.delta_batches, coalescing.follower.deltas_batched) == (2, 7)
     assert_same_state(coalescing.router, one_by_one(deltas))
 
 
-async def test_a_heartbeat_in_the_window_applies_what_is_gathered_at_once(coalescing: Followed) -> None:
+async def test_without_coalescing_each_read_is_applied_and_reading_goes_on(followed: Followed) -> None:
     deltas = churn(4)
-    await coalescing.arrive_together(deltas[:2])
-    await coalescing.read_all()
-    assert coalescing.router.snapshot.version == 0  # gathered, waiting for the window
-    # the writer's heartbeat says version 4 was committed: compared with the snapshot, so what is
-    # gathered goes in first, and the two it has not seen are read from the change log
-    beat = HEARTBEAT_PREFIX + encode(Heartbeat(epoch=1, version=4))
-    await coalescing.arrive_together(deltas[2:], publish=[], extra=[beat])
-    await wait_for(lambda: coalescing.router.snapshot.version == 4, timeout=5, what="version 4")
-    session = coalescing.follower.session
+    await followed.publish(deltas[:2])
+    await wait_for(lambda: followed.router.snapshot.version == 2, timeout=5, what="version 2")
+    session = followed.follower.session
     assert session is not None and session.coalesce_timer is None
-    assert coalescing.follower.gap_fills == 1
-    assert_same_state(coalescing.router, one_by_one(deltas))
+    await followed.publish(deltas[2:])
+    await wait_for(lambda: followed.router.snapshot.version == 4, timeout=5, what="version 4")
+    assert_same_state(followed.router, one_by_one(deltas))
 
 
 async def test_the_report_forwarder_sleeps_until_a_report_then_sends_them_in_one_pipeline(
