@@ -780,6 +780,8 @@ def _run_scale(
         if base is not None and opts.churn > 0:  # the baseline's largest router, against the same small one
             based_t = Target(f"base@{base.pods}+churn", base.port, {"proxy": base.router})
             pairs.append((small_t, based_t, base, base))
+            # and the two largest head to head: the same deltas reach both (one namespace)
+            pairs.append((churned_t, based_t, base, base))
 
     def paired(first: Target) -> Callable[[Target], dict[str, Any]]:
         assert wrk is not None
