@@ -488,12 +488,16 @@ async def test_a_routes_affinity_wait_of_0_overrides_the_router_flag(harness: Ro
 
 @pytest.mark.parametrize("outcome", ["affine", "other_pod", "queue", "abandoned"])
 async def test_each_affinity_wait_is_counted_by_how_it_ended(harness: RouterHarness, outcome: str) -> None:
-    """One wait of a route with affinity_wait_ms (300 ms; 8 s to be handed a pod busy for 1 s)
+    """One wait of a route with affinity_wait_ms (300 ms; 8 s to be handed a pod busy for 1 s; 3 s
+    for the free pod to be taken meanwhile)
     on a router without the flag, ending each way: handed its affine pod; expired, then the free
     pod; expired with no pod free (the FIFO, then its deadline); the client gone. /metrics counts
     it under that outcome, with its time."""
+    # "queue" takes the free pod while the request waits: its wait is 3 s (queue deadline 4 s), so
+    # a slow machine cannot let the wait expire onto the free pod before the test has taken it.
+    wait_ms = {"affine": 8000, "queue": 3000}.get(outcome, 300)
     router, port, apps, by_uid, session, candidates = await three_pods_and_a_busy_key(
-        harness, route_wait_ms=8000 if outcome == "affine" else 300, queue_timeout=1.0
+        harness, route_wait_ms=wait_ms, queue_timeout=4.0 if outcome == "queue" else 1.0
     )
     revision = router.slots.revisions["chat-v1"]
     (free,) = set(by_uid) - set(candidates)
