@@ -753,7 +753,7 @@ def _run_scale(
 
         return run
 
-    wrk = e2e_find_wrk(opts, log) if opts.saturation > 0 else None
+    wrk = find_wrk(opts, log) if opts.saturation > 0 else None
     sat_opts = ratios.Options(
         sat_connections=opts.sat_connections, sat_duration=opts.saturation, sat_warmup=0.5
     )
@@ -863,7 +863,7 @@ def _run_scale(
 # ---- saturation (issue 15's CPU per request and req/s, with and without churn) -------------------
 
 
-def e2e_find_wrk(opts: ScaleOptions, log: Callable[[str], None]) -> str | None:
+def find_wrk(opts: ScaleOptions, log: Callable[[str], None]) -> str | None:
     """wrk when installed (or installable); else None: bench.ratios' Python closed loop."""
     wrk = find_or_install(["wrk"], opts.install, log).get("wrk")
     if wrk is None:

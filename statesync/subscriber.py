@@ -135,8 +135,8 @@ class StateFollower:
         coalesce: float = 0.0,
     ) -> None:
         self.router = router
-        # Seconds a delta may wait to be applied with the ones that follow it (0: applied at the
-        # end of the read that brought it). See _Session.received.
+        # Seconds the channel stays unread after a read that brought deltas, so a burst comes in
+        # one read and is applied as one batch (0: off). See _Session.
         self.coalesce = coalesce
         self.url = url
         self.keys = keys or Keys()
