@@ -67,7 +67,12 @@ largest state under churn with the smallest without (CPU per request <= 1.1x, re
 give the median. ``--pin`` runs the open-loop runs in the same layout (direct: everything on
 vCPU 1): the router's added latency under churn then excludes the state path's competition for
 its vCPU, which the unpinned layout (the default, as earlier results) includes. The backend is the stand-in app, so req/s is bounded by it as much as by the
-proxy; CPU per request is the proxy's own (/proc of its tree). ``--backend nginx`` makes the one
+proxy; CPU per request is the proxy's own (/proc of its tree). With two sizes or more, each round
+first runs the *paired* saturation runs, the figure the verdict uses: the smallest and the largest
+router loaded at once by two wrk, both on vCPU 0 (without churn, and with churn into the largest's
+namespace; with a baseline, also the baseline's largest, and the two largest head to head under
+the same churn), so whatever disturbs this shared machine disturbs both sides of each ratio.
+``--backend nginx`` makes the one
 real pod an nginx answering from memory (bench.ratios' backend), so the proxy, not the app, is
 what saturates.
 
